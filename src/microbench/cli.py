@@ -1,0 +1,91 @@
+"""``python -m microbench``: small command-line tools around the data layer.
+
+``info PATH`` summarises any copy of the benchmark (Hub id, Hub-layout folder, save_to_disk folder, parquet, or
+``sample``) as a table, or as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from microbench.data.schema import HUB_REVISION
+
+
+def _info(args: argparse.Namespace) -> int:
+    from microbench.data.loading import load_ubench
+    from microbench.data.summary import summarize
+
+    ds, src = load_ubench(args.path, revision=args.revision)
+    record = summarize(ds, src, check_images=args.check_images)
+    if args.json:
+        json.dump(record, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    _print_info(record)
+    return 0
+
+
+def _print_info(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    src = r["source"]
+    con.print(f"[bold]μ-Bench copy[/bold] {src['location']} ({src['kind']}"
+              + (f", revision {src['revision']}" if src.get("revision") else "") + f"), fingerprint {src['fingerprint']}")
+    con.print(f"{r['rows']} rows, {r['unique_image_ids']} unique image ids ({r['rows_with_duplicated_image_id']} rows "
+              f"share an id), {r['items']} closed-VQA items, {r['rows_with_bbox']} rows with bbox, "
+              f"{r['rows_with_polygon']} with polygon, {r['null_dataset_rows']} rows with a null dataset name")
+    t = Table(title="Rows per dataset", show_lines=False)
+    t.add_column("dataset")
+    t.add_column("rows", justify="right")
+    t.add_column("official", justify="center")
+    official = set(r["official_datasets_present"])
+    for name, n in r["datasets"].items():
+        t.add_row(name, str(n), "yes" if name in official else "no")
+    con.print(t)
+    q = Table(title="Present entries per question type / caption key")
+    q.add_column("type")
+    q.add_column("questions", justify="right")
+    q.add_column("captions (per variant)", justify="right")
+    for qtype, n in r["questions"].items():
+        caps = ", ".join(f"{k.rsplit('_', 1)[-1]}: {v}" for k, v in r["captions"].items() if k.rsplit("_", 1)[0] == qtype)
+        q.add_row(qtype, str(n), caps)
+    con.print(q)
+    if r["absent"]:
+        con.print("Absent (null) entries: " + ", ".join(f"{k}={v}" for k, v in r["absent"].items()))
+    if r["invalid"]:
+        con.print(f"[red]{len(r['invalid'])} problem(s)[/red]:")
+        for p in r["invalid"][:20]:
+            con.print(f"  row {p['row_idx']} {p.get('source')}.{p.get('key')}: {p['problem']}")
+        if len(r["invalid"]) > 20:
+            con.print(f"  ... and {len(r['invalid']) - 20} more (see --json)")
+    else:
+        con.print("[green]no problems found[/green]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="summarise a copy of the benchmark")
+    p.add_argument("path", help="'sample', the Hub id jnirschl/uBench, or a local folder/file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--revision", default=HUB_REVISION, help="Hub revision (default: the pinned one)")
+    p.add_argument("--check-images", action="store_true", help="decode every image and report failures (slow)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from microbench.data.loading import MicroBenchDataError
+
+    try:
+        return _info(args)
+    except MicroBenchDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

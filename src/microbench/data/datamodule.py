@@ -1,0 +1,253 @@
+"""LightningDataModule over μ-Bench perception: each unique image once per epoch, with the rows it answers.
+
+Scoring never decodes an image twice: the module yields unique images (``image_id``) with their row indices, and
+the question table maps rows to questions. Under DDP, evaluation shards images exactly (rank r takes images
+r, r+W, r+2W, ...) with no padding duplicates, so metrics equal the single-device ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from microbench.data import splits as splits_mod
+from microbench.data.loading import DataSource, MicroBenchDataError, load_ubench
+from microbench.data.questions import QuestionTable, build_question_table
+from microbench.data.schema import HUB_REVISION
+
+log = logging.getLogger(__name__)
+
+
+def default_transform(image_size: int = 224) -> Callable:
+    """Resize + centre-crop + float tensor in [0, 1]; backbones pass their own transform instead."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+class UniqueImageDataset(Dataset):
+    """Decodes one image per unique ``image_id``; a corrupt image yields an error record instead of raising."""
+
+    def __init__(self, hf_images, rep_rows: np.ndarray, transform: Callable | None):
+        self.hf_images = hf_images  # a datasets.Dataset holding only the `image` column
+        self.rep_rows = np.asarray(rep_rows, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rep_rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rep_rows[i])
+        try:
+            img = self.hf_images[row]["image"].convert("RGB")
+            pixels = self.transform(img) if self.transform is not None else img
+        except Exception as err:  # noqa: BLE001 - a bad image is a counted skip, never a crash
+            return {"index": i, "pixel_values": None, "error": f"row {row}: {type(err).__name__}: {err}"}
+        return {"index": i, "pixel_values": pixels, "error": None}
+
+
+def collate_images(batch: Sequence[dict]) -> dict:
+    """Stack decoded images; indices of images that failed to decode travel in ``failed`` with their errors."""
+    ok = [b for b in batch if b["pixel_values"] is not None]
+    bad = [b for b in batch if b["pixel_values"] is None]
+    pixels = torch.stack([b["pixel_values"] for b in ok]) if ok and isinstance(ok[0]["pixel_values"], torch.Tensor) \
+        else [b["pixel_values"] for b in ok]
+    return {
+        "pixel_values": pixels if ok else None,
+        "image_index": torch.tensor([b["index"] for b in ok], dtype=torch.long),
+        "failed": torch.tensor([b["index"] for b in bad], dtype=torch.long),
+        "errors": [b["error"] for b in bad],
+    }
+
+
+class ExactDistributedSampler(DistributedSampler):
+    """Rank r takes items r, r+W, ...: every item exactly once across ranks, no padding (for evaluation).
+
+    A subclass of DistributedSampler so that Lightning keeps it instead of inserting a padding one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+@dataclass
+class ImageTable:
+    """Unique images of one split: representative row and all rows of each image."""
+
+    image_id: np.ndarray
+    rep_row: np.ndarray
+    rows: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def unique_images(rows: pd.DataFrame) -> ImageTable:
+    """Group rows by image_id, in order of first appearance (vectorized: one factorize and one sort)."""
+    if len(rows) == 0:
+        return ImageTable(np.array([], dtype=object), np.array([], dtype=np.int64), [])
+    row_idx = rows["row_idx"].to_numpy(dtype=np.int64)
+    codes, uniques = pd.factorize(rows["image_id"].astype(str).to_numpy(), sort=False)
+    order = np.lexsort((row_idx, codes))
+    sorted_rows = row_idx[order]
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    groups = np.split(sorted_rows, bounds)
+    first = np.array([g[0] for g in groups], dtype=np.int64)
+    by_first = np.argsort(first, kind="stable")
+    return ImageTable(np.asarray(uniques, dtype=object)[by_first], first[by_first], [groups[i] for i in by_first])
+
+
+def _as_list(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+class PerceptionDataModule(L.LightningDataModule):
+    """μ-Bench perception as unique images with their rows and questions.
+
+    Args:
+        path: any copy :func:`~microbench.data.loading.load_ubench` reads (``sample``, Hub id, folder, files).
+        revision: Hub revision (pinned by default).
+        split: the split served by ``test_dataloader``/``predict_dataloader``: ``all`` (the official protocol
+            scores the whole release), ``train``, ``val`` or ``test``. ``train``/``val`` loaders always serve
+            those splits.
+        split_seed, split_fractions: the split specification (train, val, test fractions).
+        datasets, domains, modalities, subdomains: keep only rows matching these (resolved dataset names).
+        exclude_datasets: drop these datasets (e.g. the Eulenberg darkfield/epifluorescence exclusion).
+        transform: image transform (a backbone's preprocess); default resize-crop to ``image_size``.
+    """
+
+    def __init__(
+        self,
+        path: str = "sample",
+        revision: str | None = HUB_REVISION,
+        split: str = "all",
+        split_seed: int = 0,
+        split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+        datasets: Sequence[str] | str | None = None,
+        exclude_datasets: Sequence[str] | str | None = None,
+        domains: Sequence[str] | str | None = None,
+        modalities: Sequence[str] | str | None = None,
+        subdomains: Sequence[str] | str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int = 224,
+        transform: Callable | None = None,
+        train_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in (*splits_mod.SPLITS, splits_mod.ALL):
+            raise ValueError(f"split must be one of all, train, val, test; got {split!r}")
+        self.path, self.revision, self.split = path, revision, split
+        self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
+        self.filters = {"dataset": _as_list(datasets), "domain": _as_list(domains),
+                        "modality": _as_list(modalities), "subdomain": _as_list(subdomains)}
+        self.exclude_datasets = _as_list(exclude_datasets) or []
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.transform = transform or default_transform(image_size)
+        self.train_transform = train_transform or self.transform
+        self.hf = None
+        self.source: DataSource | None = None
+        self.question_table: QuestionTable | None = None
+        self.rows: pd.DataFrame | None = None
+        self._images: dict[str, ImageTable] = {}
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download once per node when reading from the Hub (a no-op for local copies)."""
+        if self.hf is None:
+            load_ubench(self.path, self.revision)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.hf is not None:
+            return
+        hf, self.source = load_ubench(self.path, self.revision)
+        self.question_table = build_question_table(hf)
+        rows = self.question_table.rows.copy()
+        rows["split"] = splits_mod.assign_splits(rows, self.split_spec)
+        keep = np.ones(len(rows), dtype=bool)
+        for col, wanted in self.filters.items():
+            if wanted is None:
+                continue
+            present = set(rows[col].dropna().astype(str)) if col in rows else set()
+            unknown = sorted(set(wanted) - present)
+            if unknown:
+                raise MicroBenchDataError(
+                    f"{col} filter names {unknown} not found in {self.source.location}; available: {sorted(present)}"
+                )
+            keep &= rows[col].isin(wanted).to_numpy()
+        if self.exclude_datasets:
+            keep &= ~rows["dataset"].isin(self.exclude_datasets).to_numpy()
+        if not keep.any():
+            raise MicroBenchDataError(f"the filters {self.filters} leave no rows in {self.source.location}")
+        self.rows = rows[keep].reset_index(drop=True)
+        self.hf = hf.select_columns(["image"])
+        for name in (*splits_mod.SPLITS, splits_mod.ALL):
+            sel = self.rows if name == splits_mod.ALL else self.rows[self.rows["split"] == name]
+            self._images[name] = unique_images(sel)
+        log.info("μ-Bench %s: %d rows, %d unique images (%s split: %d)", self.source.location, len(self.rows),
+                 len(self._images["all"]), self.split, len(self._images[self.split]))
+
+    # --- accessors --------------------------------------------------------------------------------------------
+    def images(self, split: str | None = None) -> ImageTable:
+        self._require_setup()
+        return self._images[split or self.split]
+
+    def questions(self, split: str | None = None) -> pd.DataFrame:
+        """Question-table items of the kept rows of one split (default: the evaluation split)."""
+        self._require_setup()
+        split = split or self.split
+        rows = self.rows if split == splits_mod.ALL else self.rows[self.rows["split"] == split]
+        frame = self.question_table.frame
+        return frame[frame["row_idx"].isin(rows["row_idx"])]
+
+    def _require_setup(self) -> None:
+        if self.hf is None:
+            raise RuntimeError("call setup() before using the data module")
+
+    # --- loaders ----------------------------------------------------------------------------------------------
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self._require_setup()
+        table = self._images[split]
+        ds = UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform)
+        sampler = None
+        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sampler = ExactDistributedSampler(ds)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,
+            persistent_workers=False, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.split, train=False)
