@@ -150,7 +150,7 @@ def _load_local(p: Path, split: str) -> tuple[datasets.Dataset, DataSource]:
         raise MicroBenchDataError(f"{p} is neither a .parquet nor an .arrow file: {OPTIONS_HINT}")
     if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
         return _load_saved(p, split)
-    arrows = sorted(q for q in p.rglob("*.arrow") if q.is_file())
+    arrows = _shard_files(p)
     if arrows:
         return _load_shards(arrows, p)
     parquets = sorted(q for q in p.rglob("*.parquet") if q.is_file())
@@ -159,7 +159,20 @@ def _load_local(p: Path, split: str) -> tuple[datasets.Dataset, DataSource]:
     raise MicroBenchDataError(f"no μ-Bench data found under {p} (no .arrow, .parquet or save_to_disk files): {OPTIONS_HINT}")
 
 
+def _shard_files(p: Path) -> list[Path]:
+    """Arrow files of a folder: the ``*-0000k-of-0000N.arrow`` shards if any, never `datasets` cache files."""
+    arrows = sorted(q for q in p.rglob("*.arrow") if q.is_file() and not q.name.startswith("cache-"))
+    shards = [q for q in arrows if SHARD_RE.search(q.name)]
+    ignored = sorted(set(arrows) - set(shards)) if shards else []
+    if ignored:
+        log.warning("ignoring %d .arrow file(s) that are not shards, e.g. %s", len(ignored), ignored[0])
+    return shards or arrows
+
+
 def _load_saved(p: Path, split: str) -> tuple[datasets.Dataset, DataSource]:
+    state = p / "state.json"
+    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+        raise MicroBenchDataError(f"{p} has no rows (an empty save_to_disk folder): point data.path at a non-empty copy")
     try:
         obj = datasets.load_from_disk(str(p))
     except Exception as err:  # noqa: BLE001
@@ -237,10 +250,12 @@ def _apply_features(ds: datasets.Dataset, declared: datasets.Features | None, wh
     ClassLabel names when a ``dataset_info.json`` declares them.
     """
     if declared is not None and ds.features != declared:
-        try:
-            ds = ds.cast(declared)
+        try:  # a lazy in-memory cast: Dataset.cast would write a full cache copy next to the shards
+            ds = datasets.Dataset(ds.data.cast(declared.arrow_schema), info=datasets.DatasetInfo(features=declared))
         except Exception as err:  # noqa: BLE001
-            raise MicroBenchDataError(f"data under {where} does not match its dataset_info.json ({err})") from err
+            raise MicroBenchDataError(
+                f"data under {where} does not match its dataset_info.json ({type(err).__name__}): fix or delete it"
+            ) from err
     img = ds.features.get("image")
     if img is not None and not isinstance(img, datasets.Image):
         if isinstance(img, dict) and "bytes" in img:
@@ -316,9 +331,11 @@ def dataset_fingerprint(ds: datasets.Dataset) -> str:
     sink = _HashSink(h)
     writer = None
     for batch in table.iter(batch_size=20_000):
+        # canonical form: same bytes whatever the layout, chunking or HF metadata of the copy
+        batch = batch.combine_chunks().replace_schema_metadata(None)
         if writer is None:
             writer = pa.ipc.new_stream(sink, batch.schema)
-        writer.write_table(batch)
+        writer.write_table(batch, max_chunksize=20_000)
     if writer is not None:
         writer.close()
     return h.hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""Shared fixtures. Every test is offline and hermetic: the environment is set before any Hugging Face import."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_HERMETIC = tempfile.mkdtemp(prefix="microbench-tests-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_DIR": _HERMETIC,
+    "WANDB_CACHE_DIR": _HERMETIC,
+    "HF_HOME": os.path.join(_HERMETIC, "hf"),
+    "HF_DATASETS_CACHE": os.path.join(_HERMETIC, "hf", "datasets"),
+    "TOKENIZERS_PARALLELISM": "false",
+})
+
+import io  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from microbench.data import schema  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sample_is_never_written():
+    """`datasets` writes cache files next to memory-mapped sources; no test may leave one in data/sample."""
+    folder = REPO / "data" / "sample"
+    before = sorted(p.name for p in folder.rglob("*"))
+    yield
+    after = sorted(p.name for p in folder.rglob("*"))
+    assert after == before, f"tests wrote into data/sample: {sorted(set(after) - set(before))}"
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """The committed sample, loaded once: (datasets.Dataset, DataSource)."""
+    from microbench.data.loading import load_ubench
+
+    return load_ubench("sample")
+
+
+@pytest.fixture(scope="session")
+def sample_table(sample):
+    from microbench.data.questions import build_question_table
+
+    return build_question_table(sample[0])
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- an independent writer: Arrow IPC stream shards made with pyarrow alone, schema as in ubench-format.md ------
+
+_ENTRY = [("id", pa.string()), ("name", pa.string()), ("question", pa.string())]
+
+
+def raw_arrow_schema(bbox_layout: str = "list_of_structs") -> pa.Schema:
+    """The Hub schema written by hand (no `datasets` involved), as documented in ubench-format.md §2."""
+    caption = pa.struct([*_ENTRY, ("answer_idx", pa.string()), ("options", pa.list_(pa.string())),
+                         ("tags", pa.list_(pa.string()))])
+    question = pa.struct([("answer", pa.string()), ("answer_idx", pa.int64()), ("id", pa.string()),
+                          ("name", pa.string()), ("options", pa.list_(pa.string())), ("question", pa.string()),
+                          ("tags", pa.list_(pa.string()))])
+    points = pa.struct([(k, pa.float32()) for k in ("x1", "y1", "x2", "y2")])
+    if bbox_layout == "list_of_structs":
+        bbox = pa.list_(pa.struct([("className", pa.string()), ("points", points)]))
+        polygon = pa.list_(pa.struct([("className", pa.string()), ("points", pa.list_(pa.float32()))]))
+    else:  # dict of lists
+        bbox = pa.struct([("className", pa.list_(pa.string())), ("points", pa.list_(points))])
+        polygon = pa.struct([("className", pa.list_(pa.string())), ("points", pa.list_(pa.list_(pa.float32())))])
+    fields = [
+        ("image_id", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        ("label", pa.int64()), ("label_name", pa.string()), ("dataset", pa.string()), ("domain", pa.string()),
+        ("institution", pa.string()), ("license", pa.string()), ("microns_per_pixel", pa.float32()),
+        ("modality", pa.string()), ("ncbitaxon_id", pa.string()), ("ncbitaxon_name", pa.string()),
+        ("pmid", pa.string()), ("split", pa.string()), ("stain", pa.string()), ("subdomain", pa.string()),
+        ("submodality", pa.string()), ("synthetic", pa.bool_()),
+        ("captions", pa.struct([(k, caption) for k in schema.CAPTION_KEYS])),
+        ("questions", pa.struct([(k, question) for k in schema.QUESTION_TYPES])),
+        ("bbox", bbox), ("polygon", polygon),
+    ]
+    return pa.schema(fields)
+
+
+def _to_dict_of_lists(items):
+    if items is None:
+        return None
+    return {k: [it[k] for it in items] for k in items[0]}
+
+
+def write_raw_hub_copy(rows: list[dict], root: Path, n_shards: int = 3, bbox_layout: str = "list_of_structs",
+                       info: bool = False) -> Path:
+    """Write rows as ``root/perception/0.1.0/ubench-test-0000k-of-0000N.arrow`` with pyarrow only."""
+    sch = raw_arrow_schema(bbox_layout)
+    if bbox_layout != "list_of_structs":
+        rows = [dict(r, bbox=_to_dict_of_lists(r["bbox"]), polygon=_to_dict_of_lists(r["polygon"])) for r in rows]
+    folder = root / "perception" / "0.1.0"
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(rows), n_shards + 1).round().astype(int)
+    for k in range(n_shards):
+        part = pa.Table.from_pylist(rows[bounds[k]:bounds[k + 1]], schema=sch)
+        with pa.OSFile(str(folder / f"ubench-test-{k:05d}-of-{n_shards:05d}.arrow"), "wb") as sink, \
+                pa.ipc.new_stream(sink, sch) as writer:
+            writer.write_table(part)
+    if info:
+        (folder / "dataset_info.json").write_text(json.dumps({"description": "test copy"}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_rows():
+    """The sample's rows as plain Python dicts (raw Arrow view: captions/questions as nested dicts)."""
+    from microbench.data.sample import build_sample_rows
+
+    return build_sample_rows(seed=0)
