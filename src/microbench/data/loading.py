@@ -78,7 +78,8 @@ def load_ubench(
         raise MicroBenchDataError(f"no data path given: {OPTIONS_HINT}")
     text = str(path)
     if text in SAMPLE_ALIASES:
-        ds, src = _load_local(SAMPLE_DIR, split)
+        # in memory: it is small, and `datasets` then never writes cache files into the committed folder
+        ds, src = _load_shards(_shard_files(SAMPLE_DIR), SAMPLE_DIR, in_memory=True)
         src.kind = "sample"
     elif text.startswith("hf://") or (not Path(text).exists() and _looks_like_hub_id(text)):
         ds, src = _load_hub(text.removeprefix("hf://"), revision, split, cache_dir, hub_timeout_s)
@@ -211,12 +212,12 @@ def _features_from_info(folder: Path) -> datasets.Features | None:
         raise MicroBenchDataError(f"{info} is not a valid dataset_info.json ({err}): fix or delete it") from err
 
 
-def _load_shards(files: list[Path], root: Path) -> tuple[datasets.Dataset, DataSource]:
+def _load_shards(files: list[Path], root: Path, in_memory: bool = False) -> tuple[datasets.Dataset, DataSource]:
     _check_shard_set(files)
     parts = []
     for f in files:
         try:
-            parts.append(datasets.Dataset.from_file(str(f), in_memory=False))
+            parts.append(datasets.Dataset.from_file(str(f), in_memory=in_memory))
         except Exception as err:  # noqa: BLE001
             raise MicroBenchDataError(f"{f} is not a readable Arrow IPC stream shard ({type(err).__name__}: {err})") from err
     ds = parts[0] if len(parts) == 1 else _concat(parts, files)

@@ -1,0 +1,33 @@
+"""`python -m microbench info`."""
+
+from __future__ import annotations
+
+import json
+
+from microbench.cli import main
+
+REQUIRED = {"rows", "unique_image_ids", "questions", "captions", "datasets", "rows_with_bbox", "rows_with_polygon",
+            "invalid"}
+
+
+def test_info_json_on_sample(capsys):
+    assert main(["info", "sample", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert REQUIRED <= set(rec)
+    assert rec["rows"] == 328 and rec["unique_image_ids"] == 292 and rec["items"] == 5856
+    assert rec["datasets"]["kather_et_al_2016"] == 32 and sum(rec["datasets"].values()) == 328
+    assert rec["absent"] == {"captions.stain_0": 16, "captions.stain_1": 16, "questions.stain": 16}
+    assert rec["source"]["kind"] == "sample" and rec["label_classes"] == 104
+    assert rec["non_official_datasets_present"] == ["opencell", "sirinukunwattana_et_al_2016"]
+
+
+def test_info_table_and_image_check(capsys):
+    assert main(["info", "sample", "--check-images"]) == 0
+    out = capsys.readouterr().out
+    assert "Rows per dataset" in out and "held_et_al_2010_galt" in out and "no problems found" in out
+
+
+def test_info_bad_path_is_one_line(capsys, tmp_path):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data path") and "\n" not in err and "data.path=sample" in err
