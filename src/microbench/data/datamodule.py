@@ -134,6 +134,8 @@ class PerceptionDataModule(L.LightningDataModule):
         split_seed, split_fractions: the split specification (train, val, test fractions).
         datasets, domains, modalities, subdomains: keep only rows matching these (resolved dataset names).
         exclude_datasets: drop these datasets (e.g. the Eulenberg darkfield/epifluorescence exclusion).
+        strict_filters: a filter value absent from the copy is an error (catches typos); set False for preset
+            slices such as the official pathology list on a partial copy (absent names are then logged).
         transform: image transform (a backbone's preprocess); default resize-crop to ``image_size``.
     """
 
@@ -153,6 +155,7 @@ class PerceptionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         image_size: int = 224,
+        strict_filters: bool = True,
         transform: Callable | None = None,
         train_transform: Callable | None = None,
     ) -> None:
@@ -164,6 +167,7 @@ class PerceptionDataModule(L.LightningDataModule):
         self.filters = {"dataset": _as_list(datasets), "domain": _as_list(domains),
                         "modality": _as_list(modalities), "subdomain": _as_list(subdomains)}
         self.exclude_datasets = _as_list(exclude_datasets) or []
+        self.strict_filters = strict_filters
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.transform = transform or default_transform(image_size)
         self.train_transform = train_transform or self.transform
@@ -192,7 +196,9 @@ class PerceptionDataModule(L.LightningDataModule):
                 continue
             present = set(rows[col].dropna().astype(str)) if col in rows else set()
             unknown = sorted(set(wanted) - present)
-            if unknown:
+            if unknown and not self.strict_filters:
+                log.warning("%s filter: %s not in %s; using the rest", col, unknown, self.source.location)
+            elif unknown:
                 raise MicroBenchDataError(
                     f"{col} filter names {unknown} not found in {self.source.location}; available: {sorted(present)}"
                 )
