@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+
 from conftest import REPO
 
 

@@ -10,8 +10,8 @@ import time
 import datasets
 import pyarrow as pa
 import pytest
-from conftest import REPO, png_bytes, write_raw_hub_copy
 
+from conftest import REPO, png_bytes, write_raw_hub_copy
 from microbench.data import schema
 from microbench.data.loading import MicroBenchDataError, dataset_fingerprint, load_ubench
 from microbench.data.questions import build_question_table

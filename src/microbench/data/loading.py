@@ -258,11 +258,10 @@ def _apply_features(ds: datasets.Dataset, declared: datasets.Features | None, wh
                 f"data under {where} does not match its dataset_info.json ({type(err).__name__}): fix or delete it"
             ) from err
     img = ds.features.get("image")
-    if img is not None and not isinstance(img, datasets.Image):
-        if isinstance(img, dict) and "bytes" in img:
-            ds = ds.cast_column("image", datasets.Image())
-        elif isinstance(img, datasets.Value) and img.dtype in ("binary", "large_binary"):
-            ds = ds.cast_column("image", datasets.Image())
+    png_struct = isinstance(img, dict) and "bytes" in img
+    raw_bytes = isinstance(img, datasets.Value) and img.dtype in ("binary", "large_binary")
+    if png_struct or raw_bytes:  # metadata-only cast: no data is rewritten
+        ds = ds.cast_column("image", datasets.Image())
     return ds
 
 

@@ -44,19 +44,7 @@ CAPTION_KEYS: tuple[str, ...] = tuple(f"{t}_{v}" for t in QUESTION_TYPES for v i
 # ClassLabel names: indices 0-65 are verified verbatim from the Hub's dataset_info.json history; 66-103 could
 # not be retrieved. Index 66 is inferred; the rest are explicit placeholders. Never hard-code an index >= 66:
 # read names from the loaded dataset's own features (see `label_names`).
-_VERIFIED_LABELS = (
-    "lymphocyte neutrophil basophil monocyte eosinophil platelet erythroblast immature_granulocyte "
-    "irregular_contours intermediate smooth_contours elongated_shape round_shape coarse_texture fine_texture "
-    "very_weak moderate weak strong "
-    "leishmania_haptomonad hela_metaphase tobacco_leaf_chloroplast cardiac_muscle zebrafish_retina "
-    "metaphase g2 anaphase g1 s prophase telophase "
-    "golgi_twin diffuse interphase partly_disassembled prometaphase late_anaphase early_anaphase apoptosis "
-    "binucleate bipolar_spindle aster midbody "
-    "low-grade-lsil negative-nilm high-grade-hsil carcinoma-scc "
-    "alnus_normal corylus_avellana_normal corylus_avellana_abnormal non_pollen "
-    "debris adipose stroma lympho tumor complex mucosa empty "
-    "background smooth_muscle normal_mucosa cancer_stroma lymphocytes mucus chronic_heart_failure"
-).split()
+_VERIFIED_LABELS = ["lymphocyte", "neutrophil", "basophil", "monocyte", "eosinophil", "platelet", "erythroblast", "immature_granulocyte", "irregular_contours", "intermediate", "smooth_contours", "elongated_shape", "round_shape", "coarse_texture", "fine_texture", "very_weak", "moderate", "weak", "strong", "leishmania_haptomonad", "hela_metaphase", "tobacco_leaf_chloroplast", "cardiac_muscle", "zebrafish_retina", "metaphase", "g2", "anaphase", "g1", "s", "prophase", "telophase", "golgi_twin", "diffuse", "interphase", "partly_disassembled", "prometaphase", "late_anaphase", "early_anaphase", "apoptosis", "binucleate", "bipolar_spindle", "aster", "midbody", "low-grade-lsil", "negative-nilm", "high-grade-hsil", "carcinoma-scc", "alnus_normal", "corylus_avellana_normal", "corylus_avellana_abnormal", "non_pollen", "debris", "adipose", "stroma", "lympho", "tumor", "complex", "mucosa", "empty", "background", "smooth_muscle", "normal_mucosa", "cancer_stroma", "lymphocytes", "mucus", "chronic_heart_failure"]
 # "immature granulocyte" has a space on the Hub; restore it after the whitespace split above.
 _VERIFIED_LABELS[7] = "immature granulocyte"
 assert len(_VERIFIED_LABELS) == 66
