@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from microbench.data import splits as splits_mod
-from microbench.data.loading import DataSource, MicroBenchDataError, load_ubench
+from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench
 from microbench.data.questions import QuestionTable, build_question_table
 from microbench.data.schema import HUB_REVISION
 
@@ -179,8 +179,8 @@ class PerceptionDataModule(L.LightningDataModule):
 
     # --- setup ------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download once per node when reading from the Hub (a no-op for local copies)."""
-        if self.hf is None:
+        """Download once per node when reading from the Hub (a no-op for local copies and the sample)."""
+        if self.hf is None and is_hub_id(self.path):
             load_ubench(self.path, self.revision)
 
     def setup(self, stage: str | None = None) -> None:

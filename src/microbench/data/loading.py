@@ -81,7 +81,7 @@ def load_ubench(
         # in memory: it is small, and `datasets` then never writes cache files into the committed folder
         ds, src = _load_shards(_shard_files(SAMPLE_DIR), SAMPLE_DIR, in_memory=True)
         src.kind = "sample"
-    elif text.startswith("hf://") or (not Path(text).exists() and _looks_like_hub_id(text)):
+    elif is_hub_id(text):
         ds, src = _load_hub(text.removeprefix("hf://"), revision, split, cache_dir, hub_timeout_s)
     else:
         p = Path(text).expanduser()
@@ -93,6 +93,14 @@ def load_ubench(
     src.fingerprint = dataset_fingerprint(ds)
     log.info("loaded %d rows from %s (%s)", len(ds), src.location, src.kind)
     return ds, src
+
+
+def is_hub_id(path: str | os.PathLike | None) -> bool:
+    """True when ``path`` names the Hub (``hf://...`` or ``org/name`` that is not a local path)."""
+    text = str(path or "")
+    if text in SAMPLE_ALIASES:
+        return False
+    return text.startswith("hf://") or (not Path(text).exists() and _looks_like_hub_id(text))
 
 
 def _looks_like_hub_id(text: str) -> bool:

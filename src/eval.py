@@ -1,0 +1,39 @@
+"""Zero-shot evaluation of a CLIP-style model on μ-Bench perception.
+
+    python src/eval.py                                    # the embedded sample with the tiny model
+    python src/eval.py model=openclip data.path=data/ubench paths.output_dir=out/openclip
+    python src/eval.py model=openclip model.name=local-dir:/path/to/model
+    python src/eval.py model=random                       # the official Random baseline
+    python src/eval.py trainer=ddp                        # all GPUs of the node
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # runnable from a plain checkout too
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    from microbench.evaluate import evaluate
+    from microbench.run_errors import exit_on_user_error
+
+    with exit_on_user_error():
+        record, _ = evaluate(cfg)
+    print(f"results: {Path(cfg.paths.output_dir).resolve()}/results.md")
+    for source, head in record["headline"].items():
+        coarse, fine = head.get("coarse"), head.get("fine")
+        fmt = lambda m: f"{100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})" if m else "n/a"  # noqa: E731
+        print(f"{record['model']['name']} [{source}] coarse {fmt(coarse)} | fine {fmt(fine)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The zero-shot evaluation task behind ``python src/eval.py``: model + data from the config, scores, run record.
+
+Writes to ``paths.output_dir``:
+
+- ``metrics.json``: every metric with its CI and n, the model (id, weights fingerprint), the data (source,
+  revision, fingerprint), the split, the resolved config, the package version and timings;
+- ``predictions.parquet``: one row per scored item (row_idx, image_id, dataset, source, key, question_type,
+  variant, gold_idx, pred_idx, correct, option scores);
+- ``results.md``: a Table-1-style summary and every breakdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import microbench
+from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
+from microbench.models.zero_shot import SOURCES, ZeroShotScorer, random_baseline
+from microbench.results.records import read_json, write_json, write_parquet, write_text
+from microbench.results.report import pct, results_markdown
+
+log = logging.getLogger(__name__)
+
+
+def _sources(cfg: DictConfig) -> tuple[str, ...]:
+    sources = tuple(cfg.get("sources") or ("captions",))
+    bad = set(sources) - set(SOURCES)
+    if bad:
+        raise ValueError(f"sources must be among {SOURCES}, got {sorted(bad)}")
+    return sources
+
+
+def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context: dict) -> dict:
+    """Compute metrics and write the three run files atomically (called once, on global rank 0)."""
+    out_dir = Path(context["output_dir"])
+    boot = context["bootstrap"]
+    t_metrics = time.perf_counter()
+    metrics = closed_vqa_metrics(predictions, boot["n_resamples"], boot["confidence"], boot["seed"])
+    dm = context.get("datamodule") or module.trainer.datamodule
+    model_info = context.get("model") or module.backbone.describe()
+    record = {
+        "microbench_version": microbench.__version__,
+        "task": "zero_shot_perception",
+        "model": model_info,
+        "data": {**dm.source.to_dict(), "filters": dm.filters, "exclude_datasets": dm.exclude_datasets},
+        "split": {"name": dm.split, **dm.split_spec.to_dict(), "images": len(dm.images()), "rows": int(
+            len(dm.rows) if dm.split == "all" else (dm.rows["split"] == dm.split).sum())},
+        "sources": list(context["sources"]),
+        "bootstrap": boot,
+        "headline": {s: headline_table(metrics, s) for s in context["sources"]},
+        "metrics": metrics,
+        "n_predictions": len(predictions),
+        "skipped": skipped,
+        "timings_s": {**context.get("timings", {}),
+                      "total": round(time.perf_counter() - context["t0"], 3),
+                      "metrics": round(time.perf_counter() - t_metrics, 3)},
+        "environment": {"python": platform.python_version(), "torch": __import__("torch").__version__,
+                        "lightning": L.__version__, "world_size": getattr(module, "trainer", None)
+                        and module.trainer.world_size or 1},
+        "config": context["config"],
+    }
+    write_parquet(out_dir / "predictions.parquet", predictions)
+    write_json(out_dir / "metrics.json", record)
+    write_text(out_dir / "results.md", results_markdown(record))
+    logger = getattr(module, "logger", None)
+    if logger is not None:
+        logger.log_metrics({f"zs/{k}": v["value"] for k, v in metrics.items()})
+    for source in context["sources"]:
+        h = record["headline"][source]
+        log.info("%s %s: coarse %s, fine %s -> %s", model_info["name"], source, pct(h.get("coarse")),
+                 pct(h.get("fine")), out_dir)
+    return record
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
+    """Run zero-shot evaluation as configured; returns (record, objects)."""
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.get("seed", 0), workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = _sources(cfg)
+    context = {"output_dir": str(out_dir), "sources": sources, "t0": t0,
+               "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),
+               "config": OmegaConf.to_container(cfg, resolve=True), "timings": {}}
+
+    if cfg.model.get("kind") == "random":
+        dm = instantiate(cfg.data)
+        dm.setup("test")
+        questions = dm.questions()
+        items = questions[questions["source"].isin(sources) & questions["valid"]]
+        preds = random_baseline(items, seed=int(cfg.model.get("seed", 42)))
+        invalid = questions[questions["source"].isin(sources) & ~questions["valid"]]
+        skipped = {"invalid_items": len(invalid), "items_of_failed_images": 0, "failed_images": [],
+                   "problems": invalid[["row_idx", "key", "problem"]].astype(str).to_dict("records")}
+        model = {"name": "random", "kind": "random", "fingerprint": f"seed{int(cfg.model.get('seed', 42))}",
+                 "embed_dim": 0, "has_text": False, "parameters": 0}
+        record = write_run(preds, skipped, None, context={**context, "datamodule": dm, "model": model})
+        return record, {"datamodule": dm}
+
+    t = time.perf_counter()
+    backbone = instantiate(cfg.model)
+    context["timings"]["build_model"] = round(time.perf_counter() - t, 3)
+    dm = instantiate(cfg.data, transform=backbone.preprocess)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
+    scorer = ZeroShotScorer(backbone, sources=sources, text_batch_size=int(cfg.get("text_batch_size", 256)),
+                            on_scored=partial(write_run, context=context))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, enable_checkpointing=False,
+                                     enable_model_summary=False)
+    trainer.test(scorer, datamodule=dm, verbose=False)
+    record = read_json(out_dir / "metrics.json")  # written by rank 0, also when it ran in a spawned process
+    return record, {"backbone": backbone, "datamodule": dm, "trainer": trainer, "scorer": scorer}

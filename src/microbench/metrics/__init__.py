@@ -1,0 +1,1 @@
+"""Metrics: closed-VQA accuracy with slices, bootstrap confidence intervals."""

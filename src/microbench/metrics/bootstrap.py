@@ -1,0 +1,79 @@
+"""Bootstrap confidence intervals as the Micro-Bench paper computes them, but seeded and fast.
+
+The official code calls ``scipy.stats.bootstrap((is_correct,), np.mean, confidence_level=0.95, method='basic')``
+with the default 9,999 resamples and no seed, and reports ``|CI.high − mean|`` as "± CI". For 0/1 data the mean of
+a resample of size n is exactly ``Binomial(n, p̂) / n``, so :func:`bootstrap_accuracy` draws those directly: the
+same bootstrap distribution in O(resamples) instead of O(resamples · n), which matters when hundreds of slices of
+300k items are scored. :func:`scipy_bootstrap` is the literal scipy call, for checking and for non-binary data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+N_RESAMPLES = 9_999
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric value with its bootstrap interval; ``ci`` is the official half-width ``|high − value|``."""
+
+    value: float
+    low: float
+    high: float
+    ci: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _basic_interval(theta_hat: float, resampled: np.ndarray, confidence: float) -> tuple[float, float]:
+    """scipy's ``method='basic'``: reflect the percentile interval of the resampled statistic about theta_hat."""
+    alpha = (1 - confidence) / 2
+    lo_p, hi_p = np.percentile(resampled, [alpha * 100, (1 - alpha) * 100])
+    return 2 * theta_hat - hi_p, 2 * theta_hat - lo_p
+
+
+def bootstrap_accuracy(correct: np.ndarray, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                       seed: int = 0) -> Estimate:
+    """Accuracy of a 0/1 vector with a basic bootstrap CI (exact binomial resampling, seeded)."""
+    correct = np.asarray(correct, dtype=float)
+    n = int(correct.size)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+    p = float(correct.mean())
+    rng = np.random.default_rng(seed)
+    resampled = rng.binomial(n, p, size=n_resamples) / n
+    lo, hi = _basic_interval(p, resampled, confidence)
+    return Estimate(p, float(lo), float(hi), float(abs(hi - p)), n)
+
+
+def bootstrap_macro(groups: list[np.ndarray], n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                    seed: int = 0) -> Estimate:
+    """Unweighted mean of per-group accuracies, each group resampled separately (stratified bootstrap)."""
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    ps = np.array([g.mean() for g in groups])
+    ns = np.array([g.size for g in groups])
+    resampled = (rng.binomial(ns[:, None], ps[:, None], size=(len(groups), n_resamples)) / ns[:, None]).mean(0)
+    value = float(ps.mean())
+    lo, hi = _basic_interval(value, resampled, confidence)
+    return Estimate(value, float(lo), float(hi), float(abs(hi - value)), int(ns.sum()))
+
+
+def scipy_bootstrap(correct: np.ndarray, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                    seed: int = 0) -> Estimate:
+    """The official call, verbatim but seeded: ``scipy.stats.bootstrap(..., method='basic')``."""
+    correct = np.asarray(correct, dtype=float)
+    res = stats.bootstrap((correct,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                          vectorized=True, batch=100, method="basic", rng=np.random.default_rng(seed))
+    value = float(correct.mean())
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return Estimate(value, lo, hi, float(abs(hi - value)), int(correct.size))

@@ -1,0 +1,1 @@
+"""Backbone adapters and LightningModules (zero-shot scoring; probes, fine-tuning and heads to come)."""

@@ -1,0 +1,80 @@
+"""One small interface over every CLIP-style backbone (open_clip, Hugging Face transformers, timm image towers).
+
+Everything downstream (zero-shot scoring, probes, fine-tuning, weight interpolation) talks to this interface only:
+``encode_image`` / ``encode_text`` return *unnormalised* embeddings, ``tokenize`` turns strings into whatever
+``encode_text`` takes, ``preprocess`` / ``train_transform`` are the model's own PIL → tensor transforms, and
+``state_dict`` gives the weights for merging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be built or used as asked; the message says why and what to do instead."""
+
+
+class Backbone(nn.Module):
+    """Base class of the adapters. Subclasses set ``model``, ``name``, ``kind``, ``embed_dim`` and transforms."""
+
+    kind: str = "base"
+    has_text: bool = True
+
+    def __init__(self, name: str, preprocess: Callable, train_transform: Callable | None = None,
+                 source: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.preprocess = preprocess
+        self.train_transform = train_transform or preprocess
+        self.source = dict(source or {})
+        self._fingerprint: str | None = None
+
+    # --- the interface ------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: Any) -> torch.Tensor:
+        raise self.no_text_error()
+
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        raise self.no_text_error()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Multiplier of cosine similarities (exp of the learnt log-scale where the model has one)."""
+        return torch.tensor(1.0)
+
+    # --- shared behaviour ------------------------------------------------------------------------------------------
+    def no_text_error(self) -> BackboneError:
+        return BackboneError(
+            f"{self.kind} backbone {self.name!r} is an image tower without a text encoder: zero-shot scoring needs a "
+            "CLIP-style model (model=tiny|clip|openclip|biomedclip|plip|quiltnet|align); use it for linear probes or "
+            "fine-tuning instead"
+        )
+
+    def fingerprint(self, refresh: bool = False) -> str:
+        """Hash of the weights (names, shapes, values): equal fingerprints mean identical models."""
+        if self._fingerprint is None or refresh:
+            h = hashlib.blake2b(digest_size=8)
+            for key, tensor in sorted(self.state_dict().items()):
+                t = tensor.detach().to("cpu").contiguous().reshape(-1)
+                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        """What a results file records about the model."""
+        n_params = sum(p.numel() for p in self.parameters())
+        return {"name": self.name, "kind": self.kind, "embed_dim": self.embed_dim, "has_text": self.has_text,
+                "parameters": int(n_params), "fingerprint": self.fingerprint(), **self.source}

@@ -1,0 +1,85 @@
+"""Hugging Face transformers CLIP-family models (CLIPModel, AlignModel, SiglipModel, ...), an optional extra."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from microbench.models.backbones.base import Backbone, BackboneError
+
+
+class _ProcessorTransform:
+    """PIL image → pixel tensor [3, H, W] with the model's own image processor (picklable for workers)."""
+
+    def __init__(self, image_processor) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.image_processor).__name__})"
+
+
+class HFClipBackbone(Backbone):
+    """A transformers dual encoder loaded with ``AutoModel`` + ``AutoProcessor``.
+
+    Args:
+        name: a Hub id (``openai/clip-vit-base-patch32``, ``vinid/plip``, ``kakaobrain/align-base``) or a local folder
+            written by ``save_pretrained``.
+        revision: Hub revision to pin.
+        padding: tokenizer padding; ALIGN was evaluated with ``"max_length"``, CLIP-likes with ``True``.
+        dtype: torch dtype name for the weights (``float32``, ``bfloat16``).
+    """
+
+    kind = "hf"
+
+    def __init__(self, name: str, revision: str | None = None, padding: str | bool = True,
+                 dtype: str = "float32", cache_dir: str | None = None) -> None:
+        try:
+            from transformers import AutoModel, AutoProcessor
+        except ImportError as err:  # pragma: no cover - depends on the extra
+            raise BackboneError("Hugging Face models need transformers: pip install -e '.[hf]'") from err
+        try:
+            model = AutoModel.from_pretrained(name, revision=revision, cache_dir=cache_dir,
+                                              dtype=getattr(torch, dtype))
+            processor = AutoProcessor.from_pretrained(name, revision=revision, cache_dir=cache_dir)
+        except Exception as err:  # noqa: BLE001
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BackboneError(f"cannot load transformers model {name!r}@{revision or 'main'}: {reason}") from err
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise BackboneError(f"{name!r} ({type(model).__name__}) is not a dual image-text encoder")
+        tf = _ProcessorTransform(processor.image_processor)
+        super().__init__(name, tf, tf, source={"library": "transformers", "revision": revision,
+                                               "architecture": type(model).__name__})
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        self.padding = padding
+        self.max_length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", 77)
+
+    @property
+    def embed_dim(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "projection_dim", None) or getattr(cfg.text_config, "hidden_size"))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def encode_text(self, tokens: dict) -> torch.Tensor:
+        out = self.model.get_text_features(**tokens)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        enc = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        if hasattr(self.model, "logit_scale"):
+            return self.model.logit_scale.detach().exp()
+        if hasattr(self.model, "temperature"):  # ALIGN
+            return 1.0 / self.model.temperature.detach()
+        return torch.tensor(1.0)

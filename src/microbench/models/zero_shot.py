@@ -1,0 +1,240 @@
+"""Zero-shot closed-VQA scoring of CLIP-style models, as the official protocol does it (ubench-format.md §6a).
+
+For every caption set, the candidate texts are its options — already-filled sentences, "none of the above"
+included as a candidate — and the prediction is the option with the highest cosine similarity to the image; correct
+iff it equals ``int(answer_idx)``. Question sets can also be scored contrastively as ``question + " " + option``
+(the official cognition form).
+
+Work is never repeated: each unique image is decoded and encoded once per run (``test_step``), each unique text once
+(``on_test_epoch_end``, sharded over ranks), and every question is scored from those embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from microbench.models.backbones.base import Backbone
+
+log = logging.getLogger(__name__)
+
+PRED_COLUMNS = ("row_idx", "image_id", "dataset", "source", "key", "question_type", "variant", "n_options",
+                "gold_idx", "pred_idx", "correct", "scores")
+SOURCES = ("captions", "questions")
+
+
+def candidate_texts(items: pd.DataFrame, source: str) -> list[list[str]]:
+    """The texts scored for each item: caption options as-is, or ``question + " " + option`` for questions."""
+    if source == "captions":
+        return [list(o) for o in items["options"]]
+    return [[f"{q} {o}" for o in opts] for q, opts in zip(items["question"], items["options"], strict=True)]
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(obj):
+    if not _dist_ready():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = 256,
+                 device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """L2-normalised text embeddings [len(texts), D] (float32, on CPU); sharded over ranks under DDP."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _dist_ready() else (0, 1)
+    mine = list(range(rank, len(texts), world))
+    chunks = []
+    it = range(0, len(mine), batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="encode texts", unit="batch", leave=False)
+    for start in it:
+        idx = mine[start:start + batch_size]
+        tokens = backbone.tokenize([texts[i] for i in idx])
+        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        chunks.append(F.normalize(backbone.encode_text(tokens).float(), dim=-1).cpu())
+    dim = backbone.embed_dim
+    local = (torch.tensor(mine, dtype=torch.long), torch.cat(chunks) if chunks else torch.zeros(0, dim))
+    out = torch.zeros(len(texts), dim)
+    for idx, emb in _gather(local):
+        out[idx] = emb
+    return out
+
+
+def score_items(items: pd.DataFrame, texts: list[list[str]], image_of_item: np.ndarray, image_emb: torch.Tensor,
+                text_emb_of: Callable[[list[str]], torch.Tensor], chunk: int = 8192) -> pd.DataFrame:
+    """Cosine-argmax predictions for items whose image embedding exists (rows of ``image_emb``).
+
+    ``text_emb_of(unique_texts)`` encodes the unique candidate texts once; scoring is chunked so memory stays flat.
+    """
+    flat = [t for opts in texts for t in opts]
+    codes, uniques = pd.factorize(pd.Series(flat, dtype=object), sort=False)
+    text_emb = text_emb_of(list(uniques))
+    lengths = np.fromiter((len(o) for o in texts), dtype=np.int64, count=len(texts))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    kmax = int(lengths.max()) if len(lengths) else 0
+    preds = np.empty(len(items), dtype=np.int64)
+    scores: list[list[float]] = []
+    for start in range(0, len(items), chunk):
+        stop = min(start + chunk, len(items))
+        n = stop - start
+        ids = np.full((n, kmax), -1, dtype=np.int64)
+        for j in range(kmax):  # pad option ids to kmax (vectorized per option position)
+            has = lengths[start:stop] > j
+            ids[has, j] = codes[offsets[start:stop][has] + j]
+        t = text_emb[torch.from_numpy(np.clip(ids, 0, None))]  # [n, K, D]
+        img = image_emb[torch.from_numpy(image_of_item[start:stop])]  # [n, D]
+        sim = torch.einsum("nd,nkd->nk", img, t)
+        sim = sim.masked_fill(torch.from_numpy(ids < 0), float("-inf"))
+        preds[start:stop] = sim.argmax(dim=1).numpy()
+        sim_np = sim.numpy()
+        scores += [row[:k].tolist() for row, k in zip(sim_np, lengths[start:stop], strict=True)]
+    return _prediction_frame(items, preds, scores)
+
+
+def _prediction_frame(items: pd.DataFrame, preds: np.ndarray, scores: list[list[float]]) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "row_idx": items["row_idx"].to_numpy(dtype=np.int64),
+        "image_id": items["image_id"].astype(str).to_numpy(),
+        "dataset": items["dataset"].astype(str).to_numpy(),
+        "source": items["source"].astype(str).to_numpy(),
+        "key": items["key"].astype(str).to_numpy(),
+        "question_type": items["question_type"].astype(str).to_numpy(),
+        "variant": items["variant"].to_numpy(dtype=np.int8),
+        "n_options": items["n_options"].to_numpy(dtype=np.int64),
+        "gold_idx": items["gold_idx"].to_numpy(dtype=np.int64),
+        "pred_idx": preds.astype(np.int64),
+    })
+    out["correct"] = out["pred_idx"] == out["gold_idx"]
+    out["scores"] = scores
+    return out
+
+
+def random_baseline(items: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
+    """The official Random model: shuffle each item's option strings with one ``random.Random(42)`` stream (in
+    question-table order) and predict the first; the score of the predicted option is 1."""
+    rng = random.Random(seed)
+    preds = np.empty(len(items), dtype=np.int64)
+    scores = []
+    for i, opts in enumerate(items["options"]):
+        opts = list(opts)
+        shuffled = opts.copy()
+        rng.shuffle(shuffled)
+        preds[i] = opts.index(shuffled[0])
+        scores.append([float(j == preds[i]) for j in range(len(opts))])
+    return _prediction_frame(items, preds, scores)
+
+
+class ZeroShotScorer(L.LightningModule):
+    """Zero-shot scorer for ``trainer.test`` over a :class:`~microbench.data.datamodule.PerceptionDataModule`.
+
+    After the test epoch, every rank holds ``self.predictions`` (one row per scored item) and ``self.skipped``
+    (what could not be scored and why); ``on_scored(predictions, skipped)`` is then called on global rank 0, which
+    is where run records are written (it also works under ``ddp_spawn``).
+
+    Args:
+        backbone: a CLIP-style :class:`Backbone` with a text tower.
+        sources: ``captions`` (the official CLIP protocol) and/or ``questions`` (question + option texts).
+        text_batch_size: texts per encoder call.
+        on_scored: callback ``(predictions, skipped, module) -> None`` run on rank 0.
+    """
+
+    def __init__(self, backbone: Backbone, sources: Sequence[str] = ("captions",), text_batch_size: int = 256,
+                 on_scored: Callable | None = None, progress: bool = True) -> None:
+        super().__init__()
+        if not backbone.has_text:
+            raise backbone.no_text_error()
+        unknown = set(sources) - set(SOURCES)
+        if unknown or not sources:
+            raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {list(sources)}")
+        self.backbone = backbone
+        self.sources = tuple(sources)
+        self.text_batch_size = text_batch_size
+        self.on_scored = on_scored
+        self.progress = progress
+        self.predictions: pd.DataFrame | None = None
+        self.skipped: dict = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._idx: list[torch.Tensor] = []
+        self._emb: list[torch.Tensor] = []
+        self._failed: list[int] = []
+        self._errors: list[str] = []
+
+    def on_test_epoch_start(self) -> None:
+        self._reset()
+        self.backbone.eval()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._failed += batch["failed"].tolist()
+        self._errors += batch["errors"]
+        if batch["pixel_values"] is None:
+            return
+        emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
+        self._idx.append(batch["image_index"].cpu())
+        self._emb.append(emb.detach().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        images = dm.images()
+        local = (torch.cat(self._idx) if self._idx else torch.zeros(0, dtype=torch.long),
+                 torch.cat(self._emb) if self._emb else torch.zeros(0, self.backbone.embed_dim),
+                 self._failed, self._errors)
+        image_emb = torch.full((len(images), self.backbone.embed_dim), float("nan"))
+        encoded = np.zeros(len(images), dtype=bool)
+        failed, errors = [], []
+        for idx, emb, f, e in _gather(local):
+            image_emb[idx] = emb
+            encoded[idx.numpy()] = True
+            failed += f
+            errors += e
+        self.predictions, self.skipped = self.score(dm, image_emb, encoded)
+        self.skipped["failed_images"] = errors
+        if self.on_scored is not None and self.trainer.is_global_zero:
+            self.on_scored(self.predictions, self.skipped, self)
+        self._reset()
+
+    @torch.no_grad()
+    def score(self, dm, image_emb: torch.Tensor, encoded: np.ndarray) -> tuple[pd.DataFrame, dict]:
+        images = dm.images()
+        row_to_image = np.full(int(dm.rows["row_idx"].max()) + 1, -1, dtype=np.int64)
+        for i, rows in enumerate(images.rows):
+            row_to_image[rows] = i
+        questions = dm.questions()
+        frames, skipped = [], {"invalid_items": 0, "items_of_failed_images": 0, "problems": []}
+        for source in self.sources:
+            items = questions[questions["source"] == source]
+            invalid = items[~items["valid"]]
+            skipped["invalid_items"] += len(invalid)
+            skipped["problems"] += invalid[["row_idx", "key", "problem"]].astype(str).to_dict("records")
+            items = items[items["valid"]]
+            img = row_to_image[items["row_idx"].to_numpy()]
+            ok = (img >= 0) & encoded[np.clip(img, 0, None)]
+            skipped["items_of_failed_images"] += int((~ok).sum())
+            items, img = items[ok], img[ok]
+            if len(items) == 0:
+                continue
+            texts = candidate_texts(items, source)
+
+            def text_emb_of(unique: list[str]) -> torch.Tensor:
+                return encode_texts(self.backbone, unique, self.text_batch_size, self.device,
+                                    progress=self.progress)
+
+            frames.append(score_items(items, texts, img, image_emb, text_emb_of))
+        preds = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PRED_COLUMNS))
+        return preds, skipped

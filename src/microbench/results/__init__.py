@@ -1,0 +1,1 @@
+"""Run records (metrics.json, predictions.parquet, results.md) and the leaderboard built from them."""
