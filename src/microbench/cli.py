@@ -1,7 +1,8 @@
 """``python -m microbench``: small command-line tools around the data layer.
 
 ``info PATH`` summarises any copy of the benchmark (Hub id, Hub-layout folder, save_to_disk folder, parquet, or
-``sample``) as a table, or as JSON with ``--json``.
+``sample``) as a table, or as JSON with ``--json``. ``leaderboard RUN_DIR... --out DIR`` aggregates evaluation runs
+(folders holding ``metrics.json``) into ``leaderboard.csv`` and ``leaderboard.md``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from microbench.data.schema import HUB_REVISION
 
@@ -67,6 +69,15 @@ def _print_info(r: dict) -> None:
         con.print("[green]no problems found[/green]")
 
 
+def _leaderboard(args: argparse.Namespace) -> int:
+    from microbench.results.leaderboard import build_leaderboard
+
+    frame = build_leaderboard(args.runs, args.out, source=args.source)
+    print((args.out / "leaderboard.md").read_text() if hasattr(args.out, "read_text") else "")
+    print(f"{len(frame)} run(s) -> {args.out}/leaderboard.csv, {args.out}/leaderboard.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=HUB_REVISION, help="Hub revision (default: the pinned one)")
     p.add_argument("--check-images", action="store_true", help="decode every image and report failures (slow)")
     p.add_argument("-v", "--verbose", action="store_true")
+    lb = sub.add_parser("leaderboard", help="aggregate evaluation runs into a CSV and a markdown table")
+    lb.add_argument("runs", nargs="+", help="run folders (searched recursively for metrics.json) or files")
+    lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="output folder (default: leaderboard/)")
+    lb.add_argument("--source", default="captions", choices=["captions", "questions"])
+    lb.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from microbench.data.loading import MicroBenchDataError
 
     try:
-        return _info(args)
-    except MicroBenchDataError as err:
+        return _info(args) if args.command == "info" else _leaderboard(args)
+    except (MicroBenchDataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
