@@ -11,10 +11,23 @@ from microbench.models.backbones.base import BackboneError
 USER_ERRORS = (MicroBenchDataError, BackboneError)
 
 
+def user_error_of(err: BaseException) -> BaseException | None:
+    """The user-fixable error behind ``err`` (Hydra's instantiate wraps what a target raises), or None."""
+    seen = 0
+    while err is not None and seen < 5:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
     try:
         yield
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error_of(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

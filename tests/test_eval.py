@@ -1,0 +1,123 @@
+"""`src/eval.py`: run records, the Random baseline, DDP equality, the leaderboard, W&B offline, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import REPO, write_raw_hub_copy
+from hydra import compose, initialize_config_dir
+
+from microbench.evaluate import evaluate
+from microbench.results.leaderboard import build_leaderboard
+
+PRED_COLUMNS = {"row_idx", "image_id", "dataset", "source", "key", "question_type", "variant", "gold_idx",
+                "pred_idx", "correct", "scores", "n_options"}
+
+
+def _cfg(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    record, objs = evaluate(_cfg([f"paths.output_dir={out}", "data.batch_size=64", "bootstrap.n_resamples=999"]))
+    return out, record, objs
+
+
+def test_run_record_on_the_sample(tiny_run, sample):
+    out, record, objs = tiny_run
+    assert {p.name for p in out.iterdir()} >= {"metrics.json", "predictions.parquet", "results.md"}
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["model"]["name"] == "microbench-tiny" and rec["model"]["fingerprint"] == objs["backbone"].fingerprint()
+    assert rec["data"]["kind"] == "sample" and rec["data"]["fingerprint"] == sample[1].fingerprint
+    assert rec["data"]["revision"] is None and rec["split"]["name"] == "all" and rec["split"]["images"] == 292
+    assert rec["config"]["model"]["name"] == "microbench-tiny" and rec["microbench_version"]
+    assert rec["timings_s"]["total"] > 0 and rec["n_predictions"] == 3904
+    assert rec["skipped"]["invalid_items"] == 0 and rec["skipped"]["items_of_failed_images"] == 0
+    fine = rec["metrics"]["captions/official/fine"]
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert PRED_COLUMNS <= set(preds.columns) and len(preds) == 3904
+    official = preds[(preds.key == "classification_1") & ~preds.dataset.isin(["opencell", "sirinukunwattana_et_al_2016"])]
+    assert fine["n"] == len(official) and fine["value"] == pytest.approx(official["correct"].mean())
+    assert all(len(s) == n for s, n in zip(preds["scores"], preds["n_options"], strict=True))
+    md = (out / "results.md").read_text()
+    assert "| microbench-tiny |" in md and "Per dataset" in md and "held_et_al_2010_galt" in md
+
+
+def test_random_baseline_run(tmp_path):
+    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=999"]))
+    assert record["model"]["name"] == "random" and record["n_predictions"] == 3904
+    coarse = record["headline"]["captions"]["coarse"]["value"]
+    assert 0.12 < coarse < 0.3  # ~1/(options) chance, as the paper's Random row (18.3 %)
+
+
+@pytest.mark.slow
+def test_ddp_equals_single_device_on_a_hub_layout_copy(sample_rows, tmp_path):
+    root = write_raw_hub_copy(sample_rows[1::3], tmp_path / "hub", n_shards=2)  # 109 rows, 97 images (odd)
+    common = [f"data.path={root}", "data.batch_size=8", "bootstrap.n_resamples=199", "sources=[captions,questions]"]
+    single, _ = evaluate(_cfg([*common, f"paths.output_dir={tmp_path / 'one'}"]))
+    ddp, _ = evaluate(_cfg([*common, f"paths.output_dir={tmp_path / 'ddp'}", "trainer=ddp_sim"]))
+    assert single["split"]["images"] % 2 == 1
+    a = pd.read_parquet(tmp_path / "one" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "ddp" / "predictions.parquet")
+    assert ddp["environment"]["world_size"] == 2 and len(a) == len(b) > 0
+    key = ["source", "row_idx", "key"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert (a[key + ["gold_idx", "pred_idx", "correct"]] == b[key + ["gold_idx", "pred_idx", "correct"]]).all().all()
+    for sa, sb in zip(a["scores"], b["scores"], strict=True):
+        assert max(abs(x - y) for x, y in zip(sa, sb, strict=True)) < 1e-5
+    assert {k: v["value"] for k, v in single["metrics"].items()} == {k: v["value"] for k, v in ddp["metrics"].items()}
+
+
+def test_leaderboard(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    evaluate(_cfg([f"paths.output_dir={tmp_path / 'random'}", "model=random", "bootstrap.n_resamples=199"]))
+    frame = build_leaderboard([out, tmp_path / "random"], tmp_path / "lb")
+    assert list(frame["model"]) == sorted(frame["model"], key=lambda m: -frame.set_index("model").loc[m, "coarse"])
+    assert set(frame["model"]) == {"microbench-tiny", "random"}
+    csv = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
+    assert {"coarse", "coarse_ci", "coarse_n", "fine", "pathology_fine", "stain"} <= set(csv.columns)
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert md.count("\n| ") == 3  # header + 2 models
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        build_leaderboard([tmp_path / "nothing"], tmp_path / "lb2")
+
+
+def test_wandb_offline_logging(tmp_path):
+    evaluate(_cfg([f"paths.output_dir={tmp_path}", "logger=wandb", "logger.wandb.offline=true",
+                   "bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]"]))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def _eval_cli(*overrides, timeout=180):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "src/eval.py", *overrides], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.name=ViT-Nope"], "error: unknown open_clip model 'ViT-Nope'"),
+    (["data.path=/no/such/copy"], "error: data path '/no/such/copy' does not exist"),
+    (["model=timm", "model.name=resnet10t"], "image tower without a text encoder"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    res = _eval_cli(*overrides, f"paths.output_dir={tmp_path}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    err_lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and message in err_lines[0]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_unknown_preset_lists_the_presets(tmp_path):
+    res = _eval_cli("model=nope", f"paths.output_dir={tmp_path}")
+    assert res.returncode != 0
+    assert "Could not find 'model/nope'" in res.stderr and "openclip" in res.stderr and "biomedclip" in res.stderr

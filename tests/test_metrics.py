@@ -1,0 +1,90 @@
+"""Bootstrap CIs (against scipy) and the closed-VQA slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_macro, scipy_bootstrap
+from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
+
+
+@pytest.mark.parametrize(("n", "p"), [(1000, 0.37), (200, 0.9), (5000, 0.5)])
+def test_fast_bootstrap_agrees_with_scipy(n, p):
+    correct = (np.random.default_rng(1).random(n) < p).astype(float)
+    fast = bootstrap_accuracy(correct, seed=0)
+    ref = scipy_bootstrap(correct, seed=0)
+    assert fast.value == ref.value == correct.mean() and fast.n == ref.n == n
+    tol = 3.5 / np.sqrt(9999) * np.sqrt(p * (1 - p) / n) * 4 + 1.0 / n  # Monte-Carlo error of the quantiles
+    assert abs(fast.low - ref.low) < tol and abs(fast.high - ref.high) < tol
+    assert fast.ci == pytest.approx(abs(fast.high - fast.value))
+    # the normal approximation is a sanity check on the width
+    assert fast.ci == pytest.approx(1.96 * np.sqrt(p * (1 - p) / n), rel=0.2, abs=1.0 / n)
+
+
+def test_scipy_path_is_the_official_call():
+    correct = (np.random.default_rng(2).random(300) < 0.4).astype(float)
+    res = stats.bootstrap((correct,), np.mean, confidence_level=0.95, vectorized=True, batch=100, method="basic",
+                          rng=np.random.default_rng(7))
+    est = scipy_bootstrap(correct, seed=7)
+    assert est.low == res.confidence_interval.low and est.high == res.confidence_interval.high
+    assert est.ci == abs(res.confidence_interval.high - correct.mean())
+
+
+def test_seeded_and_edge_cases():
+    c = np.r_[np.ones(30), np.zeros(70)]
+    assert bootstrap_accuracy(c, seed=3) == bootstrap_accuracy(c, seed=3)
+    assert np.isnan(bootstrap_accuracy([]).value) and bootstrap_accuracy([]).n == 0
+    allright = bootstrap_accuracy(np.ones(50))
+    assert (allright.value, allright.low, allright.high, allright.ci) == (1.0, 1.0, 1.0, 0.0)
+
+
+def test_macro_bootstrap_matches_brute_force():
+    rng = np.random.default_rng(4)
+    groups = [(rng.random(n) < p).astype(float) for n, p in ((40, 0.2), (300, 0.7), (90, 0.5))]
+    fast = bootstrap_macro(groups, n_resamples=4000, seed=0)
+    assert fast.value == pytest.approx(np.mean([g.mean() for g in groups]))
+    brute = np.array([np.mean([rng.choice(g, g.size).mean() for g in groups]) for _ in range(4000)])
+    lo, hi = 2 * fast.value - np.percentile(brute, 97.5), 2 * fast.value - np.percentile(brute, 2.5)
+    assert fast.low == pytest.approx(lo, abs=0.012) and fast.high == pytest.approx(hi, abs=0.012)
+
+
+def _frame() -> pd.DataFrame:
+    """Hand-built predictions: 4 datasets x (classification + stain) x variants 0/1, 10 items each."""
+    rows = []
+    correct_rate = {"kather_et_al_2016": 0.9, "acevedo_et_al_2020": 0.6, "eulenberg_et_al_2017_darkfield": 0.1,
+                    "opencell": 0.5}
+    for ds, rate in correct_rate.items():
+        for qtype in ("classification", "stain"):
+            for variant in (0, 1):
+                k = int(rate * 10) if variant == 1 else 10 - int(rate * 10)
+                for i in range(10):
+                    rows.append({"source": "captions", "dataset": ds, "question_type": qtype,
+                                 "key": f"{qtype}_{variant}", "variant": variant, "correct": i < k})
+    return pd.DataFrame(rows)
+
+
+def test_slices_and_headline():
+    p = _frame()
+    m = closed_vqa_metrics(p, n_resamples=999)
+    # headline fine: classification_1 over official datasets (kather .9, acevedo .6, eulenberg DF .1)
+    assert m["captions/official/fine"]["value"] == pytest.approx((9 + 6 + 1) / 30)
+    assert m["captions/official/fine"]["n"] == 30
+    assert m["captions/official_excl_eulenberg/fine"]["value"] == pytest.approx((9 + 6) / 20)
+    assert m["captions/official/coarse"]["value"] == pytest.approx((9 + 6 + 1) / 30)  # stain_1
+    # all variants, all datasets
+    assert m["captions/all/fine"]["value"] == pytest.approx(0.5) and m["captions/all/fine"]["n"] == 80
+    assert m["captions/slice/pathology/fine"]["value"] == pytest.approx(0.5)  # (9+1+6+4)/40
+    assert m["captions/slice/he/fine"]["value"] == pytest.approx(0.5)  # (9 + 1)/20
+    assert m["captions/slice/non_official/fine"]["n"] == 20
+    assert m["captions/key/classification_1"]["value"] == pytest.approx((9 + 6 + 1 + 5) / 40)
+    assert m["captions/variant/0"]["n"] == 80
+    assert m["captions/type/stain"]["n"] == 80
+    assert m["captions/dataset/kather_et_al_2016/fine"]["value"] == pytest.approx(0.5)
+    assert m["captions/macro_dataset/fine"]["datasets"] == 4
+    h = headline_table(m)
+    assert set(h) == {"coarse", "fine", "coarse_excl_eulenberg", "fine_excl_eulenberg"}
+    for v in m.values():
+        assert v["low"] <= v["value"] <= v["high"] or v["ci"] == 0
