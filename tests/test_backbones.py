@@ -88,7 +88,8 @@ def _tiny_hf_clip(folder):
     folder.mkdir(parents=True, exist_ok=True)
     tok = oct.SimpleTokenizer()
     (folder / "vocab.json").write_text(json.dumps(tok.encoder))
-    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    with gzip.open(oct.default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": "<start_of_text>", "eos_token": "<end_of_text>", "pad_token": "<end_of_text>",
                "unk_token": "<end_of_text>"}  # open_clip's spelling of CLIP's special tokens

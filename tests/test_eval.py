@@ -9,9 +9,9 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO, write_raw_hub_copy
 from hydra import compose, initialize_config_dir
 
+from conftest import REPO, write_raw_hub_copy
 from microbench.evaluate import evaluate
 from microbench.results.leaderboard import build_leaderboard
 

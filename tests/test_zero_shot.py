@@ -11,9 +11,8 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
-from conftest import write_raw_hub_copy
-from PIL import Image
 
+from conftest import write_raw_hub_copy
 from microbench.data import schema
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.models.backbones import build_backbone

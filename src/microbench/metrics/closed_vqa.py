@@ -18,7 +18,13 @@ import numpy as np
 import pandas as pd
 
 from microbench.data import schema
-from microbench.metrics.bootstrap import CONFIDENCE, N_RESAMPLES, Estimate, bootstrap_accuracy, bootstrap_macro
+from microbench.metrics.bootstrap import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    Estimate,
+    bootstrap_accuracy,
+    bootstrap_macro,
+)
 
 HEADLINE_VARIANT = 1
 SLICES = {

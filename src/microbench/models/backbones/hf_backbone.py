@@ -61,7 +61,7 @@ class HFClipBackbone(Backbone):
     @property
     def embed_dim(self) -> int:
         cfg = self.model.config
-        return int(getattr(cfg, "projection_dim", None) or getattr(cfg.text_config, "hidden_size"))
+        return int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model.get_image_features(pixel_values=pixels)
