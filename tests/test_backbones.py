@@ -125,3 +125,22 @@ def test_transformers_clip_adapter(tmp_path):
         assert torch.allclose(bb.logit_scale * img @ txt.T, ref, atol=1e-5)
     with pytest.raises(BackboneError, match="cannot load transformers model"):
         build_backbone("hf", str(tmp_path / "missing"))
+
+
+def test_trimmed_text_encoding_equals_full_context(tiny):
+    """Running the causal text tower only up to the longest text of the batch gives the full-context features."""
+    from microbench.models.backbones.open_clip_backbone import _trimmable
+
+    texts = ["A micrograph acquired through light microscopy.", "none of the above", "x " * 30]
+    tokens = tiny.tokenize(texts)
+    assert _trimmable(tiny.model) and int((tokens != 0).sum(1).max()) < 77
+    with torch.no_grad():
+        full = tiny.model.encode_text(tokens)
+        trimmed = tiny.encode_text(tokens)
+    assert torch.allclose(full, trimmed, atol=1e-5)
+    tiny.trim_text_padding = False
+    try:
+        with torch.no_grad():
+            assert torch.equal(tiny.encode_text(tokens), full)
+    finally:
+        tiny.trim_text_padding = True

@@ -121,3 +121,13 @@ def test_unknown_preset_lists_the_presets(tmp_path):
     res = _eval_cli("model=nope", f"paths.output_dir={tmp_path}")
     assert res.returncode != 0
     assert "Could not find 'model/nope'" in res.stderr and "openclip" in res.stderr and "biomedclip" in res.stderr
+
+
+def test_plugin_backbone_through_model_target(tmp_path):
+    """The README's plug-in recipe: model=plugin with model._target_ pointing at a Backbone subclass."""
+    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=plugin",
+                               "model._target_=plugin_backbone.PluginBackbone", "+model.width_note=demo",
+                               "bootstrap.n_resamples=99",
+                               "data.datasets=[acevedo_et_al_2020]"]))
+    assert record["model"]["name"] == "plugin-demo" and record["model"]["library"] == "plugin"
+    assert record["n_predictions"] == 32 * 12

@@ -61,7 +61,7 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
         "metrics": metrics,
         "n_predictions": len(predictions),
         "skipped": skipped,
-        "timings_s": {**context.get("timings", {}),
+        "timings_s": {**context.get("timings", {}), **getattr(module, "timings", {}),
                       "total": round(time.perf_counter() - context["t0"], 3),
                       "metrics": round(time.perf_counter() - t_metrics, 3)},
         "environment": {"python": platform.python_version(), "torch": __import__("torch").__version__,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -168,6 +169,7 @@ class ZeroShotScorer(L.LightningModule):
         self.progress = progress
         self.predictions: pd.DataFrame | None = None
         self.skipped: dict = {}
+        self.timings: dict[str, float] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -179,6 +181,7 @@ class ZeroShotScorer(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset()
         self.backbone.eval()
+        self.timings = {"_start": time.perf_counter()}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._failed += batch["failed"].tolist()
@@ -190,6 +193,8 @@ class ZeroShotScorer(L.LightningModule):
         self._emb.append(emb.detach().cpu())
 
     def on_test_epoch_end(self) -> None:
+        t_images = time.perf_counter()
+        self.timings["images"] = round(t_images - self.timings.pop("_start", t_images), 3)
         dm = self.trainer.datamodule
         images = dm.images()
         local = (torch.cat(self._idx) if self._idx else torch.zeros(0, dtype=torch.long),
@@ -204,6 +209,8 @@ class ZeroShotScorer(L.LightningModule):
             failed += f
             errors += e
         self.predictions, self.skipped = self.score(dm, image_emb, encoded)
+        self.timings["texts_and_scoring"] = round(time.perf_counter() - t_images, 3)
+        self.timings["texts"] = round(self._text_seconds, 3)
         self.skipped["failed_images"] = errors
         if self.on_scored is not None and self.trainer.is_global_zero:
             self.on_scored(self.predictions, self.skipped, self)
@@ -216,6 +223,7 @@ class ZeroShotScorer(L.LightningModule):
         for i, rows in enumerate(images.rows):
             row_to_image[rows] = i
         questions = dm.questions()
+        self._text_seconds, self.unique_texts = 0.0, 0
         frames, skipped = [], {"invalid_items": 0, "items_of_failed_images": 0, "problems": []}
         for source in self.sources:
             items = questions[questions["source"] == source]
@@ -232,8 +240,11 @@ class ZeroShotScorer(L.LightningModule):
             texts = candidate_texts(items, source)
 
             def text_emb_of(unique: list[str]) -> torch.Tensor:
-                return encode_texts(self.backbone, unique, self.text_batch_size, self.device,
-                                    progress=self.progress)
+                t = time.perf_counter()
+                out = encode_texts(self.backbone, unique, self.text_batch_size, self.device, progress=self.progress)
+                self._text_seconds += time.perf_counter() - t
+                self.unique_texts += len(unique)
+                return out
 
             frames.append(score_items(items, texts, img, image_emb, text_emb_of))
         preds = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PRED_COLUMNS))
