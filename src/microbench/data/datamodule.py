@@ -224,8 +224,10 @@ class PerceptionDataModule(L.LightningDataModule):
         """Question-table items of the kept rows of one split (default: the evaluation split)."""
         self._require_setup()
         split = split or self.split
-        rows = self.rows if split == splits_mod.ALL else self.rows[self.rows["split"] == split]
         frame = self.question_table.frame
+        if split == splits_mod.ALL and len(self.rows) == len(self.question_table.rows):
+            return frame  # nothing filtered: no copy (the table is O(items), large on the full release)
+        rows = self.rows if split == splits_mod.ALL else self.rows[self.rows["split"] == split]
         return frame[frame["row_idx"].isin(rows["row_idx"])]
 
     def _require_setup(self) -> None:

@@ -172,42 +172,45 @@ class ZeroShotScorer(L.LightningModule):
         self.timings: dict[str, float] = {}
         self._reset()
 
-    def _reset(self) -> None:
-        self._idx: list[torch.Tensor] = []
-        self._emb: list[torch.Tensor] = []
+    def _reset(self, n_images: int = 0) -> None:
+        # one preallocated buffer filled in place: nothing is allocated and kept per batch, so memory stays flat
+        self._emb = torch.zeros(n_images, self.backbone.embed_dim)
+        self._seen = np.zeros(n_images, dtype=bool)
         self._failed: list[int] = []
         self._errors: list[str] = []
 
     def on_test_epoch_start(self) -> None:
-        self._reset()
+        self._reset(len(self.trainer.datamodule.images()))
         self.backbone.eval()
         self.timings = {"_start": time.perf_counter()}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._failed += batch["failed"].tolist()
-        self._errors += batch["errors"]
+        if len(batch["failed"]):
+            self._failed += batch["failed"].tolist()
+            self._errors += batch["errors"]
         if batch["pixel_values"] is None:
             return
         emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
-        self._idx.append(batch["image_index"].cpu())
-        self._emb.append(emb.detach().cpu())
+        idx = batch["image_index"].cpu()
+        self._emb[idx] = emb.detach().to("cpu")
+        self._seen[idx.numpy()] = True
 
     def on_test_epoch_end(self) -> None:
         t_images = time.perf_counter()
         self.timings["images"] = round(t_images - self.timings.pop("_start", t_images), 3)
         dm = self.trainer.datamodule
-        images = dm.images()
-        local = (torch.cat(self._idx) if self._idx else torch.zeros(0, dtype=torch.long),
-                 torch.cat(self._emb) if self._emb else torch.zeros(0, self.backbone.embed_dim),
-                 self._failed, self._errors)
-        image_emb = torch.full((len(images), self.backbone.embed_dim), float("nan"))
-        encoded = np.zeros(len(images), dtype=bool)
-        failed, errors = [], []
-        for idx, emb, f, e in _gather(local):
-            image_emb[idx] = emb
-            encoded[idx.numpy()] = True
-            failed += f
-            errors += e
+        if _dist_ready():  # send only this rank's rows; every rank then holds all embeddings
+            mine = torch.from_numpy(np.flatnonzero(self._seen))
+            image_emb = torch.zeros_like(self._emb)
+            encoded = np.zeros(len(self._seen), dtype=bool)
+            failed, errors = [], []
+            for idx, emb, f, e in _gather((mine, self._emb[mine], self._failed, self._errors)):
+                image_emb[idx] = emb
+                encoded[idx.numpy()] = True
+                failed += f
+                errors += e
+        else:
+            image_emb, encoded, errors = self._emb, self._seen, self._errors
         self.predictions, self.skipped = self.score(dm, image_emb, encoded)
         self.timings["texts_and_scoring"] = round(time.perf_counter() - t_images, 3)
         self.timings["texts"] = round(self._text_seconds, 3)
