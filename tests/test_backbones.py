@@ -144,3 +144,14 @@ def test_trimmed_text_encoding_equals_full_context(tiny):
             assert torch.equal(tiny.encode_text(tokens), full)
     finally:
         tiny.trim_text_padding = True
+
+
+def test_fingerprint_follows_weight_updates(tiny):
+    before = tiny.fingerprint()
+    p = next(tiny.parameters())
+    with torch.no_grad():
+        p.mul_(2.0)
+    changed = tiny.fingerprint()
+    with torch.no_grad():
+        p.div_(2.0)  # exact in floating point
+    assert changed != before and tiny.fingerprint() == before

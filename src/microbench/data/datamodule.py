@@ -114,6 +114,10 @@ def unique_images(rows: pd.DataFrame) -> ImageTable:
     return ImageTable(np.asarray(uniques, dtype=object)[by_first], first[by_first], [groups[i] for i in by_first])
 
 
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _as_list(value) -> list[str] | None:
     if value is None:
         return None
@@ -239,9 +243,7 @@ class PerceptionDataModule(L.LightningDataModule):
         self._require_setup()
         table = self._images[split]
         ds = UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform)
-        sampler = None
-        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            sampler = ExactDistributedSampler(ds)
+        sampler = ExactDistributedSampler(ds) if (not train and _dist_world() > 1) else None
         return DataLoader(
             ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,

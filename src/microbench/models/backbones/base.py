@@ -34,6 +34,7 @@ class Backbone(nn.Module):
         self.train_transform = train_transform or preprocess
         self.source = dict(source or {})
         self._fingerprint: str | None = None
+        self._fingerprint_signature: tuple | None = None
 
     # --- the interface ------------------------------------------------------------------------------------------
     @property
@@ -54,6 +55,27 @@ class Backbone(nn.Module):
         """Multiplier of cosine similarities (exp of the learnt log-scale where the model has one)."""
         return torch.tensor(1.0)
 
+    def image_tower(self) -> nn.Module:
+        """The image encoder module (for freezing blocks and for image-only merges)."""
+        raise NotImplementedError
+
+    def logit_scale_parameter(self) -> torch.Tensor | None:
+        """The trainable log logit scale, if the model has one (contrastive fine-tuning trains it)."""
+        return None
+
+    def freeze_text_tower(self) -> int:
+        """Freeze every parameter outside the image tower (except the logit scale); returns how many tensors."""
+        keep = {id(p) for p in self.image_tower().parameters()}
+        scale = self.logit_scale_parameter()
+        if scale is not None:
+            keep.add(id(scale))
+        frozen = 0
+        for p in self.parameters():
+            if id(p) not in keep and p.requires_grad:
+                p.requires_grad_(False)
+                frozen += 1
+        return frozen
+
     # --- shared behaviour ------------------------------------------------------------------------------------------
     def no_text_error(self) -> BackboneError:
         return BackboneError(
@@ -62,15 +84,22 @@ class Backbone(nn.Module):
             "fine-tuning instead"
         )
 
+    def _weights_signature(self) -> tuple:
+        """Cheap identity of the current weights: every in-place update (optimizer step, load_state_dict) bumps a
+        tensor's version counter, so a cached fingerprint is reused only while no weight has changed."""
+        return tuple((k, t.data_ptr(), t._version) for k, t in self.state_dict(keep_vars=True).items())
+
     def fingerprint(self, refresh: bool = False) -> str:
         """Hash of the weights (names, shapes, values): equal fingerprints mean identical models."""
-        if self._fingerprint is None or refresh:
+        signature = self._weights_signature()
+        if self._fingerprint is None or refresh or signature != self._fingerprint_signature:
             h = hashlib.blake2b(digest_size=8)
             for key, tensor in sorted(self.state_dict().items()):
                 t = tensor.detach().to("cpu").contiguous().reshape(-1)
                 h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._fingerprint = h.hexdigest()
+            self._fingerprint_signature = signature
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:

@@ -76,6 +76,14 @@ class HFClipBackbone(Backbone):
                              return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
+    def logit_scale_parameter(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_scale", None)
+
+    def image_tower(self) -> torch.nn.Module:
+        parts = [m for m in (getattr(self.model, "vision_model", None), getattr(self.model, "visual_projection", None))
+                 if m is not None]
+        return torch.nn.ModuleList(parts)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         if hasattr(self.model, "logit_scale"):

@@ -107,6 +107,12 @@ class OpenClipBackbone(Backbone):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp()
 
+    def logit_scale_parameter(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    def image_tower(self) -> torch.nn.Module:
+        return self.model.visual
+
     def save_local_dir(self, folder: str | Path) -> Path:
         """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` so ``local-dir:<folder>`` reloads it."""
         from safetensors.torch import save_file

@@ -35,3 +35,6 @@ class TimmImageBackbone(Backbone):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)
+
+    def image_tower(self) -> torch.nn.Module:
+        return self.model

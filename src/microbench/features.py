@@ -1,0 +1,84 @@
+"""A feature cache keyed so that stale embeddings are impossible.
+
+Image embeddings are computed once per (backbone name, weights fingerprint, transform, data fingerprint, filters,
+split spec) and reused by every probe, seed and sweep. Any change to any part of the key is a different folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from microbench.data.datamodule import PerceptionDataModule
+from microbench.models.backbones.base import Backbone
+from microbench.results.records import write_json
+
+log = logging.getLogger(__name__)
+
+
+def feature_key(backbone: Backbone, dm: PerceptionDataModule) -> tuple[str, dict]:
+    parts = {
+        "backbone": backbone.name, "fingerprint": backbone.fingerprint(), "transform": repr(dm.transform),
+        "data_fingerprint": dm.source.fingerprint, "filters": dm.filters, "exclude": dm.exclude_datasets,
+        "split_spec": dm.split_spec.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20], parts
+
+
+@torch.no_grad()
+def compute_image_features(backbone: Backbone, dm: PerceptionDataModule, device: str = "cpu",
+                           progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """L2-normalised embeddings of every unique image of ``dm`` (split ``all``), in ``dm.images('all')`` order;
+    rows of images that fail to decode are NaN (and counted in the log)."""
+    backbone.eval().to(device)
+    images = dm.images("all")
+    out = torch.full((len(images), backbone.embed_dim), float("nan"))
+    failed = 0
+    loader = dm._loader("all", train=False)
+    for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress, leave=False):
+        failed += len(batch["failed"])
+        if batch["pixel_values"] is not None:
+            emb = backbone.encode_image(batch["pixel_values"].to(device)).float()
+            out[batch["image_index"]] = F.normalize(emb, dim=-1).cpu()
+    if failed:
+        log.warning("%d image(s) failed to decode; their features are NaN and they are skipped", failed)
+    return out, np.asarray(images.image_id, dtype=object)
+
+
+class FeatureCache:
+    """``root/<key>/features.pt`` (+ ``key.json`` describing the key), written atomically."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def get(self, backbone: Backbone, dm: PerceptionDataModule, device: str = "cpu",
+            progress: bool = True) -> tuple[torch.Tensor, np.ndarray, bool]:
+        """(features, image_ids, hit): loads the cached entry or computes and stores it."""
+        key, parts = feature_key(backbone, dm)
+        folder = self.root / key
+        path = folder / "features.pt"
+        if path.exists():
+            blob = torch.load(path, weights_only=False)
+            log.info("feature cache hit %s (%s)", key, backbone.name)
+            return blob["features"], blob["image_ids"], True
+        feats, ids = compute_image_features(backbone, dm, device, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"features": feats, "image_ids": ids}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        write_json(folder / "key.json", parts)
+        return feats, ids, False

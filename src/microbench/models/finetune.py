@@ -1,0 +1,279 @@
+"""Fine-tuning a CLIP-style backbone on μ-Bench source datasets (e.g. the pathology slice).
+
+Two objectives:
+
+- ``contrastive`` (FLYP-style): the CLIP loss between images and their own caption texts (the dataset's caption
+  templates filled with the class), both towers trainable unless locked; evaluation classifies with the *current*
+  text tower's class-prompt embeddings. Under DDP the loss uses features gathered from every rank, with gradients
+  for the local part (open_clip's ``ClipLoss``), so the effective batch is global.
+- ``ce`` (WiSE-FT-style): cross-entropy over a linear head initialised from the class prompts' text embeddings
+  (the zero-shot head), on normalised image features; the text tower is not used after initialisation.
+
+Predictions are always made within the image's own source dataset (other datasets' classes are masked).
+AdamW with decoupled weight decay (not on gains/biases), linear warmup + cosine decay per step; gradient clipping,
+accumulation and mixed precision come from the Trainer; ``compile=True`` wraps the model with ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from microbench.models.backbones.base import Backbone, BackboneError
+
+OBJECTIVES = ("ce", "contrastive")
+
+
+@torch.no_grad()
+def class_text_embeddings(backbone: Backbone, prompts: list[list[str]], batch_size: int = 256) -> torch.Tensor:
+    """[C, D] normalised mean of each class's normalised prompt embeddings (the zero-shot classifier)."""
+    flat = [p for ps in prompts for p in ps]
+    device = next(backbone.parameters()).device
+    embs = []
+    for i in range(0, len(flat), batch_size):
+        tok = backbone.tokenize(flat[i:i + batch_size])
+        tok = {k: v.to(device) for k, v in tok.items()} if isinstance(tok, dict) else tok.to(device)
+        embs.append(F.normalize(backbone.encode_text(tok).float(), dim=-1))
+    embs = torch.cat(embs)
+    out, start = [], 0
+    for ps in prompts:
+        out.append(F.normalize(embs[start:start + len(ps)].mean(0), dim=-1))
+        start += len(ps)
+    return torch.stack(out)
+
+
+def freeze_image_blocks(backbone: Backbone, n: int) -> int:
+    """Freeze the stem and the first ``n`` transformer/stage blocks of the image tower; returns how many were found."""
+    tower = backbone.image_tower()
+    blocks = None
+    for path in ("transformer.resblocks", "blocks", "encoder.layers", "trunk.blocks", "stages", "layers"):
+        obj = tower
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList | nn.Sequential):
+            blocks = obj
+            break
+    if blocks is None:
+        raise BackboneError(f"cannot find the blocks of {backbone.name}'s image tower to freeze")
+    n = min(n, len(blocks))
+    block_params = {id(p) for b in blocks for p in b.parameters()}
+    for p in tower.parameters():  # stem: every parameter that is not inside a block
+        if id(p) not in block_params:
+            p.requires_grad_(False)
+    for b in list(blocks)[:n]:
+        b.requires_grad_(False)
+    return n
+
+
+class FineTuneModule(L.LightningModule):
+    """Fine-tune a backbone on a :class:`~microbench.data.labelled.LabelledDataModule`.
+
+    Args:
+        backbone: any :class:`Backbone` (``contrastive`` needs a text tower, ``ce`` only for the head init).
+        objective: ``contrastive`` or ``ce``.
+        lr, weight_decay, warmup_steps (or warmup_frac of the total steps), betas, eps: AdamW + cosine schedule.
+        head_lr_mult: learning-rate multiplier of the ``ce`` head.
+        lock_text: freeze the text tower (always for ``ce``).
+        freeze_blocks: freeze the image tower's stem and first N blocks.
+        label_smoothing: for ``ce``.
+        compile: ``torch.compile`` the model.
+        record: extra JSON-able facts stored in every checkpoint (model config, data source...).
+    """
+
+    def __init__(self, backbone: Backbone, objective: str = "ce", lr: float = 1e-5, weight_decay: float = 0.1,
+                 warmup_steps: int | None = None, warmup_frac: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-6, head_lr_mult: float = 10.0, lock_text: bool = False, freeze_blocks: int = 0,
+                 label_smoothing: float = 0.0, compile: bool = False, seed: int = 0,
+                 record: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if not backbone.has_text:
+            raise backbone.no_text_error()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.objective = objective
+        self.head: nn.Linear | None = None
+        self.register_buffer("class_mask", torch.zeros(0, 0, dtype=torch.bool), persistent=False)
+        self.register_buffer("eval_classifier", torch.zeros(0), persistent=False)
+        self.class_space = None
+        self.loss_fn = None
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.class_space is not None:
+            return
+        dm = self.trainer.datamodule
+        dm.setup(stage)
+        self.class_space = space = dm.class_space
+        self.class_mask = space.mask().to(self.device)
+        n_classes = space.num_classes
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(n_classes, average="micro"),
+            "balanced_acc": MulticlassAccuracy(n_classes, average="macro"),
+            "macro_f1": MulticlassF1Score(n_classes, average="macro"),
+        })
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        if self.objective == "ce":
+            zs = class_text_embeddings(self.backbone, space.prompts)
+            scale = float(self.backbone.logit_scale)
+            self.head = nn.Linear(zs.shape[1], n_classes, bias=True)
+            with torch.no_grad():
+                self.head.weight.copy_(zs * scale)
+                self.head.bias.zero_()
+            self.head.to(self.device)
+        if self.hparams.lock_text or self.objective == "ce":
+            self.backbone.freeze_text_tower()
+        if self.hparams.freeze_blocks:
+            freeze_image_blocks(self.backbone, self.hparams.freeze_blocks)
+        if self.objective == "contrastive":
+            from open_clip.loss import ClipLoss
+
+            self.loss_fn = ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False,
+                                    rank=self.global_rank, world_size=self.trainer.world_size)
+        if self.hparams.compile:
+            self.backbone.model = torch.compile(self.backbone.model)
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone.encode_image(pixels).float(), dim=-1)
+
+    def logits(self, features: torch.Tensor, dataset_idx: torch.Tensor) -> torch.Tensor:
+        if self.objective == "ce":
+            out = self.head(features)
+        else:
+            out = float(self.backbone.logit_scale) * features @ self.eval_classifier.T
+        return out.masked_fill(~self.class_mask[dataset_idx], float("-inf"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if batch["pixel_values"] is None:
+            return None
+        feats = self.image_features(batch["pixel_values"])
+        if self.objective == "ce":
+            loss = F.cross_entropy(self.logits(feats, batch["dataset_idx"]), batch["label"],
+                                   label_smoothing=self.hparams.label_smoothing)
+        else:
+            tok = self.backbone.tokenize(batch["text"])
+            tok = {k: v.to(self.device) for k, v in tok.items()} if isinstance(tok, dict) else tok.to(self.device)
+            text = F.normalize(self.backbone.encode_text(tok).float(), dim=-1)
+            scale = self.backbone.logit_scale_parameter().exp().clamp(max=100)
+            loss = self.loss_fn(feats, text, scale)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def _refresh_classifier(self) -> None:
+        if self.objective == "contrastive":
+            self.eval_classifier = class_text_embeddings(self.backbone, self.class_space.prompts).to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._refresh_classifier()
+        self._eval_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._refresh_classifier()
+        self._eval_outputs = []
+
+    def _eval_step(self, batch: dict, metrics: MetricCollection) -> None:
+        if batch["pixel_values"] is None:
+            return
+        logits = self.logits(self.image_features(batch["pixel_values"]), batch["dataset_idx"])
+        preds = logits.argmax(dim=1)
+        metrics.update(preds, batch["label"])
+        self._eval_outputs.append((preds.cpu(), batch["label"].cpu(), batch["dataset_idx"].cpu()))
+        loss = F.cross_entropy(logits, batch["label"])
+        stage = "val" if metrics is self.val_metrics else "test"
+        self.log(f"{stage}/loss", loss, batch_size=len(preds), sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def _eval_epoch_end(self, metrics: MetricCollection, stage: str) -> None:
+        self.log_dict(metrics.compute(), prog_bar=stage == "val", sync_dist=True)
+        metrics.reset()
+        if stage == "test" and self._eval_outputs:  # per-dataset accuracy (gathered under DDP)
+            preds, labels, ds_idx = (torch.cat(x) for x in zip(*self._eval_outputs, strict=True))
+            if self.trainer.world_size > 1:
+                preds, labels, ds_idx = (self.all_gather(x).flatten() if x.numel() else x for x in (preds, labels, ds_idx))
+            for d, name in enumerate(self.class_space.datasets):
+                sel = ds_idx == d
+                if sel.any():
+                    self.log(f"test/acc/{name}", (preds[sel] == labels[sel]).float().mean(), rank_zero_only=True)
+        self._eval_outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    # --- reproducibility --------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        """Seed every RNG from (seed, epoch): shuffling, augmentation and caption choice then depend only on the
+        epoch, so resuming from a checkpoint at an epoch boundary reproduces an uninterrupted run."""
+        s = int(self.hparams.seed) * 100_003 + int(self.current_epoch) + 1
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["microbench"] = {
+            "backbone": self.backbone.describe(),
+            "class_space": self.class_space.to_dict() if self.class_space else None,
+            "objective": self.objective,
+            **(self.hparams.record or {}),
+        }
+        if self.head is not None:
+            checkpoint["microbench"]["head_shape"] = list(self.head.weight.shape)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        space = (checkpoint.get("microbench") or {}).get("class_space")
+        if self.objective == "ce" and self.head is None and space:  # build the head before weights load
+            n, d = len(space["classes"]), self.backbone.embed_dim
+            self.head = nn.Linear(d, n, bias=True)
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay, head = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("head."):
+                head.append(p)
+            elif p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") or "norm" in name.lower():
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if head:
+            groups.append({"params": head, "weight_decay": hp.weight_decay, "lr": hp.lr * hp.head_lr_mult})
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_frac * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

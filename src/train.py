@@ -1,0 +1,42 @@
+"""Fine-tuning and linear probes on μ-Bench source datasets.
+
+    python src/train.py experiment=demo                                   # tiny model, sample, minutes on a CPU
+    python src/train.py experiment=finetune_pathology model=tiny          # the pathology specialist, tiny model
+    python src/train.py experiment=finetune_pathology trainer=gpu data.path=data/ubench   # real ViT-B-32
+    python src/train.py experiment=linear_probe model=tiny                # probes on every source dataset
+    python src/train.py experiment=demo ckpt_path=<...>/last.ckpt         # resume
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> None:
+    from microbench.run_errors import exit_on_user_error
+    from microbench.training import train
+
+    with exit_on_user_error():
+        metrics, _ = train(cfg)
+    out = Path(cfg.paths.output_dir).resolve()
+    if cfg.get("task", "finetune") == "finetune":
+        test = metrics.get("test", {})
+        print(f"test accuracy {test.get('test/acc', float('nan')):.4f}, balanced {test.get('test/balanced_acc', float('nan')):.4f}"
+              f" | best checkpoint: {metrics.get('best_checkpoint')}")
+        print(f"results: {out}/train_metrics.json, in-domain zero-shot: {out}/in_domain/results.md")
+    else:
+        print(f"results: {out}/linear_probe.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Fine-tuning, linear probes, feature cache, experiments, resume and DDP (issue: probes and fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from microbench.data.labelled import LabelledDataModule
+from microbench.features import FeatureCache, feature_key
+from microbench.models.backbones import build_backbone
+from microbench.models.finetune import FineTuneModule
+from microbench.models.linear_probe import LinearProbeModule, ProbeData, kshot_indices, sweep
+from microbench.training import train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+PATHOLOGY = ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
+
+
+def _cfg(overrides, name="train"):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_with_fast_dev_run(experiment, tmp_path):
+    cfg = _cfg([f"experiment={experiment}", "model=tiny", "++trainer.fast_dev_run=true", "trainer=cpu",
+                f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt", f"probe.cache_dir={tmp_path}/c",
+                "data.num_workers=0", "data.batch_size=8"])
+    metrics, objs = train(cfg)
+    if cfg.task == "finetune":
+        assert objs["trainer"].fast_dev_run and objs["trainer"].global_step == 1
+    else:
+        assert (tmp_path / "linear_probe.json").exists() and metrics["results"]
+
+
+def _separable(n, c=5, d=32, seed=0):
+    centers = torch.randn(c, d, generator=torch.Generator().manual_seed(1234)) * 3  # shared by every split
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    x = torch.nn.functional.normalize(centers[y] + torch.randn(n, d, generator=g), dim=-1)
+    return x, y.numpy()
+
+
+def test_probe_on_separable_features():
+    (xt, yt), (xv, yv), (xs, ys) = _separable(300, seed=1), _separable(60, seed=2), _separable(200, seed=3)
+    full = sweep(ProbeData(xt, yt, xv, yv, xs, ys, 5), shots="full", seeds=(0, 1))
+    assert full["acc"]["mean"] >= 0.99 and full["balanced_acc"]["mean"] >= 0.99 and full["macro_f1"]["mean"] >= 0.99
+    assert len(full["weight_decay"]) == 2 and full["n_train"] == 300
+    few = sweep(ProbeData(xt, yt, xv, yv, xs, ys, 5), shots=4, seeds=(0, 1, 2))
+    assert few["n_train"] == 20 and len(few["acc"]["values"]) == 3 and few["acc"]["mean"] > 0.9
+    # the same head as a LightningModule on cached embeddings
+    loader = torch.utils.data.DataLoader([{"features": x, "label": int(y)} for x, y in zip(xt, yt, strict=True)],
+                                         batch_size=64, shuffle=True)
+    module = LinearProbeModule(32, 5, lr=0.05)
+    L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    with torch.no_grad():
+        acc = (module.head(xs).argmax(1).numpy() == ys).mean()
+    assert acc >= 0.99
+
+
+def test_kshot_draws_from_train_only():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    idx = kshot_indices(labels, 4, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [4, 3, 4]  # all 3 of class 1
+    assert np.array_equal(idx, kshot_indices(labels, 4, seed=0)) and not np.array_equal(idx, kshot_indices(labels, 4, 1))
+
+
+def test_no_leakage_between_splits():
+    dm = LabelledDataModule("sample", image_size=32)
+    dm.setup()
+    img_of_row = dict(zip(dm.rows["row_idx"], dm.rows["image_id"], strict=True))
+    ids = {s: {img_of_row[r] for r in dm.labelled(s)["rows"]} for s in ("train", "val", "test")}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert sum(len(dm.labelled(s)["rows"]) for s in ("train", "val", "test")) == 328
+
+
+def test_feature_cache_hits_and_never_serves_stale(tmp_path):
+    bb = build_backbone(preset="tiny")
+    from microbench.data.datamodule import PerceptionDataModule
+
+    dm = PerceptionDataModule("sample", transform=bb.preprocess, datasets=["kather_et_al_2016"])
+    dm.setup()
+    cache = FeatureCache(tmp_path)
+    f1, ids, hit1 = cache.get(bb, dm, progress=False)
+    f2, _, hit2 = cache.get(bb, dm, progress=False)
+    assert not hit1 and hit2 and torch.equal(f1, f2) and f1.shape == (32, 64) and len(ids) == 32
+    other = build_backbone("open_clip", "microbench-tiny", pretrained=None, seed=1)
+    assert feature_key(other, dm)[0] != feature_key(bb, dm)[0]
+    f3, _, hit3 = cache.get(other, dm, progress=False)
+    assert not hit3 and not torch.equal(f3, f1)
+    dm2 = PerceptionDataModule("sample", transform=bb.preprocess, datasets=["kather_et_al_2016"], split_seed=1)
+    dm2.setup()
+    assert feature_key(bb, dm2)[0] != feature_key(bb, dm)[0]
+
+
+class _StopAfter(L.Callback):
+    """Simulates an interruption: stop after `n` epochs (the schedule still plans for max_epochs)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+def _fit(tmp_path, epochs, ckpt_path=None, objective="ce", strategy="auto", devices=1, datasets=PATHOLOGY,
+         stop_after=None):
+    L.seed_everything(0, workers=True)
+    bb = build_backbone(preset="tiny")
+    dm = LabelledDataModule("sample", datasets=datasets, transform=bb.preprocess,
+                            train_transform=bb.train_transform, batch_size=16,
+                            drop_last_train=objective == "contrastive")
+    module = FineTuneModule(bb, objective=objective, lr=3e-3, weight_decay=0.05, seed=0,
+                            record={"model_config": {"_target_": "microbench.models.backbones.build_backbone",
+                                                     "preset": "tiny"}})
+    last = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None,
+                                               enable_version_counter=False)
+    callbacks = [last] + ([_StopAfter(stop_after)] if stop_after else [])
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, deterministic=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, dm, trainer, tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_finetuning_beats_chance_and_checkpoint_recreates_the_model(tmp_path):
+    module, dm, trainer, ckpt = _fit(tmp_path, epochs=30)
+    res = trainer.test(module, datamodule=dm, verbose=False)[0]
+    labels = dm.labelled("test")
+    chance = np.mean([1 / (dm.class_space.class_dataset == d).sum() for d in labels["dataset_ids"]])
+    assert res["test/acc"] >= chance + 0.3, (res, chance)
+    assert {"test/balanced_acc", "test/macro_f1", "test/acc/kather_et_al_2016"} <= set(res)
+    # the checkpoint says how to re-create the model, and its weights reproduce the fingerprint
+    blob = torch.load(ckpt, weights_only=True, map_location="cpu")
+    rec = blob["microbench"]
+    assert rec["backbone"]["name"] == "microbench-tiny" and rec["objective"] == "ce"
+    assert rec["model_config"]["preset"] == "tiny" and len(rec["class_space"]["classes"]) == 10
+    rebuilt = build_backbone(preset="tiny")
+    state = {k.removeprefix("backbone."): v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
+    rebuilt.load_state_dict(state)
+    assert rebuilt.fingerprint(refresh=True) == module.backbone.fingerprint(refresh=True) == rec["backbone"]["fingerprint"]
+
+
+def test_contrastive_objective_learns(tmp_path):
+    module, dm, trainer, _ = _fit(tmp_path, epochs=40, objective="contrastive")
+    res = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert res["test/acc"] >= 0.6, res
+
+
+def _weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight, *_ = _fit(tmp_path / "a", epochs=3)
+    _, _, _, ckpt = _fit(tmp_path / "b", epochs=3, stop_after=2)  # interrupted after 2 of 3 epochs
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    resumed, *_ = _fit(tmp_path / "c", epochs=3, ckpt_path=str(ckpt))
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-6, diff
+
+
+@pytest.mark.slow
+def test_ddp_spawn_fit_with_gathered_contrastive_loss(tmp_path):
+    module, dm, trainer, ckpt = _fit(tmp_path, epochs=2, objective="contrastive", strategy="ddp_spawn", devices=2)
+    assert trainer.world_size == 2 and ckpt.exists()
+    blob = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert blob["global_step"] > 0 and blob["microbench"]["objective"] == "contrastive"
+
+
+def test_demo_experiment_end_to_end(tmp_path):
+    cfg = _cfg(["experiment=demo", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt"])
+    metrics, _ = train(cfg)
+    rec = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert rec["best_checkpoint"] and Path(rec["best_checkpoint"]).exists() and Path(rec["last_checkpoint"]).exists()
+    assert rec["test"]["test/acc"] > 0.5
+    assert (tmp_path / "in_domain" / "metrics.json").exists() and "fine" in rec["in_domain_zero_shot"]
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
