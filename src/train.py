@@ -34,6 +34,10 @@ def main(cfg: DictConfig) -> None:
         print(f"test accuracy {test.get('test/acc', float('nan')):.4f}, balanced {test.get('test/balanced_acc', float('nan')):.4f}"
               f" | best checkpoint: {metrics.get('best_checkpoint')}")
         print(f"results: {out}/train_metrics.json, in-domain zero-shot: {out}/in_domain/results.md")
+        if "forgetting" in metrics:
+            f = metrics["forgetting"]
+            print(f"forgetting report: {f['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
+                  f"{f['chosen_alpha']:.2f})")
     else:
         print(f"results: {out}/linear_probe.md")
 

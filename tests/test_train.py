@@ -187,3 +187,7 @@ def test_demo_experiment_end_to_end(tmp_path):
     assert rec["test"]["test/acc"] > 0.5
     assert (tmp_path / "in_domain" / "metrics.json").exists() and "fine" in rec["in_domain_zero_shot"]
     assert list((tmp_path / "csv").rglob("metrics.csv"))
+    # the demo ends with the forgetting report
+    for f in ("forgetting.json", "forgetting.md", "alpha_sweep.png", "dataset_deltas.png"):
+        assert (tmp_path / "forgetting" / f).exists(), f
+    assert metrics["forgetting"]["chosen_alpha"] in [round(a / 10, 1) for a in range(11)]

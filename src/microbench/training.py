@@ -70,6 +70,19 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
         kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
         named[name] = instantiate(cb_cfg, **kwargs)
         callbacks.append(named[name])
+    study_cb = None
+    fg = cfg.get("forgetting") or {}
+    if fg.get("enabled"):
+        from functools import partial
+
+        from microbench.studies.callback import ForgettingCallback
+        from microbench.studies.run import make_eval_dm
+
+        whole = OmegaConf.merge(cfg.data, {"datasets": None})  # the study scores the whole benchmark
+        study_cb = ForgettingCallback(partial(make_eval_dm, whole, backbone.preprocess), out_dir / "forgetting",
+                                      list(fg.alphas), fg.towers, float(fg.keep_target_gain),
+                                      cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples))
+        callbacks.append(study_cb)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
@@ -92,6 +105,13 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
         metrics["tested_checkpoint"] = best or "final weights"
     if cfg.get("eval_in_domain", True) and not trainer.fast_dev_run and trainer.is_global_zero:
         metrics["in_domain_zero_shot"] = in_domain_zero_shot(cfg, module, out_dir / "in_domain")
+    if study_cb is not None and study_cb.study is not None:
+        st = study_cb.study
+        metrics["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
+                                 "chosen_alpha": st["selection"]["alpha"],
+                                 "test": {n: {k: st["splits"]["test"]["models"][n][k]["acc"]["value"]
+                                              for k in ("target/fine", "supported/all")}
+                                          for n in ("base", "finetuned")}}
     metrics["total_seconds"] = round(time.perf_counter() - t0, 2)
     if trainer.is_global_zero:
         write_json(out_dir / "train_metrics.json", metrics)

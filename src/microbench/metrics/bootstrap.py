@@ -77,3 +77,27 @@ def scipy_bootstrap(correct: np.ndarray, n_resamples: int = N_RESAMPLES, confide
     value = float(correct.mean())
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return Estimate(value, lo, hi, float(abs(hi - value)), int(correct.size))
+
+
+def paired_bootstrap_delta(base_correct: np.ndarray, model_correct: np.ndarray, n_resamples: int = N_RESAMPLES,
+                           confidence: float = CONFIDENCE, seed: int = 0) -> Estimate:
+    """Δ = acc(model) − acc(base) on the *same* items, with a paired basic bootstrap CI (items resampled jointly).
+
+    For 0/1 pairs only the discordant counts matter: a resample of n items has (c10, c01, rest) ~ Multinomial(n,
+    (p10, p01, 1 − p10 − p01)) and Δ* = (c01 − c10)/n, drawn exactly in O(resamples).
+    """
+    a = np.asarray(base_correct, dtype=bool)
+    b = np.asarray(model_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same items: {a.shape} vs {b.shape}")
+    n = int(a.size)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+    p10 = float((a & ~b).mean())
+    p01 = float((~a & b).mean())
+    delta = p01 - p10
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, [p10, p01, max(0.0, 1.0 - p10 - p01)], size=n_resamples)
+    resampled = (counts[:, 1] - counts[:, 0]) / n
+    lo, hi = _basic_interval(delta, resampled, confidence)
+    return Estimate(float(delta), float(lo), float(hi), float(abs(hi - delta)), n)

@@ -54,6 +54,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay:
 
 def kshot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k examples per class (all if fewer), drawn with ``seed`` from the given (train) labels."""
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
     return np.sort(np.concatenate(picks))
@@ -79,12 +80,12 @@ def sweep(data: ProbeData, shots="full", seeds=(0, 1, 2), weight_decays=WEIGHT_D
     """
     per_seed: dict[str, list[float]] = {"acc": [], "balanced_acc": [], "macro_f1": []}
     chosen = []
-    y_val = torch.as_tensor(data.y_val)
-    y_test = torch.as_tensor(data.y_test)
+    y_val = torch.as_tensor(np.asarray(data.y_val), dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(data.y_test), dtype=torch.long)
     init = data.zs_weights * zs_scale if (zs_init and data.zs_weights is not None) else None
     for seed in seeds:
         idx = np.arange(len(data.y_train)) if shots == "full" else kshot_indices(data.y_train, int(shots), seed)
-        x, y = data.x_train[idx], torch.as_tensor(data.y_train[idx])
+        x, y = data.x_train[idx], torch.as_tensor(np.asarray(data.y_train)[idx], dtype=torch.long)
         best = None
         for wd in weight_decays:
             head = fit_logistic(x, y, data.n_classes, wd, init)

@@ -1,0 +1,1 @@
+"""Studies: weight interpolation / merging and forgetting reports."""

@@ -1,0 +1,335 @@
+"""Forgetting studies: what a fine-tune gained on its target datasets, what it forgot everywhere else on μ-Bench,
+and how much WiSE-FT weight interpolation with the base model wins back.
+
+``run_study`` evaluates the base model, the fine-tuned model and every interpolation θ(α) on the val and test splits
+of the whole benchmark (one decode per split for the whole sweep), then reports, per model: accuracy on the target
+tasks (the fine-tuning datasets) and the supported tasks (all others), coarse and fine, per dataset and the official
+headline numbers, each with Δ vs base and a *paired* bootstrap 95 % CI (the same resampled items for both models).
+The α is chosen on val (best supported-task accuracy among the α that keep at least ``keep_target_gain`` of the
+fine-tune's target gain) and reported on test. Outputs: ``forgetting.json``, ``forgetting.md``, ``alpha_sweep.png``
+(target vs whole-benchmark accuracy across α, as the paper's Figure 5) and ``dataset_deltas.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from microbench.data.datamodule import PerceptionDataModule
+from microbench.metrics.bootstrap import bootstrap_accuracy, paired_bootstrap_delta
+from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
+from microbench.models.backbones.base import Backbone
+from microbench.results.records import write_json, write_parquet, write_text
+from microbench.studies.merging import MergeError, check_compatible
+from microbench.studies.sweep import InterpolationScorer, alpha_name
+
+log = logging.getLogger(__name__)
+DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+def load_finetuned_state(path: str | Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict]:
+    """The backbone weights of a fine-tuned checkpoint: a ``src/train.py`` Lightning checkpoint (``backbone.*`` keys
+    of ``state_dict``) or a plain state dict of the same backbone; plus the checkpoint's ``microbench`` record."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"fine-tuned checkpoint {path} does not exist: pass finetuned=<path to a .ckpt from "
+                         "src/train.py or a state dict>")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    record = blob.get("microbench", {}) if isinstance(blob, dict) else {}
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    check_compatible(backbone.state_dict(), state, names=["base", f"fine-tuned ({path.name})"])
+    return state, record
+
+
+class ResultCache:
+    """Predictions of a model on a split, keyed by (weights fingerprint, data fingerprint, split, filters, sources)."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root else None
+
+    def key(self, fingerprint: str, dm: PerceptionDataModule, sources: Sequence[str]) -> str:
+        parts = {"fingerprint": fingerprint, "data": dm.source.fingerprint, "split": dm.split,
+                 "split_spec": dm.split_spec.to_dict(), "filters": dm.filters, "exclude": dm.exclude_datasets,
+                 "sources": list(sources)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def get(self, key: str) -> pd.DataFrame | None:
+        if self.root is None or not (self.root / key / "predictions.parquet").exists():
+            return None
+        return pd.read_parquet(self.root / key / "predictions.parquet")
+
+    def put(self, key: str, preds: pd.DataFrame) -> None:
+        if self.root is not None:
+            write_parquet(self.root / key / "predictions.parquet", preds)
+
+
+# --- the sweep ----------------------------------------------------------------------------------------------------
+
+def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
+                keys: Callable[[str], bool] | None, cache: ResultCache, accelerator: str = "cpu",
+                base_fingerprint: str | None = None) -> tuple[dict[float, pd.DataFrame], dict]:
+    """Predictions of every θ(α) on one split; the base (α = 0) comes from the cache when it is there."""
+    dm.setup("test")
+    key = cache.key(base_fingerprint, dm, ["captions"]) if base_fingerprint else None
+    cached = cache.get(key) if key else None
+    todo = [a for a in alphas if not (a == 0 and cached is not None)]
+    out: dict[float, pd.DataFrame] = {}
+    info: dict[str, Any] = {"base_from_cache": cached is not None}
+    if todo:
+        scorer = InterpolationScorer(backbone, base, finetuned, todo, keys=keys, progress=False)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=False)  # may run inside fit
+        t = time.perf_counter()
+        trainer.test(scorer, datamodule=dm, verbose=False)
+        info.update({"seconds": round(time.perf_counter() - t, 3), "timings": scorer.timings,
+                     "images": len(dm.images()), "models": len(todo), "skipped": {
+                         k: v for k, v in scorer.skipped.items() if k != "problems"}})
+        out.update(scorer.predictions_by_alpha)
+        scorer.set_alpha(0.0)  # leave the backbone at the base weights
+    if cached is not None and 0 in alphas:
+        out[0.0] = cached
+    elif key and 0.0 in out:
+        cache.put(key, out[0.0])
+    return {a: out[a] for a in sorted(out)}, info
+
+
+# --- summaries ----------------------------------------------------------------------------------------------------
+
+def _grain(qtype: pd.Series) -> np.ndarray:
+    return np.where(qtype.astype(str) == "classification", "fine", "coarse")
+
+
+def _aligned(base: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    key = ["source", "row_idx", "key"]
+    b = base.set_index(key)
+    o = other.set_index(key).reindex(b.index)
+    if o["correct"].isna().any():
+        raise ValueError("models were scored on different items; cannot pair them")
+    return b.reset_index(), o["correct"].to_numpy(dtype=bool)
+
+
+def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], n_resamples: int = 9999,
+                    seed: int = 0) -> dict:
+    """Accuracy and paired Δ vs base of one model on target/supported/all, coarse/fine, per dataset."""
+    b, correct = _aligned(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
+    grain = _grain(b["question_type"])
+    is_target = b["dataset"].astype(str).isin(targets).to_numpy()
+    groups = {"target": is_target, "supported": ~is_target, "all": np.ones(len(b), dtype=bool)}
+    out: dict[str, Any] = {}
+    for gname, gmask in groups.items():
+        for g in ("coarse", "fine", "all"):
+            m = gmask & (grain == g if g != "all" else True)
+            if not m.any():
+                continue
+            acc = bootstrap_accuracy(correct[m], n_resamples, seed=seed).to_dict()
+            delta = paired_bootstrap_delta(b["correct"].to_numpy(dtype=bool)[m], correct[m], n_resamples,
+                                           seed=seed).to_dict()
+            delta["significant"] = bool(delta["low"] > 0 or delta["high"] < 0)
+            out[f"{gname}/{g}"] = {"acc": acc, "delta": delta}
+    per_ds = {}
+    for name in sorted(b["dataset"].astype(str).unique()):
+        for g in ("coarse", "fine"):
+            m = (b["dataset"].astype(str) == name).to_numpy() & (grain == g)
+            if m.any():
+                d = paired_bootstrap_delta(b["correct"].to_numpy(dtype=bool)[m], correct[m], n_resamples, seed=seed)
+                per_ds[f"{name}/{g}"] = {"acc": float(correct[m].mean()), "base_acc": float(b["correct"][m].mean()),
+                                         "delta": d.to_dict(), "n": int(m.sum()), "target": name in targets}
+    out["datasets"] = per_ds
+    out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
+    return out
+
+
+def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: str = "supported/all") -> dict:
+    """Best ``metric`` (supported-task accuracy) among the α keeping ≥ ``keep_target_gain`` of the fine-tune's gain
+    on the target tasks (fine-grained), all on the val split; ties go to the larger α."""
+    alphas = sorted(val)
+    full_gain = val[alphas[-1]].get("target/fine", {}).get("delta", {}).get("value", 0.0)
+    eligible = []
+    for a in alphas:
+        gain = val[a].get("target/fine", {}).get("delta", {}).get("value", 0.0)
+        if full_gain <= 0 or gain >= keep_target_gain * full_gain - 1e-12:
+            eligible.append(a)
+    best = max(eligible, key=lambda a: (val[a].get(metric, {}).get("acc", {}).get("value", -1), a))
+    return {"alpha": best, "rule": f"max {metric} accuracy on val s.t. target/fine gain >= {keep_target_gain:g} x "
+            f"the fine-tuned model's gain ({full_gain:+.4f})", "eligible": eligible}
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or np.isnan(x) else f"{100 * x:.2f}"
+
+
+def _delta(d: dict | None) -> str:
+    if not d:
+        return "—"
+    star = "*" if d.get("significant") else ""
+    return f"{100 * d['value']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{star}"
+
+
+def report_markdown(study: dict) -> str:
+    test = study["splits"]["test"]["models"]
+    chosen = study["selection"]["alpha"]
+    lines = [
+        "# Forgetting study", "",
+        f"Base `{study['base']['name']}` (`{study['base']['fingerprint']}`) vs fine-tuned "
+        f"`{study['finetuned']['path']}`; interpolated towers: {study['towers']}. Target tasks (fine-tuning datasets): "
+        f"{', '.join(study['target_datasets']) or '—'}; supported tasks: every other dataset of the copy.",
+        f"Accuracy % on the **test** split (caption sets, both variants), Δ vs base in points with a paired 95 % "
+        f"bootstrap CI; * = CI excludes 0. Chosen α = **{chosen:.2f}** ({study['selection']['rule']}).", "",
+        "| model | target fine | Δ | target coarse | Δ | supported fine | Δ | supported coarse | Δ | all | Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in test.items():
+        row = [name + (" ← chosen" if name == alpha_name(chosen) else "")]
+        for k in ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all"):
+            v = s.get(k)
+            row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "![target vs whole benchmark](alpha_sweep.png)", "", "## Per dataset (test): fine-tuned and chosen α vs base", "",
+              "| dataset | grain | target | base | fine-tuned | Δ | chosen α | Δ |", "|---|---|---|---|---|---|---|---|"]
+    ft = test.get("finetuned", {}).get("datasets", {})
+    ch = test.get(alpha_name(chosen), {}).get("datasets", {})
+    for key, v in ft.items():
+        name, grain = key.rsplit("/", 1)
+        c = ch.get(key, {})
+        lines.append(f"| {name} | {grain} | {'yes' if v['target'] else ''} | {_pct(v['base_acc'])} | {_pct(v['acc'])} | "
+                     f"{_delta(v['delta'])} | {_pct(c.get('acc'))} | {_delta(c.get('delta'))} |")
+    lines += ["", "![per-dataset deltas](dataset_deltas.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_study(study: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    test = study["splits"]["test"]["models"]
+    sweep = [(float(n.split("=")[1]), s) for n, s in test.items() if n.startswith("alpha=")]
+    sweep.sort()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xs = [100 * s["target/fine"]["acc"]["value"] for _, s in sweep]
+    ys = [100 * s["supported/all"]["acc"]["value"] for _, s in sweep]
+    ax.plot(xs, ys, "-o", color="#4C72B0", ms=4, label="WiSE-FT θ(α)")
+    for (a, _), x, y in zip(sweep, xs, ys, strict=True):
+        ax.annotate(f"{a:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4C72B0")
+    for name, marker, color in (("base", "s", "#55A868"), ("finetuned", "D", "#C44E52")):
+        s = test[name]
+        ax.scatter([100 * s["target/fine"]["acc"]["value"]], [100 * s["supported/all"]["acc"]["value"]], marker=marker,
+                   s=70, color=color, zorder=5, label="base (α=0)" if name == "base" else "fine-tuned (α=1)")
+    chosen = test[alpha_name(study["selection"]["alpha"])]
+    ax.scatter([100 * chosen["target/fine"]["acc"]["value"]], [100 * chosen["supported/all"]["acc"]["value"]],
+               marker="*", s=220, color="#DD8452", zorder=6, label=f"chosen α={study['selection']['alpha']:.2f} (val)")
+    ax.set_xlabel("target tasks: fine-grained accuracy (%)")
+    ax.set_ylabel("supported tasks (rest of μ-Bench): accuracy (%)")
+    ax.set_title("Gain on the target vs forgetting elsewhere, across α (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    p1 = out_dir / "alpha_sweep.png"
+    fig.savefig(p1)
+    plt.close(fig)
+
+    ft = test["finetuned"]["datasets"]
+    ch = test[alpha_name(study["selection"]["alpha"])]["datasets"]
+    keys = sorted(ft, key=lambda k: (not ft[k]["target"], k))
+    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.28 * len(keys) + 1)), dpi=120)
+    y = np.arange(len(keys))
+    for off, src, color, label in ((-0.2, ft, "#C44E52", "fine-tuned"), (0.2, ch, "#DD8452", "chosen α")):
+        vals = np.array([100 * src[k]["delta"]["value"] for k in keys])
+        lo = vals - np.array([100 * src[k]["delta"]["low"] for k in keys])
+        hi = np.array([100 * src[k]["delta"]["high"] for k in keys]) - vals
+        ax.barh(y + off, vals, height=0.38, color=color, xerr=[lo, hi], error_kw={"lw": 0.8}, label=label)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [("▶ " if ft[k]["target"] else "") + k.replace("/", " · ") for k in keys], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ accuracy vs base (points, paired 95 % CI); ▶ = target dataset")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    p2 = out_dir / "dataset_deltas.png"
+    fig.savefig(p2)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Callable[[str], PerceptionDataModule],
+              out_dir: str | Path, target_datasets: Sequence[str], alphas: Sequence[float] = DEFAULT_ALPHAS,
+              towers: str = "both", keep_target_gain: float = 0.8, cache_dir: str | Path | None = None,
+              accelerator: str = "cpu", n_resamples: int = 9999, finetuned_path: str = "", logger=None,
+              extra: dict | None = None) -> dict:
+    """Evaluate base, fine-tuned and every θ(α) on val and test, choose α on val, write the report."""
+    from microbench.studies.merging import tower_selector
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    alphas = sorted({float(a) for a in alphas} | {0.0, 1.0})
+    prefixes = [n + "." for n, m in backbone.named_children() if m is backbone.image_tower()] or \
+        [f"model.{n}." for n, m in getattr(backbone, "model", backbone).named_children() if m is backbone.image_tower()]
+    keys = tower_selector(towers, prefixes)
+    backbone.load_state_dict(base_state)
+    base_fp = backbone.fingerprint(refresh=True)
+    cache = ResultCache(cache_dir)
+    targets = set(target_datasets)
+    study: dict[str, Any] = {
+        "base": {"name": backbone.name, "fingerprint": base_fp}, "finetuned": {"path": str(finetuned_path)},
+        "towers": towers, "alphas": alphas, "target_datasets": sorted(targets), "splits": {}, **(extra or {}),
+    }
+    for split in ("val", "test"):
+        dm = make_dm(split)
+        preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, accelerator, base_fp)
+        base = preds[0.0]
+        models = {"base": summarize_model(base, base, targets, n_resamples)}
+        models["finetuned"] = summarize_model(base, preds[1.0], targets, n_resamples)
+        for a in alphas:
+            models[alpha_name(a)] = models["base"] if a == 0 else models["finetuned"] if a == 1 else \
+                summarize_model(base, preds[a], targets, n_resamples)
+        study["splits"][split] = {"models": models, "sweep": info, "images": len(dm.images()),
+                                  "items": int((base["source"] == "captions").sum())}
+        if split == "test":
+            for a, p in preds.items():
+                write_parquet(out_dir / "predictions" / f"{alpha_name(a)}.parquet", p)
+    val_by_alpha = {a: study["splits"]["val"]["models"][alpha_name(a)] for a in alphas}
+    study["selection"] = select_alpha(val_by_alpha, keep_target_gain)
+    study["chosen_test"] = study["splits"]["test"]["models"][alpha_name(study["selection"]["alpha"])]
+    study["seconds"] = round(time.perf_counter() - t0, 2)
+    backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
+    write_json(out_dir / "forgetting.json", study)
+    plots = plot_study(study, out_dir)
+    write_text(out_dir / "forgetting.md", report_markdown(study))
+    if logger is not None:
+        _log_to_logger(logger, study, plots)
+    return study
+
+
+def _log_to_logger(logger, study: dict, plots: list[Path]) -> None:
+    """Scalars for every logger; tables and images for W&B."""
+    test = study["splits"]["test"]["models"]
+    scalars = {f"forgetting/{name}/{k}": v["acc"]["value"] for name, s in test.items() for k, v in s.items()
+               if isinstance(v, dict) and "acc" in v}
+    scalars["forgetting/chosen_alpha"] = study["selection"]["alpha"]
+    logger.log_metrics(scalars)
+    if hasattr(logger, "log_table") and hasattr(logger, "log_image"):
+        cols = ["model", "target_fine", "target_coarse", "supported_fine", "supported_coarse", "all"]
+        rows = [[n] + [s.get(k, {}).get("acc", {}).get("value") for k in
+                       ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all")]
+                for n, s in test.items()]
+        logger.log_table(key="forgetting/summary", columns=cols, data=rows)
+        logger.log_image(key="forgetting/plots", images=[str(p) for p in plots])

@@ -1,0 +1,42 @@
+"""The ``src/forgetting.py`` task: base model (a preset or a checkpoint) + fine-tuned checkpoint → report."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from microbench.studies.forgetting import load_finetuned_state, run_study
+from microbench.studies.merging import MergeError
+
+
+def make_eval_dm(data_cfg: DictConfig, transform, split: str):
+    cfg = OmegaConf.merge(data_cfg, {"_target_": "microbench.data.datamodule.PerceptionDataModule", "split": split})
+    return instantiate(cfg, transform=transform)
+
+
+def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
+    if not cfg.get("finetuned"):
+        raise MergeError("no fine-tuned checkpoint: pass finetuned=<path to a .ckpt from src/train.py>")
+    backbone = instantiate(cfg.base)
+    if cfg.get("base_checkpoint"):
+        base_state, _ = load_finetuned_state(cfg.base_checkpoint, backbone)
+    else:
+        base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    ft_state, record = load_finetuned_state(cfg.finetuned, backbone)
+    targets = list(cfg.get("target_datasets") or (record.get("class_space") or {}).get("datasets") or [])
+    if not targets:
+        raise MergeError("cannot tell the fine-tuning datasets: the checkpoint has no class space; pass "
+                         "target_datasets=[...]")
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    study = run_study(
+        backbone, base_state, ft_state, partial(make_eval_dm, cfg.data, backbone.preprocess), cfg.paths.output_dir,
+        targets, list(cfg.alphas), cfg.towers, float(cfg.selection.keep_target_gain), cfg.get("result_cache"),
+        accelerator=cfg.trainer.get("accelerator", "cpu"), n_resamples=int(cfg.bootstrap.n_resamples),
+        finetuned_path=str(Path(cfg.finetuned)), logger=loggers[0] if loggers else None,
+        extra={"config": OmegaConf.to_container(cfg, resolve=True), "finetuned_record": {
+            k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},
+    )
+    return study, {"backbone": backbone}

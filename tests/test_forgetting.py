@@ -1,0 +1,202 @@
+"""Merging toolkit, paired bootstrap, the one-decode interpolation sweep and the forgetting study."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from microbench.data.datamodule import PerceptionDataModule
+from microbench.data.labelled import LabelledDataModule
+from microbench.metrics.bootstrap import paired_bootstrap_delta
+from microbench.models.backbones import build_backbone
+from microbench.models.finetune import FineTuneModule
+from microbench.models.zero_shot import ZeroShotScorer
+from microbench.studies.forgetting import load_finetuned_state, run_study
+from microbench.studies.merging import (
+    MergeError,
+    task_arithmetic,
+    ties_merge,
+    tower_selector,
+    uniform_soup,
+    wise_ft,
+)
+from microbench.studies.sweep import InterpolationScorer
+
+
+def _sd(seed, extra=None):
+    g = torch.Generator().manual_seed(seed)
+    sd = {"w": torch.randn(4, 3, generator=g), "visual.b": torch.randn(3, generator=g),
+          "steps": torch.tensor([seed], dtype=torch.long)}
+    sd.update(extra or {})
+    return sd
+
+
+def test_wise_ft_endpoints_and_buffers():
+    a, b = _sd(0), _sd(1)
+    assert all(torch.equal(wise_ft(a, b, 0.0)[k], a[k]) for k in a)
+    assert torch.equal(wise_ft(a, b, 1.0)["w"], b["w"]) and torch.equal(wise_ft(a, b, 1.0)["steps"], a["steps"])
+    mid = wise_ft(a, b, 0.25)
+    assert torch.allclose(mid["w"], 0.75 * a["w"] + 0.25 * b["w"]) and torch.equal(mid["steps"], a["steps"])
+    image_only = wise_ft(a, b, 1.0, keys=tower_selector("image", ["visual."]))
+    assert torch.equal(image_only["visual.b"], b["visual.b"]) and torch.equal(image_only["w"], a["w"])
+
+
+def test_soups_task_arithmetic_ties():
+    a = _sd(0)
+    soup = uniform_soup([a, {k: v.clone() for k, v in a.items()}, a])
+    assert all(torch.equal(soup[k], a[k]) for k in a)
+    b, c = _sd(1), _sd(2)
+    assert torch.allclose(uniform_soup([a, b])["w"], (a["w"] + b["w"]) / 2)
+    assert torch.allclose(task_arithmetic(a, [b])["w"], b["w"], atol=1e-6)
+    assert torch.allclose(task_arithmetic(a, [b, c], scale=0.5)["w"], a["w"] + 0.5 * (b["w"] - a["w"] + c["w"] - a["w"]),
+                          atol=1e-6)
+    assert torch.allclose(ties_merge(a, [b], density=1.0)["w"], b["w"], atol=1e-6)
+    tv = (b["w"] - a["w"]).flatten()
+    kept = ties_merge(a, [b], density=0.25)["w"].flatten() - a["w"].flatten()
+    assert (kept != 0).sum() == 3 and set(kept.nonzero().flatten().tolist()) == set(tv.abs().topk(3).indices.tolist())
+
+
+def test_mismatched_checkpoints_give_a_clear_error():
+    a = _sd(0)
+    with pytest.raises(MergeError, match="key 'extra' is only in fine-tuned"):
+        wise_ft(a, _sd(1, {"extra": torch.zeros(1)}), 0.5)
+    with pytest.raises(MergeError, match="'w' has shape \\(4, 3\\) vs \\(3, 4\\)"):
+        wise_ft(a, {**_sd(1), "w": torch.zeros(3, 4)}, 0.5)
+    with pytest.raises(MergeError, match="at least one"):
+        uniform_soup([])
+
+
+def test_mismatched_architecture_checkpoint_file(tmp_path):
+    tiny = build_backbone(preset="tiny")
+    other = build_backbone("timm", "resnet10t")
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(MergeError, match="cannot merge base and fine-tuned \\(other.pt\\): key .* different "
+                                         "architectures"):
+        load_finetuned_state(tmp_path / "other.pt", tiny)
+    with pytest.raises(MergeError, match="does not exist"):
+        load_finetuned_state(tmp_path / "missing.ckpt", tiny)
+
+
+def test_paired_bootstrap_agrees_with_direct_resampling():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.6
+    model = np.where(rng.random(400) < 0.2, ~base, base)  # 20 % of the answers flipped
+    est = paired_bootstrap_delta(base, model, n_resamples=4000, seed=0)
+    assert est.value == pytest.approx(model.mean() - base.mean())
+    idx = rng.integers(0, 400, size=(4000, 400))  # resample items, the same ones for both models
+    direct = model[idx].mean(1) - base[idx].mean(1)
+    lo, hi = 2 * est.value - np.percentile(direct, 97.5), 2 * est.value - np.percentile(direct, 2.5)
+    assert est.low == pytest.approx(lo, abs=0.008) and est.high == pytest.approx(hi, abs=0.008)
+    # pairing matters: the unpaired interval is much wider
+    unpaired = model[rng.integers(0, 400, (4000, 400))].mean(1) - base[rng.integers(0, 400, (4000, 400))].mean(1)
+    assert np.percentile(unpaired, 97.5) - np.percentile(unpaired, 2.5) > 1.5 * (est.high - est.low)
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap_delta(base, model[:-1])
+
+
+def _trainer():
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+
+
+def _score(backbone, split="test"):
+    dm = PerceptionDataModule("sample", transform=backbone.preprocess, split=split)
+    scorer = ZeroShotScorer(backbone, progress=False)
+    _trainer().test(scorer, datamodule=dm, verbose=False)
+    return scorer.predictions
+
+
+@pytest.fixture(scope="module")
+def trained_base():
+    """A tiny model that learned the sample contrastively (all datasets), so that forgetting is measurable."""
+    L.seed_everything(0)
+    bb = build_backbone(preset="tiny")
+    dm = LabelledDataModule("sample", transform=bb.preprocess, train_transform=bb.train_transform, batch_size=32,
+                            drop_last_train=True)
+    module = FineTuneModule(bb, objective="contrastive", lr=3e-3, weight_decay=0.05)
+    L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    return {k: v.detach().clone() for k, v in bb.state_dict().items()}
+
+
+def _destroyed(state, scale=0.5):
+    """A 'fine-tune' that wrecks the image tower."""
+    g = torch.Generator().manual_seed(7)
+    return {k: (v + scale * torch.randn(v.shape, generator=g) * v.std()) if k.startswith("model.visual.") and
+            v.is_floating_point() and v.ndim > 1 else v.clone() for k, v in state.items()}
+
+
+def test_sweep_equals_separate_evaluations(trained_base):
+    bb = build_backbone(preset="tiny")
+    ft = _destroyed(trained_base, scale=0.3)
+    dm = PerceptionDataModule("sample", transform=bb.preprocess, split="test")
+    scorer = InterpolationScorer(bb, trained_base, ft, [0.0, 0.5, 1.0], progress=False)
+    _trainer().test(scorer, datamodule=dm, verbose=False)
+    for alpha, state in ((0.0, trained_base), (0.5, wise_ft(trained_base, ft, 0.5)), (1.0, ft)):
+        ref_bb = build_backbone(preset="tiny")
+        ref_bb.load_state_dict(state)
+        ref = _score(ref_bb)
+        got = scorer.predictions_by_alpha[alpha]
+        assert (got["pred_idx"].to_numpy() == ref["pred_idx"].to_numpy()).all(), alpha
+        assert np.allclose(np.concatenate(got["scores"]), np.concatenate(ref["scores"]), atol=1e-5)
+
+
+def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_path):
+    bb = build_backbone(preset="tiny")
+    ft = _destroyed(trained_base, scale=4.0)
+    targets = ["kather_et_al_2016"]
+
+    def make_dm(split):
+        return PerceptionDataModule("sample", transform=bb.preprocess, split=split)
+
+    study = run_study(bb, trained_base, ft, make_dm, tmp_path / "study", targets, alphas=[0, 0.5, 1],
+                      cache_dir=tmp_path / "cache", n_resamples=999, finetuned_path="destroyed")
+    test = study["splits"]["test"]["models"]
+    d = test["finetuned"]["supported/all"]["delta"]
+    base_acc = test["base"]["supported/all"]["acc"]["value"]
+    assert d["value"] < 0 and d["high"] < 0 and d["significant"], (base_acc, d)  # significantly worse
+    # α = 0 reproduces the base exactly, α = 1 the fine-tuned model exactly
+    base_bb = build_backbone(preset="tiny")
+    base_bb.load_state_dict(trained_base)
+    base_preds = _score(base_bb)
+    assert test["base"]["all/all"]["acc"]["value"] == pytest.approx(base_preds["correct"].mean(), abs=0)
+    ft_bb = build_backbone(preset="tiny")
+    ft_bb.load_state_dict(ft)
+    ft_preds = _score(ft_bb)
+    assert test["alpha=1.00"]["all/all"]["acc"]["value"] == pytest.approx(ft_preds["correct"].mean(), abs=0)
+    assert test["base"]["all/all"]["delta"]["value"] == 0.0
+    # report files, and the base came from the cache the second time
+    for f in ("forgetting.json", "forgetting.md", "alpha_sweep.png", "dataset_deltas.png"):
+        assert (tmp_path / "study" / f).exists(), f
+    assert study["selection"]["alpha"] in (0.0, 0.5, 1.0)
+    again = run_study(bb, trained_base, ft, make_dm, tmp_path / "study2", targets, alphas=[0, 1],
+                      cache_dir=tmp_path / "cache", n_resamples=99)
+    assert again["splits"]["test"]["sweep"]["base_from_cache"] and again["splits"]["test"]["sweep"]["models"] == 1
+    assert again["splits"]["test"]["models"]["base"]["all/all"]["acc"]["value"] == \
+        test["base"]["all/all"]["acc"]["value"]
+
+
+def test_forgetting_cli_on_a_trained_checkpoint(tmp_path):
+    """train (demo settings, short) → src/forgetting.py on its last checkpoint."""
+    from microbench.studies.run import forgetting
+    from microbench.training import train
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        tcfg = compose(config_name="train", overrides=[
+            "experiment=demo", "trainer.max_epochs=3", "forgetting.enabled=false", "eval_in_domain=false",
+            f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
+        metrics, _ = train(tcfg)
+        fcfg = compose(config_name="forgetting", overrides=[
+            f"finetuned={metrics['last_checkpoint']}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
+            f"paths.output_dir={tmp_path / 'study'}", f"result_cache={tmp_path / 'cache'}"])
+        study, _ = forgetting(fcfg)
+    assert study["target_datasets"] == ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
+    rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
+    assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "ce"
+    assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()
