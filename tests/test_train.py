@@ -191,3 +191,18 @@ def test_demo_experiment_end_to_end(tmp_path):
     for f in ("forgetting.json", "forgetting.md", "alpha_sweep.png", "dataset_deltas.png"):
         assert (tmp_path / "forgetting" / f).exists(), f
     assert metrics["forgetting"]["chosen_alpha"] in [round(a / 10, 1) for a in range(11)]
+
+
+def test_freezing_blocks_and_text_tower():
+    from microbench.models.finetune import freeze_image_blocks
+
+    bb = build_backbone(preset="tiny")
+    assert bb.freeze_text_tower() > 0
+    visual = bb.image_tower()
+    assert all(p.requires_grad for p in visual.parameters())
+    assert not bb.model.token_embedding.weight.requires_grad and bb.model.logit_scale.requires_grad
+    assert freeze_image_blocks(bb, 1) == 1
+    blocks = visual.transformer.resblocks
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())
+    assert not visual.conv1.weight.requires_grad  # the stem is frozen with the first blocks
