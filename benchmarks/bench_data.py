@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import tempfile
 import time
@@ -31,6 +30,7 @@ from microbench.data.datamodule import PerceptionDataModule  # noqa: E402
 from microbench.data.loading import load_ubench  # noqa: E402
 from microbench.data.questions import build_question_table  # noqa: E402
 from microbench.data.sample import sample_features, write_hub_layout  # noqa: E402
+from microbench.results.records import write_json  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -121,10 +121,7 @@ def main() -> None:
         big = scaled_copy(640, tmp / "px512", image_px=512)
         res["decode"].update(bench_decode(big, "png_512px"))
         print("decode:", res["decode"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(res, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from microbench.data.datamodule import PerceptionDataModule  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.zero_shot import ZeroShotScorer  # noqa: E402
+from microbench.results.records import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,10 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         res["memory"] = [peak_memory(r, Path(d)) for r in args.memory_rows]
     print("memory:", res["memory"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

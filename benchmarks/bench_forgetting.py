@@ -10,7 +10,6 @@ Usage: .venv/bin/python benchmarks/bench_forgetting.py [--rows 400] [--model mic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from bench_data import scaled_copy  # noqa: E402
 from microbench.data import datamodule as dmod  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.zero_shot import ZeroShotScorer  # noqa: E402
+from microbench.results.records import write_json  # noqa: E402
 from microbench.studies.merging import wise_ft  # noqa: E402
 from microbench.studies.sweep import InterpolationScorer  # noqa: E402
 
@@ -86,10 +86,7 @@ def main() -> None:
            "separate_s": round(separate_s, 2), "separate_decodes": separate_decodes,
            "speedup": round(separate_s / sweep_s, 2), "predictions_identical": agree}
     print(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

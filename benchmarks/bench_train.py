@@ -11,7 +11,6 @@ Usage: .venv/bin/python benchmarks/bench_train.py [--steps 12] [--model ViT-B-32
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from microbench.data.labelled import LabelledDataModule  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.finetune import FineTuneModule  # noqa: E402
 from microbench.models.linear_probe import ProbeData, sweep  # noqa: E402
+from microbench.results.records import write_json  # noqa: E402
 
 
 class _Timer(L.Callback):
@@ -152,10 +152,7 @@ def main() -> None:
     res["finetune"] = {"plain_steps_per_s": round(plain, 4), "lightning_steps_per_s": round(light, 4),
                        "lightning_overhead_pct": round(100 * (plain / light - 1), 2), "steps": args.steps}
     print("finetune:", res["finetune"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -184,11 +184,15 @@ class ZeroShotScorer(L.LightningModule):
         self.backbone.eval()
         self.timings = {"_start": time.perf_counter()}
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def _note_failures(self, batch: dict) -> bool:
+        """Count the batch's images that failed to decode; True when something is left to encode."""
         if len(batch["failed"]):
             self._failed += batch["failed"].tolist()
             self._errors += batch["errors"]
-        if batch["pixel_values"] is None:
+        return batch["pixel_values"] is not None
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if not self._note_failures(batch):
             return
         emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
         idx = batch["image_index"].cpu()

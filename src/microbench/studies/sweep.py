@@ -69,10 +69,7 @@ class InterpolationScorer(ZeroShotScorer):
         self.timings["set_weights"] = 0.0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if len(batch["failed"]):
-            self._failed += batch["failed"].tolist()
-            self._errors += batch["errors"]
-        if batch["pixel_values"] is None:
+        if not self._note_failures(batch):
             return
         idx = batch["image_index"].cpu()
         for a in self.alphas:  # one decoded batch, every model
