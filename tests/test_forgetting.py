@@ -200,3 +200,19 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path):
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
     assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "ce"
     assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "error: no fine-tuned checkpoint: pass finetuned="),
+    (["finetuned=/no/such.ckpt"], "error: fine-tuned checkpoint /no/such.ckpt does not exist"),
+])
+def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "src/forgetting.py", *overrides, f"paths.output_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=180, env=dict(os.environ))
+    assert res.returncode == 2, res.stderr[-1500:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message)

@@ -7,8 +7,9 @@ import sys
 
 from microbench.data.loading import MicroBenchDataError
 from microbench.models.backbones.base import BackboneError
+from microbench.studies.merging import MergeError
 
-USER_ERRORS = (MicroBenchDataError, BackboneError)
+USER_ERRORS = (MicroBenchDataError, BackboneError, MergeError)
 
 
 def user_error_of(err: BaseException) -> BaseException | None:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import microbench
-from microbench.data.labelled import LabelledDataModule, build_class_space
+from microbench.data.labelled import build_class_space
 from microbench.evaluate import write_run
 from microbench.results.records import write_json, write_text
 
@@ -230,5 +230,3 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return TASKS[task](cfg)
 
-
-__all__ = ["LabelledDataModule", "train"]
