@@ -5,6 +5,7 @@
     python src/eval.py model=openclip model.name=local-dir:/path/to/model
     python src/eval.py model=random                       # the official Random baseline
     python src/eval.py trainer=ddp                        # all GPUs of the node
+    python src/eval.py task=localization checkpoint=checkpoints/detect_nuclei/<time>/best_epoch012.ckpt
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         record, _ = evaluate(cfg)
     print(f"results: {Path(cfg.paths.output_dir).resolve()}/results.md")
+    if record.get("task") == "localization":
+        fmt = lambda m: f"{100 * m['value']:.2f}" if m and m.get("value") is not None else "n/a"  # noqa: E731
+        print(f"{record['model']['name']} [{record['head']}] " + ", ".join(
+            f"{k} {fmt(v)}" for k, v in record["headline"].items()))
+        return
     for source, head in record["headline"].items():
         coarse, fine = head.get("coarse"), head.get("fine")
         fmt = lambda m: f"{100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})" if m else "n/a"  # noqa: E731

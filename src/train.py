@@ -4,6 +4,8 @@
     python src/train.py experiment=finetune_pathology model=tiny          # the pathology specialist, tiny model
     python src/train.py experiment=finetune_pathology trainer=gpu data.path=data/ubench   # real ViT-B-32
     python src/train.py experiment=linear_probe model=tiny                # probes on every source dataset
+    python src/train.py experiment=detect_nuclei                          # nucleus detection head (COCO + GRIT)
+    python src/train.py experiment=segment_cells                          # instance segmentation head
     python src/train.py experiment=demo ckpt_path=<...>/last.ckpt         # resume
 """
 
@@ -38,6 +40,12 @@ def main(cfg: DictConfig) -> None:
             f = metrics["forgetting"]
             print(f"forgetting report: {f['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
                   f"{f['chosen_alpha']:.2f})")
+    elif cfg.get("task") == "localization":
+        test = metrics.get("test", {})
+        fmt = lambda v: f"{100 * v:.2f}" if v is not None else "n/a"  # noqa: E731
+        print("test " + ", ".join(f"{k} {fmt(v)}" for k, v in test.items())
+              + f" | best checkpoint: {metrics.get('best_checkpoint')}")
+        print(f"results: {out}/results.md")
     else:
         print(f"results: {out}/linear_probe.md")
 

@@ -85,7 +85,7 @@ def test_leaderboard(tiny_run, tmp_path):
     csv = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
     assert {"coarse", "coarse_ci", "coarse_n", "fine", "pathology_fine", "stain"} <= set(csv.columns)
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert md.count("\n| ") == 3  # header + 2 models
+    assert md.count("\n| ") == 3 and "| model | kind |" in md  # header + 2 models
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         build_leaderboard([tmp_path / "nothing"], tmp_path / "lb2")
 

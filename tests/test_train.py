@@ -34,7 +34,7 @@ def test_every_experiment_runs_with_fast_dev_run(experiment, tmp_path):
                 f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt", f"probe.cache_dir={tmp_path}/c",
                 "data.num_workers=0", "data.batch_size=8"])
     metrics, objs = train(cfg)
-    if cfg.task == "finetune":
+    if cfg.task in ("finetune", "localization"):
         assert objs["trainer"].fast_dev_run and objs["trainer"].global_step == 1
     else:
         assert (tmp_path / "linear_probe.json").exists() and metrics["results"]

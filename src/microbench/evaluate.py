@@ -83,7 +83,16 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
-    """Run zero-shot evaluation as configured; returns (record, objects)."""
+    """Run the configured evaluation (``task``: perception, localization); returns (record, objects)."""
+    task = cfg.get("task", "perception")
+    if task == "localization":
+        from microbench.localization_tasks import evaluate_localization
+
+        return evaluate_localization(cfg)
+    if task != "perception":
+        from microbench.run_errors import UserError
+
+        raise UserError(f"task must be one of perception, localization; got {task!r}")
     t0 = time.perf_counter()
     L.seed_everything(cfg.get("seed", 0), workers=True)
     out_dir = Path(cfg.paths.output_dir)

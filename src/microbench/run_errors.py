@@ -9,7 +9,12 @@ from microbench.data.loading import MicroBenchDataError
 from microbench.models.backbones.base import BackboneError
 from microbench.studies.merging import MergeError
 
-USER_ERRORS = (MicroBenchDataError, BackboneError, MergeError)
+
+class UserError(ValueError):
+    """A run is configured in a way that cannot work (a missing checkpoint, an impossible combination)."""
+
+
+USER_ERRORS = (MicroBenchDataError, BackboneError, MergeError, UserError)
 
 
 def user_error_of(err: BaseException) -> BaseException | None:

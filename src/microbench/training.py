@@ -221,7 +221,13 @@ def probe_markdown(frame: pd.DataFrame, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-TASKS = {"finetune": finetune, "linear_probe": linear_probe}
+def localization(cfg: DictConfig) -> tuple[dict, dict]:
+    from microbench.localization_tasks import train_localization
+
+    return train_localization(cfg)
+
+
+TASKS = {"finetune": finetune, "linear_probe": linear_probe, "localization": localization}
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:

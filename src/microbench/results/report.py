@@ -7,9 +7,12 @@ from typing import Any
 
 def pct(m: dict | None) -> str:
     """``47.57 ± 0.34`` (percent, official half-width CI) or an em dash."""
-    if not m or m.get("value") is None:
+    if not m or m.get("value") is None or m["value"] != m["value"]:
         return "—"
-    return f"{100 * m['value']:.2f} ± {100 * m['ci']:.2f}"
+    ci = m.get("ci")
+    if ci is None or ci != ci:
+        return f"{100 * m['value']:.2f}"
+    return f"{100 * m['value']:.2f} ± {100 * ci:.2f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -20,15 +20,17 @@ class ForgettingCallback(L.Callback):
 
     Args:
         make_dm: ``split -> PerceptionDataModule`` over the whole benchmark (the backbone's transform).
+        localization: ``split -> metrics`` of a localization head on the current backbone (localization fits).
         target_datasets: the fine-tuning datasets (default: the class space of the fitted data module).
     """
 
     def __init__(self, make_dm: Callable, out_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS,
                  towers: str = "both", keep_target_gain: float = 0.8, target_datasets: Sequence[str] | None = None,
-                 cache_dir: str | Path | None = None, n_resamples: int = 9999) -> None:
+                 cache_dir: str | Path | None = None, n_resamples: int = 9999,
+                 localization: Callable | None = None) -> None:
         self.make_dm, self.out_dir, self.alphas, self.towers = make_dm, Path(out_dir), alphas, towers
         self.keep_target_gain, self.target_datasets, self.cache_dir = keep_target_gain, target_datasets, cache_dir
-        self.n_resamples = n_resamples
+        self.n_resamples, self.localization = n_resamples, localization
         self.base_state: dict | None = None
         self.study: dict | None = None
 
@@ -49,6 +51,7 @@ class ForgettingCallback(L.Callback):
             self.study = run_study(backbone, self.base_state, ft_state, self.make_dm, self.out_dir, targets,
                                    self.alphas, self.towers, self.keep_target_gain, self.cache_dir,
                                    accelerator="cpu" if pl_module.device.type == "cpu" else "gpu",
-                                   n_resamples=self.n_resamples, finetuned_path="(this run)", logger=logger)
+                                   n_resamples=self.n_resamples, finetuned_path="(this run)", logger=logger,
+                                   localization=self.localization)
         backbone.to(pl_module.device)
         log.info("forgetting report: %s", self.out_dir / "forgetting.md")

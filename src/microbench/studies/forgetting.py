@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from microbench.studies.sweep import InterpolationScorer, alpha_name
 
 log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+LOCALIZATION_PREFIX = "detector.backbone.backbone."  # the backbone inside a LocalizationModule checkpoint
+LOCALIZATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "grit/macro")
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
@@ -49,8 +52,10 @@ def load_finetuned_state(path: str | Path, backbone: Backbone) -> tuple[dict[str
     blob = torch.load(path, map_location="cpu", weights_only=True)
     record = blob.get("microbench", {}) if isinstance(blob, dict) else {}
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    for prefix in ("backbone.", LOCALIZATION_PREFIX):  # fine-tune / linear-probe, or localization checkpoints
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            break
     check_compatible(backbone.state_dict(), state, names=["base", f"fine-tuned ({path.name})"])
     return state, record
 
@@ -107,6 +112,20 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     return {a: out[a] for a in sorted(out)}, info
 
 
+def sweep_localization(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float],
+                       keys: Callable[[str], bool] | None, score: Callable[[], dict]) -> dict[str, dict]:
+    """Localization metrics of the head on every θ(α) (the head itself is the fine-tuned one)."""
+    from microbench.studies.merging import wise_ft
+
+    out = {}
+    for a in alphas:
+        backbone.load_state_dict(wise_ft(base, finetuned, a, keys=keys))
+        metrics = score()
+        out[alpha_name(a)] = {k: metrics.get(k) for k in LOCALIZATION_KEYS if k in metrics}
+    backbone.load_state_dict(base)
+    return out
+
+
 # --- summaries ----------------------------------------------------------------------------------------------------
 
 def _grain(qtype: pd.Series) -> np.ndarray:
@@ -153,18 +172,20 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
     return out
 
 
-def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: str = "supported/all") -> dict:
+def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: str = "supported/all",
+                 target: str = "target/fine") -> dict:
     """Best ``metric`` (supported-task accuracy) among the α keeping ≥ ``keep_target_gain`` of the fine-tune's gain
-    on the target tasks (fine-grained), all on the val split; ties go to the larger α."""
+    on the ``target`` tasks (fine-grained accuracy, or the localization score), all on the val split; ties go to the
+    larger α."""
     alphas = sorted(val)
-    full_gain = val[alphas[-1]].get("target/fine", {}).get("delta", {}).get("value", 0.0)
+    full_gain = val[alphas[-1]].get(target, {}).get("delta", {}).get("value", 0.0)
     eligible = []
     for a in alphas:
-        gain = val[a].get("target/fine", {}).get("delta", {}).get("value", 0.0)
+        gain = val[a].get(target, {}).get("delta", {}).get("value", 0.0)
         if full_gain <= 0 or gain >= keep_target_gain * full_gain - 1e-12:
             eligible.append(a)
     best = max(eligible, key=lambda a: (val[a].get(metric, {}).get("acc", {}).get("value", -1), a))
-    return {"alpha": best, "rule": f"max {metric} accuracy on val s.t. target/fine gain >= {keep_target_gain:g} x "
+    return {"alpha": best, "rule": f"max {metric} accuracy on val s.t. {target} gain >= {keep_target_gain:g} x "
             f"the fine-tuned model's gain ({full_gain:+.4f})", "eligible": eligible}
 
 
@@ -200,6 +221,15 @@ def report_markdown(study: dict) -> str:
             v = s.get(k)
             row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
         lines.append("| " + " | ".join(row) + " |")
+    loc = study["splits"]["test"].get("localization")
+    if loc:
+        keys = [k for k in LOCALIZATION_KEYS if any(v.get(k) is not None for v in loc.values())]
+        lines += ["", "## Localization (test): the fine-tuned head on θ(α)", "",
+                  "COCO AP (pycocotools) and the GRIT localization score, in %; α = 0 puts the fine-tuned head on the "
+                  "base tower.", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, v in loc.items():
+            mark = " ← chosen" if name == alpha_name(chosen) else ""
+            lines.append(f"| {name}{mark} | " + " | ".join(_pct(v.get(k)) for k in keys) + " |")
     lines += ["", "![target vs whole benchmark](alpha_sweep.png)", "", "## Per dataset (test): fine-tuned and chosen α vs base", "",
               "| dataset | grain | target | base | fine-tuned | Δ | chosen α | Δ |", "|---|---|---|---|---|---|---|---|"]
     ft = test.get("finetuned", {}).get("datasets", {})
@@ -273,8 +303,13 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
               out_dir: str | Path, target_datasets: Sequence[str], alphas: Sequence[float] = DEFAULT_ALPHAS,
               towers: str = "both", keep_target_gain: float = 0.8, cache_dir: str | Path | None = None,
               accelerator: str = "cpu", n_resamples: int = 9999, finetuned_path: str = "", logger=None,
-              extra: dict | None = None) -> dict:
-    """Evaluate base, fine-tuned and every θ(α) on val and test, choose α on val, write the report."""
+              extra: dict | None = None, localization: Callable | None = None) -> dict:
+    """Evaluate base, fine-tuned and every θ(α) on val and test, choose α on val, write the report.
+
+    ``localization`` (for a model with a localization head): ``split -> metrics`` scoring the head on the
+    backbone's *current* weights; it is called for every θ(α), the α selection then keeps ≥ ``keep_target_gain`` of
+    the fine-tune's GRIT gain, and the report gets a localization table.
+    """
     from microbench.studies.merging import tower_selector
 
     t0 = time.perf_counter()
@@ -303,11 +338,19 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
                 summarize_model(base, preds[a], targets, n_resamples)
         study["splits"][split] = {"models": models, "sweep": info, "images": len(dm.images()),
                                   "items": int((base["source"] == "captions").sum())}
+        if localization is not None:
+            study["splits"][split]["localization"] = loc = sweep_localization(
+                backbone, base_state, ft_state, alphas, keys, partial(localization, split))
+            for a in alphas:
+                grit, base_grit = loc[alpha_name(a)].get("grit/macro"), loc[alpha_name(0.0)].get("grit/macro")
+                models[alpha_name(a)] = dict(models[alpha_name(a)], **{"target/localization": {
+                    "acc": {"value": grit}, "delta": {"value": (grit or 0.0) - (base_grit or 0.0)}}})
         if split == "test":
             for a, p in preds.items():
                 write_parquet(out_dir / "predictions" / f"{alpha_name(a)}.parquet", p)
     val_by_alpha = {a: study["splits"]["val"]["models"][alpha_name(a)] for a in alphas}
-    study["selection"] = select_alpha(val_by_alpha, keep_target_gain)
+    study["selection"] = select_alpha(val_by_alpha, keep_target_gain,
+                                      target="target/localization" if localization is not None else "target/fine")
     study["chosen_test"] = study["splits"]["test"]["models"][alpha_name(study["selection"]["alpha"])]
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned

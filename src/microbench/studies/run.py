@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +27,21 @@ def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
     else:
         base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     ft_state, record = load_finetuned_state(cfg.finetuned, backbone)
-    targets = list(cfg.get("target_datasets") or (record.get("class_space") or {}).get("datasets") or [])
+    localization = None
+    hp = torch.load(cfg.finetuned, map_location="cpu", weights_only=False).get("hyper_parameters", {}) \
+        if str(cfg.finetuned).endswith(".ckpt") else {}
+    if "class_names" in hp:  # a localization checkpoint: score its head on every θ(α) too
+        from microbench.localization_tasks import LocalizationScorer, localization_dm_factory
+        from microbench.models.localization import detector_from_checkpoint
+
+        module, _ = detector_from_checkpoint(cfg.finetuned, backbone=backbone)
+        targets_kind = (hp.get("record") or {}).get("targets", "boxes")
+        make_loc = localization_dm_factory(cfg.data, targets_kind, list(hp["class_names"]))
+        localization = LocalizationScorer(module, make_loc, accelerator=cfg.trainer.get("accelerator", "cpu"))
+        record = {"localization_datasets": sorted({im.dataset for im in make_loc("all").images("all")}),
+                  "model_config": (hp.get("record") or {}).get("model_config")}
+    targets = list(cfg.get("target_datasets") or (record.get("class_space") or {}).get("datasets")
+                   or record.get("localization_datasets") or [])
     if not targets:
         raise MergeError("cannot tell the fine-tuning datasets: the checkpoint has no class space; pass "
                          "target_datasets=[...]")
@@ -38,5 +53,6 @@ def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
         finetuned_path=str(Path(cfg.finetuned)), logger=loggers[0] if loggers else None,
         extra={"config": OmegaConf.to_container(cfg, resolve=True), "finetuned_record": {
             k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},
+        localization=localization,
     )
     return study, {"backbone": backbone}

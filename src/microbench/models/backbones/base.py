@@ -63,6 +63,21 @@ class Backbone(nn.Module):
         """The trainable log logit scale, if the model has one (contrastive fine-tuning trains it)."""
         return None
 
+    def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Spatial features of the image tower's last block, ``[B, C, h, w]`` (patch tokens for ViTs, the last
+        stage for CNNs), for detection and segmentation heads."""
+        raise BackboneError(f"{self.kind} backbone {self.name!r} does not expose spatial features for localization")
+
+    def pixel_config(self) -> dict[str, Any]:
+        """``{"mean", "std", "size"}``: the normalisation and (square) input size the image tower expects."""
+        tfs = getattr(self.preprocess, "transforms", [])
+        norm = next((t for t in tfs if hasattr(t, "mean") and hasattr(t, "std")), None)
+        crop = next((t for t in tfs if type(t).__name__ == "CenterCrop"), None)
+        if norm is None or crop is None:
+            raise BackboneError(f"cannot read the input normalisation/size of {self.name!r} from its transform")
+        size = crop.size if isinstance(crop.size, int) else crop.size[0]
+        return {"mean": [float(v) for v in norm.mean], "std": [float(v) for v in norm.std], "size": int(size)}
+
     def freeze_text_tower(self) -> int:
         """Freeze every parameter outside the image tower (except the logit scale); returns how many tensors."""
         keep = {id(p) for p in self.image_tower().parameters()}

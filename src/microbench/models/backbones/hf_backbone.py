@@ -91,3 +91,23 @@ class HFClipBackbone(Backbone):
         if hasattr(self.model, "temperature"):  # ALIGN
             return 1.0 / self.model.temperature.detach()
         return torch.tensor(1.0)
+
+    def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        vision = getattr(self.model, "vision_model", None)
+        if vision is None:
+            return super().image_feature_map(pixels)
+        hidden = vision(pixel_values=pixels).last_hidden_state
+        if hidden.ndim == 4:  # CNN towers (ALIGN's EfficientNet) are already [B, C, h, w]
+            return hidden
+        b, n, c = hidden.shape
+        side = int((n - 1) ** 0.5)
+        if side * side != n - 1:
+            raise BackboneError(f"{self.name!r}: {n} vision tokens are not a class token plus a square patch grid")
+        return hidden[:, 1:].transpose(1, 2).reshape(b, c, side, side)
+
+    def pixel_config(self) -> dict:
+        proc = self.preprocess.image_processor
+        size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        return {"mean": list(map(float, proc.image_mean)), "std": list(map(float, proc.image_std)),
+                "size": int(side or 224)}

@@ -113,6 +113,22 @@ class OpenClipBackbone(Backbone):
     def image_tower(self) -> torch.nn.Module:
         return self.model.visual
 
+    def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        if not hasattr(visual, "forward_intermediates"):
+            return super().image_feature_map(pixels)
+        out = visual.forward_intermediates(pixels, indices=1, intermediates_only=True, normalize_intermediates=True,
+                                           output_fmt="NCHW")
+        return out["image_intermediates"][-1]
+
+    def pixel_config(self) -> dict:
+        cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        if not cfg.get("mean"):
+            return super().pixel_config()
+        size = cfg.get("size", getattr(self.model.visual, "image_size", 224))
+        size = size if isinstance(size, int) else size[0]
+        return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "size": int(size)}
+
     def save_local_dir(self, folder: str | Path) -> Path:
         """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` so ``local-dir:<folder>`` reloads it."""
         from safetensors.torch import save_file

@@ -28,6 +28,7 @@ class TimmImageBackbone(Backbone):
                          timm.data.create_transform(**cfg, is_training=True),
                          source={"library": "timm", "pretrained": pretrained, "timm_version": timm.__version__})
         self.model = model
+        self._data_cfg = cfg
 
     @property
     def embed_dim(self) -> int:
@@ -38,3 +39,13 @@ class TimmImageBackbone(Backbone):
 
     def image_tower(self) -> torch.nn.Module:
         return self.model
+
+    def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self.model, "forward_intermediates"):
+            return super().image_feature_map(pixels)
+        return self.model.forward_intermediates(pixels, indices=1, intermediates_only=True, output_fmt="NCHW")[-1]
+
+    def pixel_config(self) -> dict:
+        cfg = self._data_cfg
+        return {"mean": list(map(float, cfg["mean"])), "std": list(map(float, cfg["std"])),
+                "size": int(cfg["input_size"][-1])}

@@ -1,0 +1,1 @@
+"""Generative vision-language models: official prompts, answer matching, backends, box-answer parsers."""

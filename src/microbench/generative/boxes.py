@@ -1,0 +1,79 @@
+"""Parsing generative models' box answers into pixel boxes, and scoring them with GRIT (official protocol).
+
+- Qwen-VL: ``<box>(x1,y1),(x2,y2)</box>`` with coordinates on a 0–1000 grid (x first); every box in the answer.
+- PaliGemma: ``<locNNNN>`` quadruples (y_min, x_min, y_max, x_max) on a 0–1024 grid, one object per
+  ``;``-separated segment, the first four numbers of each (``<segNNN>`` mask tokens are ignored).
+
+A malformed or empty answer is no prediction (an empty list), never an exception: GRIT then scores 0 when the
+image has objects of that class and 1 when it has none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pandas as pd
+
+from microbench.metrics.grit import GritLocalization, localization_score
+
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+QWEN_BOX = re.compile(rf"<box>\s*\({_NUM},{_NUM}\)\s*,?\s*\({_NUM},{_NUM}\)\s*</box>")
+PALIGEMMA_LOC = re.compile(r"<loc(\d{4})>")
+
+
+def _clip(v: float, hi: float) -> float:
+    return min(max(v, 0.0), float(hi))
+
+
+def parse_qwen_boxes(text: object, width: float, height: float, grid: float = 1000.0) -> list[list[float]]:
+    """Every ``<box>(x1,y1),(x2,y2)</box>`` of a Qwen-VL answer, scaled from the 0–``grid`` grid to pixels."""
+    if not isinstance(text, str):
+        return []
+    boxes = []
+    for m in QWEN_BOX.finditer(text):
+        x1, y1, x2, y2 = (float(v) for v in m.groups())
+        boxes.append([_clip(x1 / grid * width, width), _clip(y1 / grid * height, height),
+                      _clip(x2 / grid * width, width), _clip(y2 / grid * height, height)])
+    return boxes
+
+
+def parse_paligemma_boxes(text: object, width: float, height: float, grid: float = 1024.0) -> list[list[float]]:
+    """PaliGemma ``<locNNNN>`` objects (y_min, x_min, y_max, x_max)/``grid`` → ``[x1, y1, x2, y2]`` pixels."""
+    if not isinstance(text, str):
+        return []
+    boxes = []
+    for segment in text.split(";"):
+        locs = [int(v) for v in PALIGEMMA_LOC.findall(segment)]
+        if len(locs) < 4:
+            continue
+        y1, x1, y2, x2 = (v / grid for v in locs[:4])
+        boxes.append([_clip(x1 * width, width), _clip(y1 * height, height), _clip(x2 * width, width),
+                      _clip(y2 * height, height)])
+    return boxes
+
+
+PARSERS: dict[str, Callable[..., list[list[float]]]] = {"qwen": parse_qwen_boxes, "paligemma": parse_paligemma_boxes}
+
+#: the official detection prompts (``inference/generative_inference_detection.py``), called with the raw className
+PROMPTS = {"qwen": "Detect {class_name}", "paligemma": "detect {class_name}"}
+
+
+def score_box_answers(answers: pd.DataFrame, parser: str | Callable = "qwen") -> tuple[pd.DataFrame, dict]:
+    """GRIT of generative box answers. ``answers`` has one row per (image, class): ``response`` (text or None),
+    ``width``, ``height``, ``gt_boxes`` (list of [x1, y1, x2, y2]), ``dataset``, ``class``. Returns the table with
+    ``pred_boxes``, ``parsed`` (whether any box was found) and ``grit`` columns, and the GRIT metrics per
+    ``dataset/class`` with their macro and pooled means."""
+    parse = PARSERS[parser] if isinstance(parser, str) else parser
+    out = answers.copy()
+    out["pred_boxes"] = [parse(r, w, h) for r, w, h in zip(out["response"], out["width"], out["height"],
+                                                           strict=True)]
+    out["parsed"] = out["pred_boxes"].map(bool)
+    out["grit"] = [localization_score(p, g) for p, g in zip(out["pred_boxes"], out["gt_boxes"], strict=True)]
+    names = [f"{d}/{c}" for d, c in zip(out["dataset"], out["class"], strict=True)]
+    metric = GritLocalization(sorted(set(names)))
+    if names:
+        metric.update(None, None, names, scores=out["grit"].tolist())
+    metrics = {f"grit/{k}": v for k, v in metric.compute().items()} if names else {}
+    metrics["unparsed_answers"] = int((~out["parsed"]).sum())
+    return out, metrics

@@ -1,0 +1,306 @@
+"""Localization runs: ``python src/train.py task=localization`` (train a head, then test) and
+``python src/eval.py task=localization checkpoint=...`` (evaluate a trained head).
+
+Each writes a run record to ``paths.output_dir`` in the same shape as perception runs, so the leaderboard merges
+them: ``metrics.json`` (COCO bbox[/segm] AP, AP50, AP75, AR; GRIT per dataset/class, macro and pooled; counts;
+model, data, split, config), ``predictions.parquet`` (one row per (image, class): GRIT score, #pred, #gt),
+``detections.json`` (COCO results format), ``ground_truth_coco.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import microbench
+from microbench.results.records import read_json, write_json, write_parquet, write_text
+
+log = logging.getLogger(__name__)
+
+HEADLINE = {"bbox_AP": "bbox/AP", "bbox_AP50": "bbox/AP50", "segm_AP": "segm/AP", "grit": "grit/macro"}
+
+
+def _container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _as_entry(value: float, n: int) -> dict:
+    """Metric entries share the perception shape (value, ci, n); COCO/GRIT have no bootstrap CI."""
+    return {"value": None if value is None or np.isnan(value) else float(value), "ci": None, "n": int(n)}
+
+
+def write_localization_run(result: dict, module, *, context: dict) -> dict:
+    """Write the run record of one scored split (called on global rank 0)."""
+    out_dir = Path(context["output_dir"])
+    dm = context["datamodule"]
+    m, counts = result["metrics"], result["counts"]
+    per_image = result["per_image"]
+    n_grit = len(per_image)
+    metrics = {f"loc/{k}": _as_entry(v, n_grit if k.startswith("grit/") else counts["images"]) for k, v in m.items()}
+    record = {
+        "microbench_version": microbench.__version__,
+        "task": "localization",
+        "head": module.hparams.head,
+        "model": {**module.backbone.describe(), "head_fingerprint": _head_fingerprint(module),
+                  "checkpoint": context.get("checkpoint")},
+        "data": {**dm.source.to_dict(), "targets": dm.targets, "filters": dm.filters,
+                 "exclude_datasets": dm.exclude_datasets, "class_names": dm.class_names},
+        "split": {"name": dm.split, **dm.split_spec.to_dict(), "images": counts["images"]},
+        "headline": {k: metrics[f"loc/{v}"] for k, v in HEADLINE.items() if f"loc/{v}" in metrics},
+        "metrics": metrics,
+        "counts": counts,
+        "skipped": {"failed_images": result.get("failed_images", []), **dm.table.skipped},
+        "timings_s": {**context.get("timings", {}), **module.timings,
+                      "total": round(time.perf_counter() - context["t0"], 3)},
+        "environment": {"python": platform.python_version(), "torch": __import__("torch").__version__,
+                        "lightning": L.__version__},
+        "config": context["config"],
+    }
+    images = dm.images(dm.split)
+    from microbench.data.localization import coco_ground_truth
+    from microbench.metrics.localization import _detections
+
+    preds = context.get("preds_holder", {}).get("preds")
+    write_parquet(out_dir / "predictions.parquet", per_image)
+    if preds is not None:
+        write_json(out_dir / "detections.json", _detections(preds, len(images), module.hparams.head == "segmentation"))
+    write_json(out_dir / "ground_truth_coco.json", coco_ground_truth(images, dm.class_names))
+    write_json(out_dir / "metrics.json", record)
+    write_text(out_dir / "results.md", localization_markdown(record, per_image))
+    logger = getattr(module, "logger", None)
+    if logger is not None:
+        logger.log_metrics({k: v["value"] for k, v in metrics.items() if v["value"] is not None})
+    h = record["headline"]
+    log.info("%s %s: bbox AP %s, GRIT %s -> %s", record["model"]["name"], record["head"],
+             _fmt(h.get("bbox_AP")), _fmt(h.get("grit")), out_dir)
+    return record
+
+
+def _head_fingerprint(module) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for k, v in sorted(module.head_state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fmt(entry: dict | None) -> str:
+    return "—" if not entry or entry.get("value") is None else f"{100 * entry['value']:.2f}"
+
+
+def localization_markdown(record: dict, per_image) -> str:
+    m = record["metrics"]
+    model = record["model"]
+    lines = [f"# μ-Bench localization ({record['head']}): {model['name']}", "",
+             f"Backbone `{model['name']}` (weights `{model['fingerprint']}`), head `{model['head_fingerprint']}` on "
+             f"`{record['data']['location']}` (fingerprint `{record['data']['fingerprint']}`), split "
+             f"`{record['split']['name']}`: {record['counts']['images']} images, {record['counts']['ground_truth']} "
+             f"objects (max {record['counts']['max_ground_truth_per_image']} per image), classes "
+             f"{', '.join(record['data']['class_names'])}.", "",
+             f"COCO metrics (pycocotools) at up to {record['counts']['max_dets']} detections per image; GRIT "
+             f"localization score (official μ-Bench protocol) on detections with score ≥ "
+             f"{record['counts']['grit_score_threshold']}, one question per (image, class present). All in %.", "",
+             "| metric | value |", "|---|---|"]
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/AR_max", "segm/AP", "segm/AP50", "segm/AP75",
+                "segm/AR_max", "grit/macro", "grit/pooled"):
+        if f"loc/{key}" in m:
+            lines.append(f"| {key} | {_fmt(m[f'loc/{key}'])} |")
+    classes = record["data"]["class_names"]
+    lines += ["", "## Per class (AP)", "", "| class | bbox AP | segm AP |", "|---|---|---|"]
+    for c in classes:
+        lines.append(f"| {c} | {_fmt(m.get(f'loc/bbox/per_class/{c}'))} | {_fmt(m.get(f'loc/segm/per_class/{c}'))} |")
+    lines += ["", "## GRIT per dataset and class", "", "| dataset | class | GRIT | images | mean #pred | mean #gt |",
+              "|---|---|---|---|---|---|"]
+    if len(per_image):
+        for (d, c), g in per_image.groupby(["dataset", "class"]):
+            lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {g['n_pred'].mean():.1f} | "
+                         f"{g['n_gt'].mean():.1f} |")
+    sk = record["skipped"]
+    lines += ["", "## Not scored", "", f"- images that failed to decode: {len(sk.get('failed_images', []))}",
+              *[f"- {k.replace('_', ' ')}: {v}" for k, v in sk.items() if k != "failed_images"], ""]
+    return "\n".join(lines)
+
+
+def _make_module(cfg: DictConfig, backbone, dm, record: dict, on_scored=None):
+    return instantiate(cfg.module)(backbone=backbone, class_names=dm.class_names, record=record,
+                                   on_scored=on_scored, seed=int(cfg.seed))
+
+
+def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit a detection/segmentation head, then test the best checkpoint and write the run record."""
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(), "class_names": dm.class_names,
+              "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__}
+    context = {"output_dir": str(out_dir), "datamodule": dm, "t0": t0, "config": _container(cfg), "timings": {}}
+    module = _make_module(cfg, backbone, dm, record, on_scored=lambda res, mod: _on_scored(res, mod, context))
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else (
+        Path(cfg.paths.checkpoint_dir) / str(cfg.task_name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
+    callbacks, named = [], {}
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:
+            continue
+        kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
+        named[name] = instantiate(cb_cfg, **kwargs)
+        callbacks.append(named[name])
+    study_cb = _forgetting_callback(cfg, backbone, dm, module, out_dir)
+    if study_cb is not None:
+        callbacks.append(study_cb)
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    best_cb, last_cb = named.get("model_checkpoint"), named.get("last_checkpoint")
+    best = (best_cb.best_model_path if best_cb is not None else "") or ""
+    last = (last_cb.best_model_path if last_cb is not None else "") or ""
+    metrics: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - t0, 2), "best_checkpoint": best or None,
+                               "last_checkpoint": last or None, "class_names": dm.class_names}
+    if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
+        context["checkpoint"] = best or last or None
+        trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
+        if trainer.is_global_zero:
+            rec = read_json(out_dir / "metrics.json")
+            metrics["test"] = {k: v["value"] for k, v in rec["headline"].items()}
+    if study_cb is not None and study_cb.study is not None:
+        st = study_cb.study
+        metrics["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
+                                 "chosen_alpha": st["selection"]["alpha"],
+                                 "localization_test": st["splits"]["test"]["localization"]}
+    metrics["total_seconds"] = round(time.perf_counter() - t0, 2)
+    if trainer.is_global_zero:
+        write_json(out_dir / "train_metrics.json", metrics)
+    return metrics, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
+
+
+def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
+    """With ``forgetting.enabled`` and a trainable tower: after fit, base vs fine-tuned tower vs θ(α) on the whole
+    perception benchmark *and* on localization (the trained head on each θ(α))."""
+    fg = cfg.get("forgetting") or {}
+    if not fg.get("enabled"):
+        return None
+    if module.hparams.freeze_backbone:
+        log.warning("forgetting.enabled ignored: the backbone is frozen (module.freeze_backbone=true), so nothing "
+                    "can be forgotten; set module.freeze_backbone=false to fine-tune the tower")
+        return None
+    from functools import partial
+
+    from microbench.models.localization import LocalizationModule
+    from microbench.studies.callback import ForgettingCallback
+    from microbench.studies.run import make_eval_dm
+
+    hp = {k: v for k, v in module.hparams.items() if k not in ("record",)}
+    holder: dict = {}
+
+    def score(split: str) -> dict:  # a twin module sharing the backbone, with the head trained so far
+        if "scorer" not in holder:
+            twin = LocalizationModule(backbone, **hp)
+            holder["scorer"] = LocalizationScorer(twin, localization_dm_factory(cfg.data, dm.targets, dm.class_names))
+        twin = holder["scorer"].module
+        twin.detector.load_state_dict({**twin.detector.state_dict(), **module.head_state_dict()})
+        return holder["scorer"](split)
+
+    whole = OmegaConf.create({"_target_": "microbench.data.datamodule.PerceptionDataModule", "path": cfg.data.path,
+                              "revision": cfg.data.get("revision"), "split_seed": cfg.data.get("split_seed", 0),
+                              "split_fractions": list(cfg.data.get("split_fractions", (0.7, 0.1, 0.2)))})
+    targets = sorted({im.dataset for im in dm.images("all")})
+    return ForgettingCallback(partial(make_eval_dm, whole, backbone.preprocess), out_dir / "forgetting",
+                              list(fg.alphas), fg.towers, float(fg.keep_target_gain), target_datasets=targets,
+                              cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples), localization=score)
+
+
+def _on_scored(result: dict, module, context: dict) -> None:
+    context["preds_holder"] = {"preds": module._last_preds}
+    write_localization_run(result, module, context=context)
+
+
+def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
+    """Evaluate a trained head (``checkpoint=``) on ``data.split`` of any copy; writes the run record."""
+    from microbench.models.localization import detector_from_checkpoint
+    from microbench.run_errors import UserError
+
+    t0 = time.perf_counter()
+    if not cfg.get("checkpoint"):
+        raise UserError("localization evaluation needs a trained head: checkpoint=<.ckpt from "
+                        "python src/train.py task=localization ...> (e.g. experiment=detect_nuclei)")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not Path(cfg.checkpoint).is_file():
+        raise UserError(f"checkpoint {cfg.checkpoint} does not exist")
+    module, ckpt = detector_from_checkpoint(cfg.checkpoint)
+    hp = ckpt["hyper_parameters"]
+    data_cfg = cfg.data
+    if not str(data_cfg.get("_target_", "")).endswith("LocalizationDataModule"):
+        # the perception data group: same copy and split specification, the localization test split
+        data_cfg = OmegaConf.create({
+            "_target_": "microbench.data.localization.LocalizationDataModule", "path": cfg.data.path,
+            "revision": cfg.data.get("revision"), "split": "test", "split_seed": cfg.data.get("split_seed", 0),
+            "split_fractions": list(cfg.data.get("split_fractions", (0.7, 0.1, 0.2))),
+            "batch_size": cfg.data.get("batch_size", 8)})
+        log.info("localization: evaluating the test split of %s (set data=ubench_localization to choose)",
+                 cfg.data.path)
+    dm = instantiate(data_cfg, targets=(hp.get("record") or {}).get("targets", "boxes"),
+                     classes=list(hp["class_names"]), strict_filters=False)
+    dm.setup("test")
+    if dm.class_names != list(hp["class_names"]):
+        dm.table.class_names = list(hp["class_names"])  # label ids follow the checkpoint's class order
+    context = {"output_dir": str(out_dir), "datamodule": dm, "t0": t0, "config": _container(cfg), "timings": {},
+               "checkpoint": str(cfg.checkpoint)}
+    module.on_scored = lambda res, mod: _on_scored(res, mod, context)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
+                                     enable_model_summary=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return read_json(out_dir / "metrics.json"), {"module": module, "datamodule": dm, "trainer": trainer}
+
+
+class LocalizationScorer:
+    """``split -> metrics`` of a localization head on its backbone's *current* weights (forgetting studies call it
+    once per θ(α)). ``make_dm(split)`` builds the :class:`LocalizationDataModule` of a split (built once each)."""
+
+    def __init__(self, module, make_dm, accelerator: str = "cpu") -> None:
+        self.module, self.make_dm, self.accelerator = module, make_dm, accelerator
+        self._dms: dict = {}
+
+    def __call__(self, split: str) -> dict:
+        if split not in self._dms:
+            self._dms[split] = self.make_dm(split)
+        trainer = L.Trainer(accelerator=self.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=False)  # may run inside a fit
+        on_scored, self.module.on_scored = self.module.on_scored, None
+        try:
+            trainer.test(self.module, datamodule=self._dms[split], verbose=False)
+        finally:
+            self.module.on_scored = on_scored
+        return dict(self.module.last_scores["test"])
+
+
+def localization_dm_factory(data_cfg, targets: str, classes: list[str]):
+    """``split -> LocalizationDataModule`` from a localization (or perception) data config."""
+    def make(split: str):
+        cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+        if not str(cfg.get("_target_", "")).endswith("LocalizationDataModule"):
+            cfg = OmegaConf.create({"_target_": "microbench.data.localization.LocalizationDataModule",
+                                    "path": cfg.path, "revision": cfg.get("revision"),
+                                    "split_seed": cfg.get("split_seed", 0),
+                                    "split_fractions": list(cfg.get("split_fractions", (0.7, 0.1, 0.2)))})
+        cfg = OmegaConf.merge(cfg, {"split": split, "targets": targets, "classes": classes, "strict_filters": False,
+                                    "augment": False})
+        dm = instantiate(cfg)
+        dm.setup("test")
+        dm.table.class_names = list(classes)  # label ids follow the head's class order
+        return dm
+    return make

@@ -1,0 +1,98 @@
+"""Scoring localization predictions: COCO bbox/segm AP (pycocotools) and the GRIT localization score per
+(dataset, class), from one prediction record per image.
+
+A prediction record is ``{"boxes": [N, 4] xyxy pixels, "scores": [N], "labels": [N] (1..K), "masks": optional
+list of N COCO RLEs}``; images without a record (failed decodes, generative non-answers) count as no prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from microbench.data.localization import LocImage, coco_ground_truth
+from microbench.metrics.coco import STAT_NAMES, coco_evaluate
+from microbench.metrics.grit import GritLocalization, localization_score
+
+
+def encode_masks(masks: np.ndarray, threshold: float = 0.5) -> list[dict]:
+    """Soft or binary masks [N, H, W] → COCO RLEs (JSON-ready counts)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for m in masks:
+        rle = mask_utils.encode(np.asfortranarray((m >= threshold).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append(rle)
+    return out
+
+
+def _detections(preds: Mapping[int, dict], n_images: int, with_masks: bool) -> list[dict]:
+    dets = []
+    for idx, rec in preds.items():
+        if idx >= n_images:
+            continue
+        boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
+        masks = rec.get("masks")
+        for j in range(len(boxes)):
+            x1, y1, x2, y2 = boxes[j]
+            det = {"image_id": int(idx), "category_id": int(rec["labels"][j]), "score": float(rec["scores"][j]),
+                   "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            if with_masks:
+                det["segmentation"] = masks[j]
+            dets.append(det)
+    return dets
+
+
+def grit_table(images: Sequence[LocImage], class_names: Sequence[str], preds: Mapping[int, dict],
+               score_threshold: float = 0.5) -> pd.DataFrame:
+    """One row per (image, ground-truth class), as the official evaluation asks one question per class present:
+    the image's predictions of that class with score ≥ ``score_threshold`` against its ground truth boxes."""
+    rows = []
+    label = {c: i + 1 for i, c in enumerate(class_names)}
+    for idx, im in enumerate(images):
+        rec = preds.get(idx)
+        for c in sorted(set(im.classes)):
+            gt = im.boxes[[k == c for k in im.classes]]
+            if rec is None:
+                pred = np.zeros((0, 4))
+            else:
+                keep = (np.asarray(rec["labels"]) == label[c]) & (np.asarray(rec["scores"]) >= score_threshold)
+                pred = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)[keep]
+            rows.append({"index": idx, "image_id": im.image_id, "dataset": im.dataset, "class": c,
+                         "n_gt": len(gt), "n_pred": len(pred), "answered": rec is not None,
+                         "grit": localization_score(pred, gt)})
+    return pd.DataFrame(rows, columns=["index", "image_id", "dataset", "class", "n_gt", "n_pred", "answered",
+                                       "grit"])
+
+
+def grit_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """``grit/<dataset>/<class>`` means over images, their macro mean and the pooled mean, via the Metric."""
+    names = [f"{d}/{c}" for d, c in zip(table["dataset"], table["class"], strict=True)]
+    metric = GritLocalization(sorted(set(names)))
+    metric.update(None, None, names, scores=table["grit"].tolist())
+    return {f"grit/{k}": v for k, v in metric.compute().items()}
+
+
+def score_localization(images: Sequence[LocImage], class_names: Sequence[str], preds: Mapping[int, dict],
+                       iou_types: Sequence[str] = ("bbox",), max_dets: int = 1000,
+                       grit_score_threshold: float = 0.5) -> dict:
+    """COCO metrics for each IoU type + GRIT; returns ``{"metrics", "per_image", "counts"}``."""
+    gt = coco_ground_truth(list(images), list(class_names))
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        res = coco_evaluate(gt, _detections(preds, len(images), iou_type == "segm"), iou_type, max_dets)
+        for k in STAT_NAMES:
+            metrics[f"{iou_type}/{k}"] = res[k]
+        for c, v in res["per_class_AP"].items():
+            metrics[f"{iou_type}/per_class/{c}"] = v
+    table = grit_table(images, class_names, preds, grit_score_threshold)
+    metrics.update(grit_metrics(table) if len(table) else {"grit/macro": float("nan"), "grit/pooled": float("nan")})
+    counts = {"images": len(images), "ground_truth": int(sum(im.n for im in images)),
+              "predicted_images": int(sum(1 for i in preds if i < len(images))),
+              "detections": int(sum(len(r["boxes"]) for r in preds.values())), "max_dets": int(max_dets),
+              "grit_score_threshold": float(grit_score_threshold),
+              "max_ground_truth_per_image": int(max((im.n for im in images), default=0))}
+    return {"metrics": metrics, "per_image": table, "counts": counts}

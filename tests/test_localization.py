@@ -1,0 +1,351 @@
+"""Localization (issue: detection/segmentation heads, COCO + GRIT, generative box answers)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from microbench.data.localization import LocalizationDataModule, LocImage, coco_ground_truth, rasterize
+from microbench.generative.boxes import parse_paligemma_boxes, parse_qwen_boxes, score_box_answers
+from microbench.metrics.coco import coco_evaluate
+from microbench.metrics.grit import GritLocalization, localization_score, pairwise_iou
+from microbench.metrics.localization import encode_masks, score_localization
+
+# --- GRIT -------------------------------------------------------------------------------------------------------
+
+
+def test_grit_hand_computed_cases():
+    gt = [[0, 0, 10, 10]]
+    assert localization_score(gt, gt) == pytest.approx(100 / (100 + 1e-6))  # perfect (GRIT's +1e-6 in the union)
+    assert localization_score([[5, 0, 15, 10]], gt) == pytest.approx(50 / 150)  # shifted: IoU 1/3
+    assert localization_score([[0, 0, 10, 10], [50, 50, 60, 60]], gt) == pytest.approx(1 / 2, rel=1e-6)  # extra
+    assert localization_score(gt, [[0, 0, 10, 10], [50, 50, 60, 60]]) == pytest.approx(1 / 2, rel=1e-6)  # missed
+    assert localization_score([[20, 20, 30, 30]], gt) == 0.0  # no overlap: the pair is dropped, 0 / (1 + 1)
+    assert localization_score([], []) == 1.0
+    assert localization_score([], gt) == 0.0 and localization_score(gt, []) == 0.0
+    assert localization_score([[10, 10, 0, 0]], gt) == 0.0  # inverted box has zero area
+    # two predictions, one partial (IoU 0.5 with gt A), one perfect on gt B: 1.5 / (2 + 0)
+    assert localization_score([[0, 0, 10, 5], [20, 0, 30, 10]], [[0, 0, 10, 10], [20, 0, 30, 10]]) == \
+        pytest.approx((0.5 + 1.0) / 2, rel=1e-6)
+
+
+def test_grit_uses_the_optimal_assignment_not_greedy():
+    # greedy (best IoU first) pairs p0-g0 (IoU .6) and leaves p1 with nothing; Hungarian pairs p0-g1, p1-g0
+    gt = [[0, 0, 10, 10], [4, 0, 14, 10]]
+    pred = [[2, 0, 12, 10], [-4, 0, 6, 10]]
+    iou = pairwise_iou(np.array(pred), np.array(gt))
+    best = max(iou[0, 0] + iou[1, 1], iou[0, 1] + iou[1, 0])
+    assert localization_score(pred, gt) == pytest.approx(best / 2)
+
+
+def test_grit_metric_groups_macro_and_pooled():
+    m = GritLocalization(["a/nucleus", "b/cell"])
+    box = [[0, 0, 10, 10]]
+    m.update([box, [], box], [box, box, []], ["a/nucleus", "a/nucleus", "b/cell"])
+    out = m.compute()
+    assert out["a/nucleus"] == pytest.approx(0.5, rel=1e-6) and out["b/cell"] == 0.0
+    assert out["macro"] == pytest.approx(0.25, rel=1e-6) and out["pooled"] == pytest.approx(1 / 3, rel=1e-6)
+    with pytest.raises(KeyError, match="unknown group"):
+        m.update([box], [box], ["c/gland"])
+
+
+# --- COCO -------------------------------------------------------------------------------------------------------
+
+def _image(boxes, classes=None, size=1000, polygons=None):
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return LocImage(row=0, image_id="img", dataset="d", split="test", width=size, height=size,
+                    classes=classes or ["nucleus"] * len(boxes), boxes=boxes, polygons=polygons)
+
+
+def _preds(images, shift=None):
+    out = {}
+    for i, im in enumerate(images):
+        boxes = im.boxes.copy()
+        if shift is not None:
+            boxes = shift(boxes)
+        out[i] = {"boxes": boxes, "scores": np.linspace(1, 0.5, len(boxes)), "labels": np.ones(len(boxes), int)}
+    return out
+
+
+def test_coco_perfect_predictions_score_one_and_shifted_boxes_known_values():
+    images = [_image([[0, 0, 100, 100]]), _image([[200, 200, 400, 300]])]
+    res = score_localization(images, ["nucleus"], _preds(images))
+    assert res["metrics"]["bbox/AP"] == pytest.approx(1.0) and res["metrics"]["bbox/AR_max"] == pytest.approx(1.0)
+    assert res["metrics"]["grit/pooled"] == pytest.approx(1.0, abs=1e-6)
+
+    def shrink(b):  # keep 62 % of each box's height: IoU 0.62
+        b = b.copy()
+        b[:, 3] = b[:, 1] + 0.62 * (b[:, 3] - b[:, 1])
+        return b
+
+    res = score_localization(images, ["nucleus"], _preds(images, shrink))
+    m = res["metrics"]
+    # matched at IoU thresholds .50, .55, .60 only: AP = 3/10, AP50 = 1, AP75 = 0
+    assert m["bbox/AP"] == pytest.approx(0.3) and m["bbox/AP50"] == pytest.approx(1.0) and m["bbox/AP75"] == 0.0
+    assert m["grit/pooled"] == pytest.approx(0.62, abs=1e-6)
+
+
+def test_coco_image_with_more_than_100_objects_is_scored_fully():
+    grid = [[x, y, x + 20, y + 20] for x in range(0, 1000, 50) for y in range(0, 400, 50)]  # 160 objects
+    images = [_image(grid)]
+    full = score_localization(images, ["nucleus"], _preds(images), max_dets=1000)
+    assert full["counts"]["max_ground_truth_per_image"] == 160
+    assert full["metrics"]["bbox/AP"] == pytest.approx(1.0) and full["metrics"]["bbox/AR_max"] == pytest.approx(1.0)
+    capped = score_localization(images, ["nucleus"], _preds(images), max_dets=100)  # COCO's default limit
+    assert capped["metrics"]["bbox/AR_max"] == pytest.approx(100 / 160)
+    assert capped["metrics"]["bbox/AP"] < 0.7
+
+
+def test_coco_no_detections_and_segm():
+    poly = [[10.0, 10.0, 90.0, 10.0, 90.0, 90.0, 10.0, 90.0]]
+    images = [_image([[10, 10, 90, 90]], size=100, polygons=poly)]
+    empty = coco_evaluate(coco_ground_truth(images, ["nucleus"]), [], "bbox")
+    assert empty["AP"] == 0.0 and empty["n_detections"] == 0
+    masks = rasterize(poly, 100, 100)
+    assert masks.shape == (1, 100, 100) and abs(int(masks.sum()) - 80 * 80) <= 2 * 81
+    preds = _preds(images)
+    preds[0]["masks"] = encode_masks(masks.astype(np.float32))
+    res = score_localization(images, ["nucleus"], preds, iou_types=("bbox", "segm"))
+    assert res["metrics"]["segm/AP"] == pytest.approx(1.0) and res["metrics"]["bbox/AP"] == pytest.approx(1.0)
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def test_localization_datamodule_on_the_sample():
+    dm = LocalizationDataModule(targets="boxes", split="all")
+    dm.setup()
+    assert dm.class_names == ["H2B-mCherry", "cell", "gland", "golgi", "nucleus"]
+    imgs = dm.images("all")
+    # unique annotated images: 3 Burgess datasets share 18 images, Held H2B 24, GalT 12, OpenCell 12, GlaS 12
+    assert len(imgs) == 18 + 24 + 12 + 12 + 12 and dm.table.skipped["duplicate_image_rows"] == 36
+    assert {im.dataset for im in imgs} >= {"held_et_al_2010_galt", "opencell", "sirinukunwattana_et_al_2016"}
+    assert {len(dm.images(s)) for s in ("train", "val", "test")} and sum(len(dm.images(s)) for s in
+                                                                        ("train", "val", "test")) == len(imgs)
+    opencell = next(im for im in imgs if im.dataset == "opencell")
+    assert opencell.n == 4 and opencell.classes == ["nucleus"] * 4 and opencell.boxes.shape == (4, 4)
+    coco = dm.to_coco("all")
+    assert len(coco["annotations"]) == sum(im.n for im in imgs)
+    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in coco["annotations"])
+    item = dm.dataset("all")[0]
+    assert item["image"].shape == (3, 96, 96) and item["target"]["boxes"].shape[1] == 4
+    assert item["target"]["labels"].min() >= 1
+
+    seg = LocalizationDataModule(targets="masks", split="all", classes=["nucleus"])
+    seg.setup()
+    assert seg.class_names == ["nucleus"] and all(im.polygons for im in seg.images("all"))
+    item = seg.dataset("all")[0]
+    masks, boxes = item["target"]["masks"], item["target"]["boxes"]
+    assert masks.shape[0] == boxes.shape[0] and masks.dtype == torch.uint8
+    for mask, box in zip(masks, boxes, strict=True):  # each mask lies inside its (polygon-bounds) box
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
+
+
+def test_flip_augmentation_moves_boxes_with_the_image():
+    dm = LocalizationDataModule(targets="masks", split="all", classes=["gland"])
+    dm.setup()
+    ds = dm.dataset("all", augment=True)
+    torch.manual_seed(3)
+    for _ in range(4):
+        item = ds[0]
+        mask, box = item["target"]["masks"][0], item["target"]["boxes"][0]
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert abs(xs.min() - box[0]) <= 1.5 and abs(ys.max() + 1 - box[3]) <= 1.5
+
+
+@pytest.mark.parametrize("layout", ["list_of_structs", "dict_of_lists"])
+def test_both_bbox_polygon_decodings_give_the_same_instances(layout, sample_rows, tmp_path):
+    from conftest import write_raw_hub_copy
+
+    root = write_raw_hub_copy(sample_rows, tmp_path / "hub", n_shards=2, bbox_layout=layout)
+    ref = LocalizationDataModule(targets="masks", split="all")
+    ref.setup()
+    dm = LocalizationDataModule(path=str(root), targets="masks", split="all")
+    dm.setup()
+    assert dm.class_names == ref.class_names and len(dm.images()) == len(ref.images())
+    for a, b in zip(dm.images(), ref.images(), strict=True):
+        assert a.classes == b.classes and np.allclose(a.boxes, b.boxes) and a.polygons == b.polygons
+
+
+def test_bad_localization_input_is_one_clear_error():
+    from microbench.data.loading import MicroBenchDataError
+
+    with pytest.raises(MicroBenchDataError, match="classes \\['mitochondria'\\] have no instances"):
+        LocalizationDataModule(classes=["mitochondria"]).setup()
+    with pytest.raises(MicroBenchDataError, match="have no annotated rows"):
+        LocalizationDataModule(datasets=["kather_et_al_2016"]).setup()
+    with pytest.raises(MicroBenchDataError, match="targets must be one of"):
+        LocalizationDataModule(targets="points")
+
+
+# --- generative box answers -------------------------------------------------------------------------------------
+
+def test_qwen_box_parser():
+    assert parse_qwen_boxes("<ref>nucleus</ref><box>(100,200),(300,400)</box>", 50, 100) == [[5.0, 20.0, 15.0, 40.0]]
+    two = parse_qwen_boxes("<box>(0,0),(1000,1000)</box> and <box>( 500 , 500 ) , ( 750,1000 )</box>", 10, 10)
+    assert two == [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 7.5, 10.0]]
+    assert parse_qwen_boxes("<box>(0,0),(1200,1000)</box>", 10, 10) == [[0.0, 0.0, 10.0, 10.0]]  # clipped
+    for bad in (None, 3, "", "no boxes here", "<box>(1,2),(3)</box>", "<box>(a,b),(c,d)</box>", "<box>(1,2)"):
+        assert parse_qwen_boxes(bad, 100, 100) == []
+
+
+def test_paligemma_box_parser():
+    text = "<loc0256><loc0512><loc0768><loc1024> nucleus ; <loc0000><loc0000><loc0512><loc0256> nucleus"
+    assert parse_paligemma_boxes(text, 200, 100) == [[100.0, 25.0, 200.0, 75.0], [0.0, 0.0, 50.0, 50.0]]
+    seg = "<loc0100><loc0200><loc0300><loc0400><seg012><seg100> cell"  # segment output: locs first, segs ignored
+    assert parse_paligemma_boxes(seg, 1024, 1024) == [[200.0, 100.0, 400.0, 300.0]]
+    for bad in (None, "", "nucleus", "<loc0100><loc0200><loc0300> cell", "<loc12><loc13><loc14><loc15>"):
+        assert parse_paligemma_boxes(bad, 100, 100) == []
+
+
+def test_box_answers_scored_with_grit_malformed_is_no_prediction():
+    import pandas as pd
+
+    answers = pd.DataFrame({
+        "response": ["<box>(0,0),(500,500)</box>", "garbage", None, "<box>(0,0),(500,500)</box>"],
+        "width": [100, 100, 100, 100], "height": [100, 100, 100, 100],
+        "gt_boxes": [[[0, 0, 50, 50]], [[0, 0, 50, 50]], [], [[0, 0, 50, 25]]],
+        "dataset": ["d", "d", "d", "e"], "class": ["nucleus"] * 4})
+    table, metrics = score_box_answers(answers, "qwen")
+    assert table["grit"].round(6).tolist() == [1.0, 0.0, 1.0, 0.5]
+    assert metrics["unparsed_answers"] == 2 and metrics["grit/d/nucleus"] == pytest.approx(2 / 3, rel=1e-5)
+    assert metrics["grit/e/nucleus"] == pytest.approx(0.5, rel=1e-5)
+
+
+# --- heads --------------------------------------------------------------------------------------------------------
+
+def test_detector_outputs_original_coordinates_and_respects_the_limit():
+    from microbench.models.backbones.open_clip_backbone import OpenClipBackbone
+    from microbench.models.localization import LocalizationModule
+
+    backbone = OpenClipBackbone("microbench-tiny")
+    module = LocalizationModule(backbone, ["nucleus"], out_channels=32, representation_size=64, max_detections=7,
+                                score_threshold=0.0)
+    assert module.detector.backbone.strides == [4.0, 8.0, 16.0, 32.0, 64.0]
+    assert all(not p.requires_grad for p in backbone.parameters())  # frozen by default
+    module.eval()
+    with torch.no_grad():
+        out = module([torch.rand(3, 120, 90), torch.rand(3, 50, 80)])
+    for o, (h, w) in zip(out, [(120, 90), (50, 80)], strict=True):
+        assert len(o["boxes"]) <= 7
+        assert (o["boxes"][:, 2] <= w + 1e-3).all() and (o["boxes"][:, 3] <= h + 1e-3).all()
+    head = module.head_state_dict()
+    assert head and not any(k.startswith("backbone.backbone.") for k in head)
+
+
+def test_coco_ground_truth_loads_in_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    dm = LocalizationDataModule(targets="masks", split="test")
+    dm.setup()
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(dm.to_coco()))
+    coco = COCO(str(path))
+    assert len(coco.getImgIds()) == len(dm.images()) and len(coco.getCatIds()) == dm.num_classes
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    assert coco.annToMask(ann).sum() == pytest.approx(ann["area"], rel=0.02)
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+def _compose(overrides, name="train"):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces_it(tmp_path):
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from microbench.evaluate import evaluate
+    from microbench.localization_tasks import _make_module
+    from microbench.results.leaderboard import build_leaderboard
+    from microbench.training import train
+
+    common = ["experiment=detect_nuclei", "trainer.max_epochs=12", "+trainer.enable_progress_bar=false",
+              "logger=csv"]
+    cfg = _compose([*common, f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
+    # the untrained head, scored the same way
+    L.seed_everything(0)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    untrained = _make_module(cfg, instantiate(cfg.model), dm, {})
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        untrained, datamodule=dm, verbose=False)
+    before = untrained.last_scores["test"]
+
+    metrics, _ = train(cfg)
+    rec = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    after = {k.removeprefix("loc/"): v["value"] for k, v in rec["metrics"].items()}
+    print({k: (before[k], after[k]) for k in ("bbox/AP", "bbox/AP50", "grit/macro")})
+    assert after["bbox/AP"] > before["bbox/AP"] + 0.05 and after["bbox/AP50"] > before["bbox/AP50"] + 0.2
+    assert after["grit/macro"] > before["grit/macro"] + 0.05
+    assert rec["task"] == "localization" and rec["counts"]["images"] == len(dm.images("test"))
+    for name in ("predictions.parquet", "detections.json", "ground_truth_coco.json", "results.md"):
+        assert (tmp_path / "train" / name).exists()
+    assert "GRIT per dataset and class" in (tmp_path / "train" / "results.md").read_text()
+
+    # python src/eval.py task=localization checkpoint=... reproduces the test numbers from the checkpoint alone
+    best = metrics["best_checkpoint"]
+    record, _ = evaluate(_compose([f"paths.output_dir={tmp_path / 'eval'}", "task=localization",
+                                   f"checkpoint={best}", "+trainer.enable_progress_bar=false"], name="eval"))
+    assert {k: v["value"] for k, v in record["metrics"].items()} == pytest.approx(
+        {k: v["value"] for k, v in rec["metrics"].items()}, abs=1e-9)
+
+    # one leaderboard with the zero-shot run of the same (frozen) backbone
+    evaluate(_compose([f"paths.output_dir={tmp_path / 'zs'}", "bootstrap.n_resamples=99",
+                       "data.datasets=[kather_et_al_2016]"], name="eval"))
+    frame = build_leaderboard([tmp_path / "eval", tmp_path / "zs"], tmp_path / "lb")
+    assert len(frame) == 1  # merged on (model, weights fingerprint, data fingerprint)
+    row = frame.iloc[0]
+    assert row["loc_bbox_AP"] == pytest.approx(after["bbox/AP"]) and row["loc_grit"] == pytest.approx(
+        after["grit/macro"]) and row["coarse"] is not None
+    assert "loc_grit" in (tmp_path / "lb" / "leaderboard.md").read_text()
+
+
+def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "src" / "eval.py"), "task=localization",
+                           f"paths.output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: localization evaluation needs a trained head")
+
+
+def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_path):
+    from microbench.studies.run import forgetting
+    from microbench.training import train
+
+    cfg = _compose(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
+                    "module.freeze_backbone=false", "forgetting.enabled=true", "forgetting.alphas=[0,0.5,1]",
+                    "forgetting.n_resamples=99", "forgetting.result_cache=null",
+                    f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
+    metrics, objs = train(cfg)
+    study = json.loads((tmp_path / "train" / "forgetting" / "forgetting.json").read_text())
+    assert study["target_datasets"] == ["burgess_et_al_2024_contour", "held_et_al_2010_h2b", "opencell"]
+    for split in ("val", "test"):
+        loc = study["splits"][split]["localization"]
+        assert set(loc) == {"alpha=0.00", "alpha=0.50", "alpha=1.00"}
+        assert all(0 <= v["grit/macro"] <= 1 and 0 <= v["bbox/AP"] <= 1 for v in loc.values())
+        assert loc["alpha=0.00"] != loc["alpha=1.00"]  # the tower changed, so the head's score did
+    assert "target/localization" in study["selection"]["rule"]
+    assert "Localization (test)" in (tmp_path / "train" / "forgetting" / "forgetting.md").read_text()
+
+    # the same study from the checkpoint with src/forgetting.py: the localization head is found and scored
+    last = metrics["last_checkpoint"]
+    fcfg = _compose([f"finetuned={last}", "alphas=[0,1]", "bootstrap.n_resamples=99", "result_cache=null",
+                     f"paths.output_dir={tmp_path / 'study'}"], name="forgetting")
+    study2, _ = forgetting(fcfg)
+    assert study2["target_datasets"] == study["target_datasets"]
+    ref = study["splits"]["test"]["localization"]["alpha=1.00"]
+    assert study2["splits"]["test"]["localization"]["alpha=1.00"] == pytest.approx(ref, abs=1e-9)
