@@ -7,6 +7,7 @@ from pathlib import Path
 
 from microbench.data.loading import SAMPLE_DIR, load_ubench
 from microbench.data.sample import make_sample
+from microbench.data.sample_cognition import write_sample_cognition
 
 
 def main() -> None:
@@ -18,6 +19,8 @@ def main() -> None:
     paths = make_sample(args.out, seed=args.seed, n_shards=args.shards)
     ds, src = load_ubench(args.out)
     size = sum(p.stat().st_size for p in paths) / 1e6
+    cognition = write_sample_cognition(args.out, seed=args.seed)
+    print(f"wrote the cognition example ({len(cognition)} files) to {args.out}/cognition")
     print(f"wrote {len(ds)} rows in {len(paths)} shards ({size:.2f} MB) to {args.out}; fingerprint {src.fingerprint}")
 
 

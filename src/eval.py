@@ -5,6 +5,10 @@
     python src/eval.py model=openclip model.name=local-dir:/path/to/model
     python src/eval.py model=random                       # the official Random baseline
     python src/eval.py trainer=ddp                        # all GPUs of the node
+    python src/eval.py task=cognition                     # the sample's expert multiple-choice questions
+    python src/eval.py task=cognition model=openai_compatible model.base_url=http://localhost:8000/v1 \
+        model.model=Qwen/Qwen2-VL-7B-Instruct            # any OpenAI-compatible server (vLLM, TGI, OpenAI)
+    python src/eval.py model=gpt4o data.path=data/ubench  # generative perception with the official prompt
     python src/eval.py task=localization checkpoint=checkpoints/detect_nuclei/<time>/best_epoch012.ckpt
 """
 
@@ -30,6 +34,10 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         record, _ = evaluate(cfg)
     print(f"results: {Path(cfg.paths.output_dir).resolve()}/results.md")
+    if record.get("task") == "cognition":
+        m = record["headline"]["cognition"]
+        print(f"{record['model']['name']} [cognition] {100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})")
+        return
     if record.get("task") == "localization":
         fmt = lambda m: f"{100 * m['value']:.2f}" if m and m.get("value") is not None else "n/a"  # noqa: E731
         print(f"{record['model']['name']} [{record['head']}] " + ", ".join(

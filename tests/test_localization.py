@@ -303,7 +303,7 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
     evaluate(_compose([f"paths.output_dir={tmp_path / 'zs'}", "bootstrap.n_resamples=99",
                        "data.datasets=[kather_et_al_2016]"], name="eval"))
     frame = build_leaderboard([tmp_path / "eval", tmp_path / "zs"], tmp_path / "lb")
-    assert len(frame) == 1  # merged on (model, weights fingerprint, data fingerprint)
+    assert len(frame) == 1  # merged on (model, weights fingerprint)
     row = frame.iloc[0]
     assert row["loc_bbox_AP"] == pytest.approx(after["bbox/AP"]) and row["loc_grit"] == pytest.approx(
         after["grit/macro"]) and row["coarse"] is not None

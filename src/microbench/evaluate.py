@@ -50,7 +50,7 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
     model_info = context.get("model") or module.backbone.describe()
     record = {
         "microbench_version": microbench.__version__,
-        "task": "zero_shot_perception",
+        "task": context.get("task", "zero_shot_perception"),
         "model": model_info,
         "data": {**dm.source.to_dict(), "filters": dm.filters, "exclude_datasets": dm.exclude_datasets},
         "split": {"name": dm.split, **dm.split_spec.to_dict(), "images": len(dm.images()), "rows": int(
@@ -68,6 +68,7 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
                         "lightning": L.__version__, "world_size": getattr(module, "trainer", None)
                         and module.trainer.world_size or 1},
         "config": context["config"],
+        **context.get("extra", {}),
     }
     write_parquet(out_dir / "predictions.parquet", predictions)
     write_json(out_dir / "metrics.json", record)
@@ -89,10 +90,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         from microbench.localization_tasks import evaluate_localization
 
         return evaluate_localization(cfg)
+    if task == "cognition":
+        from microbench.generative_tasks import evaluate_cognition
+
+        return evaluate_cognition(cfg)
     if task != "perception":
         from microbench.run_errors import UserError
 
-        raise UserError(f"task must be one of perception, localization; got {task!r}")
+        raise UserError(f"task must be one of perception, cognition, localization; got {task!r}")
+    if cfg.model.get("kind") == "generative":
+        from microbench.generative_tasks import evaluate_generative_perception
+
+        return evaluate_generative_perception(cfg)
     t0 = time.perf_counter()
     L.seed_everything(cfg.get("seed", 0), workers=True)
     out_dir = Path(cfg.paths.output_dir)

@@ -1,6 +1,6 @@
 """Aggregate many run folders (each with a ``metrics.json``) into one leaderboard CSV + markdown table.
 
-Runs of every task merge into one row per (model, weights fingerprint, data fingerprint): zero-shot and
+Runs of every task merge into one row per model (name + weights fingerprint): zero-shot and
 generative perception (coarse / fine and their slices), cognition (expert multiple choice) and localization
 (COCO box/mask AP, GRIT). A later run of the same task for the same row replaces the earlier one (logged).
 """
@@ -74,10 +74,12 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
             log.warning("skipping %s: unknown task %r", f, task)
             continue
         model = rec["model"]
-        key = (model["name"], model.get("fingerprint"), rec["data"].get("fingerprint"))
+        key = (model["name"], model.get("fingerprint"))
         row = rows.setdefault(key, {"model": model["name"], "kind": model.get("kind"),
-                                    "fingerprint": model.get("fingerprint"), "data": rec["data"].get("location"),
-                                    "data_fingerprint": rec["data"].get("fingerprint"), "runs": {}})
+                                    "fingerprint": model.get("fingerprint"), "runs": {}})
+        prefix = "" if task in PERCEPTION_TASKS else f"{task}_"
+        row[f"{prefix}data"] = rec["data"].get("location")
+        row[f"{prefix}data_fingerprint"] = rec["data"].get("fingerprint")
         if task in row["runs"]:
             log.warning("%s: %s run %s replaces %s", model["name"], task, f.parent, row["runs"][task])
         row["runs"][task] = str(f.parent)

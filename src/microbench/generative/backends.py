@@ -1,0 +1,466 @@
+"""Generative VLM backends: any OpenAI-compatible chat-completions server, and local transformers models.
+
+Both take :class:`Request` objects (prompt + image bytes) and return :class:`Result` objects, and both go through a
+:class:`ResponseCache` on disk (SQLite) keyed by (model, prompt, image hashes, generation parameters), so an
+interrupted or repeated run resumes without asking again. Failures never raise out of a run: a request that still
+fails after its retries comes back with ``text=None`` and an ``error`` (scored as wrong, never cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One question to a model: ``images`` returns the encoded image bytes (called lazily, once)."""
+
+    id: str
+    prompt: str
+    images: Callable[[], list[bytes]] | list[bytes] = field(default_factory=list)
+
+    def image_bytes(self) -> list[bytes]:
+        return self.images() if callable(self.images) else list(self.images)
+
+
+@dataclass
+class Result:
+    id: str
+    text: str | None
+    error: str | None = None
+    letter_logprobs: dict[str, float] | None = None
+    cached: bool = False
+    attempts: int = 0
+    key: str = ""
+
+
+@dataclass
+class BackendStats:
+    """Counters of one ``generate`` call (what reached the server, what came from the cache)."""
+
+    requests_sent: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    http_errors: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    failed: int = 0
+    max_in_flight: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class ResponseCache:
+    """SQLite map from request key to the model's answer; safe to share between runs (one writer at a time)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._db = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes, no fsync per answer
+            self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.commit()
+
+    def get(self, key: str) -> dict | None:
+        if self._db is None:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, value: dict) -> None:
+        if self._db is None:
+            return
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(value)))
+            self._db.commit()
+
+    def __len__(self) -> int:
+        if self._db is None:
+            return 0
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+
+def request_key(model: str, prompt: str, images: Sequence[bytes], params: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model, "prompt": prompt, "params": params}, sort_keys=True).encode())
+    for img in images:
+        h.update(hashlib.sha256(img).digest())
+    return h.hexdigest()
+
+
+def _mime(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def data_url(data: bytes) -> str:
+    """The image as a data URL, re-encoded to PNG only when its format is not one servers accept (e.g. TIFF)."""
+    mime = _mime(data)
+    if mime is None:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+        data, mime = buf.getvalue(), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _letter_logprobs(entries: list[dict] | None) -> dict[str, float] | None:
+    """Log-probabilities of single capital letters among the first generated token's top alternatives."""
+    if not entries:
+        return None
+    first = entries[0] or {}
+    out = {}
+    for alt in first.get("top_logprobs") or []:
+        tok = str(alt.get("token", "")).strip()
+        if len(tok) == 1 and tok.isupper() and tok not in out:
+            out[tok] = float(alt.get("logprob"))
+    return out or None
+
+
+class GenerativeBackend:
+    """Shared by the backends: the cache, the counters and the run-level bookkeeping."""
+
+    kind = "generative"
+
+    def __init__(self, model: str, cache_dir: str | Path | None = None, blind: bool = False,
+                 prompt: str = "official") -> None:
+        self.model_name = model
+        self.blind = blind
+        self.prompt_style = prompt
+        self.cache = ResponseCache(Path(cache_dir) / "responses.sqlite" if cache_dir else None)
+        self.stats = BackendStats()
+
+    @property
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return self.model_name + ("+blind" if self.blind else "")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "generative", "backend": self.backend, "model": self.model_name,
+                "blind": self.blind, "prompt": self.prompt_style, "params": self.params,
+                "fingerprint": hashlib.blake2b(json.dumps([self.model_name, self.blind, self.params],
+                                                          sort_keys=True).encode(), digest_size=8).hexdigest(),
+                "has_text": True, "parameters": None}
+
+    def _key_and_images(self, req: Request) -> tuple[str, list[bytes]]:
+        images = [] if self.blind else req.image_bytes()
+        return request_key(self.model_name, req.prompt, images, self.params), images
+
+    def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Result]:
+        raise NotImplementedError
+
+
+class OpenAICompatibleBackend(GenerativeBackend):
+    """Chat completions over HTTP (vLLM, TGI, SGLang, OpenAI, ...): images as data URLs, bounded concurrency,
+    retries with exponential backoff and jitter on 429 / 5xx / timeouts / connection errors (``Retry-After`` is
+    honoured), a per-request timeout, and letter log-probabilities when the server returns them.
+
+    Args:
+        base_url: e.g. ``http://localhost:8000/v1`` (vLLM) or ``https://api.openai.com/v1``.
+        model: the served model name.
+        api_key_env: environment variable holding the key (none needed for most local servers).
+        max_concurrency: requests in flight at once.
+        timeout_s: per-request timeout; max_retries: retries after the first attempt.
+        temperature, max_tokens, top_p, seed: generation parameters (part of the cache key).
+        logprobs / top_logprobs: ask for the first token's alternatives (A–F confidences).
+        image_detail: OpenAI's ``detail`` (``high`` as in the paper); None leaves it out.
+        blind: send the same prompts without images (the language-prior baseline).
+    """
+
+    backend = "openai"
+
+    def __init__(self, model: str, base_url: str = "http://localhost:8000/v1", api_key_env: str | None =
+                 "OPENAI_API_KEY", max_concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 6,
+                 backoff_s: float = 1.0, max_backoff_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 64,
+                 top_p: float | None = None, seed: int | None = 0, logprobs: bool = True, top_logprobs: int = 5,
+                 image_detail: str | None = "high", cache_dir: str | Path | None = None, blind: bool = False,
+                 prompt: str = "official", **_ignored) -> None:
+        super().__init__(model, cache_dir, blind, prompt)
+        self.base_url = base_url.rstrip("/")
+        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.max_concurrency, self.timeout_s, self.max_retries = int(max_concurrency), float(timeout_s), max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.gen = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed}
+        self.logprobs, self.top_logprobs, self.image_detail = logprobs, top_logprobs, image_detail
+
+    @property
+    def params(self) -> dict:
+        return {**{k: v for k, v in self.gen.items() if v is not None}, "logprobs": self.logprobs,
+                "image_detail": self.image_detail}
+
+    def payload(self, prompt: str, images: list[bytes]) -> dict:
+        content: list[dict] = []
+        for img in images:
+            url = {"url": data_url(img)}
+            if self.image_detail:
+                url["detail"] = self.image_detail
+            content.append({"type": "image_url", "image_url": url})
+        content.append({"type": "text", "text": prompt})
+        body = {"model": self.model_name, "messages": [{"role": "user", "content": content}],
+                **{k: v for k, v in self.gen.items() if v is not None}}
+        if self.logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return body
+
+    def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Result]:
+        self.stats = BackendStats()
+        t = time.perf_counter()
+        try:
+            asyncio.get_running_loop()
+            running = True
+        except RuntimeError:
+            running = False
+        if running:  # called from inside an event loop (a notebook): run ours in a thread
+            box: dict = {}
+            th = threading.Thread(target=lambda: box.update(r=asyncio.run(self._run(requests, progress))))
+            th.start()
+            th.join()
+            results = box["r"]
+        else:
+            results = asyncio.run(self._run(requests, progress))
+        self.stats.seconds = round(time.perf_counter() - t, 3)
+        return results
+
+    async def _run(self, requests: Sequence[Request], progress: bool) -> list[Result]:
+        import httpx
+
+        sem = asyncio.Semaphore(self.max_concurrency)
+        in_flight = {"n": 0}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc=f"{self.name}", unit="q")
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
+                                     timeout=httpx.Timeout(self.timeout_s)) as client:
+            async def one(req: Request) -> Result:
+                res = await self._one(client, sem, in_flight, req)
+                if bar is not None:
+                    bar.update(1)
+                return res
+
+            results = await asyncio.gather(*(one(r) for r in requests))
+        if bar is not None:
+            bar.close()
+        return list(results)
+
+    async def _one(self, client, sem: asyncio.Semaphore, in_flight: dict, req: Request) -> Result:
+        import httpx
+
+        key, images = self._key_and_images(req)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            return Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
+        body = self.payload(req.prompt, images)
+        error, attempt = "", 0
+        async with sem:
+            for attempt in range(1, self.max_retries + 2):
+                in_flight["n"] += 1
+                self.stats.max_in_flight = max(self.stats.max_in_flight, in_flight["n"])
+                retry_after = None
+                try:
+                    self.stats.requests_sent += 1
+                    resp = await client.post("/chat/completions", json=body)
+                    if resp.status_code == 200:
+                        text, lp = self._parse(resp)
+                        if text is not None:
+                            self.cache.put(key, {"text": text, "letter_logprobs": lp})
+                            return Result(req.id, text, None, lp, attempts=attempt, key=key)
+                        error = "malformed response: no choices[0].message.content"
+                        break  # a 200 with garbage is the model's answer problem, not transient
+                    code = str(resp.status_code)
+                    self.stats.http_errors[code] = self.stats.http_errors.get(code, 0) + 1
+                    error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                    if resp.status_code != 429 and resp.status_code < 500:
+                        break  # 4xx other than 429: retrying will not help
+                    retry_after = resp.headers.get("retry-after")
+                except httpx.TimeoutException:
+                    self.stats.timeouts += 1
+                    error = f"timeout after {self.timeout_s:g} s"
+                except httpx.TransportError as err:
+                    error = f"{type(err).__name__}: {err}"
+                finally:
+                    in_flight["n"] -= 1
+                if attempt > self.max_retries:
+                    break
+                self.stats.retries += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+                if retry_after and retry_after.replace(".", "", 1).isdigit():  # seconds (an HTTP date is ignored)
+                    delay = min(self.max_backoff_s, float(retry_after))
+                await asyncio.sleep(delay)
+        self.stats.failed += 1
+        return Result(req.id, None, error or "failed", None, attempts=attempt, key=key)
+
+    @staticmethod
+    def _parse(resp) -> tuple[str | None, dict | None]:
+        try:
+            choice = resp.json()["choices"][0]
+            text = choice["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None, None
+        if isinstance(text, list):  # content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        if not isinstance(text, str):
+            return None, None
+        lp = _letter_logprobs(((choice.get("logprobs") or {}).get("content")) if isinstance(choice, dict) else None)
+        return text, lp
+
+
+class HFVisionBackend(GenerativeBackend):
+    """A local transformers vision-language model (``AutoModelForImageTextToText`` + ``AutoProcessor``): chat
+    template with one image slot per image, batched greedy decoding (left padding), bf16 on GPU, first-token letter
+    log-probabilities.
+
+    Args:
+        model: a Hub id (``Qwen/Qwen2-VL-2B-Instruct``, ``google/paligemma-3b-mix-224``...) or a local folder.
+        dtype: ``bfloat16`` (GPU default) or ``float32``; device: ``cuda``, ``cpu`` or None (cuda if available).
+    """
+
+    backend = "hf"
+
+    def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
+                 batch_size: int = 8, max_new_tokens: int = 16, cache_dir: str | Path | None = None,
+                 blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
+                 hf_cache_dir: str | None = None, **_ignored) -> None:
+        import torch
+
+        super().__init__(model, cache_dir, blind, prompt)
+        try:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(model, revision=revision, cache_dir=hf_cache_dir,
+                                                           trust_remote_code=trust_remote_code)
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if self.device == "cpu" and dtype == "bfloat16":
+                dtype = "float32"
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model, revision=revision, cache_dir=hf_cache_dir, dtype=getattr(torch, dtype),
+                trust_remote_code=trust_remote_code).to(self.device).eval()
+        except Exception as err:  # noqa: BLE001 - one clear line
+            from microbench.models.backbones.base import BackboneError
+
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BackboneError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}") from err
+        tok = getattr(self.processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+        self.revision, self.dtype, self.batch_size, self.max_new_tokens = revision, dtype, batch_size, max_new_tokens
+
+    @property
+    def params(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "revision": self.revision,
+                "dtype": self.dtype}
+
+    def _letter_ids(self) -> dict[str, int]:
+        tok = self.processor.tokenizer
+        out = {}
+        for letter in "ABCDEFGH":
+            ids = tok.encode(letter, add_special_tokens=False)
+            if len(ids) == 1:
+                out[letter] = ids[0]
+        return out
+
+    def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Result]:
+        import torch
+        from PIL import Image
+
+        self.stats = BackendStats()
+        t0 = time.perf_counter()
+        results: list[Result | None] = [None] * len(requests)
+        todo = []
+        for i, req in enumerate(requests):
+            key, images = self._key_and_images(req)
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                results[i] = Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
+            else:
+                todo.append((i, key, images))
+        letters = self._letter_ids()
+        batches = range(0, len(todo), self.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=self.name, unit="batch")
+        for start in batches:
+            chunk = todo[start:start + self.batch_size]
+            try:
+                texts, imgs = [], []
+                for i, _, images in chunk:
+                    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+                    content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": requests[i].prompt}]
+                    texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                                    add_generation_prompt=True, tokenize=False))
+                    imgs.append(pil)
+                kwargs = {"text": texts, "padding": True, "return_tensors": "pt"}
+                if any(imgs):
+                    kwargs["images"] = imgs
+                inputs = self.processor(**kwargs).to(self.device)
+                self.stats.requests_sent += len(chunk)
+                with torch.inference_mode():
+                    out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                              output_scores=True, return_dict_in_generate=True)
+                new = out.sequences[:, inputs["input_ids"].shape[1]:]
+                decoded = self.processor.batch_decode(new, skip_special_tokens=True)
+                first = out.scores[0].float().log_softmax(-1).cpu() if out.scores else None
+                for j, (i, key, _) in enumerate(chunk):
+                    lp = {L: float(first[j, tid]) for L, tid in letters.items()} if first is not None else None
+                    self.cache.put(key, {"text": decoded[j], "letter_logprobs": lp})
+                    results[i] = Result(requests[i].id, decoded[j], None, lp, attempts=1, key=key)
+            except Exception as err:  # noqa: BLE001 - a failing batch is scored wrong, the run goes on
+                log.warning("generation failed for %d questions: %s", len(chunk), err)
+                for i, key, _ in chunk:
+                    self.stats.failed += 1
+                    results[i] = Result(requests[i].id, None, f"{type(err).__name__}: {err}", None, key=key)
+        self.stats.seconds = round(time.perf_counter() - t0, 3)
+        return [r for r in results if r is not None]
+
+
+BACKENDS = {"openai": OpenAICompatibleBackend, "hf": HFVisionBackend}
+
+
+def build_generative_backend(backend: str = "openai", **kwargs) -> GenerativeBackend:
+    """Hydra target of ``configs/model/openai_compatible.yaml`` / ``hf_vlm.yaml``."""
+    if backend not in BACKENDS:
+        from microbench.models.backbones.base import BackboneError
+
+        raise BackboneError(f"generative backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    kwargs.pop("kind", None)
+    return BACKENDS[backend](**kwargs)

@@ -1,0 +1,178 @@
+"""``python src/eval.py task=cognition`` (expert multiple choice: contrastive, generative, blind or Random) and
+generative perception (``task=perception`` with a generative ``model``), writing the same run records as
+contrastive perception so the leaderboard puts every model side by side.
+
+Cognition ``metrics.json``: ``cognition/all`` and ``cognition/<subdomain|modality|domain|scale|dataset>/<value>``,
+each accuracy with a 95 % bootstrap CI (basic, like the official scripts); ``predictions.parquet`` has one row per
+question (with the response for generative models); ``results.md`` the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import microbench
+from microbench.metrics.bootstrap import bootstrap_accuracy
+from microbench.results.records import write_json, write_parquet, write_text
+from microbench.results.report import pct
+
+log = logging.getLogger(__name__)
+BREAKDOWNS = ("subdomain", "modality", "domain", "scale", "dataset")
+
+
+def _boot(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.bootstrap, resolve=True)
+
+
+def cognition_metrics(preds: pd.DataFrame, items: pd.DataFrame, boot: dict) -> dict:
+    meta = items.set_index("row_idx")
+    frame = preds.join(meta[[c for c in BREAKDOWNS if c != "dataset"]], on="row_idx")
+    est = partial(bootstrap_accuracy, n_resamples=int(boot["n_resamples"]), confidence=float(boot["confidence"]),
+                  seed=int(boot["seed"]))
+    out = {"cognition/all": est(frame["correct"].to_numpy()).to_dict()}
+    for col in BREAKDOWNS:
+        for value, g in frame.groupby(frame[col].fillna("unknown").astype(str)):
+            out[f"cognition/{col}/{value}"] = est(g["correct"].to_numpy()).to_dict()
+    return out
+
+
+def _model_info(cfg: DictConfig) -> tuple[str, object]:
+    kind = cfg.model.get("kind")
+    if kind == "random":
+        return "random", None
+    if kind == "generative":
+        return "generative", instantiate(cfg.model)
+    return "contrastive", instantiate(cfg.model)
+
+
+def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
+    """Score the configured cognition questions with the configured model; writes the run record."""
+    from microbench.data.cognition import CognitionDataModule
+    from microbench.generative.harness import random_cognition, run_generative
+
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.get("seed", 0), workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind, model = _model_info(cfg)
+    c = cfg.cognition
+    dm = CognitionDataModule(path=c.path, format=c.get("format", "auto"), revision=c.get("revision"),
+                             split=c.get("split"), batch_size=int(cfg.data.get("batch_size", 32)),
+                             transform=model.preprocess if kind == "contrastive" else None)
+    dm.setup("test")
+    items = dm.questions()
+    valid = items[items["valid"]]
+    stats: dict = {}
+    if kind == "random":
+        preds = random_cognition(valid, seed=int(cfg.model.get("seed", 42)))
+        info = {"name": "random", "kind": "random", "fingerprint": f"seed{int(cfg.model.get('seed', 42))}"}
+    elif kind == "generative":
+        preds = run_generative(valid, dm.items.image_bytes, model, progress=True)
+        info, stats = model.describe(), model.stats.to_dict()
+    else:
+        from microbench.models.zero_shot import ZeroShotScorer
+
+        holder: dict = {}
+        scorer = ZeroShotScorer(model, sources=("questions",), on_scored=lambda p, s, m: holder.update(p=p, s=s))
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
+                                         enable_model_summary=False)
+        trainer.test(scorer, datamodule=dm, verbose=False)
+        preds = holder["p"]
+        info = model.describe()
+        stats = {"failed_images": holder["s"].get("failed_images", []),
+                 "items_of_failed_images": holder["s"].get("items_of_failed_images", 0)}
+    boot = _boot(cfg)
+    metrics = cognition_metrics(preds, items, boot)
+    invalid = items[~items["valid"]]
+    record = {
+        "microbench_version": microbench.__version__, "task": "cognition", "model": info,
+        "data": {**dm.source.to_dict(), "format": dm.format}, "split": {"name": c.get("split") or "all",
+                                                                          "questions": int(len(items))},
+        "prompt": getattr(model, "prompt_style", None) if kind == "generative" else
+        ("question + ' ' + option" if kind == "contrastive" else "random"),
+        "bootstrap": boot, "headline": {"cognition": metrics["cognition/all"]}, "metrics": metrics,
+        "n_predictions": int(len(preds)), "backend_stats": stats,
+        "skipped": {"invalid_items": int(len(invalid)),
+                    "problems": invalid[["qid", "problem"]].astype(str).to_dict("records")},
+        "timings_s": {"total": round(time.perf_counter() - t0, 3)},
+        "environment": {"python": platform.python_version(), "torch": __import__("torch").__version__},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    preds = preds.join(items.set_index("row_idx")[["qid", "question", "answer"]], on="row_idx")
+    write_parquet(out_dir / "predictions.parquet", preds)
+    write_json(out_dir / "metrics.json", record)
+    write_text(out_dir / "results.md", cognition_markdown(record))
+    log.info("%s cognition: %s -> %s", info["name"], pct(metrics["cognition/all"]), out_dir)
+    return record, {"datamodule": dm, "model": model, "predictions": preds}
+
+
+def cognition_markdown(record: dict) -> str:
+    m = record["metrics"]
+    lines = [f"# μ-Bench cognition: {record['model']['name']}", "",
+             f"`{record['data']['location']}` ({record['data']['kind']}, {record['split']['questions']} questions), "
+             f"prompt: {record['prompt']}. Accuracy % ± 95 % bootstrap half-width "
+             f"({record['bootstrap']['n_resamples']} resamples).", "",
+             f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']})", ""]
+    for col in BREAKDOWNS:
+        keys = [k for k in m if k.startswith(f"cognition/{col}/")]
+        if keys:
+            lines += [f"## Per {col}", "", f"| {col} | accuracy | n |", "|---|---|---|"]
+            lines += [f"| {k.split('/', 2)[2]} | {pct(m[k])} | {m[k]['n']} |" for k in sorted(keys)]
+            lines.append("")
+    st = record.get("backend_stats") or {}
+    if st.get("requests_sent") is not None:
+        lines += ["## Backend", "", f"- requests sent: {st.get('requests_sent')}, cache hits: {st.get('cache_hits')}, "
+                  f"retries: {st.get('retries')}, timeouts: {st.get('timeouts')}, failed (scored wrong): "
+                  f"{st.get('failed')}, HTTP errors: {st.get('http_errors')}", ""]
+    lines += ["## Not scored", "", f"- invalid questions: {record['skipped']['invalid_items']}", ""]
+    return "\n".join(lines)
+
+
+def evaluate_generative_perception(cfg: DictConfig) -> tuple[dict, dict]:
+    """Every perception question (``questions`` column) to a generative model with the official prompt."""
+    from datasets import Image
+
+    from microbench.evaluate import write_run
+    from microbench.generative.harness import run_generative
+
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.get("seed", 0), workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
+    dm.setup("test")
+    questions = dm.questions()
+    items = questions[(questions["source"] == "questions") & questions["valid"]]
+    raw = None
+
+    def images_of(row: int) -> list[bytes]:
+        nonlocal raw
+        if raw is None:
+            from microbench.data.loading import load_ubench
+
+            hf, _ = load_ubench(dm.path, dm.revision)
+            raw = hf.select_columns(["image"]).cast_column("image", Image(decode=False))
+        value = raw[int(row)]["image"]
+        return [value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()]
+
+    preds = run_generative(items, images_of, backend, progress=True)
+    invalid = questions[(questions["source"] == "questions") & ~questions["valid"]]
+    skipped = {"invalid_items": len(invalid), "items_of_failed_images": 0, "failed_images": [],
+               "failed_answers": int(preds["error"].notna().sum()),
+               "problems": invalid[["row_idx", "key", "problem"]].astype(str).to_dict("records")}
+    context = {"output_dir": str(out_dir), "sources": ("questions",), "t0": t0, "bootstrap": _boot(cfg),
+               "config": OmegaConf.to_container(cfg, resolve=True), "timings": {"generation": backend.stats.seconds},
+               "datamodule": dm, "model": backend.describe(), "task": "generative_perception",
+               "extra": {"backend_stats": backend.stats.to_dict(), "prompt": backend.prompt_style}}
+    record = write_run(preds, skipped, None, context=context)
+    return record, {"datamodule": dm, "backend": backend, "predictions": preds}
