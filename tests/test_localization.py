@@ -349,3 +349,36 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
     assert study2["target_datasets"] == study["target_datasets"]
     ref = study["splits"]["test"]["localization"]["alpha=1.00"]
     assert study2["splits"]["test"]["localization"]["alpha=1.00"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path):
+    """One 'Detect {className}' question per (image, class), Qwen boxes parsed, GRIT per dataset/class."""
+    from microbench.data.localization import LocalizationDataModule
+    from microbench.evaluate import evaluate
+    from microbench.generative.loopback import ScriptedChatServer
+
+    def reply(body):
+        prompt = body["messages"][0]["content"][-1]["text"]
+        return "<ref>x</ref><box>(0,0),(1000,1000)</box>" if prompt != "Detect golgi" else "I cannot see it"
+
+    with ScriptedChatServer(reply=reply) as srv:
+        record, objs = evaluate(_compose(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
+                                          "model.model=scripted-qwen", f"model.cache_dir={tmp_path / 'c'}",
+                                          f"paths.output_dir={tmp_path}", "+trainer.enable_progress_bar=false"],
+                                         name="eval"))
+        prompts = sorted({b["messages"][0]["content"][-1]["text"] for b in srv.bodies})
+    assert prompts == ["Detect H2B-mCherry", "Detect cell", "Detect gland", "Detect golgi", "Detect nucleus"]
+    dm = LocalizationDataModule(split="all")
+    dm.setup()
+    expected = {}
+    for im in dm.images():
+        for c in set(im.classes):
+            s = 0.0 if c == "golgi" else localization_score([[0, 0, im.width, im.height]],
+                                                            im.boxes[[k == c for k in im.classes]])
+            expected.setdefault(f"{im.dataset}/{c}", []).append(s)
+    got = {k.removeprefix("loc/grit/"): v["value"] for k, v in record["metrics"].items()}
+    for group, scores in expected.items():
+        assert got[group] == pytest.approx(np.mean(scores), rel=1e-6)
+    assert record["counts"]["unparsed_answers"] == 12 and record["headline"]["grit"]["value"] == pytest.approx(
+        np.mean([np.mean(v) for v in expected.values()]), rel=1e-6)
+    assert record["model"]["kind"] == "generative" and (tmp_path / "results.md").exists()

@@ -83,17 +83,35 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
     return record
 
 
+def log_record(cfg: DictConfig, record: dict, objects: dict) -> tuple[dict, dict]:
+    """Send a run record's metrics to the configured loggers (CSV, W&B), for tasks that run without a Trainer
+    logger; with W&B also the results.md text."""
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    prefix = {"cognition": "cog", "localization": "loc", "generative_perception": "gen"}.get(record.get("task"), "")
+    values = {f"{prefix}/{k}": v["value"] for k, v in record["metrics"].items()
+              if isinstance(v, dict) and isinstance(v.get("value"), int | float)}
+    for lg in loggers:
+        lg.log_metrics(values)
+        if hasattr(lg, "log_text"):
+            text = (Path(cfg.paths.output_dir) / "results.md").read_text()
+            lg.log_text(key=f"{prefix}/results", columns=["results.md"], data=[[text]])
+        lg.save()
+        if hasattr(lg, "finalize"):
+            lg.finalize("success")
+    return record, objects
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Run the configured evaluation (``task``: perception, localization); returns (record, objects)."""
     task = cfg.get("task", "perception")
     if task == "localization":
         from microbench.localization_tasks import evaluate_localization
 
-        return evaluate_localization(cfg)
+        return log_record(cfg, *evaluate_localization(cfg))
     if task == "cognition":
         from microbench.generative_tasks import evaluate_cognition
 
-        return evaluate_cognition(cfg)
+        return log_record(cfg, *evaluate_cognition(cfg))
     if task != "perception":
         from microbench.run_errors import UserError
 
@@ -101,7 +119,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.model.get("kind") == "generative":
         from microbench.generative_tasks import evaluate_generative_perception
 
-        return evaluate_generative_perception(cfg)
+        return log_record(cfg, *evaluate_generative_perception(cfg))
     t0 = time.perf_counter()
     L.seed_everything(cfg.get("seed", 0), workers=True)
     out_dir = Path(cfg.paths.output_dir)

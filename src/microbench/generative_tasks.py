@@ -153,15 +153,9 @@ def evaluate_generative_perception(cfg: DictConfig) -> tuple[dict, dict]:
     dm.setup("test")
     questions = dm.questions()
     items = questions[(questions["source"] == "questions") & questions["valid"]]
-    raw = None
+    raw = dm.hf.cast_column("image", Image(decode=False))  # the encoded bytes, sent as they are
 
     def images_of(row: int) -> list[bytes]:
-        nonlocal raw
-        if raw is None:
-            from microbench.data.loading import load_ubench
-
-            hf, _ = load_ubench(dm.path, dm.revision)
-            raw = hf.select_columns(["image"]).cast_column("image", Image(decode=False))
         value = raw[int(row)]["image"]
         return [value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()]
 

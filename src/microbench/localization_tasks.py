@@ -9,15 +9,16 @@ model, data, split, config), ``predictions.parquet`` (one row per (image, class)
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -150,15 +151,9 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
               "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__}
     context = {"output_dir": str(out_dir), "datamodule": dm, "t0": t0, "config": _container(cfg), "timings": {}}
     module = _make_module(cfg, backbone, dm, record, on_scored=lambda res, mod: _on_scored(res, mod, context))
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else (
-        Path(cfg.paths.checkpoint_dir) / str(cfg.task_name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
-    callbacks, named = [], {}
-    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
-        if cb_cfg is None:
-            continue
-        kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
-        named[name] = instantiate(cb_cfg, **kwargs)
-        callbacks.append(named[name])
+    from microbench.training import build_callbacks, checkpoint_dir
+
+    callbacks, named = build_callbacks(cfg, checkpoint_dir(cfg))
     study_cb = _forgetting_callback(cfg, backbone, dm, module, out_dir)
     if study_cb is not None:
         callbacks.append(study_cb)
@@ -234,6 +229,8 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.run_errors import UserError
 
     t0 = time.perf_counter()
+    if cfg.model.get("kind") == "generative":
+        return evaluate_generative_localization(cfg)
     if not cfg.get("checkpoint"):
         raise UserError("localization evaluation needs a trained head: checkpoint=<.ckpt from "
                         "python src/train.py task=localization ...> (e.g. experiment=detect_nuclei)")
@@ -304,3 +301,81 @@ def localization_dm_factory(data_cfg, targets: str, classes: list[str]):
         dm.table.class_names = list(classes)  # label ids follow the head's class order
         return dm
     return make
+
+
+def evaluate_generative_localization(cfg: DictConfig) -> tuple[dict, dict]:
+    """The official generative detection protocol: for each image and each className present, ask ``Detect
+    {className}`` (Qwen-VL) / ``detect {className}`` (PaliGemma, retried as ``segment {c}; {c}`` when the answer is
+    empty), parse the boxes (``box_format``: qwen | paligemma; default from the model name) and score with GRIT."""
+    from datasets import Image
+
+    from microbench.generative.backends import Request
+    from microbench.generative.boxes import PROMPTS, score_box_answers
+
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend = instantiate(cfg.model)
+    fmt = cfg.get("box_format") or ("paligemma" if "paligemma" in backend.model_name.lower() else "qwen")
+    if fmt not in PROMPTS:
+        from microbench.run_errors import UserError
+
+        raise UserError(f"box_format must be one of {sorted(PROMPTS)}, got {fmt!r}")
+    data_cfg = cfg.data
+    if not str(data_cfg.get("_target_", "")).endswith("LocalizationDataModule"):
+        data_cfg = OmegaConf.create({"_target_": "microbench.data.localization.LocalizationDataModule",
+                                     "path": cfg.data.path, "revision": cfg.data.get("revision"), "split": "all",
+                                     "split_seed": cfg.data.get("split_seed", 0)})
+    dm = instantiate(data_cfg, targets="boxes", augment=False)
+    dm.setup("test")
+    images = dm.images(dm.split)
+    raw = dm.hf.cast_column("image", Image(decode=False))
+
+    def image_bytes(row: int) -> list[bytes]:
+        value = raw[int(row)]["image"]
+        return [value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()]
+
+    pairs = [(i, c) for i, im in enumerate(images) for c in sorted(set(im.classes))]
+    reqs = [Request(f"{images[i].image_id}/{c}", PROMPTS[fmt].format(class_name=c),
+                    lambda r=images[i].row: image_bytes(r)) for i, c in pairs]
+    results = backend.generate(reqs, progress=True)
+    stats = [backend.stats.to_dict()]
+    if fmt == "paligemma":  # the official fallback for empty answers
+        empty = [k for k, r in enumerate(results) if r.text is not None and not r.text.strip()]
+        if empty:
+            retry = backend.generate([Request(reqs[k].id + "/segment", f"segment {pairs[k][1]}; {pairs[k][1]}",
+                                              reqs[k].images) for k in empty], progress=False)
+            for k, r in zip(empty, retry, strict=True):
+                results[k] = r
+            stats.append(backend.stats.to_dict())
+    answers = pd.DataFrame({
+        "image_id": [images[i].image_id for i, _ in pairs], "dataset": [images[i].dataset for i, _ in pairs],
+        "class": [c for _, c in pairs], "width": [images[i].width for i, _ in pairs],
+        "height": [images[i].height for i, _ in pairs],
+        "gt_boxes": [images[i].boxes[[k == c for k in images[i].classes]].tolist() for i, c in pairs],
+        "response": [r.text for r in results], "error": [r.error for r in results]})
+    table, grit = score_box_answers(answers, fmt)
+    metrics = {f"loc/{k}": _as_entry(v, len(table)) for k, v in grit.items() if k != "unparsed_answers"}
+    record = {
+        "microbench_version": microbench.__version__, "task": "localization", "head": f"generative ({fmt} boxes)",
+        "model": backend.describe(), "data": {**dm.source.to_dict(), "targets": "boxes", "filters": dm.filters,
+                                              "class_names": dm.class_names},
+        "split": {"name": dm.split, **dm.split_spec.to_dict(), "images": len(images)},
+        "headline": {"grit": metrics.get("loc/grit/macro")}, "metrics": metrics,
+        "counts": {"images": len(images), "questions": len(table), "unparsed_answers": grit["unparsed_answers"],
+                   "failed_requests": int(answers["error"].notna().sum())},
+        "backend_stats": stats, "skipped": dict(dm.table.skipped),
+        "timings_s": {"total": round(time.perf_counter() - t0, 3)}, "config": _container(cfg),
+    }
+    write_parquet(out_dir / "predictions.parquet", table.assign(gt_boxes=table["gt_boxes"].map(json.dumps),
+                                                                pred_boxes=table["pred_boxes"].map(json.dumps)))
+    write_json(out_dir / "metrics.json", record)
+    lines = [f"# μ-Bench localization (generative, {fmt} boxes): {record['model']['name']}", "",
+             f"{len(images)} images, {len(table)} (image, class) questions, {grit['unparsed_answers']} answers without a "
+             "parseable box (scored as no prediction). GRIT localization score in %.", "",
+             f"**GRIT macro: {_fmt(metrics.get('loc/grit/macro'))}**, pooled {_fmt(metrics.get('loc/grit/pooled'))}",
+             "", "| dataset | class | GRIT | questions | unparsed |", "|---|---|---|---|---|"]
+    for (d, c), g in table.groupby(["dataset", "class"]):
+        lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {int((~g['parsed']).sum())} |")
+    write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    return record, {"datamodule": dm, "backend": backend, "table": table}

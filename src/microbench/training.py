@@ -43,6 +43,18 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / str(cfg.task_name) / stamp
 
 
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[list, dict]:
+    """The configured callbacks (checkpoints write to ``ckpt_dir``), as a list and by name."""
+    callbacks, named = [], {}
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:
+            continue
+        kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
+        named[name] = instantiate(cb_cfg, **kwargs)
+        callbacks.append(named[name])
+    return callbacks, named
+
+
 def _find(folder: Path, pattern: str) -> str:
     found = sorted(Path(folder).glob(pattern))
     return str(found[-1]) if found else ""
@@ -63,13 +75,7 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
               "microbench_version": microbench.__version__}
     module = instantiate(cfg.module)(backbone=backbone, seed=cfg.seed, record=record)
     ckpt_dir = checkpoint_dir(cfg)
-    callbacks, named = [], {}
-    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
-        if cb_cfg is None:
-            continue
-        kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
-        named[name] = instantiate(cb_cfg, **kwargs)
-        callbacks.append(named[name])
+    callbacks, named = build_callbacks(cfg, ckpt_dir)
     study_cb = None
     fg = cfg.get("forgetting") or {}
     if fg.get("enabled"):

@@ -126,7 +126,27 @@ def _as_list(value) -> list[str] | None:
     return [str(v) for v in value]
 
 
-class PerceptionDataModule(L.LightningDataModule):
+def prepare_hub_copy(dm) -> None:
+    """Download once per node when reading from the Hub (a no-op for local copies and the sample)."""
+    if dm.hf is None and is_hub_id(dm.path):
+        load_ubench(dm.path, dm.revision)
+
+
+class SplitLoaders:
+    """Lightning's train/val/test loaders for a data module whose ``_loader(split, train)`` builds one; the test
+    loader serves the module's evaluation ``split``."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split, train=False)
+
+
+class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
     """μ-Bench perception as unique images with their rows and questions.
 
     Args:
@@ -183,9 +203,7 @@ class PerceptionDataModule(L.LightningDataModule):
 
     # --- setup ------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download once per node when reading from the Hub (a no-op for local copies and the sample)."""
-        if self.hf is None and is_hub_id(self.path):
-            load_ubench(self.path, self.revision)
+        prepare_hub_copy(self)
 
     def setup(self, stage: str | None = None) -> None:
         if self.hf is not None:
@@ -249,15 +267,6 @@ class PerceptionDataModule(L.LightningDataModule):
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,
             persistent_workers=False, drop_last=False,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.split, train=False)

@@ -32,8 +32,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from microbench.data import splits as splits_mod
-from microbench.data.datamodule import ExactDistributedSampler, _as_list, _dist_world
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench
+from microbench.data.datamodule import (
+    ExactDistributedSampler,
+    SplitLoaders,
+    _as_list,
+    _dist_world,
+    prepare_hub_copy,
+)
+from microbench.data.loading import DataSource, MicroBenchDataError, load_ubench
 from microbench.data.questions import build_question_table
 from microbench.data.schema import HUB_REVISION, parse_bboxes, parse_polygons
 
@@ -222,7 +228,7 @@ def collate_localization(batch: Sequence[dict]) -> dict:
             "errors": [b["error"] for b in batch if b["image"] is None]}
 
 
-class LocalizationDataModule(L.LightningDataModule):
+class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
     """μ-Bench localization (boxes, instance masks) as unique images, with COCO export.
 
     Args:
@@ -267,8 +273,7 @@ class LocalizationDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def prepare_data(self) -> None:
-        if self.hf is None and is_hub_id(self.path):
-            load_ubench(self.path, self.revision)
+        prepare_hub_copy(self)
 
     def setup(self, stage: str | None = None) -> None:
         if self.hf is not None:
@@ -327,15 +332,6 @@ class LocalizationDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           collate_fn=collate_localization, drop_last=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split, train=False)
 
     # --- COCO export ------------------------------------------------------------------------------------------
     def to_coco(self, split: str | None = None) -> dict:
