@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from microbench.cli import main
 
 REQUIRED = {"rows", "unique_image_ids", "questions", "captions", "datasets", "rows_with_bbox", "rows_with_polygon",
@@ -31,3 +33,20 @@ def test_info_bad_path_is_one_line(capsys, tmp_path):
     assert main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data path") and "\n" not in err and "data.path=sample" in err
+
+
+def test_grit_command_scores_a_file_of_box_answers(tmp_path, capsys):
+    rows = [{"response": "<box>(0,0),(500,500)</box>", "width": 100, "height": 100, "gt_boxes": [[0, 0, 50, 50]],
+             "dataset": "d", "class": "nucleus"},
+            {"response": "no idea", "width": 100, "height": 100, "gt_boxes": [[0, 0, 50, 50]], "dataset": "d",
+             "class": "nucleus"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["grit", str(path), "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "GRIT macro 50.00" in out and "1 without a parseable box" in out
+    assert json.loads((tmp_path / "m.json").read_text())["grit/d/nucleus"] == pytest.approx(0.5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"response": "x"}) + "\n")
+    assert main(["grit", str(bad)]) == 2
+    assert "lacks columns" in capsys.readouterr().err

@@ -317,3 +317,21 @@ def test_hf_backend_on_a_tiny_random_llava(tmp_path):
     assert again.stats.cache_hits == 3 and again.stats.requests_sent == 0
     blind = HFVisionBackend(path, dtype="float32", batch_size=3, max_new_tokens=4, blind=True)
     assert all(isinstance(r.text, str) for r in blind.generate(reqs, progress=False)) and blind.stats.failed == 0
+
+
+def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path):
+    from microbench.evaluate import evaluate
+
+    path = _microvqa_fixture(tmp_path / "microvqa")
+    with ScriptedChatServer(reply=lambda body: "Step by step... so the answer is (2)") as srv:
+        record, objs = evaluate(_compose([
+            "task=cognition", f"cognition.path={path}", "cognition.format=microvqa", "model=openai_compatible",
+            f"model.base_url={srv.base_url}", "model.model=m", "model.prompt=microvqa", "model.cache_dir=null",
+            "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'run'}"]))
+        n_images = sorted(sum(c["type"] == "image_url" for c in b["messages"][0]["content"]) for b in srv.bodies)
+        prompts = [b["messages"][0]["content"][-1]["text"] for b in srv.bodies]
+    assert n_images == [1, 2]  # every image of a multi-image question is sent
+    assert all("Options:\n  (1):" in p and "The answer is (X)" in p for p in prompts)
+    assert record["headline"]["cognition"]["value"] == 0.5  # answer (2) = index 1: right for the first question
+    assert record["metrics"]["cognition/subdomain/expert_visual_understanding"]["value"] == 1.0
+    assert objs["predictions"]["pred_idx"].tolist() == [1, 1]

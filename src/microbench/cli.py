@@ -2,7 +2,8 @@
 
 ``info PATH`` summarises any copy of the benchmark (Hub id, Hub-layout folder, save_to_disk folder, parquet, or
 ``sample``) as a table, or as JSON with ``--json``. ``leaderboard RUN_DIR... --out DIR`` aggregates evaluation runs
-(folders holding ``metrics.json``) into ``leaderboard.csv`` and ``leaderboard.md``.
+(folders holding ``metrics.json``) into ``leaderboard.csv`` and ``leaderboard.md``. ``grit ANSWERS.jsonl --format
+qwen|paligemma`` scores a file of generative box answers with the official GRIT localization metric.
 """
 
 from __future__ import annotations
@@ -78,6 +79,34 @@ def _leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grit(args: argparse.Namespace) -> int:
+    """Score generative box answers from a file with GRIT."""
+    import pandas as pd
+
+    from microbench.generative.boxes import score_box_answers
+    from microbench.results.records import write_json
+
+    path = Path(args.answers)
+    if not path.is_file():
+        raise FileNotFoundError(f"answers file {path} does not exist")
+    frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
+    need = {"response", "width", "height", "gt_boxes", "dataset", "class"}
+    if need - set(frame.columns):
+        raise ValueError(f"{path} lacks columns {sorted(need - set(frame.columns))}: one row per (image, class) with "
+                         "response, width, height, gt_boxes ([[x1, y1, x2, y2], ...] pixels), dataset, class")
+    if frame["gt_boxes"].map(lambda v: isinstance(v, str)).any():
+        frame["gt_boxes"] = frame["gt_boxes"].map(lambda v: json.loads(v) if isinstance(v, str) else v)
+    _, metrics = score_box_answers(frame, args.format)
+    print(f"GRIT macro {100 * metrics['grit/macro']:.2f}, pooled {100 * metrics['grit/pooled']:.2f} "
+          f"({len(frame)} questions, {metrics['unparsed_answers']} without a parseable box)")
+    for k, v in metrics.items():
+        if k.count("/") >= 2:
+            print(f"  {k.removeprefix('grit/')}: {100 * v:.2f}")
+    if args.out:
+        write_json(args.out, metrics)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,13 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="output folder (default: leaderboard/)")
     lb.add_argument("--source", default="captions", choices=["captions", "questions"])
     lb.add_argument("-v", "--verbose", action="store_true")
+    gr = sub.add_parser("grit", help="score generative box answers (Qwen-VL / PaliGemma) with the GRIT metric")
+    gr.add_argument("answers", help="JSONL or CSV: response, width, height, gt_boxes, dataset, class per row")
+    gr.add_argument("--format", default="qwen", choices=["qwen", "paligemma"])
+    gr.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    gr.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from microbench.data.loading import MicroBenchDataError
 
     try:
-        return _info(args) if args.command == "info" else _leaderboard(args)
-    except (MicroBenchDataError, FileNotFoundError) as err:
+        return {"info": _info, "leaderboard": _leaderboard, "grit": _grit}[args.command](args)
+    except (MicroBenchDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def _as_entry(value: float, n: int) -> dict:
 def write_localization_run(result: dict, module, *, context: dict) -> dict:
     """Write the run record of one scored split (called on global rank 0)."""
     out_dir = Path(context["output_dir"])
-    dm = context["datamodule"]
+    dm = context.get("datamodule") or module.trainer.datamodule
     m, counts = result["metrics"], result["counts"]
     per_image = result["per_image"]
     n_grit = len(per_image)
@@ -70,7 +71,7 @@ def write_localization_run(result: dict, module, *, context: dict) -> dict:
     from microbench.data.localization import coco_ground_truth
     from microbench.metrics.localization import _detections
 
-    preds = context.get("preds_holder", {}).get("preds")
+    preds = getattr(module, "_last_preds", None)
     write_parquet(out_dir / "predictions.parquet", per_image)
     if preds is not None:
         write_json(out_dir / "detections.json", _detections(preds, len(images), module.hparams.head == "segmentation"))
@@ -149,8 +150,8 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     dm.setup("fit")
     record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(), "class_names": dm.class_names,
               "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__}
-    context = {"output_dir": str(out_dir), "datamodule": dm, "t0": t0, "config": _container(cfg), "timings": {}}
-    module = _make_module(cfg, backbone, dm, record, on_scored=lambda res, mod: _on_scored(res, mod, context))
+    context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {}}
+    module = _make_module(cfg, backbone, dm, record, on_scored=partial(_on_scored, context=context))
     from microbench.training import build_callbacks, checkpoint_dir
 
     callbacks, named = build_callbacks(cfg, checkpoint_dir(cfg))
@@ -219,7 +220,7 @@ def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
 
 
 def _on_scored(result: dict, module, context: dict) -> None:
-    context["preds_holder"] = {"preds": module._last_preds}
+    """Picklable (``functools.partial``) so that spawned DDP workers can write the record on rank 0."""
     write_localization_run(result, module, context=context)
 
 
@@ -255,9 +256,9 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     dm.setup("test")
     if dm.class_names != list(hp["class_names"]):
         dm.table.class_names = list(hp["class_names"])  # label ids follow the checkpoint's class order
-    context = {"output_dir": str(out_dir), "datamodule": dm, "t0": t0, "config": _container(cfg), "timings": {},
+    context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {},
                "checkpoint": str(cfg.checkpoint)}
-    module.on_scored = lambda res, mod: _on_scored(res, mod, context)
+    module.on_scored = partial(_on_scored, context=context)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
                                      enable_model_summary=False)
     trainer.test(module, datamodule=dm, verbose=False)

@@ -71,7 +71,7 @@ def score_box_answers(answers: pd.DataFrame, parser: str | Callable = "qwen") ->
     out["parsed"] = out["pred_boxes"].map(bool)
     out["grit"] = [localization_score(p, g) for p, g in zip(out["pred_boxes"], out["gt_boxes"], strict=True)]
     names = [f"{d}/{c}" for d, c in zip(out["dataset"], out["class"], strict=True)]
-    metric = GritLocalization(sorted(set(names)))
+    metric = GritLocalization(sorted(set(names)), sync_on_compute=False)  # scores are already gathered
     if names:
         metric.update(None, None, names, scores=out["grit"].tolist())
     metrics = {f"grit/{k}": v for k, v in metric.compute().items()} if names else {}

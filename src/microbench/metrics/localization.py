@@ -71,7 +71,7 @@ def grit_table(images: Sequence[LocImage], class_names: Sequence[str], preds: Ma
 def grit_metrics(table: pd.DataFrame) -> dict[str, float]:
     """``grit/<dataset>/<class>`` means over images, their macro mean and the pooled mean, via the Metric."""
     names = [f"{d}/{c}" for d, c in zip(table["dataset"], table["class"], strict=True)]
-    metric = GritLocalization(sorted(set(names)))
+    metric = GritLocalization(sorted(set(names)), sync_on_compute=False)  # scores are already gathered
     metric.update(None, None, names, scores=table["grit"].tolist())
     return {f"grit/{k}": v for k, v in metric.compute().items()}
 
