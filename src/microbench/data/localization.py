@@ -187,14 +187,18 @@ class LocalizationDataset(Dataset):
     """Decoded image (float [0, 1], C×H×W, original size) + torchvision detection target per unique image."""
 
     def __init__(self, hf_images, images: list[LocImage], class_names: list[str], masks: bool,
-                 augment: bool = False):
+                 augment: bool = False, crop_size: int | None = None):
         self.hf_images, self.images, self.masks, self.augment = hf_images, images, masks, augment
         self.label = {c: i + 1 for i, c in enumerate(class_names)}
         from torchvision.transforms import v2
 
         self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-        # microscopy has no canonical orientation: flips are label-preserving
-        self.flip = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]) if augment else None
+        ops = []
+        if crop_size:  # large fields: train on random crops at full resolution (evaluation tiles, see the module)
+            ops += [v2.RandomCrop(int(crop_size), pad_if_needed=True), v2.SanitizeBoundingBoxes(min_size=1)]
+        if augment:  # microscopy has no canonical orientation: flips are label-preserving
+            ops += [v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]
+        self.flip = v2.Compose(ops) if ops else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -238,13 +242,16 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         datasets / exclude_datasets: resolved dataset names to keep / drop.
         split: the split served by ``test_dataloader`` (``test`` by default; ``all`` for every annotated image).
         augment: random flips of training images (boxes and masks follow).
+        train_crop_size: train on random crops of this many pixels (objects lost by the crop are dropped) instead
+            of whole images; use with the head's ``tile_size`` for fields much larger than the tower's input.
     """
 
     def __init__(self, path: str = "sample", revision: str | None = HUB_REVISION, targets: str = "boxes",
                  classes: Sequence[str] | str | None = None, datasets: Sequence[str] | str | None = None,
                  exclude_datasets: Sequence[str] | str | None = None, split: str = "test", split_seed: int = 0,
                  split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: int = 8, num_workers: int = 0,
-                 pin_memory: bool = False, augment: bool = True, strict_filters: bool = True, **_ignored) -> None:
+                 pin_memory: bool = False, augment: bool = True, strict_filters: bool = True,
+                 train_crop_size: int | None = None, **_ignored) -> None:
         super().__init__()
         if targets not in TARGETS:
             raise MicroBenchDataError(f"targets must be one of {TARGETS} (boxes: detection, masks: segmentation), "
@@ -257,7 +264,7 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         self.exclude_datasets = _as_list(exclude_datasets) or []
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
-        self.augment, self.strict_filters = augment, strict_filters
+        self.augment, self.strict_filters, self.train_crop_size = augment, strict_filters, train_crop_size
         self.hf = None
         self.source: DataSource | None = None
         self.table: LocalizationTable | None = None
@@ -320,11 +327,12 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         split = split or self.split
         return [im for im in self.table.images if split == splits_mod.ALL or im.split == split]
 
-    def dataset(self, split: str, augment: bool = False) -> LocalizationDataset:
-        return LocalizationDataset(self.hf, self.images(split), self.class_names, self.targets == "masks", augment)
+    def dataset(self, split: str, augment: bool = False, crop_size: int | None = None) -> LocalizationDataset:
+        return LocalizationDataset(self.hf, self.images(split), self.class_names, self.targets == "masks", augment,
+                                   crop_size)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self.dataset(split, augment=train and self.augment)
+        ds = self.dataset(split, augment=train and self.augment, crop_size=self.train_crop_size if train else None)
         if len(ds) == 0:
             raise MicroBenchDataError(f"the {split} split has no annotated image ({len(self.table.images)} in all); "
                                       "use more data or change split_fractions")

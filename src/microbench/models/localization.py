@@ -148,6 +148,54 @@ def build_detector(backbone: Backbone, num_classes: int, head: str = "detection"
     return FasterRCNN(pyramid, **kwargs)
 
 
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` (fraction) overlap."""
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+@torch.no_grad()
+def predict_tiled(detector: nn.Module, image: torch.Tensor, tile: int, overlap: float = 0.25, nms_iou: float = 0.5,
+                  max_detections: int = 1000, batch_size: int = 8) -> dict:
+    """Sliding-window detection of one large image: overlapping tiles at full resolution, boxes shifted back to
+    image pixels, duplicates across tiles removed by per-class NMS, the best ``max_detections`` kept; masks of the
+    kept detections are pasted into the full image one at a time and returned as COCO RLEs."""
+    from torchvision.ops import batched_nms
+
+    from microbench.metrics.localization import encode_masks
+
+    h, w = image.shape[-2:]
+    origins = [(x, y) for y in tile_origins(h, tile, overlap) for x in tile_origins(w, tile, overlap)]
+    outs = []
+    for i in range(0, len(origins), batch_size):
+        crops = [image[:, y:y + tile, x:x + tile] for x, y in origins[i:i + batch_size]]
+        outs += detector(crops)
+    shift = torch.tensor([[x, y, x, y] for (x, y), o in zip(origins, outs, strict=True) for _ in range(len(o["boxes"]))],
+                         dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([o["boxes"].float().cpu() for o in outs]) + shift
+    scores = torch.cat([o["scores"].float().cpu() for o in outs])
+    labels = torch.cat([o["labels"].cpu() for o in outs])
+    keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]  # sorted by score
+    rec = {"boxes": boxes[keep].numpy(), "scores": scores[keep].numpy(), "labels": labels[keep].numpy()}
+    if outs and "masks" in outs[0]:
+        where = [(t, j) for t, o in enumerate(outs) for j in range(len(o["boxes"]))]
+        rles = []
+        for k in keep.tolist():
+            t, j = where[k]
+            x, y = origins[t]
+            m = outs[t]["masks"][j, 0].float().cpu()
+            full = torch.zeros(h, w)
+            full[y:y + m.shape[0], x:x + m.shape[1]] = m
+            rles += encode_masks(full[None].numpy())
+        rec["masks"] = rles
+    return rec
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         out: list[Any] = [None] * dist.get_world_size()
@@ -168,6 +216,8 @@ class LocalizationModule(L.LightningModule):
         max_detections: detections kept per image (COCO's limit is 100; dense microscopy needs more).
         score_threshold: detections below this score are dropped before any metric.
         grit_score_threshold: detections scored by GRIT (which penalises every extra box) must reach this score.
+        tile_size: evaluate images larger than this many pixels as overlapping tiles (``tile_overlap``) at full
+            resolution, merging with per-class NMS at ``tile_nms_iou`` (dense fields much larger than the input).
         on_scored: ``f(result, module)`` called on global rank 0 after the test epoch, with the metrics and
             per-image predictions (used to write the run record).
     """
@@ -176,7 +226,8 @@ class LocalizationModule(L.LightningModule):
                  freeze_backbone: bool = True, out_channels: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4,
                  backbone_lr_mult: float = 0.1, warmup_frac: float = 0.1, max_detections: int = 1000,
                  score_threshold: float = 0.01, grit_score_threshold: float = 0.5, anchor_scale: float = 4.0,
-                 rpn_proposals: int = 1000, representation_size: int = 1024, roi_samples: int = 256, record: dict | None = None, on_scored: Callable | None = None, seed: int = 0) -> None:
+                 rpn_proposals: int = 1000, representation_size: int = 1024, roi_samples: int = 256,
+                 tile_size: int | None = None, tile_overlap: float = 0.25, tile_nms_iou: float = 0.5, record: dict | None = None, on_scored: Callable | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "on_scored"])
         self.class_names = list(class_names)
@@ -235,18 +286,30 @@ class LocalizationModule(L.LightningModule):
                                                    "interval": "step"}}
 
     # --- evaluation -----------------------------------------------------------------------------------------------
+    def predict_images(self, images: list[torch.Tensor]) -> list[dict]:
+        """Detections of whole images, tiled when ``tile_size`` is set and an image is larger than a tile: boxes
+        (xyxy, original pixels), scores, labels and, for segmentation, masks as COCO RLEs."""
+        from microbench.metrics.localization import encode_masks
+
+        hp = self.hparams
+        whole = [i for i, im in enumerate(images) if not hp.tile_size or max(im.shape[-2:]) <= hp.tile_size]
+        out: list[dict | None] = [None] * len(images)
+        if whole:
+            for i, o in zip(whole, self.detector([images[i] for i in whole]), strict=True):
+                out[i] = {"boxes": o["boxes"].float().cpu().numpy(), "scores": o["scores"].float().cpu().numpy(),
+                          "labels": o["labels"].cpu().numpy()}
+                if "masks" in o:
+                    out[i]["masks"] = encode_masks(o["masks"][:, 0].float().cpu().numpy())
+        for i in (i for i in range(len(images)) if out[i] is None):
+            out[i] = predict_tiled(self.detector, images[i], int(hp.tile_size), float(hp.tile_overlap),
+                                   float(hp.tile_nms_iou), int(hp.max_detections))
+        return out
+
     def _predict(self, batch: dict, stage: str) -> None:
         if not batch["images"]:
             return
-        outputs = self.detector(batch["images"])
-        for t, out in zip(batch["targets"], outputs, strict=True):
-            rec = {"index": int(t["index"]), "boxes": out["boxes"].float().cpu().numpy(),
-                   "scores": out["scores"].float().cpu().numpy(), "labels": out["labels"].cpu().numpy()}
-            if "masks" in out:
-                from microbench.metrics.localization import encode_masks
-
-                rec["masks"] = encode_masks(out["masks"][:, 0].float().cpu().numpy())
-            self._outputs[stage].append(rec)
+        for t, rec in zip(batch["targets"], self.predict_images(batch["images"]), strict=True):
+            self._outputs[stage].append({"index": int(t["index"]), **rec})
         self._failed = getattr(self, "_failed", []) + list(batch.get("errors", []))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
