@@ -126,6 +126,15 @@ def _as_list(value) -> list[str] | None:
     return [str(v) for v in value]
 
 
+def load_split_rows(path: str, revision: str | None, spec: splits_mod.SplitSpec):
+    """Load a copy, build its question table and assign every row its split: (hf, source, table, rows)."""
+    hf, source = load_ubench(path, revision)
+    table = build_question_table(hf)
+    rows = table.rows.copy()
+    rows["split"] = splits_mod.assign_splits(rows, spec)
+    return hf, source, table, rows
+
+
 def prepare_hub_copy(dm) -> None:
     """Download once per node when reading from the Hub (a no-op for local copies and the sample)."""
     if dm.hf is None and is_hub_id(dm.path):
@@ -208,10 +217,7 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.hf is not None:
             return
-        hf, self.source = load_ubench(self.path, self.revision)
-        self.question_table = build_question_table(hf)
-        rows = self.question_table.rows.copy()
-        rows["split"] = splits_mod.assign_splits(rows, self.split_spec)
+        hf, self.source, self.question_table, rows = load_split_rows(self.path, self.revision, self.split_spec)
         keep = np.ones(len(rows), dtype=bool)
         for col, wanted in self.filters.items():
             if wanted is None:

@@ -37,10 +37,10 @@ from microbench.data.datamodule import (
     SplitLoaders,
     _as_list,
     _dist_world,
+    load_split_rows,
     prepare_hub_copy,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError, load_ubench
-from microbench.data.questions import build_question_table
+from microbench.data.loading import DataSource, MicroBenchDataError
 from microbench.data.schema import HUB_REVISION, parse_bboxes, parse_polygons
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,7 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.hf is not None:
             return
-        hf, self.source = load_ubench(self.path, self.revision)
-        rows = build_question_table(hf).rows
-        rows = rows.assign(split=splits_mod.assign_splits(rows, self.split_spec))
+        hf, self.source, _, rows = load_split_rows(self.path, self.revision, self.split_spec)
         annotated = rows[rows["has_bbox"] | rows["has_polygon"]]
         if annotated.empty:
             raise MicroBenchDataError(f"{self.source.location} has no row with a bbox or polygon: localization needs "
