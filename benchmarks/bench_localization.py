@@ -19,7 +19,7 @@ import numpy as np
 
 from microbench.data.localization import LocImage, coco_ground_truth
 from microbench.metrics.coco import coco_evaluate
-from microbench.metrics.localization import _detections, encode_masks, grit_metrics, grit_table
+from microbench.metrics.localization import coco_detections, encode_masks, grit_metrics, grit_table
 from microbench.results.records import write_json
 
 CLASSES = ["nucleus", "cell", "mitochondria"]
@@ -66,12 +66,12 @@ def main() -> int:
     result = {"images": args.images, "objects_per_image": args.objects, "detections_per_image": args.objects + 10,
               "size": args.size, "synthetic_build_s": round(build_s, 2)}
     t = time.perf_counter()
-    box = coco_evaluate(gt, _detections(preds, len(images), False), "bbox", max_dets=1000)
+    box = coco_evaluate(gt, coco_detections(preds, len(images), False), "bbox", max_dets=1000)
     result["coco_bbox_s"] = round(time.perf_counter() - t, 2)
     result["bbox_AP"], result["bbox_AP50"] = round(box["AP"], 4), round(box["AP50"], 4)
     if args.segm:
         t = time.perf_counter()
-        seg = coco_evaluate(gt, _detections(preds, len(images), True), "segm", max_dets=1000)
+        seg = coco_evaluate(gt, coco_detections(preds, len(images), True), "segm", max_dets=1000)
         result["coco_segm_s"] = round(time.perf_counter() - t, 2)
         result["segm_AP"] = round(seg["AP"], 4)
     t = time.perf_counter()

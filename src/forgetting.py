@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from microbench.entry import set_project_root
+
+set_project_root(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="forgetting.yaml")

@@ -69,12 +69,35 @@ def test_client_retries_429_and_500_then_succeeds():
 
 
 def test_client_gives_up_after_max_retries_and_on_4xx():
-    with ScriptedChatServer(fail=lambda n, body: 503 if "q0" in json.dumps(body) else 400) as srv:
+    def fail(n, body):
+        text = json.dumps(body)
+        return 503 if "q0" in text else 400 if "q1" in text else None
+
+    with ScriptedChatServer(fail=fail) as srv:
         be = OpenAICompatibleBackend("m", base_url=srv.base_url, backoff_s=0.01, max_retries=2)
-        res = be.generate(_requests(2), progress=False)
+        res = be.generate(_requests(3), progress=False)
     assert res[0].text is None and "HTTP 503" in res[0].error and res[0].attempts == 3
     assert res[1].text is None and "HTTP 400" in res[1].error and res[1].attempts == 1  # 4xx: no retry
-    assert be.stats.failed == 2 and srv.requests == 4
+    assert res[2].text == "A" and be.stats.failed == 2 and srv.requests == 5
+
+
+def test_a_run_without_a_single_answer_is_one_clear_error(tmp_path):
+    from microbench.models.backbones.base import BackboneError
+
+    with ScriptedChatServer(fail=lambda n, body: 404) as srv:  # e.g. a wrong model name
+        be = OpenAICompatibleBackend("no-such-model", base_url=srv.base_url)
+        with pytest.raises(BackboneError, match="all 3 requests failed, e.g. 'HTTP 404"):
+            be.generate(_requests(3), progress=False)
+    with ScriptedChatServer() as srv:  # answers one question, then the server goes away
+        url = srv.base_url
+        be = OpenAICompatibleBackend("m", base_url=url, cache_dir=tmp_path, max_concurrency=2)
+        assert be.generate(_requests(1), progress=False)[0].text == "A"
+    be = OpenAICompatibleBackend("m", base_url=url, cache_dir=tmp_path, max_concurrency=2, backoff_s=0.01)
+    t = __import__("time").perf_counter()
+    with pytest.raises(BackboneError, match=f"cannot reach the chat-completions server at {url}.*1 answers cached"):
+        be.generate(_requests(50), progress=False)
+    assert __import__("time").perf_counter() - t < 5  # stops at once instead of retrying 50 questions
+    assert len(be.generate(_requests(1), progress=False)) == 1  # a fully cached rerun needs no server
 
 
 def test_client_timeout_is_retried():

@@ -341,14 +341,30 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
     assert "target/localization" in study["selection"]["rule"]
     assert "Localization (test)" in (tmp_path / "train" / "forgetting" / "forgetting.md").read_text()
 
-    # the same study from the checkpoint with src/forgetting.py: the localization head is found and scored
+    # the same study from the checkpoint with src/forgetting.py: the localization head is found and scored, each
+    # localization image decoded once per split for the whole α sweep
+    from microbench.data.localization import LocalizationDataset
+
+    decodes = {"n": 0}
+    original = LocalizationDataset.__getitem__
+
+    def counting(self, i):
+        decodes["n"] += 1
+        return original(self, i)
+
     last = metrics["last_checkpoint"]
-    fcfg = _compose([f"finetuned={last}", "alphas=[0,1]", "bootstrap.n_resamples=99", "result_cache=null",
+    fcfg = _compose([f"finetuned={last}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "result_cache=null",
                      f"paths.output_dir={tmp_path / 'study'}"], name="forgetting")
-    study2, _ = forgetting(fcfg)
+    LocalizationDataset.__getitem__ = counting
+    try:
+        study2, _ = forgetting(fcfg)
+    finally:
+        LocalizationDataset.__getitem__ = original
+    dm = objs["datamodule"]
+    assert decodes["n"] == len(dm.images("val")) + len(dm.images("test"))
     assert study2["target_datasets"] == study["target_datasets"]
-    ref = study["splits"]["test"]["localization"]["alpha=1.00"]
-    assert study2["splits"]["test"]["localization"]["alpha=1.00"] == pytest.approx(ref, abs=1e-9)
+    for name, ref in study["splits"]["test"]["localization"].items():  # same head, same θ(α), same numbers
+        assert study2["splits"]["test"]["localization"][name] == pytest.approx(ref, abs=1e-9)
 
 
 def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 import microbench
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.zero_shot import SOURCES, ZeroShotScorer, random_baseline
-from microbench.results.records import read_json, write_json, write_parquet, write_text
+from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
 from microbench.results.report import pct, results_markdown
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         from microbench.generative_tasks import evaluate_generative_perception
 
         return log_record(cfg, *evaluate_generative_perception(cfg))
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.get("seed", 0), workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     sources = _sources(cfg)
     context = {"output_dir": str(out_dir), "sources": sources, "t0": t0,
                "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import microbench
 from microbench.metrics.bootstrap import bootstrap_accuracy
-from microbench.results.records import write_json, write_parquet, write_text
+from microbench.results.records import start_run, write_json, write_parquet, write_text
 from microbench.results.report import pct
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.data.cognition import CognitionDataModule
     from microbench.generative.harness import random_cognition, run_generative
 
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.get("seed", 0), workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     kind, model = _model_info(cfg)
     c = cfg.cognition
     dm = CognitionDataModule(path=c.path, format=c.get("format", "auto"), revision=c.get("revision"),
@@ -144,10 +141,7 @@ def evaluate_generative_perception(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.evaluate import write_run
     from microbench.generative.harness import run_generative
 
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.get("seed", 0), workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     backend = instantiate(cfg.model)
     dm = instantiate(cfg.data)
     dm.setup("test")

@@ -24,7 +24,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import microbench
-from microbench.results.records import read_json, write_json, write_parquet, write_text
+from microbench.data.config import LOCALIZATION_DM, PERCEPTION_DM, data_module_cfg
+from microbench.models.backbones.base import state_fingerprint
+from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def write_localization_run(result: dict, module, *, context: dict) -> dict:
         "microbench_version": microbench.__version__,
         "task": "localization",
         "head": module.hparams.head,
-        "model": {**module.backbone.describe(), "head_fingerprint": _head_fingerprint(module),
+        "model": {**module.backbone.describe(), "head_fingerprint": state_fingerprint(module.head_state_dict()),
                   "checkpoint": context.get("checkpoint")},
         "data": {**dm.source.to_dict(), "targets": dm.targets, "filters": dm.filters,
                  "exclude_datasets": dm.exclude_datasets, "class_names": dm.class_names},
@@ -69,12 +71,12 @@ def write_localization_run(result: dict, module, *, context: dict) -> dict:
     }
     images = dm.images(dm.split)
     from microbench.data.localization import coco_ground_truth
-    from microbench.metrics.localization import _detections
+    from microbench.metrics.localization import coco_detections
 
     preds = getattr(module, "_last_preds", None)
     write_parquet(out_dir / "predictions.parquet", per_image)
     if preds is not None:
-        write_json(out_dir / "detections.json", _detections(preds, len(images), module.hparams.head == "segmentation"))
+        write_json(out_dir / "detections.json", coco_detections(preds, len(images), module.hparams.head == "segmentation"))
     write_json(out_dir / "ground_truth_coco.json", coco_ground_truth(images, dm.class_names))
     write_json(out_dir / "metrics.json", record)
     write_text(out_dir / "results.md", localization_markdown(record, per_image))
@@ -85,16 +87,6 @@ def write_localization_run(result: dict, module, *, context: dict) -> dict:
     log.info("%s %s: bbox AP %s, GRIT %s -> %s", record["model"]["name"], record["head"],
              _fmt(h.get("bbox_AP")), _fmt(h.get("grit")), out_dir)
     return record
-
-
-def _head_fingerprint(module) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    for k, v in sorted(module.head_state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _fmt(entry: dict | None) -> str:
@@ -141,15 +133,13 @@ def _make_module(cfg: DictConfig, backbone, dm, record: dict, on_scored=None):
 
 def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit a detection/segmentation head, then test the best checkpoint and write the run record."""
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     backbone = instantiate(cfg.model)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(), "class_names": dm.class_names,
-              "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__}
+              "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__,
+              "datasets": sorted({im.dataset for im in dm.images("all")})}
     context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {}}
     module = _make_module(cfg, backbone, dm, record, on_scored=partial(_on_scored, context=context))
     from microbench.training import build_callbacks, checkpoint_dir
@@ -202,21 +192,19 @@ def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
     hp = {k: v for k, v in module.hparams.items() if k not in ("record",)}
     holder: dict = {}
 
-    def score(split: str) -> dict:  # a twin module sharing the backbone, with the head trained so far
-        if "scorer" not in holder:
-            twin = LocalizationModule(backbone, **hp)
-            holder["scorer"] = LocalizationScorer(twin, localization_dm_factory(cfg.data, dm.targets, dm.class_names))
-        twin = holder["scorer"].module
+    def sweep(split: str, base: dict, finetuned: dict, alphas: list[float], keys) -> dict:
+        if "sweeper" not in holder:  # a twin module sharing the backbone, carrying the head trained so far
+            holder["sweeper"] = LocalizationSweeper(LocalizationModule(backbone, **hp),
+                                                    localization_dm_factory(cfg.data, dm.targets, dm.class_names))
+        twin = holder["sweeper"].module
         twin.detector.load_state_dict({**twin.detector.state_dict(), **module.head_state_dict()})
-        return holder["scorer"](split)
+        return holder["sweeper"](split, base, finetuned, alphas, keys)
 
-    whole = OmegaConf.create({"_target_": "microbench.data.datamodule.PerceptionDataModule", "path": cfg.data.path,
-                              "revision": cfg.data.get("revision"), "split_seed": cfg.data.get("split_seed", 0),
-                              "split_fractions": list(cfg.data.get("split_fractions", (0.7, 0.1, 0.2)))})
+    whole = data_module_cfg(cfg.data, PERCEPTION_DM)
     targets = sorted({im.dataset for im in dm.images("all")})
     return ForgettingCallback(partial(make_eval_dm, whole, backbone.preprocess), out_dir / "forgetting",
                               list(fg.alphas), fg.towers, float(fg.keep_target_gain), target_datasets=targets,
-                              cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples), localization=score)
+                              cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples), localization=sweep)
 
 
 def _on_scored(result: dict, module, context: dict) -> None:
@@ -229,33 +217,24 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.models.localization import detector_from_checkpoint
     from microbench.run_errors import UserError
 
-    t0 = time.perf_counter()
     if cfg.model.get("kind") == "generative":
         return evaluate_generative_localization(cfg)
     if not cfg.get("checkpoint"):
         raise UserError("localization evaluation needs a trained head: checkpoint=<.ckpt from "
                         "python src/train.py task=localization ...> (e.g. experiment=detect_nuclei)")
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not Path(cfg.checkpoint).is_file():
         raise UserError(f"checkpoint {cfg.checkpoint} does not exist")
+    t0, out_dir = start_run(cfg)
     module, ckpt = detector_from_checkpoint(cfg.checkpoint)
     hp = ckpt["hyper_parameters"]
-    data_cfg = cfg.data
-    if not str(data_cfg.get("_target_", "")).endswith("LocalizationDataModule"):
-        # the perception data group: same copy and split specification, the localization test split
-        data_cfg = OmegaConf.create({
-            "_target_": "microbench.data.localization.LocalizationDataModule", "path": cfg.data.path,
-            "revision": cfg.data.get("revision"), "split": "test", "split_seed": cfg.data.get("split_seed", 0),
-            "split_fractions": list(cfg.data.get("split_fractions", (0.7, 0.1, 0.2))),
-            "batch_size": cfg.data.get("batch_size", 8)})
+    if not str(cfg.data.get("_target_", "")).endswith("LocalizationDataModule"):
         log.info("localization: evaluating the test split of %s (set data=ubench_localization to choose)",
                  cfg.data.path)
-    dm = instantiate(data_cfg, targets=(hp.get("record") or {}).get("targets", "boxes"),
-                     classes=list(hp["class_names"]), strict_filters=False)
+    defaults = {} if str(cfg.data.get("_target_", "")) == LOCALIZATION_DM else {"split": "test"}
+    dm = instantiate(data_module_cfg(cfg.data, LOCALIZATION_DM, **defaults,
+                                     targets=(hp.get("record") or {}).get("targets", "boxes"),
+                                     classes=list(hp["class_names"]), strict_filters=False))
     dm.setup("test")
-    if dm.class_names != list(hp["class_names"]):
-        dm.table.class_names = list(hp["class_names"])  # label ids follow the checkpoint's class order
     context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {},
                "checkpoint": str(cfg.checkpoint)}
     module.on_scored = partial(_on_scored, context=context)
@@ -265,41 +244,34 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     return read_json(out_dir / "metrics.json"), {"module": module, "datamodule": dm, "trainer": trainer}
 
 
-class LocalizationScorer:
-    """``split -> metrics`` of a localization head on its backbone's *current* weights (forgetting studies call it
-    once per θ(α)). ``make_dm(split)`` builds the :class:`LocalizationDataModule` of a split (built once each)."""
+class LocalizationSweeper:
+    """``(split, base, finetuned, alphas, keys) -> {alpha name: metrics}``: a localization head scored on every
+    θ(α) of its backbone in one pass over the split, each image decoded once (forgetting studies).
+    ``make_dm(split)`` builds the :class:`LocalizationDataModule` of a split (once per split)."""
 
     def __init__(self, module, make_dm, accelerator: str = "cpu") -> None:
         self.module, self.make_dm, self.accelerator = module, make_dm, accelerator
         self._dms: dict = {}
 
-    def __call__(self, split: str) -> dict:
+    def __call__(self, split: str, base: dict, finetuned: dict, alphas, keys=None) -> dict[str, dict]:
+        from microbench.studies.sweep import LocalizationInterpolationScorer, alpha_name
+
         if split not in self._dms:
             self._dms[split] = self.make_dm(split)
+        scorer = LocalizationInterpolationScorer(self.module, base, finetuned, alphas, keys)
         trainer = L.Trainer(accelerator=self.accelerator, devices=1, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False)  # may run inside a fit
-        on_scored, self.module.on_scored = self.module.on_scored, None
-        try:
-            trainer.test(self.module, datamodule=self._dms[split], verbose=False)
-        finally:
-            self.module.on_scored = on_scored
-        return dict(self.module.last_scores["test"])
+        trainer.test(scorer, datamodule=self._dms[split], verbose=False)
+        return {alpha_name(a): m for a, m in scorer.results.items()}
 
 
 def localization_dm_factory(data_cfg, targets: str, classes: list[str]):
-    """``split -> LocalizationDataModule`` from a localization (or perception) data config."""
+    """``split -> LocalizationDataModule`` (set up) from a localization or perception data config, with the label
+    space ``classes`` (a head's class names, in its order)."""
     def make(split: str):
-        cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-        if not str(cfg.get("_target_", "")).endswith("LocalizationDataModule"):
-            cfg = OmegaConf.create({"_target_": "microbench.data.localization.LocalizationDataModule",
-                                    "path": cfg.path, "revision": cfg.get("revision"),
-                                    "split_seed": cfg.get("split_seed", 0),
-                                    "split_fractions": list(cfg.get("split_fractions", (0.7, 0.1, 0.2)))})
-        cfg = OmegaConf.merge(cfg, {"split": split, "targets": targets, "classes": classes, "strict_filters": False,
-                                    "augment": False})
-        dm = instantiate(cfg)
+        dm = instantiate(data_module_cfg(data_cfg, LOCALIZATION_DM, split=split, targets=targets,
+                                         classes=list(classes), strict_filters=False, augment=False))
         dm.setup("test")
-        dm.table.class_names = list(classes)  # label ids follow the head's class order
         return dm
     return make
 
@@ -313,21 +285,15 @@ def evaluate_generative_localization(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.generative.backends import Request
     from microbench.generative.boxes import PROMPTS, score_box_answers
 
-    t0 = time.perf_counter()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     backend = instantiate(cfg.model)
     fmt = cfg.get("box_format") or ("paligemma" if "paligemma" in backend.model_name.lower() else "qwen")
     if fmt not in PROMPTS:
         from microbench.run_errors import UserError
 
         raise UserError(f"box_format must be one of {sorted(PROMPTS)}, got {fmt!r}")
-    data_cfg = cfg.data
-    if not str(data_cfg.get("_target_", "")).endswith("LocalizationDataModule"):
-        data_cfg = OmegaConf.create({"_target_": "microbench.data.localization.LocalizationDataModule",
-                                     "path": cfg.data.path, "revision": cfg.data.get("revision"), "split": "all",
-                                     "split_seed": cfg.data.get("split_seed", 0)})
-    dm = instantiate(data_cfg, targets="boxes", augment=False)
+    defaults = {} if str(cfg.data.get("_target_", "")) == LOCALIZATION_DM else {"split": "all"}  # official: all
+    dm = instantiate(data_module_cfg(cfg.data, LOCALIZATION_DM, **defaults, targets="boxes", augment=False))
     dm.setup("test")
     images = dm.images(dm.split)
     raw = dm.hf.cast_column("image", Image(decode=False))

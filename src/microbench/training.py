@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import microbench
 from microbench.data.labelled import build_class_space
 from microbench.evaluate import write_run
-from microbench.results.records import write_json, write_text
+from microbench.results.records import start_run, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ def _find(folder: Path, pattern: str) -> str:
 
 def finetune(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit, test on the held-out split of the training datasets, then run the official zero-shot protocol there."""
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     backbone = instantiate(cfg.model)
     dm = _data(cfg, "microbench.data.labelled.LabelledDataModule", transform=backbone.preprocess,
                train_transform=backbone.train_transform, drop_last_train=cfg.module.objective == "contrastive")
@@ -152,10 +149,7 @@ def linear_probe(cfg: DictConfig) -> tuple[dict, dict]:
     from microbench.models.finetune import class_text_embeddings
     from microbench.models.linear_probe import WEIGHT_DECAYS, ProbeData, sweep
 
-    t0 = time.perf_counter()
-    L.seed_everything(cfg.seed)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, out_dir = start_run(cfg)
     p = cfg.probe
     fast = bool(cfg.trainer.get("fast_dev_run", False))
     backbone = instantiate(cfg.model)

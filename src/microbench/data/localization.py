@@ -9,8 +9,9 @@ detection sample whose targets are:
 - ``targets="masks"``: one instance per polygon (rasterised with pycocotools RLE) with the polygon's bounds as its
   box; images without polygons are left out and counted.
 
-Class names come from ``className`` (a missing name becomes ``object``); label ids are 1..K in sorted name order
-(0 is the background, as in torchvision's detectors). Boxes are ``[x1, y1, x2, y2]`` in absolute pixels of the
+Class names come from ``className`` (a missing name becomes ``object``); label ids are 1..K in the order of
+``classes`` when given (so a trained head's class list reproduces its label ids), else in sorted name order (0 is the
+background, as in torchvision's detectors). Boxes are ``[x1, y1, x2, y2]`` in absolute pixels of the
 stored image; boxes are clipped to the image and degenerate ones (zero width or height) are dropped and counted.
 Splits are the perception splits (same seed, same grouping by ``image_id``), so a localization test image is never
 a training image of a perception fine-tune with the same split seed. :meth:`LocalizationDataModule.to_coco` exports
@@ -166,7 +167,8 @@ def build_localization_table(hf, rows: pd.DataFrame, targets: str = "boxes",
             polygons=[p for _, _, p in inst] if targets == "masks" else None,
             label_name=str(getattr(rec, "label_name", "")),
         ))
-    names = sorted({c for im in images for c in im.classes} | (set(classes) if classes else set()))
+    # the label space: ``classes`` in the given order (a trained head's), else every class present, sorted
+    names = list(dict.fromkeys(classes)) if classes else sorted({c for im in images for c in im.classes})
     return LocalizationTable(images, names, {k: int(v) for k, v in skipped.items()})
 
 
@@ -238,7 +240,8 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
     Args:
         path, revision: any copy :func:`~microbench.data.loading.load_ubench` reads.
         targets: ``boxes`` (detection, from ``bbox``) or ``masks`` (instance segmentation, from ``polygon``).
-        classes: keep only these ``className`` values (e.g. ``[nucleus, H2B-mCherry]``); None keeps all.
+        classes: keep only these ``className`` values, label ids 1..K in this order (e.g. ``[nucleus,
+            H2B-mCherry]``); None keeps all, in sorted order.
         datasets / exclude_datasets: resolved dataset names to keep / drop.
         split: the split served by ``test_dataloader`` (``test`` by default; ``all`` for every annotated image).
         augment: random flips of training images (boxes and masks follow).

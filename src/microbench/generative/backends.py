@@ -19,6 +19,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,12 +104,10 @@ class ResponseCache:
             return int(self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
 
-def request_key(model: str, prompt: str, images: Sequence[bytes], params: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model, "prompt": prompt, "params": params}, sort_keys=True).encode())
-    for img in images:
-        h.update(hashlib.sha256(img).digest())
-    return h.hexdigest()
+def request_key(model: str, prompt: str, image_digests: Sequence[str], params: dict) -> str:
+    """Cache key of one question: model, prompt, generation parameters and the SHA-256 of every image."""
+    return hashlib.sha256(json.dumps({"model": model, "prompt": prompt, "params": params,
+                                      "images": list(image_digests)}, sort_keys=True).encode()).hexdigest()
 
 
 def _mime(data: bytes) -> str | None:
@@ -160,6 +159,7 @@ class GenerativeBackend:
         self.prompt_style = prompt
         self.cache = ResponseCache(Path(cache_dir) / "responses.sqlite" if cache_dir else None)
         self.stats = BackendStats()
+        self._lru: OrderedDict = OrderedDict()
 
     @property
     def params(self) -> dict:
@@ -176,12 +176,37 @@ class GenerativeBackend:
                                                           sort_keys=True).encode(), digest_size=8).hexdigest(),
                 "has_text": True, "parameters": None}
 
-    def _key_and_images(self, req: Request) -> tuple[str, list[bytes]]:
+    def _key_and_images(self, req: Request) -> tuple[str, list[str], list[bytes]]:
+        """The request's cache key, its images' SHA-256 digests and bytes (none when blind)."""
         images = [] if self.blind else req.image_bytes()
-        return request_key(self.model_name, req.prompt, images, self.params), images
+        digests = [hashlib.sha256(img).hexdigest() for img in images]
+        return request_key(self.model_name, req.prompt, digests, self.params), digests, images
+
+    def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """A small LRU of per-image work (data URLs, decoded images): the questions of one image come in a row,
+        so each image is encoded or decoded once, not once per question."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        value = self._lru[key] = make()
+        if len(self._lru) > 64:
+            self._lru.popitem(last=False)
+        return value
 
     def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Result]:
         raise NotImplementedError
+
+    def check_answered(self, results: Sequence[Result]) -> list[Result]:
+        """A run in which not one question got an answer (every request failed: wrong model name, endpoint, key,
+        a model that cannot run) is a configuration error, not an accuracy of 0: one clear error. Malformed replies
+        are answers (scored wrong); single failures are counted and scored wrong."""
+        if results and all(r.text is None for r in results) and not any(
+                (r.error or "").startswith("malformed") for r in results):
+            from microbench.models.backbones.base import BackboneError
+
+            raise BackboneError(f"{self.name}: all {len(results)} requests failed, e.g. {results[0].error!r}; check "
+                                "the model name, base_url, API key and server logs")
+        return list(results)
 
 
 class OpenAICompatibleBackend(GenerativeBackend):
@@ -222,10 +247,11 @@ class OpenAICompatibleBackend(GenerativeBackend):
         return {**{k: v for k, v in self.gen.items() if v is not None}, "logprobs": self.logprobs,
                 "image_detail": self.image_detail}
 
-    def payload(self, prompt: str, images: list[bytes]) -> dict:
+    def payload(self, prompt: str, images: list[bytes], digests: list[str] | None = None) -> dict:
         content: list[dict] = []
-        for img in images:
-            url = {"url": data_url(img)}
+        for k, img in enumerate(images):
+            url = {"url": self._memo(("url", digests[k]), lambda img=img: data_url(img)) if digests
+                   else data_url(img)}
             if self.image_detail:
                 url["detail"] = self.image_detail
             content.append({"type": "image_url", "image_url": url})
@@ -253,13 +279,13 @@ class OpenAICompatibleBackend(GenerativeBackend):
         else:
             results = asyncio.run(self._run(requests, progress))
         self.stats.seconds = round(time.perf_counter() - t, 3)
-        return results
+        return self.check_answered(results)
 
     async def _run(self, requests: Sequence[Request], progress: bool) -> list[Result]:
+        """``max_concurrency`` workers take requests in order from one iterator: at most that many requests (and
+        their images) are in memory or in flight at any time."""
         import httpx
 
-        sem = asyncio.Semaphore(self.max_concurrency)
-        in_flight = {"n": 0}
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -267,64 +293,91 @@ class OpenAICompatibleBackend(GenerativeBackend):
             bar = tqdm(total=len(requests), desc=f"{self.name}", unit="q")
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        results: list[Result | None] = [None] * len(requests)
+        todo = iter(enumerate(requests))
+        state = {"in_flight": 0, "answered": False, "unreachable": None}
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
                                      timeout=httpx.Timeout(self.timeout_s)) as client:
-            async def one(req: Request) -> Result:
-                res = await self._one(client, sem, in_flight, req)
-                if bar is not None:
-                    bar.update(1)
-                return res
+            async def worker() -> None:
+                for i, req in todo:  # one shared iterator: each worker takes the next request
+                    results[i] = await self._one(client, state, req)
+                    if bar is not None:
+                        bar.update(1)
 
-            results = await asyncio.gather(*(one(r) for r in requests))
+            await asyncio.gather(*(worker() for _ in range(self.max_concurrency)))
         if bar is not None:
             bar.close()
+        if state["unreachable"]:
+            from microbench.models.backbones.base import BackboneError
+
+            raise BackboneError(f"cannot reach the chat-completions server at {self.base_url} "
+                                f"({state['unreachable']}): start it (e.g. vllm serve <model>) or set "
+                                f"model.base_url; the {len(self.cache)} answers cached so far are kept")
         return list(results)
 
-    async def _one(self, client, sem: asyncio.Semaphore, in_flight: dict, req: Request) -> Result:
+    async def _reachable(self, client, state: dict) -> bool:
+        """After a connection error with no answer yet in this run: is anything listening at ``base_url``?"""
         import httpx
 
-        key, images = self._key_and_images(req)
+        if state["unreachable"]:
+            return False
+        try:
+            await client.get("/models", timeout=min(10.0, self.timeout_s))
+            return True
+        except httpx.TransportError as err:
+            state["unreachable"] = f"{type(err).__name__}: {err}"
+            return False
+
+    async def _one(self, client, state: dict, req: Request) -> Result:
+        import httpx
+
+        if state["unreachable"]:
+            return Result(req.id, None, "server unreachable", None)
+        key, digests, images = self._key_and_images(req)
         hit = self.cache.get(key)
         if hit is not None:
             self.stats.cache_hits += 1
             return Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
-        body = self.payload(req.prompt, images)
+        body = self.payload(req.prompt, images, digests)
         error, attempt = "", 0
-        async with sem:
-            for attempt in range(1, self.max_retries + 2):
-                in_flight["n"] += 1
-                self.stats.max_in_flight = max(self.stats.max_in_flight, in_flight["n"])
-                retry_after = None
-                try:
-                    self.stats.requests_sent += 1
-                    resp = await client.post("/chat/completions", json=body)
-                    if resp.status_code == 200:
-                        text, lp = self._parse(resp)
-                        if text is not None:
-                            self.cache.put(key, {"text": text, "letter_logprobs": lp})
-                            return Result(req.id, text, None, lp, attempts=attempt, key=key)
-                        error = "malformed response: no choices[0].message.content"
-                        break  # a 200 with garbage is the model's answer problem, not transient
-                    code = str(resp.status_code)
-                    self.stats.http_errors[code] = self.stats.http_errors.get(code, 0) + 1
-                    error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                    if resp.status_code != 429 and resp.status_code < 500:
-                        break  # 4xx other than 429: retrying will not help
-                    retry_after = resp.headers.get("retry-after")
-                except httpx.TimeoutException:
-                    self.stats.timeouts += 1
-                    error = f"timeout after {self.timeout_s:g} s"
-                except httpx.TransportError as err:
-                    error = f"{type(err).__name__}: {err}"
-                finally:
-                    in_flight["n"] -= 1
-                if attempt > self.max_retries:
-                    break
-                self.stats.retries += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
-                if retry_after and retry_after.replace(".", "", 1).isdigit():  # seconds (an HTTP date is ignored)
-                    delay = min(self.max_backoff_s, float(retry_after))
-                await asyncio.sleep(delay)
+        for attempt in range(1, self.max_retries + 2):
+            state["in_flight"] += 1
+            self.stats.max_in_flight = max(self.stats.max_in_flight, state["in_flight"])
+            retry_after = None
+            try:
+                self.stats.requests_sent += 1
+                resp = await client.post("/chat/completions", json=body)
+                state["answered"] = True
+                if resp.status_code == 200:
+                    text, lp = self._parse(resp)
+                    if text is not None:
+                        self.cache.put(key, {"text": text, "letter_logprobs": lp})
+                        return Result(req.id, text, None, lp, attempts=attempt, key=key)
+                    error = "malformed response: no choices[0].message.content"
+                    break  # a 200 with garbage is the model's answer problem, not transient
+                code = str(resp.status_code)
+                self.stats.http_errors[code] = self.stats.http_errors.get(code, 0) + 1
+                error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code != 429 and resp.status_code < 500:
+                    break  # 4xx other than 429: retrying will not help
+                retry_after = resp.headers.get("retry-after")
+            except httpx.TimeoutException:
+                self.stats.timeouts += 1
+                error = f"timeout after {self.timeout_s:g} s"
+            except httpx.TransportError as err:
+                error = f"{type(err).__name__}: {err}"
+                if (isinstance(err, httpx.ConnectError) and not state["answered"]
+                        and not await self._reachable(client, state)):
+                    break  # nothing is listening: stop the run instead of retrying every question
+            finally:
+                state["in_flight"] -= 1
+            if attempt > self.max_retries:
+                break
+            self.stats.retries += 1
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+            if retry_after and retry_after.replace(".", "", 1).isdigit():  # seconds (an HTTP date is ignored)
+                delay = min(self.max_backoff_s, float(retry_after))
+            await asyncio.sleep(delay)
         self.stats.failed += 1
         return Result(req.id, None, error or "failed", None, attempts=attempt, key=key)
 
@@ -404,27 +457,20 @@ class HFVisionBackend(GenerativeBackend):
         self.stats = BackendStats()
         t0 = time.perf_counter()
         results: list[Result | None] = [None] * len(requests)
-        todo = []
-        for i, req in enumerate(requests):
-            key, images = self._key_and_images(req)
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.stats.cache_hits += 1
-                results[i] = Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
-            else:
-                todo.append((i, key, images))
         letters = self._letter_ids()
-        batches = range(0, len(todo), self.batch_size)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc=self.name, unit="batch")
-        for start in batches:
-            chunk = todo[start:start + self.batch_size]
+            bar = tqdm(total=len(requests), desc=self.name, unit="q")
+        pending: list[tuple] = []  # at most one batch of uncached questions (and their images) in memory
+
+        def run_batch() -> None:
             try:
                 texts, imgs = [], []
-                for i, _, images in chunk:
-                    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+                for i, _, digests, images in pending:
+                    pil = [self._memo(("pil", d), lambda b=b: Image.open(io.BytesIO(b)).convert("RGB"))
+                           for d, b in zip(digests, images, strict=True)]
                     content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": requests[i].prompt}]
                     texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                                     add_generation_prompt=True, tokenize=False))
@@ -433,24 +479,44 @@ class HFVisionBackend(GenerativeBackend):
                 if any(imgs):
                     kwargs["images"] = imgs
                 inputs = self.processor(**kwargs).to(self.device)
-                self.stats.requests_sent += len(chunk)
+                self.stats.requests_sent += len(pending)
                 with torch.inference_mode():
                     out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                               output_scores=True, return_dict_in_generate=True)
                 new = out.sequences[:, inputs["input_ids"].shape[1]:]
                 decoded = self.processor.batch_decode(new, skip_special_tokens=True)
                 first = out.scores[0].float().log_softmax(-1).cpu() if out.scores else None
-                for j, (i, key, _) in enumerate(chunk):
+                for j, (i, key, _, _) in enumerate(pending):
                     lp = {L: float(first[j, tid]) for L, tid in letters.items()} if first is not None else None
                     self.cache.put(key, {"text": decoded[j], "letter_logprobs": lp})
                     results[i] = Result(requests[i].id, decoded[j], None, lp, attempts=1, key=key)
             except Exception as err:  # noqa: BLE001 - a failing batch is scored wrong, the run goes on
-                log.warning("generation failed for %d questions: %s", len(chunk), err)
-                for i, key, _ in chunk:
+                log.warning("generation failed for %d questions: %s", len(pending), err)
+                for i, key, _, _ in pending:
                     self.stats.failed += 1
                     results[i] = Result(requests[i].id, None, f"{type(err).__name__}: {err}", None, key=key)
+            if bar is not None:
+                bar.update(len(pending))
+            pending.clear()
+
+        for i, req in enumerate(requests):
+            key, digests, images = self._key_and_images(req)
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                results[i] = Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            pending.append((i, key, digests, images))
+            if len(pending) == self.batch_size:
+                run_batch()
+        if pending:
+            run_batch()
+        if bar is not None:
+            bar.close()
         self.stats.seconds = round(time.perf_counter() - t0, 3)
-        return [r for r in results if r is not None]
+        return self.check_answered([r for r in results if r is not None])
 
 
 BACKENDS = {"openai": OpenAICompatibleBackend, "hf": HFVisionBackend}

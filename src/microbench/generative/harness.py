@@ -8,6 +8,7 @@ The predictions frame has the columns of contrastive predictions (so the same me
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 
@@ -21,6 +22,9 @@ ID_COLUMNS = ("row_idx", "image_id", "dataset", "source", "key", "question_type"
 
 
 def build_requests(items: pd.DataFrame, images_of: Callable[[int], list[bytes]], style: str) -> list[Request]:
+    """One request per item; an item's images are read when its request is sent (consecutive questions of one
+    image read it once)."""
+    images_of = functools.lru_cache(maxsize=32)(images_of)
     reqs = []
     for row, key, q, opts in zip(items["row_idx"], items["key"], items["question"], items["options"], strict=True):
         reqs.append(Request(id=f"{row}/{key}", prompt=build_prompt(style, str(q), list(opts)),

@@ -93,21 +93,3 @@ def summarize(ev) -> dict[str, float]:
         "AR_large": mean(recall[:, :, area["large"], m]),
     }
 
-
-def to_coco_detections(image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                       masks: np.ndarray | None = None, mask_threshold: float = 0.5) -> list[dict]:
-    """COCO result dicts of one image from xyxy boxes (and optional soft masks [N, H, W], encoded as RLE)."""
-    from pycocotools import mask as mask_utils
-
-    out = []
-    for j in range(len(boxes)):
-        x1, y1, x2, y2 = (float(v) for v in boxes[j])
-        det = {"image_id": int(image_id), "category_id": int(labels[j]), "score": float(scores[j]),
-               "bbox": [x1, y1, x2 - x1, y2 - y1]}
-        if masks is not None:
-            binary = np.asfortranarray((masks[j] >= mask_threshold).astype(np.uint8))
-            rle = mask_utils.encode(binary)
-            rle["counts"] = rle["counts"].decode("ascii")
-            det["segmentation"] = rle
-        out.append(det)
-    return out

@@ -29,7 +29,8 @@ def encode_masks(masks: np.ndarray, threshold: float = 0.5) -> list[dict]:
     return out
 
 
-def _detections(preds: Mapping[int, dict], n_images: int, with_masks: bool) -> list[dict]:
+def coco_detections(preds: Mapping[int, dict], n_images: int, with_masks: bool) -> list[dict]:
+    """COCO result dicts (image_id = position, bbox xywh, RLE ``segmentation`` if ``with_masks``)."""
     dets = []
     for idx, rec in preds.items():
         if idx >= n_images:
@@ -83,7 +84,7 @@ def score_localization(images: Sequence[LocImage], class_names: Sequence[str], p
     gt = coco_ground_truth(list(images), list(class_names))
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        res = coco_evaluate(gt, _detections(preds, len(images), iou_type == "segm"), iou_type, max_dets)
+        res = coco_evaluate(gt, coco_detections(preds, len(images), iou_type == "segm"), iou_type, max_dets)
         for k in STAT_NAMES:
             metrics[f"{iou_type}/{k}"] = res[k]
         for c, v in res["per_class_AP"].items():

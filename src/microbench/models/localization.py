@@ -227,7 +227,8 @@ class LocalizationModule(L.LightningModule):
                  backbone_lr_mult: float = 0.1, warmup_frac: float = 0.1, max_detections: int = 1000,
                  score_threshold: float = 0.01, grit_score_threshold: float = 0.5, anchor_scale: float = 4.0,
                  rpn_proposals: int = 1000, representation_size: int = 1024, roi_samples: int = 256,
-                 tile_size: int | None = None, tile_overlap: float = 0.25, tile_nms_iou: float = 0.5, record: dict | None = None, on_scored: Callable | None = None, seed: int = 0) -> None:
+                 tile_size: int | None = None, tile_overlap: float = 0.25, tile_nms_iou: float = 0.5,
+                 record: dict | None = None, on_scored: Callable | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "on_scored"])
         self.class_names = list(class_names)
@@ -238,6 +239,7 @@ class LocalizationModule(L.LightningModule):
                                        roi_samples=roi_samples)
         self.on_scored = on_scored
         self._outputs: dict[str, list] = {"val": [], "test": []}
+        self._failed: list[str] = []
         self.last_scores: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
 
@@ -306,11 +308,11 @@ class LocalizationModule(L.LightningModule):
         return out
 
     def _predict(self, batch: dict, stage: str) -> None:
+        self._failed += list(batch.get("errors", []))  # images that failed to decode: counted, not scored
         if not batch["images"]:
             return
         for t, rec in zip(batch["targets"], self.predict_images(batch["images"]), strict=True):
             self._outputs[stage].append({"index": int(t["index"]), **rec})
-        self._failed = getattr(self, "_failed", []) + list(batch.get("errors", []))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._predict(batch, "val")
@@ -326,23 +328,24 @@ class LocalizationModule(L.LightningModule):
         self._outputs["val"], self._failed = [], []
 
     def _score(self, stage: str, split: str) -> dict | None:
-        from microbench.metrics.localization import score_localization
-
-        gathered = _gather_objects((self._outputs[stage], getattr(self, "_failed", [])))
+        gathered = _gather_objects((self._outputs[stage], self._failed))
         self._outputs[stage] = []
         if not self.trainer.is_global_zero:
             return None
         preds = {r["index"]: r for part, _ in gathered for r in part}
         self._last_preds = preds
-        failed = [e for _, errs in gathered for e in errs]
-        dm = self.trainer.datamodule
-        images = dm.images(split)
+        result = self.score_predictions(preds, self.trainer.datamodule.images(split))
+        result["failed_images"] = [e for _, errs in gathered for e in errs]
+        return result
+
+    def score_predictions(self, preds: dict[int, dict], images: Sequence) -> dict:
+        """COCO (bbox, and segm for segmentation heads) + GRIT of per-image predictions keyed by image position."""
+        from microbench.metrics.localization import score_localization
+
         hp = self.hparams
-        result = score_localization(images, self.class_names, preds, iou_types=(
+        return score_localization(images, self.class_names, preds, iou_types=(
             ("bbox", "segm") if hp.head == "segmentation" else ("bbox",)), max_dets=hp.max_detections,
             grit_score_threshold=hp.grit_score_threshold)
-        result["failed_images"] = failed
-        return result
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -372,12 +375,14 @@ class LocalizationModule(L.LightningModule):
             self.on_scored(result, self)
 
 
-def detector_from_checkpoint(path: str, backbone: Backbone | None = None, map_location: str = "cpu"):
-    """Rebuild a :class:`LocalizationModule` from a checkpoint written by ``src/train.py task=localization``.
-    The backbone is re-created from the recorded model config unless one is given."""
+def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None, map_location: str = "cpu"):
+    """Rebuild a :class:`LocalizationModule` from a checkpoint written by ``src/train.py task=localization`` (a
+    path, or the checkpoint already loaded). The backbone is re-created from the recorded model config unless one
+    is given."""
     from hydra.utils import instantiate
 
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = path if isinstance(path, dict) else torch.load(path, map_location=map_location, weights_only=True)
+    path = "the checkpoint" if isinstance(path, dict) else path
     hp = ckpt.get("hyper_parameters") or {}
     if "class_names" not in hp:
         raise BackboneError(f"{path} is not a localization checkpoint (no class_names in its hyperparameters)")
@@ -392,9 +397,4 @@ def detector_from_checkpoint(path: str, backbone: Backbone | None = None, map_lo
         raise BackboneError(f"{path} does not fit the rebuilt model: missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}")
     return module, ckpt
-
-
-def count_parameters(module: nn.Module) -> dict[str, int]:
-    return {"total": int(sum(p.numel() for p in module.parameters())),
-            "trainable": int(sum(p.numel() for p in module.parameters() if p.requires_grad))}
 

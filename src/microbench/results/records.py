@@ -57,3 +57,17 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def start_run(cfg) -> tuple[float, Path]:
+    """The common start of every task: a start time, the seed (``cfg.seed``, default 0) and ``paths.output_dir``
+    (created)."""
+    import time
+
+    import lightning as L
+
+    t0 = time.perf_counter()
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return t0, out_dir

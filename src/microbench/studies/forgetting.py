@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +43,17 @@ LOCALIZATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "grit/macro")
 
 def load_finetuned_state(path: str | Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict]:
     """The backbone weights of a fine-tuned checkpoint: a ``src/train.py`` Lightning checkpoint (``backbone.*`` keys
-    of ``state_dict``) or a plain state dict of the same backbone; plus the checkpoint's ``microbench`` record."""
+    of ``state_dict``) or a plain state dict of the same backbone; plus the checkpoint's ``microbench`` record (with
+    the Lightning ``hyper_parameters`` and the loaded ``checkpoint`` itself, so it is read once)."""
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"fine-tuned checkpoint {path} does not exist: pass finetuned=<path to a .ckpt from "
                          "src/train.py or a state dict>")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    record = blob.get("microbench", {}) if isinstance(blob, dict) else {}
+    record = dict(blob.get("microbench", {})) if isinstance(blob, dict) else {}
+    if isinstance(blob, dict) and "hyper_parameters" in blob:
+        record["hyper_parameters"] = blob["hyper_parameters"]  # e.g. a localization head's class names
+        record["checkpoint"] = blob
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     for prefix in ("backbone.", LOCALIZATION_PREFIX):  # fine-tune / linear-probe, or localization checkpoints
         if any(k.startswith(prefix) for k in state):
@@ -110,20 +113,6 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     elif key and 0.0 in out:
         cache.put(key, out[0.0])
     return {a: out[a] for a in sorted(out)}, info
-
-
-def sweep_localization(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float],
-                       keys: Callable[[str], bool] | None, score: Callable[[], dict]) -> dict[str, dict]:
-    """Localization metrics of the head on every θ(α) (the head itself is the fine-tuned one)."""
-    from microbench.studies.merging import wise_ft
-
-    out = {}
-    for a in alphas:
-        backbone.load_state_dict(wise_ft(base, finetuned, a, keys=keys))
-        metrics = score()
-        out[alpha_name(a)] = {k: metrics.get(k) for k in LOCALIZATION_KEYS if k in metrics}
-    backbone.load_state_dict(base)
-    return out
 
 
 # --- summaries ----------------------------------------------------------------------------------------------------
@@ -306,9 +295,10 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
               extra: dict | None = None, localization: Callable | None = None) -> dict:
     """Evaluate base, fine-tuned and every θ(α) on val and test, choose α on val, write the report.
 
-    ``localization`` (for a model with a localization head): ``split -> metrics`` scoring the head on the
-    backbone's *current* weights; it is called for every θ(α), the α selection then keeps ≥ ``keep_target_gain`` of
-    the fine-tune's GRIT gain, and the report gets a localization table.
+    ``localization`` (for a model with a localization head): ``(split, base, finetuned, alphas, keys) -> {alpha
+    name: metrics}`` scoring the head on every θ(α) in one pass over the split (e.g.
+    :class:`~microbench.localization_tasks.LocalizationSweeper`); the α selection then keeps ≥ ``keep_target_gain``
+    of the fine-tune's GRIT gain, and the report gets a localization table.
     """
     from microbench.studies.merging import tower_selector
 
@@ -339,8 +329,9 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
         study["splits"][split] = {"models": models, "sweep": info, "images": len(dm.images()),
                                   "items": int((base["source"] == "captions").sum())}
         if localization is not None:
-            study["splits"][split]["localization"] = loc = sweep_localization(
-                backbone, base_state, ft_state, alphas, keys, partial(localization, split))
+            study["splits"][split]["localization"] = loc = {
+                name: {k: m.get(k) for k in LOCALIZATION_KEYS if k in m}
+                for name, m in localization(split, base_state, ft_state, alphas, keys).items()}
             for a in alphas:
                 grit, base_grit = loc[alpha_name(a)].get("grit/macro"), loc[alpha_name(0.0)].get("grit/macro")
                 models[alpha_name(a)] = dict(models[alpha_name(a)], **{"target/localization": {

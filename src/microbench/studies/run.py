@@ -5,17 +5,16 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from microbench.data.config import PERCEPTION_DM, data_module_cfg
 from microbench.studies.forgetting import load_finetuned_state, run_study
 from microbench.studies.merging import MergeError
 
 
 def make_eval_dm(data_cfg: DictConfig, transform, split: str):
-    cfg = OmegaConf.merge(data_cfg, {"_target_": "microbench.data.datamodule.PerceptionDataModule", "split": split})
-    return instantiate(cfg, transform=transform)
+    return instantiate(data_module_cfg(data_cfg, PERCEPTION_DM, split=split), transform=transform)
 
 
 def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
@@ -28,18 +27,18 @@ def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
         base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     ft_state, record = load_finetuned_state(cfg.finetuned, backbone)
     localization = None
-    hp = torch.load(cfg.finetuned, map_location="cpu", weights_only=False).get("hyper_parameters", {}) \
-        if str(cfg.finetuned).endswith(".ckpt") else {}
+    hp = record.get("hyper_parameters") or {}
     if "class_names" in hp:  # a localization checkpoint: score its head on every θ(α) too
-        from microbench.localization_tasks import LocalizationScorer, localization_dm_factory
+        from microbench.localization_tasks import LocalizationSweeper, localization_dm_factory
         from microbench.models.localization import detector_from_checkpoint
 
-        module, _ = detector_from_checkpoint(cfg.finetuned, backbone=backbone)
-        targets_kind = (hp.get("record") or {}).get("targets", "boxes")
-        make_loc = localization_dm_factory(cfg.data, targets_kind, list(hp["class_names"]))
-        localization = LocalizationScorer(module, make_loc, accelerator=cfg.trainer.get("accelerator", "cpu"))
-        record = {"localization_datasets": sorted({im.dataset for im in make_loc("all").images("all")}),
-                  "model_config": (hp.get("record") or {}).get("model_config")}
+        module, _ = detector_from_checkpoint(record["checkpoint"], backbone=backbone)
+        loc_record = hp.get("record") or {}
+        make_loc = localization_dm_factory(cfg.data, loc_record.get("targets", "boxes"), list(hp["class_names"]))
+        localization = LocalizationSweeper(module, make_loc, accelerator=cfg.trainer.get("accelerator", "cpu"))
+        record = {"localization_datasets": loc_record.get("datasets")
+                  or sorted({im.dataset for im in make_loc("all").images("all")}),
+                  "model_config": loc_record.get("model_config")}
     targets = list(cfg.get("target_datasets") or (record.get("class_space") or {}).get("datasets")
                    or record.get("localization_datasets") or [])
     if not targets:

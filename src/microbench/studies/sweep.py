@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -23,6 +24,39 @@ from microbench.studies.merging import StateDict, check_compatible
 
 def alpha_name(alpha: float) -> str:
     return f"alpha={alpha:.2f}"
+
+
+class WeightInterpolator:
+    """Sets a module's weights to θ(α) = (1 − α)·θ_base + α·θ_ft in place, with fused ``torch._foreach`` ops.
+
+    ``base`` and ``finetuned`` are state dicts of ``module``; ``keys`` selects the interpolated tensors (e.g. the
+    image tower), the others are left as they are. α = 0 and α = 1 are exact copies.
+    """
+
+    def __init__(self, module: torch.nn.Module, base: StateDict, finetuned: StateDict,
+                 keys: Callable[[str], bool] | None = None) -> None:
+        check_compatible(base, finetuned, names=["base", "fine-tuned"])
+        names = dict(module.named_parameters())
+        names.update(dict(module.named_buffers()))
+        sel = keys or (lambda k: True)
+        self.keys = [k for k, t in base.items() if t.is_floating_point() and sel(k) and k in names]
+        self._targets = [names[k] for k in self.keys]
+        self._base = [base[k].to(t.dtype) for k, t in zip(self.keys, self._targets, strict=True)]
+        self._ft = [finetuned[k].to(t.dtype) for k, t in zip(self.keys, self._targets, strict=True)]
+
+    def to(self, device: torch.device | str) -> WeightInterpolator:
+        self._base = [b.to(device) for b in self._base]
+        self._ft = [f.to(device) for f in self._ft]
+        return self
+
+    @torch.no_grad()
+    def set_alpha(self, alpha: float) -> None:
+        if alpha == 0 or alpha == 1:
+            torch._foreach_copy_(self._targets, self._base if alpha == 0 else self._ft)
+            return
+        torch._foreach_copy_(self._targets, self._base)
+        torch._foreach_lerp_(self._targets, [f.to(t.device) for f, t in zip(self._ft, self._targets, strict=True)],
+                             alpha)
 
 
 class InterpolationScorer(ZeroShotScorer):
@@ -39,33 +73,18 @@ class InterpolationScorer(ZeroShotScorer):
     def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float],
                  keys: Callable[[str], bool] | None = None, on_done: Callable | None = None, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
-        check_compatible(base, finetuned, names=["base", "fine-tuned"])
-        names = dict(backbone.named_parameters())
-        names.update(dict(backbone.named_buffers()))
-        sel = keys or (lambda k: True)
-        self._keys = [k for k, t in base.items() if t.is_floating_point() and sel(k) and k in names]
-        self._targets = [names[k] for k in self._keys]
-        self._base = [base[k].to(t.dtype) for k, t in zip(self._keys, self._targets, strict=True)]
-        self._ft = [finetuned[k].to(t.dtype) for k, t in zip(self._keys, self._targets, strict=True)]
+        self.weights = WeightInterpolator(backbone, base, finetuned, keys)
         self.alphas = [float(a) for a in alphas]
         self.on_done = on_done
         self.predictions_by_alpha: dict[float, pd.DataFrame] = {}
 
-    @torch.no_grad()
     def set_alpha(self, alpha: float) -> None:
-        """Weights ← θ(α), in place (α = 0 and 1 are exact copies)."""
-        if alpha == 0 or alpha == 1:
-            torch._foreach_copy_(self._targets, self._base if alpha == 0 else self._ft)
-            return
-        torch._foreach_copy_(self._targets, self._base)
-        torch._foreach_lerp_(self._targets, [f.to(t.device) for f, t in zip(self._ft, self._targets, strict=True)],
-                             alpha)
+        self.weights.set_alpha(alpha)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._bufs = {a: torch.zeros_like(self._emb) for a in self.alphas}
-        self._base = [b.to(self.device) for b in self._base]
-        self._ft = [f.to(self.device) for f in self._ft]
+        self.weights.to(self.device)
         self.timings["set_weights"] = 0.0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -104,3 +123,46 @@ class InterpolationScorer(ZeroShotScorer):
         if self.on_done is not None and self.trainer.is_global_zero:
             self.on_done(self.predictions_by_alpha, skipped, self)
         self._bufs = {}
+
+
+class LocalizationInterpolationScorer(L.LightningModule):
+    """A localization head scored on every θ(α) of its backbone, decoding each image once (like
+    :class:`InterpolationScorer`): per batch, the backbone is set to each θ(α) and the head predicts; at the end
+    every α is scored with COCO + GRIT. ``results[alpha]`` holds the metrics (global rank 0)."""
+
+    def __init__(self, module, base: StateDict, finetuned: StateDict, alphas: Sequence[float],
+                 keys: Callable[[str], bool] | None = None) -> None:
+        super().__init__()
+        self.module = module  # a LocalizationModule; its backbone is interpolated in place
+        self.weights = WeightInterpolator(module.backbone, base, finetuned, keys)
+        self.alphas = [float(a) for a in alphas]
+        self.results: dict[float, dict] = {}
+
+    def on_test_epoch_start(self) -> None:
+        self.module.eval()
+        self.weights.to(self.device)
+        self._preds: dict[float, list] = {a: [] for a in self.alphas}
+        self._failed: list[str] = []
+
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._failed += list(batch.get("errors", []))
+        if not batch["images"]:
+            return
+        index = [int(t["index"]) for t in batch["targets"]]
+        for a in self.alphas:  # one decoded batch, every model
+            self.weights.set_alpha(a)
+            self._preds[a] += [{"index": i, **rec} for i, rec in
+                               zip(index, self.module.predict_images(batch["images"]), strict=True)]
+
+    def on_test_epoch_end(self) -> None:
+        from microbench.models.localization import _gather_objects
+
+        gathered = _gather_objects((self._preds, self._failed))
+        if not self.trainer.is_global_zero:
+            return
+        images = self.trainer.datamodule.images(self.trainer.datamodule.split)
+        for a in self.alphas:
+            preds = {r["index"]: r for part, _ in gathered for r in part[a]}
+            self.results[a] = self.module.score_predictions(preds, images)["metrics"]
+        self.failed_images = [e for _, errs in gathered for e in errs]

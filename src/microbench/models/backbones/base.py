@@ -16,6 +16,16 @@ import torch
 from torch import nn
 
 
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict (names, shapes, dtypes, values): equal fingerprints mean identical weights."""
+    h = hashlib.blake2b(digest_size=8)
+    for key, tensor in sorted(state.items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class BackboneError(ValueError):
     """A backbone cannot be built or used as asked; the message says why and what to do instead."""
 
@@ -108,12 +118,7 @@ class Backbone(nn.Module):
         """Hash of the weights (names, shapes, values): equal fingerprints mean identical models."""
         signature = self._weights_signature()
         if self._fingerprint is None or refresh or signature != self._fingerprint_signature:
-            h = hashlib.blake2b(digest_size=8)
-            for key, tensor in sorted(self.state_dict().items()):
-                t = tensor.detach().to("cpu").contiguous().reshape(-1)
-                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = state_fingerprint(self.state_dict())
             self._fingerprint_signature = signature
         return self._fingerprint
 
