@@ -358,3 +358,13 @@ def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path):
     assert record["headline"]["cognition"]["value"] == 0.5  # answer (2) = index 1: right for the first question
     assert record["metrics"]["cognition/subdomain/expert_visual_understanding"]["value"] == 1.0
     assert objs["predictions"]["pred_idx"].tolist() == [1, 1]
+
+
+def test_backend_config_typo_is_one_clear_error():
+    from microbench.generative.backends import build_generative_backend
+    from microbench.models.backbones.base import BackboneError
+
+    with pytest.raises(BackboneError, match=r"unknown option\(s\) \['temprature'\] for the openai backend"):
+        build_generative_backend("openai", kind="generative", model="m", temprature=0.5)
+    with pytest.raises(BackboneError, match="backend must be one of"):
+        build_generative_backend("grpc", model="m")

@@ -313,7 +313,7 @@ class CognitionDataModule(L.LightningDataModule):
 
     def __init__(self, path: str = "sample", format: str = "auto", revision: str | None = None,
                  split: str | None = None, batch_size: int = 32, num_workers: int = 0, image_size: int = 224,
-                 transform: Callable | None = None, **_ignored) -> None:
+                 transform: Callable | None = None) -> None:
         super().__init__()
         self.path, self.format, self.revision, self.split_name = path, format, revision, split
         self.batch_size, self.num_workers = batch_size, num_workers

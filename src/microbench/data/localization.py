@@ -254,7 +254,7 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
                  exclude_datasets: Sequence[str] | str | None = None, split: str = "test", split_seed: int = 0,
                  split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: int = 8, num_workers: int = 0,
                  pin_memory: bool = False, augment: bool = True, strict_filters: bool = True,
-                 train_crop_size: int | None = None, **_ignored) -> None:
+                 train_crop_size: int | None = None) -> None:
         super().__init__()
         if targets not in TARGETS:
             raise MicroBenchDataError(f"targets must be one of {TARGETS} (boxes: detection, masks: segmentation), "

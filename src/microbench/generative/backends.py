@@ -233,7 +233,7 @@ class OpenAICompatibleBackend(GenerativeBackend):
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 64,
                  top_p: float | None = None, seed: int | None = 0, logprobs: bool = True, top_logprobs: int = 5,
                  image_detail: str | None = "high", cache_dir: str | Path | None = None, blind: bool = False,
-                 prompt: str = "official", **_ignored) -> None:
+                 prompt: str = "official") -> None:
         super().__init__(model, cache_dir, blind, prompt)
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
@@ -411,7 +411,7 @@ class HFVisionBackend(GenerativeBackend):
     def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
                  batch_size: int = 8, max_new_tokens: int = 16, cache_dir: str | Path | None = None,
                  blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
-                 hf_cache_dir: str | None = None, **_ignored) -> None:
+                 hf_cache_dir: str | None = None) -> None:
         import torch
 
         super().__init__(model, cache_dir, blind, prompt)
@@ -524,9 +524,15 @@ BACKENDS = {"openai": OpenAICompatibleBackend, "hf": HFVisionBackend}
 
 def build_generative_backend(backend: str = "openai", **kwargs) -> GenerativeBackend:
     """Hydra target of ``configs/model/openai_compatible.yaml`` / ``hf_vlm.yaml``."""
-    if backend not in BACKENDS:
-        from microbench.models.backbones.base import BackboneError
+    import inspect
 
+    from microbench.models.backbones.base import BackboneError
+
+    if backend not in BACKENDS:
         raise BackboneError(f"generative backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     kwargs.pop("kind", None)
+    known = set(inspect.signature(BACKENDS[backend]).parameters)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:  # a typo in model.<key> must not be silently ignored
+        raise BackboneError(f"unknown option(s) {unknown} for the {backend} backend; known: {sorted(known)}")
     return BACKENDS[backend](**kwargs)
