@@ -123,7 +123,13 @@ def write_raw_hub_copy(rows: list[dict], root: Path, n_shards: int = 3, bbox_lay
 
 @pytest.fixture(scope="session")
 def sample_rows():
-    """The sample's rows as plain Python dicts (raw Arrow view: captions/questions as nested dicts)."""
-    from microbench.data.sample import build_sample_rows
+    """The committed sample's rows as plain Python dicts (raw Arrow view: captions/questions as nested dicts).
 
-    return build_sample_rows(seed=0)
+    Read from ``data/sample``, never regenerated: only ``test_sample`` compares regenerated data with the copy."""
+    from microbench.data.loading import SAMPLE_DIR
+
+    tables = []
+    for shard in sorted((SAMPLE_DIR / "perception" / "0.1.0").glob("*.arrow")):
+        with pa.OSFile(str(shard)) as f:
+            tables.append(pa.ipc.open_stream(f).read_all())
+    return pa.concat_tables(tables).to_pylist()

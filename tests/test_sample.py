@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from microbench.data import schema
 from microbench.data.datamodule import PerceptionDataModule
-from microbench.data.loading import load_ubench
-from microbench.data.sample import make_sample
+from microbench.data.loading import SAMPLE_DIR as SAMPLE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_regeneration_is_deterministic(sample, tmp_path):
-    ds, src = sample
-    make_sample(tmp_path, seed=0)
-    again, src2 = load_ubench(tmp_path)
-    assert src2.fingerprint == src.fingerprint
-    a = ds.select_columns(["image"])
-    b = again.select_columns(["image"])
-    for i in range(len(ds)):
-        assert np.array_equal(np.asarray(a[i]["image"]), np.asarray(b[i]["image"])), i
+def _regenerate(out: Path, disable_simd: bool) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("NPY_DISABLE_CPU_FEATURES", None)
+    if disable_simd:  # every dispatch target NumPy was built with: baseline kernels only
+        from numpy._core._multiarray_umath import __cpu_dispatch__
+
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(__cpu_dispatch__)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--out", str(out)], env=env,
+                   check=True, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("disable_simd", [False, True], ids=["default-dispatch", "simd-off"])
+def test_regeneration_is_byte_identical_to_the_committed_sample(tmp_path, disable_simd):
+    """The only test that compares regenerated data with data/sample: every file, byte for byte, with NumPy's
+    default SIMD kernels and with all of them switched off (the kernels whose last bits differ between CPUs)."""
+    _regenerate(tmp_path / "s", disable_simd)
+    committed = sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file()
+                       and p.name != "README.md")
+    made = sorted(p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*") if p.is_file())
+    assert made == committed
+    differ = [f for f in committed if (SAMPLE / f).read_bytes() != (tmp_path / "s" / f).read_bytes()]
+    assert not differ, f"scripts/make_sample.py no longer reproduces data/sample byte for byte: {differ}"
 
 
 def test_sample_covers_traps_and_slices(sample, sample_table):

@@ -3,7 +3,8 @@
 Three sources, one table (one row per question):
 
 - ``official``: a local copy in the official layout, ``<root>/cognition/<split>/*.json``, each a SuperAnnotate-style
-  record with ``metadata.name`` (the image file, beside the split folders in ``<root>/cognition/``) and
+  record with ``metadata.name``, the image file, read where the official ``JsonDataset`` opens it,
+  ``<root>/cognition/<split>/<name>`` beside the JSON files (``<root>/cognition/<name>`` is accepted as a fallback), and
   ``custom_metadata.questions = {"cognition_<i>": {"question", "options", "answer"}}`` plus ``custom_metadata``
   modality / submodality / domain / subdomain / scale. (Cognition is not on the Hub.)
 - ``table``: a JSONL, CSV or parquet file, or a ``save_to_disk`` folder, one question per row: ``image`` (a path
@@ -118,7 +119,7 @@ def read_official(root: str | Path, splits: Sequence[str] | None = None) -> Cogn
         split_dirs = [d for d in split_dirs if d.name in set(splits)]
     if not split_dirs:
         raise MicroBenchDataError(f"{folder} has no <split>/*.json folders: expected the official cognition layout "
-                                  "cognition/<split>/<name>.json with images beside the split folders")
+                                  "cognition/<split>/<name>.json with each image beside its JSON file")
     records = []
     for d in split_dirs:
         for f in sorted(d.glob("*.json")):
@@ -129,7 +130,9 @@ def read_official(root: str | Path, splits: Sequence[str] | None = None) -> Cogn
             meta = rec.get("metadata") or {}
             custom = rec.get("custom_metadata") or {}
             name = meta.get("name")
-            image = folder / name if name else None
+            image = None
+            if name:  # the official location first (beside the JSON), then the older flat layout
+                image = next((c for c in (d / name, folder / name) if c.is_file()), d / name)
             questions = custom.get("questions") or {}
             for key in sorted(questions, key=lambda k: (len(k), k)):
                 q = questions[key] or {}

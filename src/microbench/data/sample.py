@@ -11,10 +11,11 @@ Class semantics of the two real scikit-image micrographs are assigned by a measu
 
 from __future__ import annotations
 
-import io
 import json
 import random
+import struct
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from microbench.data import sample_images as gen
 from microbench.data import schema
@@ -222,9 +222,23 @@ def _entries(rng: random.Random, qtype: str, gold: str, pool: list[str], questio
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    """An 8-bit RGB PNG, compressed by CPython's ``zlib`` (classic zlib: the same bytes on every CPU).
+
+    Pillow's PNG writer uses its bundled zlib-ng, whose compressor is chosen by CPU features at run time, so its bytes
+    are not guaranteed to match between machines. Each scanline uses the ``Sub`` filter (exact uint8 arithmetic).
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, _ = rgb.shape
+    sub = rgb.astype(np.int16)
+    sub[:, 1:] -= rgb[:, :-1]
+    rows = np.concatenate([np.ones((h, 1), np.uint8), (sub % 256).astype(np.uint8).reshape(h, w * 3)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+            + chunk(b"IEND", b""))
 
 
 def _instances(instances, boxes: bool, polygons: bool) -> tuple[list | None, list | None]:

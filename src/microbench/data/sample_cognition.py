@@ -1,5 +1,5 @@
 """The embedded cognition example: 6 images from the sample, 12 expert-style multiple-choice questions, written in
-the official layout (``cognition/test/*.json`` + images) and in the simple table format (``questions.jsonl``).
+the official layout (``cognition/test/*.json`` with each image beside its JSON) and in the simple table format (``questions.jsonl``).
 
 Each question has six choices A–F with "None of the above" last, like the official cognition split; questions are
 built from the sample row's own metadata so a model that perceives the image can answer them.
@@ -49,8 +49,8 @@ def write_sample_cognition(sample_dir: Path, seed: int = 0) -> list[Path]:
                                                "stain"])[0]
         labels = sorted(set(sel["label_name"]))
         name = f"{dataset}_{row}.png"
-        (folder / name).write_bytes(raw[row]["image"]["bytes"])
-        written.append(folder / name)
+        (folder / "test" / name).write_bytes(raw[row]["image"]["bytes"])  # the official place: beside the JSON
+        written.append(folder / "test" / name)
         q1_opts, g1 = _options(rec["label_name"].replace("_", " "), [lab.replace("_", " ") for lab in labels]
                                + ["artifact", "necrosis", "mitochondrion", "apoptotic body"], rng)
         q2_opts, g2 = _options(rec["modality"], modalities + ["electron", "x-ray"], rng)
@@ -70,7 +70,7 @@ def write_sample_cognition(sample_dir: Path, seed: int = 0) -> list[Path]:
         path.write_text(json.dumps(record, indent=2) + "\n")
         written.append(path)
         for key, q in questions.items():
-            table.append({"id": f"{Path(name).stem}/{key}", "image": f"cognition/{name}", "question": q["question"],
+            table.append({"id": f"{Path(name).stem}/{key}", "image": f"cognition/test/{name}", "question": q["question"],
                           "options": q["options"], "answer_idx": q["options"].index(q["answer"]),
                           "modality": rec["modality"], "submodality": rec["submodality"], "domain": rec["domain"],
                           "subdomain": rec["subdomain"], "scale": scale})

@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import draw, measure
 
+from microbench.data import exactmath as em
+
 SIZE = 96
 Instance = tuple[str, list[tuple[float, float]]]
 
@@ -24,7 +26,7 @@ _GIEMSA_AZURE = np.array([0.55, 0.80, 0.25])
 def _absorb(*layers: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Transmitted-light colour from stain density maps: I = 255·exp(−Σ density·OD)."""
     od = sum(d[..., None] * vec for d, vec in layers)
-    return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+    return np.clip(255.0 * em.exp(-od), 0, 255).astype(np.uint8)
 
 
 def _emit(intensity: np.ndarray, colour: tuple[float, float, float], rng, noise: float = 0.015) -> np.ndarray:
@@ -41,27 +43,29 @@ def _gray(intensity: np.ndarray, rng, noise: float = 0.04) -> np.ndarray:
 
 
 def _smooth_noise(rng, sigma: float, shape=(SIZE, SIZE)) -> np.ndarray:
-    n = ndi.gaussian_filter(rng.normal(0, 1, shape), sigma)
+    n = em.gaussian_filter(rng.normal(0, 1, shape), sigma)
     return (n - n.min()) / max(float(np.ptp(n)), 1e-6)
 
 
 def _blob(shape, cy, cx, ry, rx, angle=0.0) -> np.ndarray:
-    m = np.zeros(shape, dtype=float)
-    rr, cc = draw.ellipse(cy, cx, max(ry, 1), max(rx, 1), shape=shape, rotation=angle)
-    m[rr, cc] = 1.0
-    return m
+    return em.ellipse_mask(shape, cy, cx, max(ry, 1), max(rx, 1), angle).astype(float)
 
 
-def _polygon_of(mask: np.ndarray, tol: float = 0.8) -> list[tuple[float, float]] | None:
-    """Outer contour of a binary mask as an (x, y) polygon in pixels, simplified; None if too small."""
+def _polygon_of(mask: np.ndarray) -> list[tuple[float, float]] | None:
+    """Outer contour of a binary mask as an (x, y) polygon in pixels, simplified (0.8 px); None if too small.
+
+    The marching-squares contour of a 0/1 mask lies exactly on half pixels, so doubling it gives integers, which are
+    simplified exactly (``exactmath.simplify_closed_contour``): the vertices are the same on every CPU.
+    """
     contours = measure.find_contours(np.pad(mask.astype(float), 1), 0.5)
     if not contours:
         return None
-    c = max(contours, key=len)
-    c = measure.approximate_polygon(c, tolerance=tol) - 1.0
+    doubled = np.rint(max(contours, key=len) * 2).astype(np.int64)
+    c = em.simplify_closed_contour(doubled, 8, 5) - 2  # tolerance 1.6 half-pixels = 0.8 px; undo the padding
     if len(c) < 4:
         return None
-    return [(float(np.clip(x, 0, mask.shape[1] - 1)), float(np.clip(y, 0, mask.shape[0] - 1))) for y, x in c[:-1]]
+    hi_x, hi_y = mask.shape[1] - 1, mask.shape[0] - 1
+    return [(min(max(x / 2, 0.0), hi_x), min(max(y / 2, 0.0), hi_y)) for y, x in c[:-1].tolist()]
 
 
 # --- hematology (Giemsa) ------------------------------------------------------------------------------------
@@ -89,20 +93,20 @@ def blood_cell(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         a0 = rng.uniform(0, 2 * np.pi)
         for j in range(k):
             a = a0 + 2 * np.pi * j / k
-            nucleus = np.maximum(nucleus, _blob(shape, cy + 9 * np.sin(a), cx + 9 * np.cos(a), 5.5, 5.5))
+            nucleus = np.maximum(nucleus, _blob(shape, cy + 9 * em.sin(a), cx + 9 * em.cos(a), 5.5, 5.5))
     elif cls == "eosinophil":
         a = rng.uniform(0, np.pi)
         for s in (-1, 1):
-            nucleus = np.maximum(nucleus, _blob(shape, cy + s * 8 * np.sin(a), cx + s * 8 * np.cos(a), 7, 7))
+            nucleus = np.maximum(nucleus, _blob(shape, cy + s * 8 * em.sin(a), cx + s * 8 * em.cos(a), 7, 7))
         gran = (rng.random(shape) < 0.35) * cyto
-        eo += 1.1 * ndi.gaussian_filter(gran, 0.6)
+        eo += 1.1 * em.gaussian_filter(gran, 0.6)
     elif cls == "basophil":
         nucleus = _blob(shape, cy, cx, rc * 0.6, rc * 0.5, rng.uniform(0, np.pi))
         gran = (rng.random(shape) < 0.30) * cyto
-        az += 1.8 * ndi.gaussian_filter(gran, 0.7)
+        az += 1.8 * em.gaussian_filter(gran, 0.7)
     else:
         raise KeyError(cls)
-    az += 1.6 * ndi.gaussian_filter(nucleus, 0.8)
+    az += 1.6 * em.gaussian_filter(nucleus, 0.8)
     rgb = _absorb((eo, _EOSIN), (az, _GIEMSA_AZURE))
     return rgb, []
 
@@ -118,11 +122,11 @@ def he_tissue(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         for _ in range(rng.integers(28, 38)):
             cy, cx = rng.uniform(0, SIZE, 2)
             H = np.maximum(H, _blob(shape, cy, cx, rng.uniform(4, 7), rng.uniform(3, 5), rng.uniform(0, np.pi)))
-        H = 1.1 * ndi.gaussian_filter(H, 0.8) + 0.15
+        H = 1.1 * em.gaussian_filter(H, 0.8) + 0.15
     elif cls == "stroma":
         yy, xx = np.mgrid[:SIZE, :SIZE]
         ang = rng.uniform(0, np.pi)
-        wave = np.sin((xx * np.cos(ang) + yy * np.sin(ang)) / 2.2 + 3 * _smooth_noise(rng, 8) * 2)
+        wave = em.sin((xx * em.cos(ang) + yy * em.sin(ang)) / 2.2 + 3 * _smooth_noise(rng, 8) * 2)
         E = 0.45 + 0.35 * (wave > 0.2)
         for _ in range(rng.integers(3, 7)):
             cy, cx = rng.uniform(0, SIZE, 2)
@@ -133,7 +137,7 @@ def he_tissue(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         walls = np.zeros(shape)
         pts = rng.uniform(0, SIZE, (9, 2))
         yy, xx = np.mgrid[:SIZE, :SIZE]
-        d = np.sort(np.hypot(yy[..., None] - pts[:, 0], xx[..., None] - pts[:, 1]), axis=-1)
+        d = np.sort(em.hypot(yy[..., None] - pts[:, 0], xx[..., None] - pts[:, 1]), axis=-1)
         walls = (d[..., 1] - d[..., 0]) < 1.5
         E = E + 0.6 * walls
     elif cls == "lympho":
@@ -146,7 +150,7 @@ def he_tissue(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
     elif cls in ("chronic_heart_failure", "not_chronic_heart_failure"):
         yy, xx = np.mgrid[:SIZE, :SIZE]
         ang = rng.uniform(-0.3, 0.3)
-        fibres = np.sin((yy * np.cos(ang) - xx * np.sin(ang)) / 3.0 + 2 * _smooth_noise(rng, 10))
+        fibres = em.sin((yy * em.cos(ang) - xx * em.sin(ang)) / 3.0 + 2 * _smooth_noise(rng, 10))
         E = 0.55 + 0.25 * (fibres > -0.6)
         n_nuc = rng.integers(5, 9)
         for _ in range(n_nuc):
@@ -175,8 +179,8 @@ def glands(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         r = rng.uniform(14, 18) if len(centers) == 2 else rng.uniform(22, 28)
         theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         amp = 0.05 if cls == "benign" else 0.30
-        radius = r * (1 + amp * np.sin(3 * theta + rng.uniform(0, 6)) + amp * 0.6 * np.sin(5 * theta + rng.uniform(0, 6)))
-        ys, xs = cy + radius * np.sin(theta), cx + radius * np.cos(theta)
+        radius = r * (1 + amp * em.sin(3 * theta + rng.uniform(0, 6)) + amp * 0.6 * em.sin(5 * theta + rng.uniform(0, 6)))
+        ys, xs = cy + radius * em.sin(theta), cx + radius * em.cos(theta)
         gland = np.zeros(shape)
         rr, cc = draw.polygon(ys, xs, shape)
         gland[rr, cc] = 1
@@ -184,7 +188,7 @@ def glands(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         rim = gland.astype(bool) & ~lumen
         E = np.where(lumen, 0.02, E)
         p_nuc = 0.18 if cls == "benign" else 0.55
-        H += 1.5 * ndi.gaussian_filter((rng.random(shape) < p_nuc) * rim, 0.7)
+        H += 1.5 * em.gaussian_filter((rng.random(shape) < p_nuc) * rim, 0.7)
         poly = _polygon_of(gland > 0)
         if poly:
             instances.append(("gland", poly))
@@ -202,7 +206,7 @@ def _nucleus_intensity(stage: str, shape, cy, cx, rng) -> tuple[np.ndarray, list
         return inten, [m]
     if stage == "prophase":
         m = _blob(shape, cy, cx, 11, 10, a)
-        speck = ndi.gaussian_filter((rng.random(shape) < 0.25).astype(float), 0.7) * m
+        speck = em.gaussian_filter((rng.random(shape) < 0.25).astype(float), 0.7) * m
         return m * 0.25 + 2.0 * speck, [m]
     if stage == "prometaphase":
         m = np.zeros(shape)
@@ -215,12 +219,12 @@ def _nucleus_intensity(stage: str, shape, cy, cx, rng) -> tuple[np.ndarray, list
     if stage == "anaphase":
         masks = []
         for s in (-1, 1):
-            masks.append(_blob(shape, cy + s * 6 * np.cos(a), cx - s * 6 * np.sin(a), 2.6, 10, a))
+            masks.append(_blob(shape, cy + s * 6 * em.cos(a), cx - s * 6 * em.sin(a), 2.6, 10, a))
         return np.maximum(*masks), masks
     if stage == "telophase":
         masks = []
         for s in (-1, 1):
-            masks.append(_blob(shape, cy + s * 13 * np.cos(a), cx - s * 13 * np.sin(a), 6, 6, a))
+            masks.append(_blob(shape, cy + s * 13 * em.cos(a), cx - s * 13 * em.sin(a), 6, 6, a))
         return np.maximum(*masks), masks
     raise KeyError(stage)
 
@@ -241,7 +245,7 @@ def fluorescent_nuclei(cls: str, rng, colour=(0.3, 0.55, 1.0), n_cells: tuple[in
                 poly = _polygon_of(m > 0)
                 if poly:
                     instances.append((class_name, poly))
-    inten = ndi.gaussian_filter(inten, 1.0) + 0.04 * _smooth_noise(rng, 6)
+    inten = em.gaussian_filter(inten, 1.0) + 0.04 * _smooth_noise(rng, 6)
     return _emit(inten, colour, rng), instances
 
 
@@ -250,7 +254,7 @@ def darkfield_cell(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
     shape = (SIZE, SIZE)
     cell = _blob(shape, SIZE / 2 + rng.uniform(-3, 3), SIZE / 2 + rng.uniform(-3, 3), 26, 24, rng.uniform(0, np.pi))
     chrom, _ = _nucleus_intensity(cls, shape, SIZE / 2, SIZE / 2, rng)
-    edges = ndi.gaussian_gradient_magnitude(cell, 1.2) + 1.5 * ndi.gaussian_gradient_magnitude(chrom, 1.0)
+    edges = em.gaussian_gradient_magnitude(cell, 1.2) + 1.5 * em.gaussian_gradient_magnitude(chrom, 1.0)
     return _gray(edges / max(float(edges.max()), 1e-6) * 0.9, rng, 0.03), []
 
 
@@ -265,14 +269,14 @@ def golgi(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
     elif cls == "golgi_twin":
         a = rng.uniform(0, np.pi)
         for s in (-1, 1):
-            masks.append(_blob(shape, cy + s * 15 * np.sin(a), cx + s * 15 * np.cos(a), 5, 8, a))
+            masks.append(_blob(shape, cy + s * 15 * em.sin(a), cx + s * 15 * em.cos(a), 5, 8, a))
     elif cls == "diffuse":
         inten = inten + 0.5 * _blob(shape, cy, cx, 30, 26) * _smooth_noise(rng, 1.2)
     else:
         raise KeyError(cls)
     for m in masks:
         inten = inten + m * (0.7 + 0.3 * _smooth_noise(rng, 1.5))
-    img = _emit(ndi.gaussian_filter(inten, 1.0), (0.2, 1.0, 0.3), rng)
+    img = _emit(em.gaussian_filter(inten, 1.0), (0.2, 1.0, 0.3), rng)
     return img, [("golgi", p) for p in (_polygon_of(m > 0) for m in masks) if p]
 
 
@@ -283,14 +287,14 @@ def filaments_or_puncta(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         for _ in range(rng.integers(6, 10)):
             y0, x0 = rng.uniform(0, SIZE, 2)
             a = rng.uniform(0, np.pi)
-            rr, cc, val = draw.line_aa(int(y0), int(x0), int(np.clip(y0 + 80 * np.sin(a), 0, SIZE - 1)),
-                                       int(np.clip(x0 + 80 * np.cos(a), 0, SIZE - 1)))
+            rr, cc, val = draw.line_aa(int(y0), int(x0), int(np.clip(y0 + 80 * em.sin(a), 0, SIZE - 1)),
+                                       int(np.clip(x0 + 80 * em.cos(a), 0, SIZE - 1)))
             inten[rr, cc] = np.maximum(inten[rr, cc], val)
     elif cls == "punctate":
         inten = (rng.random(shape) < 0.012).astype(float)
     else:
         raise KeyError(cls)
-    return _emit(ndi.gaussian_filter(inten, 1.0), (0.2, 1.0, 0.2), rng, noise=0.025), []
+    return _emit(em.gaussian_filter(inten, 1.0), (0.2, 1.0, 0.2), rng, noise=0.025), []
 
 
 def opencell_field(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
@@ -303,7 +307,7 @@ def opencell_field(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
         cells = np.maximum(cells, _blob(shape, cy, cx, 19, 17, rng.uniform(0, np.pi)))
     nuc = np.max(nuclei, axis=0)
     inten = nuc if cls == "nuclear" else cells * (1 - nuc) * (0.5 + 0.5 * _smooth_noise(rng, 1.5))
-    img = _emit(ndi.gaussian_filter(inten, 1.0), (0.3, 1.0, 0.4), rng)
+    img = _emit(em.gaussian_filter(inten, 1.0), (0.3, 1.0, 0.4), rng)
     return img, [("nucleus", p) for p in (_polygon_of(m > 0) for m in nuclei) if p]
 
 
@@ -313,11 +317,11 @@ def synthetic_cell(contour: str, eccentricity: str, texture: str, rng) -> tuple[
     ratio = {"round_shape": 1.0, "intermediate": 0.75, "elongated_shape": 0.5}[eccentricity]
     sigma = {"fine_texture": 0.6, "intermediate": 1.4, "coarse_texture": 3.0}[texture]
     theta = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    r = 28 * (1 + amp * np.sin(7 * theta + rng.uniform(0, 6)) + amp * 0.5 * np.sin(11 * theta + rng.uniform(0, 6)))
+    r = 28 * (1 + amp * em.sin(7 * theta + rng.uniform(0, 6)) + amp * 0.5 * em.sin(11 * theta + rng.uniform(0, 6)))
     a = rng.uniform(0, np.pi)
-    x, y = r * np.cos(theta), r * np.sin(theta) * ratio
+    x, y = r * em.cos(theta), r * em.sin(theta) * ratio
     cx, cy = SIZE / 2 + rng.uniform(-3, 3), SIZE / 2 + rng.uniform(-3, 3)
-    xs, ys = cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)
+    xs, ys = cx + x * em.cos(a) - y * em.sin(a), cy + x * em.sin(a) + y * em.cos(a)
     cell = np.zeros((SIZE, SIZE))
     rr, cc = draw.polygon(ys, xs, cell.shape)
     cell[rr, cc] = 1
@@ -337,28 +341,28 @@ def em_texture(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
     base = 0.55 + 0.1 * _smooth_noise(rng, 6)
     if cls == "cardiac_muscle":  # sarcomeres: dark Z-lines at a regular period
         a = rng.uniform(-0.4, 0.4)
-        u = xx * np.cos(a) + yy * np.sin(a)
+        u = xx * em.cos(a) + yy * em.sin(a)
         period = rng.uniform(9, 12)
-        img = base - 0.35 * (np.cos(2 * np.pi * u / period) > 0.85) - 0.12 * np.cos(2 * np.pi * u / period)
+        img = base - 0.35 * (em.cos(2 * np.pi * u / period) > 0.85) - 0.12 * em.cos(2 * np.pi * u / period)
     elif cls == "tobacco_leaf_chloroplast":  # oval plastid with stacked thylakoid lamellae
         a = rng.uniform(0, np.pi)
         plastid = _blob(shape, SIZE / 2, SIZE / 2, 24, 40, a)
-        v = -xx * np.sin(a) + yy * np.cos(a)
-        lam = (np.sin(v / 1.3) > 0.6) * plastid
+        v = -xx * em.sin(a) + yy * em.cos(a)
+        lam = (em.sin(v / 1.3) > 0.6) * plastid
         img = base - 0.15 * plastid - 0.3 * lam
     elif cls == "zebrafish_retina":  # packed photoreceptor profiles
         img = base.copy()
         step = rng.uniform(13, 16)
         for i, y0 in enumerate(np.arange(0, SIZE + step, step)):
             for x0 in np.arange((i % 2) * step / 2, SIZE + step, step):
-                img -= 0.35 * ndi.gaussian_filter(_blob(shape, y0, x0, step * 0.38, step * 0.38), 0.8)
+                img -= 0.35 * em.gaussian_filter(_blob(shape, y0, x0, step * 0.38, step * 0.38), 0.8)
     elif cls == "hela_metaphase":  # dark chromosome mass in the middle of pale cytoplasm
         img = base + 0.1
         mass = np.zeros(shape)
         for _ in range(14):
             mass = np.maximum(mass, _blob(shape, SIZE / 2 + rng.normal(0, 5), SIZE / 2 + rng.normal(0, 12), 2.5, 7,
                                           rng.uniform(0, np.pi)))
-        img -= 0.55 * ndi.gaussian_filter(mass, 0.8)
+        img -= 0.55 * em.gaussian_filter(mass, 0.8)
     else:
         raise KeyError(cls)
     return _gray(np.clip(img, 0, 1), rng, 0.03), []
@@ -366,13 +370,31 @@ def em_texture(cls: str, rng) -> tuple[np.ndarray, list[Instance]]:
 
 # --- real micrographs shipped with scikit-image ------------------------------------------------------------
 
+def _dab_density(rgb: np.ndarray) -> np.ndarray:
+    """The DAB channel of ``skimage.color.rgb2hed`` (Ruifrok & Johnston colour deconvolution), computed with a
+    matrix inverse in exact rationals and ``exactmath.log`` so it does not depend on BLAS/LAPACK or SIMD kernels."""
+    from fractions import Fraction
+
+    hed = [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]  # skimage's rgb_from_hed
+    m = [[Fraction(v) for v in row] for row in hed]
+    det = (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+           + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+    # third column of the inverse: the cofactors of the third row, transposed
+    col = [(m[0][1] * m[1][2] - m[0][2] * m[1][1]) / det, -(m[0][0] * m[1][2] - m[0][2] * m[1][0]) / det,
+           (m[0][0] * m[1][1] - m[0][1] * m[1][0]) / det]
+    log_adjust = em.log(1e-6)
+    od = [np.divide(em.log(np.maximum(np.divide(rgb[..., c].astype(np.float64), 255.0), 1e-6)), log_adjust)
+          for c in range(3)]
+    dab = np.add(np.add(np.multiply(od[0], float(col[0])), np.multiply(od[1], float(col[1]))),
+                 np.multiply(od[2], float(col[2])))
+    return np.maximum(dab, 0.0)
+
+
 def ihc_tiles(rng) -> list[tuple[np.ndarray, str]]:
     """Tiles of skimage's IHC image, labelled ``strong``/``weak`` by DAB-positive area (top/bottom 12 tiles)."""
     from skimage import data
-    from skimage.color import rgb2hed
-
     img = data.immunohistochemistry()
-    dab = rgb2hed(img)[..., 2]
+    dab = _dab_density(img)
     tiles = []
     for y in range(0, img.shape[0] - SIZE + 1, 52):
         for x in range(0, img.shape[1] - SIZE + 1, 52):
