@@ -45,6 +45,9 @@ def main(cfg: DictConfig) -> None:
         coarse, fine = head.get("coarse"), head.get("fine")
         fmt = lambda m: f"{100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})" if m else "n/a"  # noqa: E731
         print(f"{record['model']['name']} [{source}] coarse {fmt(coarse)} | fine {fmt(fine)}")
+        for grain in (record.get("headline_coverage") or {}).get(source, {}).values():
+            if grain["note"]:
+                print(f"  note: {grain['note']}")
 
 
 if __name__ == "__main__":

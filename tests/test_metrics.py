@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_macro, scipy_bootstrap
-from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
+from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 
 
 @pytest.mark.parametrize(("n", "p"), [(1000, 0.37), (200, 0.9), (5000, 0.5)])
@@ -76,15 +76,45 @@ def test_slices_and_headline():
     assert m["captions/official/coarse"]["value"] == pytest.approx((9 + 6 + 1) / 30)  # stain_1
     # all variants, all datasets
     assert m["captions/all/fine"]["value"] == pytest.approx(0.5) and m["captions/all/fine"]["n"] == 80
-    assert m["captions/slice/pathology/fine"]["value"] == pytest.approx(0.5)  # (9+1+6+4)/40
-    assert m["captions/slice/he/fine"]["value"] == pytest.approx(0.5)  # (9 + 1)/20
-    assert m["captions/slice/non_official/fine"]["n"] == 20
+    # official slices and tables use the _1 variant only (eVLLM matches {<type>, <type>_1} exactly)
+    assert m["captions/slice/pathology/fine"]["value"] == pytest.approx((9 + 6) / 20)
+    assert m["captions/slice/he/fine"]["value"] == pytest.approx(9 / 10)
+    assert m["captions/slice/non_official/fine"]["n"] == 10
+    assert m["captions/official/type/stain"]["value"] == pytest.approx((9 + 6 + 1) / 30)
+    assert m["captions/official_excl_eulenberg/type/stain"]["value"] == pytest.approx((9 + 6) / 20)
+    assert m["captions/dataset/kather_et_al_2016/fine"]["value"] == pytest.approx(0.9)
+    assert m["captions/dataset/kather_et_al_2016/fine"]["n"] == 10
+    # pooled numbers say what they pool
+    assert m["captions/all_variants/slice/pathology/fine"]["value"] == pytest.approx(0.5)  # (9+1+6+4)/40
+    assert m["captions/all_variants/slice/he/fine"]["value"] == pytest.approx(0.5)  # (9 + 1)/20
+    assert m["captions/all_variants/slice/non_official/fine"]["n"] == 20
+    assert m["captions/all_variants/type/stain"]["n"] == 80
+    assert m["captions/all_variants/dataset/kather_et_al_2016/fine"]["value"] == pytest.approx(0.5)
+    assert not any(k.startswith("captions/type/") for k in m)  # the old ambiguous name is gone
     assert m["captions/key/classification_1"]["value"] == pytest.approx((9 + 6 + 1 + 5) / 40)
     assert m["captions/variant/0"]["n"] == 80
-    assert m["captions/type/stain"]["n"] == 80
-    assert m["captions/dataset/kather_et_al_2016/fine"]["value"] == pytest.approx(0.5)
     assert m["captions/macro_dataset/fine"]["datasets"] == 4
+    assert m["captions/macro_dataset/fine"]["value"] == pytest.approx((0.9 + 0.6 + 0.1 + 0.5) / 4)
     h = headline_table(m)
     assert set(h) == {"coarse", "fine", "coarse_excl_eulenberg", "fine_excl_eulenberg"}
     for v in m.values():
         assert v["low"] <= v["value"] <= v["high"] or v["ci"] == 0
+
+
+def test_headline_coverage_says_why_a_headline_shrinks_or_vanishes():
+    p = _frame()
+    assert all(not g["note"] for g in headline_coverage(p)["captions"].values())
+    # one official dataset without classification_1: the fine headline drops it, and says so with the counts
+    drop = (p["dataset"] == "acevedo_et_al_2020") & (p["key"] == "classification_1")
+    cov = headline_coverage(p[~drop])["captions"]
+    assert cov["fine"]["n"] == 20 and cov["fine"]["missing_datasets"] == ["acevedo_et_al_2020"]
+    assert "1 official dataset(s)" in cov["fine"]["note"] and "acevedo_et_al_2020" in cov["fine"]["note"]
+    assert not cov["coarse"]["note"]
+    # no _1 variant at all: n/a, with the number of items that exist
+    only0 = p[p["variant"] == 0]
+    cov = headline_coverage(only0)["captions"]
+    assert cov["fine"]["n"] == 0 and "n/a" in cov["fine"]["note"] and "30 fine items" in cov["fine"]["note"]
+    assert "captions/official/fine" not in closed_vqa_metrics(only0, n_resamples=99)
+    # no official dataset: n/a, naming what the copy holds
+    cov = headline_coverage(p[p["dataset"] == "opencell"])["captions"]
+    assert "none of the 20 fine items" in cov["fine"]["note"] and "opencell" in cov["fine"]["note"]

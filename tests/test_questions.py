@@ -71,7 +71,7 @@ def _broken_rows(sample_rows):
     opts = rows[2]["questions"]["stain"]["options"]
     rows[2]["questions"]["stain"]["options"] = [opts[-1], *opts[:-1]]  # NOTA first
     rows[2]["questions"]["stain"]["answer_idx"] += 1
-    rows[3]["questions"]["domain"]["answer"] = "radiology-typo"  # options[gold] != answer
+    rows[3]["questions"]["domain"]["answer"] = "radiology-typo"  # the answer is not among the options
     rows[4]["questions"]["subdomain"]["question"] = None  # null question text: absent, not broken
     rows[5]["questions"]["classification"] = None  # null entry: absent
     rows[6]["dataset"], rows[6]["stain"] = None, "H&E"  # a null name no stain explains
@@ -88,7 +88,7 @@ def test_violations_are_reported_not_dropped(sample_rows):
         (0, "modality_0", "gold index out of range"),
         (1, "domain_1", "gold index out of range"),
         (2, "stain", "'none of the above' is not the last option"),
-        (3, "domain", "options[gold] != answer"),
+        (3, "domain", "the answer is not one of the options"),
         (6, "dataset", "dataset is null and the stain names no known dataset"),
         (7, "stain_1", "no options"),
     }
@@ -137,3 +137,30 @@ def test_example_row_from_the_format_reference():
     assert f.loc["classification", "answer"] == "chronic heart failure" and f.loc["stain", "gold_idx"] == 0
     assert len(t.frame) == 4 and t.problems.empty
     assert t.absent[("captions", "modality_1")] == 1
+
+
+def test_question_gold_is_options_index_of_answer_and_disagreements_are_reported(sample_rows):
+    """eVLLM takes a question's gold as ``options.index(answer)``; a stored ``answer_idx`` that disagrees is a
+    reported data problem, and the item is scored with the official gold (never dropped)."""
+    rows = [copy.deepcopy(r) for r in sample_rows[:3]]
+    q = rows[0]["questions"]["modality"]
+    true_gold = q["options"].index(q["answer"])
+    q["answer_idx"] = (true_gold + 1) % (len(q["options"]) - 1)
+    # a duplicated option text: index() takes the first occurrence
+    q2 = rows[1]["questions"]["domain"]
+    g2 = q2["options"].index(q2["answer"])
+    q2["options"] = [q2["answer"], *q2["options"]]
+    q2["answer_idx"] = g2 + 1
+    ds = datasets.Dataset.from_list(rows, features=sample_features())
+    t = build_question_table(ds)
+    f = t.frame
+    item = f[(f.row_idx == 0) & (f.source == "questions") & (f.key == "modality")].iloc[0]
+    assert item["valid"] and item["gold_idx"] == true_gold
+    assert item["answer"] == q["answer"]
+    item2 = f[(f.row_idx == 1) & (f.source == "questions") & (f.key == "domain")].iloc[0]
+    assert item2["valid"] and item2["gold_idx"] == 0
+    notes = t.notes
+    assert {(int(r), k) for r, k in zip(notes.row_idx, notes.key, strict=True)} == {(0, "modality"), (1, "domain")}
+    assert f"answer_idx {q['answer_idx']} disagrees with options.index(answer) = {true_gold}" in \
+        notes[notes.row_idx == 0]["note"].iloc[0]
+    assert t.problems.empty  # nothing dropped

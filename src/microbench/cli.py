@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("-v", "--verbose", action="store_true")
     gr = sub.add_parser("grit", help="score generative box answers (Qwen-VL / PaliGemma) with the GRIT metric")
     gr.add_argument("answers", help="JSONL or CSV: response, width, height, gt_boxes, dataset, class per row")
-    gr.add_argument("--format", default="qwen", choices=["qwen", "paligemma"])
+    gr.add_argument("--format", default="qwen", choices=["qwen", "qwen_lenient", "paligemma"])
     gr.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     gr.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import microbench
-from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
+from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 from microbench.models.zero_shot import SOURCES, ZeroShotScorer, random_baseline
 from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
 from microbench.results.report import pct, results_markdown
@@ -38,6 +38,19 @@ def _sources(cfg: DictConfig) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"sources must be among {SOURCES}, got {sorted(bad)}")
     return sources
+
+
+def data_problems(dm, sources) -> dict:
+    """Problems of the copy that did not stop scoring but change what was scored: question ``answer_idx`` values
+    that disagree with ``options.index(answer)`` (scored with the official gold) and image ids shared by rows with
+    different pixels (each row scored on its own image)."""
+    q = dm.questions()
+    notes = q[q["note"].notna() & q["source"].isin(list(sources))] if "note" in q else q.iloc[:0]
+    conflicts = list(getattr(getattr(dm, "question_table", None), "image_conflicts", []) or [])
+    return {"answer_idx_disagreements": int(len(notes)),
+            "answer_idx_items": notes[["row_idx", "key", "note"]].head(200).astype(str).to_dict("records")
+            if len(notes) else [],
+            "image_id_conflicts": conflicts}
 
 
 def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context: dict) -> dict:
@@ -58,6 +71,8 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
         "sources": list(context["sources"]),
         "bootstrap": boot,
         "headline": {s: headline_table(metrics, s) for s in context["sources"]},
+        "headline_coverage": headline_coverage(predictions),
+        "data_problems": data_problems(dm, context["sources"]),
         "metrics": metrics,
         "n_predictions": len(predictions),
         "skipped": skipped,
@@ -76,7 +91,14 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
     logger = getattr(module, "logger", None)
     if logger is not None:
         logger.log_metrics({f"zs/{k}": v["value"] for k, v in metrics.items()})
+    dp = record["data_problems"]
+    if dp["answer_idx_disagreements"]:
+        log.warning("%d question(s) have an answer_idx that disagrees with options.index(answer); scored with the "
+                    "official gold (metrics.json -> data_problems)", dp["answer_idx_disagreements"])
     for source in context["sources"]:
+        for grain in (record["headline_coverage"].get(source) or {}).values():
+            if grain["note"]:
+                log.warning("%s: %s", source, grain["note"])
         h = record["headline"][source]
         log.info("%s %s: coarse %s, fine %s -> %s", model_info["name"], source, pct(h.get("coarse")),
                  pct(h.get("fine")), out_dir)
@@ -130,8 +152,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         dm = instantiate(cfg.data)
         dm.setup("test")
         questions = dm.questions()
-        items = questions[questions["source"].isin(sources) & questions["valid"]]
-        preds = random_baseline(items, seed=int(cfg.model.get("seed", 42)))
+        items = questions[questions["source"].isin(sources)]
+        # every present set takes its draw, as in the official loop; invalid items are then not scored
+        preds = random_baseline(items, seed=int(cfg.model.get("seed", 42)))[items["valid"].to_numpy()]
+        preds = preds.reset_index(drop=True)
         invalid = questions[questions["source"].isin(sources) & ~questions["valid"]]
         skipped = {"invalid_items": len(invalid), "items_of_failed_images": 0, "failed_images": [],
                    "problems": invalid[["row_idx", "key", "problem"]].astype(str).to_dict("records")}

@@ -42,6 +42,11 @@ def cognition_metrics(preds: pd.DataFrame, items: pd.DataFrame, boot: dict) -> d
     for col in BREAKDOWNS:
         for value, g in frame.groupby(frame[col].fillna("unknown").astype(str)):
             out[f"cognition/{col}/{value}"] = est(g["correct"].to_numpy()).to_dict()
+    if "correct_strict" in frame:  # the Random model: the official substring rule above, the strict rule here
+        out["cognition_strict/all"] = est(frame["correct_strict"].to_numpy()).to_dict()
+        for col in BREAKDOWNS:
+            for value, g in frame.groupby(frame[col].fillna("unknown").astype(str)):
+                out[f"cognition_strict/{col}/{value}"] = est(g["correct_strict"].to_numpy()).to_dict()
     return out
 
 
@@ -70,7 +75,8 @@ def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
     valid = items[items["valid"]]
     stats: dict = {}
     if kind == "random":
-        preds = random_cognition(valid, seed=int(cfg.model.get("seed", 42)))
+        drawn = random_cognition(items, seed=int(cfg.model.get("seed", 42)))  # every question takes its draw
+        preds = drawn[items["valid"].to_numpy()].reset_index(drop=True)
         info = {"name": "random", "kind": "random", "fingerprint": f"seed{int(cfg.model.get('seed', 42))}"}
     elif kind == "generative":
         preds = run_generative(valid, dm.items.image_bytes, model, progress=True)
@@ -119,6 +125,11 @@ def cognition_markdown(record: dict) -> str:
              f"prompt: {record['prompt']}. Accuracy % ± 95 % bootstrap half-width "
              f"({record['bootstrap']['n_resamples']} resamples).", "",
              f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']})", ""]
+    if "cognition_strict/all" in m:
+        lines += ["Random model: the figure above uses the official rule (correct iff the gold answer is a substring "
+                  "of `question + ' ' + drawn option`, so a question that names its answer is always right); "
+                  f"strict (the drawn option is the gold one): **{pct(m['cognition_strict/all'])}** "
+                  f"(`cognition_strict/*`).", ""]
     for col in BREAKDOWNS:
         keys = [k for k in m if k.startswith(f"cognition/{col}/")]
         if keys:

@@ -279,7 +279,7 @@ def localization_dm_factory(data_cfg, targets: str, classes: list[str]):
 def evaluate_generative_localization(cfg: DictConfig) -> tuple[dict, dict]:
     """The official generative detection protocol: for each image and each className present, ask ``Detect
     {className}`` (Qwen-VL) / ``detect {className}`` (PaliGemma, retried as ``segment {c}; {c}`` when the answer is
-    empty), parse the boxes (``box_format``: qwen | paligemma; default from the model name) and score with GRIT."""
+    exactly empty, as the official code), parse the boxes (``box_format``: qwen | qwen_lenient | paligemma; default from the model name) and score with GRIT."""
     from datasets import Image
 
     from microbench.generative.backends import Request
@@ -308,7 +308,7 @@ def evaluate_generative_localization(cfg: DictConfig) -> tuple[dict, dict]:
     results = backend.generate(reqs, progress=True)
     stats = [backend.stats.to_dict()]
     if fmt == "paligemma":  # the official fallback for empty answers
-        empty = [k for k, r in enumerate(results) if r.text is not None and not r.text.strip()]
+        empty = [k for k, r in enumerate(results) if r.text == ""]  # exactly empty, as the official code tests
         if empty:
             retry = backend.generate([Request(reqs[k].id + "/segment", f"segment {pairs[k][1]}; {pairs[k][1]}",
                                               reqs[k].images) for k in empty], progress=False)

@@ -100,11 +100,13 @@ class ImageTable:
 
 
 def unique_images(rows: pd.DataFrame) -> ImageTable:
-    """Group rows by image_id, in order of first appearance (vectorized: one factorize and one sort)."""
+    """Group rows by image (``image_key`` when present, see :func:`image_content_keys`, else ``image_id``), in order
+    of first appearance (vectorized: one factorize and one sort)."""
     if len(rows) == 0:
         return ImageTable(np.array([], dtype=object), np.array([], dtype=np.int64), [])
     row_idx = rows["row_idx"].to_numpy(dtype=np.int64)
-    codes, uniques = pd.factorize(rows["image_id"].astype(str).to_numpy(), sort=False)
+    key = "image_key" if "image_key" in rows else "image_id"
+    codes, uniques = pd.factorize(rows[key].astype(str).to_numpy(), sort=False)
     order = np.lexsort((row_idx, codes))
     sorted_rows = row_idx[order]
     bounds = np.flatnonzero(np.diff(codes[order])) + 1
@@ -126,12 +128,54 @@ def _as_list(value) -> list[str] | None:
     return [str(v) for v in value]
 
 
+def image_content_keys(hf, rows: pd.DataFrame) -> tuple[np.ndarray, list[dict]]:
+    """One key per row naming the image it is scored on: its ``image_id``, unless rows sharing that id carry
+    different image bytes, in which case each distinct image gets ``<image_id>#<sha256 prefix>`` (and the id is
+    reported). In the release one id is one image (Burgess images serve three tasks), but nothing guarantees it,
+    and a row must never be scored on another row's pixels. Only rows whose id repeats are read (raw bytes, no
+    decoding). Returns (keys, conflicts) with conflicts ``[{image_id, rows, distinct_images}]``."""
+    import hashlib
+
+    from datasets import Image
+
+    ids = rows["image_id"].astype(str).to_numpy()
+    keys = ids.astype(object).copy()
+    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if not dup.any() or "image" not in hf.column_names:
+        return keys, []
+    pos = np.flatnonzero(dup)
+    raw = hf.select_columns(["image"]).cast_column("image", Image(decode=False))
+    values = raw.select(rows["row_idx"].to_numpy()[pos].tolist())["image"]
+    digests = []
+    for v in values:
+        data = (v or {}).get("bytes")
+        if data is None and (v or {}).get("path"):
+            data = str(v["path"]).encode()
+        digests.append(hashlib.sha256(data or b"").hexdigest()[:12])
+    frame = pd.DataFrame({"pos": pos, "id": ids[pos], "digest": digests})
+    conflicts = []
+    for image_id, g in frame.groupby("id", sort=False):
+        if g["digest"].nunique() > 1:
+            keys[g["pos"].to_numpy()] = [f"{image_id}#{d}" for d in g["digest"]]
+            conflicts.append({"image_id": str(image_id),
+                              "rows": [int(r) for r in rows["row_idx"].to_numpy()[g["pos"].to_numpy()]],
+                              "distinct_images": int(g["digest"].nunique())})
+    if conflicts:
+        log.warning("%d image_id(s) are shared by rows with different image bytes (e.g. %s, rows %s): each row is "
+                    "scored on its own image", len(conflicts), conflicts[0]["image_id"], conflicts[0]["rows"])
+    return keys, conflicts
+
+
 def load_split_rows(path: str, revision: str | None, spec: splits_mod.SplitSpec):
-    """Load a copy, build its question table and assign every row its split: (hf, source, table, rows)."""
+    """Load a copy, build its question table and assign every row its split: (hf, source, table, rows).
+
+    ``rows["image_key"]`` names the image each row is scored on (see :func:`image_content_keys`); conflicts are
+    kept in ``table.image_conflicts``."""
     hf, source = load_ubench(path, revision)
     table = build_question_table(hf)
     rows = table.rows.copy()
     rows["split"] = splits_mod.assign_splits(rows, spec)
+    rows["image_key"], table.image_conflicts = image_content_keys(hf, rows)
     return hf, source, table, rows
 
 

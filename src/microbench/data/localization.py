@@ -127,7 +127,7 @@ def build_localization_table(hf, rows: pd.DataFrame, targets: str = "boxes",
     annotated = rows[rows["has_bbox"] | rows["has_polygon"]] if targets == "boxes" else rows[rows["has_polygon"]]
     skipped: Counter = Counter()
     skipped["rows_without_annotations"] = int(len(rows) - len(annotated))
-    first = annotated.drop_duplicates("image_id", keep="first")
+    first = annotated.drop_duplicates("image_key" if "image_key" in annotated else "image_id", keep="first")
     skipped["duplicate_image_rows"] = int(len(annotated) - len(first))
     if len(first) == 0:
         return LocalizationTable([], [], dict(skipped))

@@ -5,11 +5,16 @@ One row of the table is one scorable closed-VQA item: (row index, image id, reso
 options, gold index). Entries that are null on the Hub (e.g. the stain question of ``nirschl_unpub_fluorescence``)
 are absent from the table and counted in :attr:`QuestionTable.absent`; entries that are present but broken stay in
 the table with ``valid=False`` and a ``problem`` string, so nothing is ever dropped silently.
+
+The gold of a question (an entry with an ``answer`` text) is ``options.index(answer)``, as the official code takes it;
+where the stored ``answer_idx`` disagrees, the item is scored with the official gold and the disagreement is a
+reported data problem (``note``; :attr:`QuestionTable.notes`). Caption sets have no ``answer``: their gold is
+``int(answer_idx)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -22,7 +27,7 @@ from microbench.data import schema
 SOURCES = ("captions", "questions")
 FRAME_COLUMNS = (
     "row_idx", "image_id", "dataset", "source", "key", "question_type", "variant", "question", "options",
-    "n_options", "gold_idx", "answer", "qid", "valid", "problem",
+    "n_options", "gold_idx", "answer", "qid", "valid", "problem", "note",
 )
 
 
@@ -35,12 +40,19 @@ class QuestionTable:
     absent: dict[tuple[str, str], int]
     #: one row per data row: row_idx, image_id, resolved dataset and the raw metadata used for slicing
     rows: pd.DataFrame
+    #: image ids shared by rows with different image bytes (filled by the data modules; each row keeps its image)
+    image_conflicts: list[dict] = field(default_factory=list)
 
     @property
     def problems(self) -> pd.DataFrame:
         """Items that cannot be scored, with row ids and the reason."""
         bad = self.frame.loc[~self.frame["valid"], ["row_idx", "image_id", "dataset", "source", "key", "problem"]]
         return pd.concat([bad, self.row_problems], ignore_index=True)
+
+    @property
+    def notes(self) -> pd.DataFrame:
+        """Scored items with a data problem worth reporting (e.g. ``answer_idx`` disagreeing with the answer)."""
+        return self.frame.loc[self.frame["note"].notna(), ["row_idx", "image_id", "dataset", "source", "key", "note"]]
 
     @property
     def row_problems(self) -> pd.DataFrame:
@@ -127,9 +139,26 @@ def _flatten_entry(
 
     answer = np.full(n, None, dtype=object)
     answer_ok = np.ones(n, dtype=bool)
-    if "answer" in fields:
+    note = np.full(n, None, dtype=object)
+    if "answer" in fields:  # the official gold: options.index(answer) (the first option equal to the answer)
         answer = _to_numpy_str(pc.struct_field(entry, "answer").take(take))
-        answer_ok = ~in_range | (gold_txt == answer)
+        flat = _to_numpy_str(pc.list_flatten(options))
+        parent = pc.list_parent_indices(options).to_numpy(zero_copy_only=False).astype(np.int64)
+        first = np.concatenate([[0], np.cumsum(n_opts)[:-1]]).astype(np.int64)
+        pos = np.arange(len(parent), dtype=np.int64) - first[parent]
+        hit = np.flatnonzero(flat == answer[parent])[::-1]  # reversed so the first occurrence is written last
+        official = np.full(n, -1, dtype=np.int64)
+        official[parent[hit]] = pos[hit]
+        answer_ok = official >= 0
+        disagree = answer_ok & (official != gold)
+        for i in np.flatnonzero(disagree):
+            note[i] = (f"answer_idx {int(gold[i])} disagrees with options.index(answer) = {int(official[i])}; "
+                       "scored with the official gold")
+        gold = np.where(answer_ok, official, gold)
+        in_range = (gold >= 0) & (gold < n_opts)
+        gold_txt = np.full(n, None, dtype=object)
+        if in_range.any():
+            gold_txt[in_range] = _to_numpy_str(values.take(pa.array(starts[in_range] + gold[in_range])))
 
     problem = np.full(n, None, dtype=object)
     # later checks win only where no earlier one fired, so each item shows its first problem
@@ -137,7 +166,7 @@ def _flatten_entry(
         (~has_any, "no options"),
         (~in_range, "gold index out of range"),
         (has_any & ~nota_last, "'none of the above' is not the last option"),
-        (~answer_ok, "options[gold] != answer"),
+        (~answer_ok, "the answer is not one of the options"),
     ):
         sel = mask & (problem == None)  # noqa: E711 - elementwise on an object array
         problem[sel] = text
@@ -161,6 +190,7 @@ def _flatten_entry(
         "qid": qid,
         "valid": problem == None,  # noqa: E711
         "problem": problem,
+        "note": note,
     })
     return frame, absent
 

@@ -409,9 +409,9 @@ class HFVisionBackend(GenerativeBackend):
     backend = "hf"
 
     def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
-                 batch_size: int = 8, max_new_tokens: int = 16, cache_dir: str | Path | None = None,
+                 batch_size: int = 8, max_new_tokens: int | None = 16, cache_dir: str | Path | None = None,
                  blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
-                 hf_cache_dir: str | None = None) -> None:
+                 hf_cache_dir: str | None = None, max_length: int | None = None) -> None:
         import torch
 
         super().__init__(model, cache_dir, blind, prompt)
@@ -435,11 +435,22 @@ class HFVisionBackend(GenerativeBackend):
         if tok is not None:
             tok.padding_side = "left"
         self.revision, self.dtype, self.batch_size, self.max_new_tokens = revision, dtype, batch_size, max_new_tokens
+        self.max_length = max_length
+        if max_new_tokens is None and max_length is None:
+            from microbench.models.backbones.base import BackboneError
+
+            raise BackboneError("set model.max_new_tokens or model.max_length (the official CogVLM setting is "
+                                "max_length=1900, PaliGemma max_new_tokens=100)")
 
     @property
     def params(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "revision": self.revision,
-                "dtype": self.dtype}
+        out = {"max_new_tokens": self.max_new_tokens, "do_sample": False, "revision": self.revision, "dtype": self.dtype}
+        if self.max_length is not None:  # total length, prompt included (the official CogVLM setting)
+            out["max_length"] = self.max_length
+        return out
+
+    def _length_kwargs(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens} if self.max_length is None else {"max_length": self.max_length}
 
     def _letter_ids(self) -> dict[str, int]:
         tok = self.processor.tokenizer
@@ -481,7 +492,7 @@ class HFVisionBackend(GenerativeBackend):
                 inputs = self.processor(**kwargs).to(self.device)
                 self.stats.requests_sent += len(pending)
                 with torch.inference_mode():
-                    out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                    out = self.model.generate(**inputs, **self._length_kwargs(), do_sample=False,
                                               output_scores=True, return_dict_in_generate=True)
                 new = out.sequences[:, inputs["input_ids"].shape[1]:]
                 decoded = self.processor.batch_decode(new, skip_special_tokens=True)

@@ -1,6 +1,9 @@
 """Parsing generative models' box answers into pixel boxes, and scoring them with GRIT (official protocol).
 
-- Qwen-VL: ``<box>(x1,y1),(x2,y2)</box>`` with coordinates on a 0–1000 grid (x first); every box in the answer.
+- Qwen-VL (``qwen``, the official parse of eVLLM ``qwenvlm.forward_detect``): ``<box>(x1,y1),(x2,y2)</box>`` with
+  non-negative integers and no spaces, on a 0–1000 grid (x first), every box in the answer, scaled to pixels and
+  *not* clipped (a coordinate beyond 1000 lands outside the image, as in the official code). ``qwen_lenient`` also
+  accepts spaces, decimals and negative numbers and clips to the image: an explicit option, not the official number.
 - PaliGemma: ``<locNNNN>`` quadruples (y_min, x_min, y_max, x_max) on a 0–1024 grid, one object per
   ``;``-separated segment, the first four numbers of each (``<segNNN>`` mask tokens are ignored).
 
@@ -17,8 +20,9 @@ import pandas as pd
 
 from microbench.metrics.grit import GritLocalization, localization_score
 
+QWEN_BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")  # official: digits only, no spaces
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-QWEN_BOX = re.compile(rf"<box>\s*\({_NUM},{_NUM}\)\s*,?\s*\({_NUM},{_NUM}\)\s*</box>")
+QWEN_BOX_LENIENT = re.compile(rf"<box>\s*\({_NUM},{_NUM}\)\s*,?\s*\({_NUM},{_NUM}\)\s*</box>")
 PALIGEMMA_LOC = re.compile(r"<loc(\d{4})>")
 
 
@@ -26,16 +30,26 @@ def _clip(v: float, hi: float) -> float:
     return min(max(v, 0.0), float(hi))
 
 
-def parse_qwen_boxes(text: object, width: float, height: float, grid: float = 1000.0) -> list[list[float]]:
-    """Every ``<box>(x1,y1),(x2,y2)</box>`` of a Qwen-VL answer, scaled from the 0–``grid`` grid to pixels."""
+def parse_qwen_boxes(text: object, width: float, height: float, grid: float = 1000.0,
+                     lenient: bool = False) -> list[list[float]]:
+    """Every ``<box>(x1,y1),(x2,y2)</box>`` of a Qwen-VL answer, scaled from the 0–``grid`` grid to pixels.
+
+    Default: the official parse (integers, no spaces, no clipping). ``lenient=True``: spaces, decimals and negative
+    numbers are accepted and boxes are clipped to the image."""
     if not isinstance(text, str):
         return []
     boxes = []
-    for m in QWEN_BOX.finditer(text):
+    for m in (QWEN_BOX_LENIENT if lenient else QWEN_BOX).finditer(text):
         x1, y1, x2, y2 = (float(v) for v in m.groups())
-        boxes.append([_clip(x1 / grid * width, width), _clip(y1 / grid * height, height),
-                      _clip(x2 / grid * width, width), _clip(y2 / grid * height, height)])
+        box = [x1 / grid * width, y1 / grid * height, x2 / grid * width, y2 / grid * height]
+        if lenient:
+            box = [_clip(box[0], width), _clip(box[1], height), _clip(box[2], width), _clip(box[3], height)]
+        boxes.append(box)
     return boxes
+
+
+def parse_qwen_boxes_lenient(text: object, width: float, height: float, grid: float = 1000.0) -> list[list[float]]:
+    return parse_qwen_boxes(text, width, height, grid, lenient=True)
 
 
 def parse_paligemma_boxes(text: object, width: float, height: float, grid: float = 1024.0) -> list[list[float]]:
@@ -53,10 +67,11 @@ def parse_paligemma_boxes(text: object, width: float, height: float, grid: float
     return boxes
 
 
-PARSERS: dict[str, Callable[..., list[list[float]]]] = {"qwen": parse_qwen_boxes, "paligemma": parse_paligemma_boxes}
+PARSERS: dict[str, Callable[..., list[list[float]]]] = {"qwen": parse_qwen_boxes, "qwen_lenient": parse_qwen_boxes_lenient,
+                                                        "paligemma": parse_paligemma_boxes}
 
 #: the official detection prompts (``inference/generative_inference_detection.py``), called with the raw className
-PROMPTS = {"qwen": "Detect {class_name}", "paligemma": "detect {class_name}"}
+PROMPTS = {"qwen": "Detect {class_name}", "qwen_lenient": "Detect {class_name}", "paligemma": "detect {class_name}"}
 
 
 def score_box_answers(answers: pd.DataFrame, parser: str | Callable = "qwen") -> tuple[pd.DataFrame, dict]:

@@ -9,7 +9,6 @@ The predictions frame has the columns of contrastive predictions (so the same me
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Callable
 
 import numpy as np
@@ -53,18 +52,24 @@ def run_generative(items: pd.DataFrame, images_of: Callable[[int], list[bytes]],
 
 
 def random_cognition(items: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
-    """The official Random model for cognition: options shuffled with one ``random.seed(42)`` stream, the first
-    shuffled string is the prediction, correct iff the gold answer is a substring of it."""
-    rng = random.Random(seed)
+    """The official Random model for cognition (eVLLM): the candidate strings are ``question + " " + option``, one
+    ``random.Random(seed)`` stream shuffles them item by item, the first is the prediction, and it is correct iff the
+    gold answer is a *substring* of it, so a question whose text names its answer counts every draw as correct.
+    ``correct`` follows that official rule (the Table-1 figure); ``correct_strict`` is the drawn option being the
+    gold one."""
+    from microbench.models.zero_shot import random_draws
+
     out = pd.DataFrame({c: items[c].to_numpy() for c in ID_COLUMNS if c in items})
-    preds, correct = [], []
-    for opts, gold in zip(items["options"], items["gold_idx"], strict=True):
+    preds, correct, strict = [], [], []
+    for order, q, opts, gold in zip(random_draws(items, seed), items["question"], items["options"],
+                                    items["gold_idx"], strict=True):
         opts = list(opts)
-        shuffled = opts.copy()
-        rng.shuffle(shuffled)
-        preds.append(opts.index(shuffled[0]))
-        correct.append(gold >= 0 and opts[gold] in shuffled[0])
+        first = order[0]
+        preds.append(first)
+        correct.append(gold >= 0 and opts[gold] in f"{q} {opts[first]}")
+        strict.append(gold >= 0 and first == gold)
     out["pred_idx"] = np.asarray(preds, dtype=np.int64)
     out["correct"] = np.asarray(correct, dtype=bool)
+    out["correct_strict"] = np.asarray(strict, dtype=bool)
     out["scores"] = [[float(j == p) for j in range(len(o))] for p, o in zip(preds, items["options"], strict=True)]
     return out

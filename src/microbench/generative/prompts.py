@@ -16,8 +16,11 @@ import string
 
 LETTERS = string.ascii_uppercase
 OFFICIAL_INSTRUCTION = "Answer with a single letter, no extra details."
-MICROVQA_INSTRUCTION = ('The following is a multiple choice question (with answers). Think step by step and then '
-                        'output the answer in the format of "The answer is (X)" at the end.')
+#: MicroVQA's ``eval/eval.py`` ``PROMPT_TEMPLATE``, byte for byte (note the space before the first newline, the blank
+#: lines around the question and the options, and the options' own trailing newline before the template's).
+MICROVQA_TEMPLATE = ('The following is a multiple choice question (with answers). \n'
+                     'Think step by step and then output the answer in the format of "The answer is (X)" at the end.\n'
+                     '\n{{QUESTION}}\n\nOptions:\n{{CHOICES}}\n')
 MICROVQA_ANSWER = re.compile(r"answer is \*?\*?\(?([0-9])\)?\*?\*?")
 PROMPT_STYLES = ("official", "microvqa")
 
@@ -53,9 +56,10 @@ def official_choice(response: object, options: list[str]) -> int:
 
 
 def microvqa_prompt(question: str, options: list[str]) -> str:
-    """MicroVQA's MMLU-Pro-style chain-of-thought prompt (options numbered from 1)."""
-    lines = "\n".join(f"  ({j + 1}): {o}" for j, o in enumerate(options))
-    return f"{MICROVQA_INSTRUCTION}\n{question}\nOptions:\n{lines}"
+    """MicroVQA's MMLU-Pro-style chain-of-thought prompt (options numbered from 1), filled as MicroVQA fills it:
+    the question first, then the choices, each ``"  (j): choice\\n"``."""
+    choices = "".join(f"  ({j + 1}): {o}\n" for j, o in enumerate(options))
+    return MICROVQA_TEMPLATE.replace("{{QUESTION}}", question).replace("{{CHOICES}}", choices)
 
 
 def microvqa_choice(response: object, options: list[str]) -> int:

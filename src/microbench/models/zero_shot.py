@@ -125,18 +125,42 @@ def _prediction_frame(items: pd.DataFrame, preds: np.ndarray, scores: list[list[
     return out
 
 
-def random_baseline(items: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
-    """The official Random model: shuffle each item's option strings with one ``random.Random(42)`` stream (in
-    question-table order) and predict the first; the score of the predicted option is 1."""
+def official_draw_order(items: pd.DataFrame) -> np.ndarray:
+    """Positions of ``items`` in the order the official Random model draws: image by image (row order), and within
+    a row its sets in the copy's key order (the Hub's struct order: ``schema.CAPTION_KEYS`` for captions,
+    ``schema.QUESTION_TYPES`` for questions)."""
+    from microbench.data import schema
+
+    rank = {k: i for i, k in enumerate((*schema.CAPTION_KEYS, *schema.QUESTION_TYPES))}
+    key_rank = np.array([rank.get(str(k), len(rank)) for k in items["key"]], dtype=np.int64)
+    return np.lexsort((key_rank, items["row_idx"].to_numpy(dtype=np.int64)))
+
+
+def random_draws(items: pd.DataFrame, seed: int = 42) -> list[list[int]]:
+    """The official Random model's shuffles (eVLLM ``random_model.py``): one ``random.Random(seed)`` stream shuffles
+    a copy of each item's options, drawn in :func:`official_draw_order`; returns, per item (in ``items`` order), the
+    shuffled option indices (the first is the prediction)."""
     rng = random.Random(seed)
+    out: list[list[int]] = [[] for _ in range(len(items))]
+    options = items["options"].tolist()
+    for pos in official_draw_order(items):
+        order = list(range(len(options[pos])))
+        rng.shuffle(order)  # shuffling indices consumes the stream exactly as shuffling the strings
+        out[pos] = order
+    return out
+
+
+def random_baseline(items: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
+    """The official Random model on perception: the first shuffled option is the prediction (correct iff it is the
+    gold option); each source is its own run, so each has its own stream; the score of the predicted option is 1."""
     preds = np.empty(len(items), dtype=np.int64)
-    scores = []
-    for i, opts in enumerate(items["options"]):
-        opts = list(opts)
-        shuffled = opts.copy()
-        rng.shuffle(shuffled)
-        preds[i] = opts.index(shuffled[0])
-        scores.append([float(j == preds[i]) for j in range(len(opts))])
+    scores: list[list[float]] = [[] for _ in range(len(items))]
+    sources = items["source"].astype(str).to_numpy()
+    for source in dict.fromkeys(sources):
+        pos = np.flatnonzero(sources == source)
+        for p, order in zip(pos, random_draws(items.iloc[pos], seed), strict=True):
+            preds[p] = order[0]
+            scores[p] = [float(j == order[0]) for j in range(len(order))]
     return _prediction_frame(items, preds, scores)
 
 

@@ -22,8 +22,8 @@ COLUMNS = {
     "coarse_excl_eulenberg": "official_excl_eulenberg/coarse", "fine_excl_eulenberg": "official_excl_eulenberg/fine",
     "pathology_fine": "slice/pathology/fine", "he_fine": "slice/he/fine",
     "macro_dataset_fine": "macro_dataset/fine",
-    "domain": "type/domain", "modality": "type/modality", "stain": "type/stain", "subdomain": "type/subdomain",
-    "submodality": "type/submodality",
+    "domain": "official/type/domain", "modality": "official/type/modality", "stain": "official/type/stain",
+    "subdomain": "official/type/subdomain", "submodality": "official/type/submodality",
 }
 #: columns filled by non-perception tasks: task -> {column: key of record["headline"]}
 TASK_COLUMNS = {

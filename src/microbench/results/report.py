@@ -40,28 +40,49 @@ def results_markdown(record: dict[str, Any]) -> str:
             pct(m.get(f"{source}/official_excl_eulenberg/fine"))]]))
         out += ["", "Headline: " + ("`_1` caption variants" if source == "captions" else "all questions")
                 + ", pooled over the official datasets (see docs/evaluation.md for the protocol).", ""]
+        notes = [g["note"] for g in (record.get("headline_coverage") or {}).get(source, {}).values() if g["note"]]
+        if notes:
+            out += ["**Headline coverage:**", "", *[f"- {n}" for n in notes], ""]
         rows = []
-        for label, name in (("headline: official datasets, variant 1", "official"),
+        for label, name in (("headline: official datasets", "official"),
                             ("headline excl. Eulenberg DF/EF", "official_excl_eulenberg"),
-                            ("all datasets, all variants", "all"),
-                            ("official datasets, all variants", "slice/official"),
-                            ("official excl. Eulenberg, all variants", "slice/official_excl_eulenberg"),
-                            ("pathology datasets", "slice/pathology"), ("H&E datasets", "slice/he"),
+                            ("pathology datasets (official table)", "slice/pathology"),
+                            ("H&E datasets (official table)", "slice/he"),
                             ("outside the official set", "slice/non_official"),
-                            ("macro over datasets (unweighted)", "macro_dataset")):
+                            ("macro over datasets (unweighted)", "macro_dataset"),
+                            ("all datasets, both variants pooled", "all"),
+                            ("official datasets, both variants pooled", "all_variants/slice/official"),
+                            ("pathology, both variants pooled", "all_variants/slice/pathology"),
+                            ("H&E, both variants pooled", "all_variants/slice/he")):
             rows.append([label, pct(m.get(f"{source}/{name}/coarse")), pct(m.get(f"{source}/{name}/fine")),
                          str(m.get(f"{source}/{name}/coarse", {}).get("n", 0)),
                          str(m.get(f"{source}/{name}/fine", {}).get("n", 0))])
         out += [f"### Slices ({source})", "", _table(["slice", "coarse", "fine", "n coarse", "n fine"], rows), ""]
-        type_rows = [[k.split("/")[-1], pct(v), str(v["n"])] for k, v in m.items() if k.startswith(f"{source}/type/")]
-        out += [f"### Per question type ({source})", "", _table(["type", "accuracy", "n"], type_rows), ""]
+        types = sorted({k.rsplit("/", 1)[1] for k in m if k.startswith(f"{source}/all_variants/type/")})
+        type_rows = [[t, pct(m.get(f"{source}/official/type/{t}")), str(m.get(f"{source}/official/type/{t}", {})
+                      .get("n", 0)), pct(m.get(f"{source}/all_variants/type/{t}")),
+                      str(m.get(f"{source}/all_variants/type/{t}", {}).get("n", 0))] for t in types]
+        out += [f"### Per question type ({source})", "",
+                _table(["type", "official", "n", "all datasets, both variants", "n"], type_rows), ""]
         key_rows = [[k.split("/")[-1], pct(v), str(v["n"])] for k, v in m.items() if k.startswith(f"{source}/key/")]
         if key_rows:
             out += [f"### Per caption key ({source})", "", _table(["key", "accuracy", "n"], key_rows), ""]
         datasets = sorted({k.split("/")[2] for k in m if k.startswith(f"{source}/dataset/")})
         ds_rows = [[d, pct(m.get(f"{source}/dataset/{d}/coarse")), pct(m.get(f"{source}/dataset/{d}/fine")),
                     str(m.get(f"{source}/dataset/{d}/fine", {}).get("n", 0))] for d in datasets]
-        out += [f"### Per dataset ({source})", "", _table(["dataset", "coarse", "fine", "n fine"], ds_rows), ""]
+        out += [f"### Per dataset ({source}, headline variant)", "",
+                _table(["dataset", "coarse", "fine", "n fine"], ds_rows), ""]
+    dp = record.get("data_problems") or {}
+    if dp.get("answer_idx_disagreements") or dp.get("image_id_conflicts"):
+        out += ["## Data problems (scored, reported)", ""]
+        if dp.get("answer_idx_disagreements"):
+            out.append(f"- questions whose `answer_idx` disagrees with `options.index(answer)`: "
+                       f"{dp['answer_idx_disagreements']} (scored with the official gold, `options.index(answer)`)")
+        if dp.get("image_id_conflicts"):
+            c = dp["image_id_conflicts"]
+            out.append(f"- image ids shared by rows with different image bytes: {len(c)} (e.g. `{c[0]['image_id']}`, "
+                       f"rows {c[0]['rows']}); each row was scored on its own image")
+        out.append("")
     sk = record.get("skipped", {})
     out += ["## Not scored", "",
             f"- invalid items (see `metrics.json` → `skipped.problems`): {sk.get('invalid_items', 0)}",
