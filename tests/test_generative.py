@@ -43,7 +43,7 @@ def test_official_choice_and_microvqa_parser():
     assert official_choice("B", opts) == 1 and official_choice("I think C) c", opts) == 2
     assert official_choice("Z", opts) == -1 and official_choice(None, opts) == -1
     prompt = microvqa_prompt("Why?", ["x", "y"])
-    assert prompt.endswith("Why?\nOptions:\n  (1): x\n  (2): y") and "The answer is (X)" in prompt
+    assert prompt.endswith("\n\nWhy?\n\nOptions:\n  (1): x\n  (2): y\n\n") and "The answer is (X)" in prompt
     assert microvqa_choice("... so the answer is (2)", opts) == 1
     assert microvqa_choice("The answer is **3**", opts) == 2
     assert microvqa_choice("the answer is (9)", opts) == -1 and microvqa_choice("no idea", opts) == -1
