@@ -8,6 +8,7 @@ import sys
 import time
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -217,3 +218,30 @@ def test_dataset_info_features_are_applied_without_writing(sample_rows, tmp_path
         "dataset_info.json", "ubench-test-00000-of-00002.arrow", "ubench-test-00001-of-00002.arrow"]
     (folder / "cache-0123.arrow").write_bytes(b"junk")  # a stray datasets cache file is ignored
     assert len(load_ubench(root)[0]) == 328
+
+
+def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature_cache(sample_rows, tmp_path):
+    """Caches key on the data fingerprint: a copy whose every image changed under the same ids must be a miss
+    (issue 13: the linear probe and the forgetting study used to reuse the old copy's embeddings and results)."""
+    import copy
+
+    from microbench.data.datamodule import PerceptionDataModule
+    from microbench.features import FeatureCache
+    from microbench.models.backbones import build_backbone
+
+    rows = [copy.deepcopy(r) for r in sample_rows[:12]]
+    a = write_raw_hub_copy(rows, tmp_path / "a", n_shards=1)
+    for r in rows:  # same ids, captions and questions; other pixels
+        r["image"]["bytes"] = png_bytes(np.full((96, 96, 3), 17, np.uint8))
+    b = write_raw_hub_copy(rows, tmp_path / "b", n_shards=1)
+    fa, fb = load_ubench(str(a))[1].fingerprint, load_ubench(str(b))[1].fingerprint
+    assert fa != fb
+    assert load_ubench(str(write_raw_hub_copy(sample_rows[:12], tmp_path / "a2", n_shards=2)))[1].fingerprint == fa
+    bb = build_backbone(preset="tiny")
+    cache = FeatureCache(tmp_path / "cache")
+    hits = []
+    for root in (a, b, a):
+        dm = PerceptionDataModule(str(root), transform=bb.preprocess)
+        dm.setup()
+        hits.append(cache.get(bb, dm, progress=False)[2])
+    assert hits == [False, False, True]

@@ -327,23 +327,34 @@ def validate_columns(ds: datasets.Dataset, where: str = "data") -> None:
 
 
 def dataset_fingerprint(ds: datasets.Dataset) -> str:
-    """Content fingerprint of a copy: schema, row count, image ids and question ids (not the pixels, for speed).
+    """Content fingerprint of a copy: row count, image ids, the image bytes, labels, dataset names, stains, captions
+    and questions, in row order.
 
-    Two copies with the same fingerprint have the same rows in the same order with the same questions; feature
-    caches and results key on it.
+    Two copies with the same fingerprint have the same rows in the same order with the same pixels and questions;
+    feature caches and result caches key on it, so a copy whose images changed under the same ids is a miss. The
+    encoded bytes are hashed (no decoding: a fraction of a second per GB); the layout of the copy (shards, HF
+    metadata, the ``bbox``/``polygon`` decoding) does not change it.
     """
+    import pyarrow.compute as pc
+
     h = hashlib.sha256()
     h.update(str(len(ds)).encode())
-    cols = [c for c in ("image_id", "captions", "questions") if c in ds.column_names]
+    cols = [c for c in ("image_id", "image", "label_name", "dataset", "stain", "captions", "questions")
+            if c in ds.column_names]
     table = ds.select_columns(cols).with_format("arrow")
     sink = _HashSink(h)
     writer = None
-    for batch in table.iter(batch_size=20_000):
+    for batch in table.iter(batch_size=2_000):
         # canonical form: same bytes whatever the layout, chunking or HF metadata of the copy
         batch = batch.combine_chunks().replace_schema_metadata(None)
+        if "image" in batch.column_names and pa.types.is_struct(batch.schema.field("image").type):
+            img = batch.column("image").combine_chunks()
+            names = [img.type.field(i).name for i in range(img.type.num_fields)]
+            data = pc.struct_field(img, "bytes") if "bytes" in names else pa.nulls(len(img), pa.binary())
+            batch = batch.set_column(batch.column_names.index("image"), "image", data.cast(pa.large_binary()))
         if writer is None:
             writer = pa.ipc.new_stream(sink, batch.schema)
-        writer.write_table(batch, max_chunksize=20_000)
+        writer.write_table(batch, max_chunksize=2_000)
     if writer is not None:
         writer.close()
     return h.hexdigest()[:16]
