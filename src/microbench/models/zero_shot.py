@@ -127,12 +127,10 @@ def _prediction_frame(items: pd.DataFrame, preds: np.ndarray, scores: list[list[
 
 def official_draw_order(items: pd.DataFrame) -> np.ndarray:
     """Positions of ``items`` in the order the official Random model draws: image by image (row order), and within
-    a row its sets in the copy's key order (the Hub's struct order: ``schema.CAPTION_KEYS`` for captions,
-    ``schema.QUESTION_TYPES`` for questions)."""
-    from microbench.data import schema
-
-    rank = {k: i for i, k in enumerate((*schema.CAPTION_KEYS, *schema.QUESTION_TYPES))}
-    key_rank = np.array([rank.get(str(k), len(rank)) for k in items["key"]], dtype=np.int64)
+    a row its sets in the copy's own key order. The question table is built key by key in the order of the copy's
+    struct fields, so the order in which keys first appear in ``items`` is that order (whatever it is, also for
+    keys outside the schema)."""
+    key_rank, _ = pd.factorize(items["key"].astype(str).to_numpy(), sort=False)
     return np.lexsort((key_rank, items["row_idx"].to_numpy(dtype=np.int64)))
 
 
