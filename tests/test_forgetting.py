@@ -79,7 +79,9 @@ def test_mismatched_architecture_checkpoint_file(tmp_path):
     with pytest.raises(MergeError, match="cannot merge base and fine-tuned \\(other.pt\\): key .* different "
                                          "architectures"):
         load_finetuned_state(tmp_path / "other.pt", tiny)
-    with pytest.raises(MergeError, match="does not exist"):
+    from microbench.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_finetuned_state(tmp_path / "missing.ckpt", tiny)
 
 
@@ -204,7 +206,7 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ([], "error: no fine-tuned checkpoint: pass finetuned="),
-    (["finetuned=/no/such.ckpt"], "error: fine-tuned checkpoint /no/such.ckpt does not exist"),
+    (["finetuned=/no/such.ckpt"], "error: finetuned=/no/such.ckpt does not exist"),
 ])
 def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
     import os

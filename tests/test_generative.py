@@ -73,9 +73,11 @@ def test_client_gives_up_after_max_retries_and_on_4xx():
         text = json.dumps(body)
         return 503 if "q0" in text else 400 if "q1" in text else None
 
-    with ScriptedChatServer(fail=fail) as srv:
-        be = OpenAICompatibleBackend("m", base_url=srv.base_url, backoff_s=0.01, max_retries=2)
-        res = be.generate(_requests(3), progress=False)
+    with ScriptedChatServer(fail=fail) as srv:  # q2 answers first: a healthy run retries a 503 max_retries times
+        be = OpenAICompatibleBackend("m", base_url=srv.base_url, backoff_s=0.01, max_retries=2, max_concurrency=1)
+        reqs = _requests(3)
+        res = be.generate([reqs[2], reqs[0], reqs[1]], progress=False)
+        res = [res[1], res[2], res[0]]
     assert res[0].text is None and "HTTP 503" in res[0].error and res[0].attempts == 3
     assert res[1].text is None and "HTTP 400" in res[1].error and res[1].attempts == 1  # 4xx: no retry
     assert res[2].text == "A" and be.stats.failed == 2 and srv.requests == 5
@@ -101,7 +103,7 @@ def test_a_run_without_a_single_answer_is_one_clear_error(tmp_path):
 
 
 def test_client_timeout_is_retried():
-    with ScriptedChatServer(fail=lambda n, body: "hang" if n == 1 else None, hang_s=1.5) as srv:
+    with ScriptedChatServer(fail=lambda n, body: "hang" if n == 2 else None, hang_s=1.5) as srv:
         be = OpenAICompatibleBackend("m", base_url=srv.base_url, timeout_s=0.3, backoff_s=0.01, max_concurrency=1)
         res = be.generate(_requests(2), progress=False)
     assert [r.text for r in res] == ["A", "A"] and be.stats.timeouts == 1 and be.stats.retries == 1
@@ -166,6 +168,65 @@ def test_malformed_replies_count_as_wrong_and_never_crash(tmp_path):
     assert preds["correct"].tolist() == [False, True, False, False]
     assert preds["pred_idx"].tolist() == [-1, 1, -1, -1]
     assert "malformed" in preds.loc[3, "error"] and be.stats.failed == 1
+
+
+def test_a_server_answering_200_with_a_non_json_body_is_a_failure_not_a_score_of_zero(tmp_path):
+    """Issue 13 §1.3: twelve HTTP 200 replies with an HTML body scored 0.00 ± 0.00 with exit 0."""
+    from microbench.generative.harness import run_generative
+    from microbench.models.backbones.base import BackboneError
+
+    items = pd.DataFrame({"row_idx": range(12), "key": ["cognition"] * 12, "question": [f"q{i}" for i in range(12)],
+                          "options": [["x", "y"]] * 12, "gold_idx": [1] * 12})
+    with ScriptedChatServer(fail=lambda n, body: "non_json") as srv:
+        be = OpenAICompatibleBackend("m", base_url=srv.base_url, cache_dir=tmp_path, fail_fast_after=50)
+        with pytest.raises(BackboneError, match=r"all 12 requests failed, e.g. .malformed response \(HTTP 200"):
+            run_generative(items, lambda r: [PNG], be, progress=False)
+    assert len(be.cache) == 0  # nothing unparseable is cached
+    with ScriptedChatServer(fail=lambda n, body: "non_json" if n % 2 else None) as srv:  # half garbage: counted
+        be = OpenAICompatibleBackend("m", base_url=srv.base_url, max_concurrency=1)
+        preds = run_generative(items, lambda r: [PNG], be, progress=False)
+    assert be.stats.failed == 6 and preds["error"].notna().sum() == 6 and preds["error"].str.contains("<html>").sum() == 6
+
+
+@pytest.mark.parametrize("outcome", [500, "hang", "non_json"])
+def test_a_server_failing_every_request_stops_the_run_early(outcome):
+    """Issue 13 §3: a server answering 500 (or hanging) made a run retry every question for about a minute each
+    (2.5 h for 1,952 questions). Before the first answer a request is retried at most once (a timeout not at all),
+    and after fail_fast_after failures with no answer the run stops with one line."""
+    import time
+
+    from microbench.models.backbones.base import BackboneError
+
+    with ScriptedChatServer(fail=lambda n, body: outcome, hang_s=3.0) as srv:
+        be = OpenAICompatibleBackend("m", base_url=srv.base_url, max_concurrency=4, timeout_s=0.5, backoff_s=0.05,
+                                     max_retries=6, fail_fast_after=8)
+        t = time.perf_counter()
+        with pytest.raises(BackboneError, match="the first [0-9]+ requests all failed .* instead of trying all 1952"):
+            be.generate(_requests(1952), progress=False)
+        took = time.perf_counter() - t
+    assert took < 10, took
+    assert srv.requests <= 2 * (8 + 4)  # at most two attempts each of the first few requests
+
+
+def test_a_healthy_run_keeps_retrying_transient_errors_after_its_first_answer():
+
+    def fail(n, body):  # the first request answers; then every third attempt is a 503
+        return 503 if n > 1 and n % 3 == 0 else None
+
+    with ScriptedChatServer(fail=fail) as srv:
+        be = OpenAICompatibleBackend("m", base_url=srv.base_url, max_concurrency=1, backoff_s=0.01, fail_fast_after=2)
+        res = be.generate(_requests(30), progress=False)
+    assert all(r.text == "A" for r in res) and be.stats.retries == srv.errors["503"] and be.stats.failed == 0
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_concurrency", 0), ("max_concurrency", -2),
+                                               ("max_retries", -1), ("fail_fast_after", 0), ("timeout_s", 0)])
+def test_impossible_client_options_are_one_line(option, value):
+    from microbench.generative.backends import build_generative_backend
+    from microbench.models.backbones.base import BackboneError
+
+    with pytest.raises(BackboneError, match=f"model.{option} must be"):
+        build_generative_backend("openai", model="m", **{option: value})
 
 
 # --- data ---------------------------------------------------------------------------------------------------------

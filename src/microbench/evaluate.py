@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from functools import partial
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import microbench
+from microbench.loggers import make_loggers
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 from microbench.models.zero_shot import SOURCES, ZeroShotScorer, random_baseline
 from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
@@ -33,10 +34,15 @@ log = logging.getLogger(__name__)
 
 
 def _sources(cfg: DictConfig) -> tuple[str, ...]:
-    sources = tuple(cfg.get("sources") or ("captions",))
+    from microbench.run_errors import UserError
+
+    raw = cfg.get("sources")
+    if raw is not None and isinstance(raw, str):
+        raise UserError(f"sources must be a list, e.g. sources=[captions] or sources=[captions,questions]; got {raw!r}")
+    sources = tuple(raw or ("captions",))
     bad = set(sources) - set(SOURCES)
     if bad:
-        raise ValueError(f"sources must be among {SOURCES}, got {sorted(bad)}")
+        raise UserError(f"sources must be among {list(SOURCES)}, got {sorted(bad)}: e.g. sources=[captions,questions]")
     return sources
 
 
@@ -63,6 +69,7 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
     model_info = context.get("model") or module.backbone.describe()
     record = {
         "microbench_version": microbench.__version__,
+        "run_id": context.get("run_id"),
         "task": context.get("task", "zero_shot_perception"),
         "model": model_info,
         "data": {**dm.source.to_dict(), "filters": dm.filters, "exclude_datasets": dm.exclude_datasets},
@@ -108,7 +115,7 @@ def write_run(predictions: pd.DataFrame, skipped: dict, module: Any, *, context:
 def log_record(cfg: DictConfig, record: dict, objects: dict) -> tuple[dict, dict]:
     """Send a run record's metrics to the configured loggers (CSV, W&B), for tasks that run without a Trainer
     logger; with W&B also the results.md text."""
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = make_loggers(cfg)
     prefix = {"cognition": "cog", "localization": "loc", "generative_perception": "gen"}.get(record.get("task"), "")
     values = {f"{prefix}/{k}": v["value"] for k, v in record["metrics"].items()
               if isinstance(v, dict) and isinstance(v.get("value"), int | float)}
@@ -144,7 +151,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         return log_record(cfg, *evaluate_generative_perception(cfg))
     t0, out_dir = start_run(cfg)
     sources = _sources(cfg)
-    context = {"output_dir": str(out_dir), "sources": sources, "t0": t0,
+    context = {"output_dir": str(out_dir), "sources": sources, "t0": t0, "run_id": uuid.uuid4().hex,
                "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),
                "config": OmegaConf.to_container(cfg, resolve=True), "timings": {}}
 
@@ -168,11 +175,34 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     backbone = instantiate(cfg.model)
     context["timings"]["build_model"] = round(time.perf_counter() - t, 3)
     dm = instantiate(cfg.data, transform=backbone.preprocess)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
+    loggers = make_loggers(cfg) or False
+    on_scored = RecordWriter(context)
     scorer = ZeroShotScorer(backbone, sources=sources, text_batch_size=int(cfg.get("text_batch_size", 256)),
-                            on_scored=partial(write_run, context=context))
+                            on_scored=on_scored)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, enable_checkpointing=False,
                                      enable_model_summary=False)
     trainer.test(scorer, datamodule=dm, verbose=False)
-    record = read_json(out_dir / "metrics.json")  # written by rank 0, also when it ran in a spawned process
+    record = on_scored.record or this_runs_record(out_dir / "metrics.json", context["run_id"])
     return record, {"backbone": backbone, "datamodule": dm, "trainer": trainer, "scorer": scorer}
+
+
+class RecordWriter:
+    """The scorer's ``on_scored``: writes the run files and keeps the record (picklable, for spawned workers, where
+    the record stays in the worker and :func:`this_runs_record` reads it back)."""
+
+    def __init__(self, context: dict) -> None:
+        self.context, self.record = context, None
+
+    def __call__(self, predictions, skipped, module) -> None:
+        self.record = write_run(predictions, skipped, module, context=self.context)
+
+
+def this_runs_record(path: Path, run_id: str) -> dict:
+    """The record rank 0 wrote in a spawned process, read back only when this run wrote it (its ``run_id``): a
+    results file of an earlier run in the same folder is never presented as this run's."""
+    from microbench.run_errors import UserError
+
+    record = read_json(path) if path.is_file() else {}
+    if record.get("run_id") != run_id:
+        raise UserError(f"this run wrote no results to {path.parent} (nothing was scored); see the log above")
+    return record

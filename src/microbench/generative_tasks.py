@@ -91,11 +91,19 @@ def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.test(scorer, datamodule=dm, verbose=False)
         preds = holder["p"]
         info = model.describe()
-        stats = {"failed_images": holder["s"].get("failed_images", []),
-                 "items_of_failed_images": holder["s"].get("items_of_failed_images", 0)}
+        failed_images = list(holder["s"].get("failed_images", []))
+    if kind == "generative":  # an image that could not be read or sent is a failed answer: counted below
+        failed_images = [f"question {r}: {e}" for r, e in zip(preds["row_idx"], preds["error"], strict=True)
+                         if isinstance(e, str) and e.startswith("image unreadable")]
+    elif kind == "random":
+        failed_images = []
     boot = _boot(cfg)
     metrics = cognition_metrics(preds, items, boot)
     invalid = items[~items["valid"]]
+    unscored = int(len(valid) - len(preds)) if kind == "contrastive" else 0
+    if unscored or failed_images:
+        log.warning("%d question(s) not scored: their image could not be read (metrics.json -> skipped.failed_images, "
+                    "e.g. %s)", unscored or len(failed_images), (failed_images or ["?"])[0])
     record = {
         "microbench_version": microbench.__version__, "task": "cognition", "model": info,
         "data": {**dm.source.to_dict(), "format": dm.format}, "split": {"name": c.get("split") or "all",
@@ -104,8 +112,10 @@ def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
         ("question + ' ' + option" if kind == "contrastive" else "random"),
         "bootstrap": boot, "headline": {"cognition": metrics["cognition/all"]}, "metrics": metrics,
         "n_predictions": int(len(preds)), "backend_stats": stats,
-        "skipped": {"invalid_items": int(len(invalid)),
+        "skipped": {"invalid_items": int(len(invalid)), "items_of_failed_images": unscored,
+                    "failed_images": failed_images,
                     "problems": invalid[["qid", "problem"]].astype(str).to_dict("records")},
+        "data_problems": {"duplicate_ids": dm.items.duplicate_ids},
         "timings_s": {"total": round(time.perf_counter() - t0, 3)},
         "environment": {"python": platform.python_version(), "torch": __import__("torch").__version__},
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -120,8 +130,12 @@ def evaluate_cognition(cfg: DictConfig) -> tuple[dict, dict]:
 
 def cognition_markdown(record: dict) -> str:
     m = record["metrics"]
+    sk = record["skipped"]
+    n_q = record["split"]["questions"]
+    not_scored = sk["invalid_items"] + sk.get("items_of_failed_images", 0)
+    scored = f", {n_q - not_scored} scored" if not_scored else ""
     lines = [f"# μ-Bench cognition: {record['model']['name']}", "",
-             f"`{record['data']['location']}` ({record['data']['kind']}, {record['split']['questions']} questions), "
+             f"`{record['data']['location']}` ({record['data']['kind']}, {n_q} questions{scored}), "
              f"prompt: {record['prompt']}. Accuracy % ± 95 % bootstrap half-width "
              f"({record['bootstrap']['n_resamples']} resamples).", "",
              f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']})", ""]
@@ -141,7 +155,17 @@ def cognition_markdown(record: dict) -> str:
         lines += ["## Backend", "", f"- requests sent: {st.get('requests_sent')}, cache hits: {st.get('cache_hits')}, "
                   f"retries: {st.get('retries')}, timeouts: {st.get('timeouts')}, failed (scored wrong): "
                   f"{st.get('failed')}, HTTP errors: {st.get('http_errors')}", ""]
-    lines += ["## Not scored", "", f"- invalid questions: {record['skipped']['invalid_items']}", ""]
+    lines += ["## Not scored", "", f"- invalid questions: {sk['invalid_items']}"]
+    if sk.get("items_of_failed_images"):
+        lines.append(f"- questions whose image could not be read: {sk['items_of_failed_images']} "
+                     f"({'; '.join(sk['failed_images'][:3])})")
+    elif sk.get("failed_images"):
+        lines.append(f"- answers lost to an unreadable image (scored wrong): {len(sk['failed_images'])}")
+    dups = (record.get("data_problems") or {}).get("duplicate_ids") or {}
+    if dups:
+        lines.append(f"- question ids used more than once (each question scored on its own): {len(dups)} ids, e.g. "
+                     f"{next(iter(dups))!r} × {next(iter(dups.values()))}")
+    lines.append("")
     return "\n".join(lines)
 
 

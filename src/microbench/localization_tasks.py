@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import microbench
 from microbench.data.config import LOCALIZATION_DM, PERCEPTION_DM, data_module_cfg
+from microbench.loggers import make_loggers
 from microbench.models.backbones.base import state_fingerprint
 from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
 
@@ -135,6 +136,10 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit a detection/segmentation head, then test the best checkpoint and write the run record."""
     t0, out_dir = start_run(cfg)
     backbone = instantiate(cfg.model)
+    if cfg.get("ckpt_path"):  # before fitting: a wrong file is one line, not a traceback from Lightning
+        from microbench.checkpoints import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg.ckpt_path, "localization", backbone.name)
     dm = instantiate(cfg.data)
     dm.setup("fit")
     record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(), "class_names": dm.class_names,
@@ -148,7 +153,7 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     study_cb = _forgetting_callback(cfg, backbone, dm, module, out_dir)
     if study_cb is not None:
         callbacks.append(study_cb)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
+    loggers = make_loggers(cfg) or False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     best_cb, last_cb = named.get("model_checkpoint"), named.get("last_checkpoint")
@@ -202,9 +207,13 @@ def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
 
     whole = data_module_cfg(cfg.data, PERCEPTION_DM)
     targets = sorted({im.dataset for im in dm.images("all")})
+    from microbench.studies.forgetting import study_alphas
+
     return ForgettingCallback(partial(make_eval_dm, whole, backbone.preprocess), out_dir / "forgetting",
-                              list(fg.alphas), fg.towers, float(fg.keep_target_gain), target_datasets=targets,
-                              cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples), localization=sweep)
+                              study_alphas(fg.alphas, fg.get("extrapolate", False)), fg.towers,
+                              float(fg.keep_target_gain), target_datasets=targets, cache_dir=fg.get("result_cache"),
+                              n_resamples=int(fg.n_resamples), localization=sweep,
+                              make_base=partial(instantiate, cfg.model))
 
 
 def _on_scored(result: dict, module, context: dict) -> None:
@@ -222,8 +231,6 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     if not cfg.get("checkpoint"):
         raise UserError("localization evaluation needs a trained head: checkpoint=<.ckpt from "
                         "python src/train.py task=localization ...> (e.g. experiment=detect_nuclei)")
-    if not Path(cfg.checkpoint).is_file():
-        raise UserError(f"checkpoint {cfg.checkpoint} does not exist")
     t0, out_dir = start_run(cfg)
     module, ckpt = detector_from_checkpoint(cfg.checkpoint)
     hp = ckpt["hyper_parameters"]

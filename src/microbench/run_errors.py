@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from microbench.checkpoints import CheckpointError
 from microbench.data.loading import MicroBenchDataError
 from microbench.models.backbones.base import BackboneError
 from microbench.studies.merging import MergeError
@@ -14,7 +15,7 @@ class UserError(ValueError):
     """A run is configured in a way that cannot work (a missing checkpoint, an impossible combination)."""
 
 
-USER_ERRORS = (MicroBenchDataError, BackboneError, MergeError, UserError)
+USER_ERRORS = (MicroBenchDataError, BackboneError, MergeError, CheckpointError, UserError)
 
 
 def user_error_of(err: BaseException) -> BaseException | None:

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 import microbench
 from microbench.data.labelled import build_class_space
 from microbench.evaluate import write_run
+from microbench.loggers import make_loggers
 from microbench.results.records import start_run, write_json, write_text
+from microbench.studies.forgetting import study_alphas
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[list, dict]:
     for name, cb_cfg in (cfg.get("callbacks") or {}).items():
         if cb_cfg is None:
             continue
+        if str(cb_cfg.get("_target_", "")).endswith("LearningRateMonitor") and (
+                not cfg.get("logger") or cfg.trainer.get("fast_dev_run")):
+            continue  # nothing to log the learning rate to (logger=null, debug=fast_dev_run)
         kwargs = {"dirpath": str(ckpt_dir)} if name in ("model_checkpoint", "last_checkpoint") else {}
         named[name] = instantiate(cb_cfg, **kwargs)
         callbacks.append(named[name])
@@ -70,6 +75,10 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
     record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(),
               "split": dm.split_spec.to_dict(), "filters": dm.filters, "config": _container(cfg),
               "microbench_version": microbench.__version__}
+    if cfg.get("ckpt_path"):  # before fitting: a wrong file is one line, not a traceback from Lightning
+        from microbench.checkpoints import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg.ckpt_path, "finetune", backbone.name)
     module = instantiate(cfg.module)(backbone=backbone, seed=cfg.seed, record=record)
     ckpt_dir = checkpoint_dir(cfg)
     callbacks, named = build_callbacks(cfg, ckpt_dir)
@@ -83,10 +92,11 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
 
         whole = OmegaConf.merge(cfg.data, {"datasets": None})  # the study scores the whole benchmark
         study_cb = ForgettingCallback(partial(make_eval_dm, whole, backbone.preprocess), out_dir / "forgetting",
-                                      list(fg.alphas), fg.towers, float(fg.keep_target_gain),
-                                      cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples))
+                                      study_alphas(fg.alphas, fg.get("extrapolate", False)), fg.towers,
+                                      float(fg.keep_target_gain), cache_dir=fg.get("result_cache"),
+                                      n_resamples=int(fg.n_resamples), make_base=partial(instantiate, cfg.model))
         callbacks.append(study_cb)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None] or False
+    loggers = make_loggers(cfg) or False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     fit_s = time.perf_counter() - t0
@@ -233,6 +243,8 @@ TASKS = {"finetune": finetune, "linear_probe": linear_probe, "localization": loc
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     task = cfg.get("task", "finetune")
     if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+        from microbench.run_errors import UserError
+
+        raise UserError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return TASKS[task](cfg)
 

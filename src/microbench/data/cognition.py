@@ -40,7 +40,7 @@ from microbench.data.datamodule import (
     default_transform,
     unique_images,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id
+from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class CognitionItems:
 
     def __init__(self, frame: pd.DataFrame, read_image: Callable[[object], bytes], source: DataSource) -> None:
         self.frame = frame
+        dup = frame["qid"].duplicated(keep=False)
+        self.duplicate_ids = {str(q): int(n) for q, n in frame["qid"][dup].value_counts(sort=False).items()}
         self.read_image = read_image
         self.source = source
 
@@ -101,8 +103,54 @@ def _finish(records: list[dict], dataset: str) -> pd.DataFrame:
     frame["row_idx"] = np.arange(len(frame), dtype=np.int64)
     frame["qid"] = [q if q else f"q{i}" for i, q in enumerate(frame["qid"])]
     frame["image_id"] = [str(imgs[0]) if imgs else f"missing:{i}" for i, imgs in enumerate(frame["images"])]
+    dup = frame["qid"].duplicated(keep=False)
+    if dup.any():  # scored by row, so nothing is lost; but a join by id downstream would mix them up
+        log.warning("%d questions share an id with another question (e.g. %r): each is scored on its own row; "
+                    "metrics.json -> data_problems.duplicate_ids lists them", int(dup.sum()), frame["qid"][dup].iloc[0])
     frame["source"], frame["key"], frame["question_type"], frame["variant"] = "questions", "cognition", "cognition", 0
     return frame[list(ITEM_COLUMNS)].reset_index(drop=True)
+
+
+def _options(value: object, where: str) -> list[str]:
+    """A question's options as a list of strings; a string (``"A;B"``) or another scalar is refused, never split
+    into characters."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []  # reported as "fewer than two options"
+    if isinstance(value, str | bytes | int | float | dict):
+        raise MicroBenchDataError(f"{where}: options must be a list of option texts, got {type(value).__name__} "
+                                  f"{str(value)[:60]!r}; write them as a JSON list, e.g. [\"A\", \"B\"]")
+    return [str(o) for o in value]
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line; a line that is not one (a truncated file) is an error naming the line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MicroBenchDataError(f"{path} line {n} is not valid JSON ({err.msg} at column {err.colno}; a "
+                                          "truncated file?): fix or remove that line") from err
+            if not isinstance(rec, dict):
+                raise MicroBenchDataError(f"{path} line {n} is a JSON {type(rec).__name__}, not an object with "
+                                          "image, question, options and answer_idx")
+            records.append(rec)
+    return pd.DataFrame(records)
+
+
+def _answer_idx(value: object, where: str) -> int | None:
+    """A 0-based gold index (an int, or a string of digits), None when absent; anything else is refused."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int | np.integer) or (isinstance(value, float)
+                                                                             and value.is_integer())
+                                       or (isinstance(value, str) and value.strip().isdigit())):
+        raise MicroBenchDataError(f"{where}: answer_idx must be a 0-based option index, got {value!r}; give the "
+                                  "option text as answer= instead")
+    return int(value)
 
 
 def _read_file(ref: object) -> bytes:
@@ -136,7 +184,10 @@ def read_official(root: str | Path, splits: Sequence[str] | None = None) -> Cogn
             questions = custom.get("questions") or {}
             for key in sorted(questions, key=lambda k: (len(k), k)):
                 q = questions[key] or {}
-                opts = [str(o) for o in (q.get("options") or [])]
+                if not isinstance(q, dict):
+                    raise MicroBenchDataError(f"{f}: questions.{key} must be an object with question, options and "
+                                              f"answer, got {type(q).__name__}")
+                opts = _options(q.get("options"), f"{f} questions.{key}")
                 records.append({
                     "qid": f"{f.stem}/{key}", "dataset": "ubench_cognition", "question": q.get("question"),
                     "options": opts, "gold_idx": None, "answer": q.get("answer"),
@@ -168,12 +219,25 @@ def read_table(path: str | Path) -> CognitionItems:
         import datasets
 
         frame = datasets.load_from_disk(str(path)).to_pandas()
-    elif path.suffix in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
+    elif path.suffix == ".jsonl":
+        frame = _read_jsonl(path)
+    elif path.suffix == ".json":
+        try:
+            frame = pd.read_json(path)
+        except ValueError as err:
+            raise MicroBenchDataError(f"{path} is not valid JSON ({err}): fix it, or write one question per line "
+                                      "(.jsonl)") from err
     elif path.suffix == ".csv":
         frame = pd.read_csv(path)
         if "options" in frame:
-            frame["options"] = frame["options"].map(json.loads)
+            def parse(v, n=[0]):  # noqa: B006 - the row counter of this column
+                n[0] += 1
+                try:
+                    return json.loads(v) if isinstance(v, str) else v
+                except json.JSONDecodeError as err:
+                    raise MicroBenchDataError(f"{path} row {n[0]}: options {v[:60]!r} is not a JSON list "
+                                              "(e.g. [\"A\", \"B\"])") from err
+            frame["options"] = frame["options"].map(parse)
     elif path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:
@@ -185,10 +249,9 @@ def read_table(path: str | Path) -> CognitionItems:
                                   "image, question, options and answer_idx (0-based) or answer")
     records = []
     for i, r in enumerate(frame.to_dict("records")):
-        gold = r.get("answer_idx")
-        gold = None if gold is None or (isinstance(gold, float) and np.isnan(gold)) else int(gold)
+        gold = _answer_idx(r.get("answer_idx"), f"{path} row {i + 1}")
         records.append({"qid": str(r.get("id") or f"q{i}"), "dataset": r.get("dataset") or path.stem,
-                        "question": r.get("question"), "options": [str(o) for o in (r.get("options") or [])],
+                        "question": r.get("question"), "options": _options(r.get("options"), f"{path} row {i + 1}"),
                         "gold_idx": gold, "answer": r.get("answer"), "images": _as_paths(r.get("image"), base),
                         **{m: r.get(m) for m in META}})
     missing_files = sum(not Path(p).is_file() for rec in records for p in rec["images"])
@@ -319,7 +382,8 @@ class CognitionDataModule(L.LightningDataModule):
                  transform: Callable | None = None) -> None:
         super().__init__()
         self.path, self.format, self.revision, self.split_name = path, format, revision, split
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = positive_int("data.batch_size", batch_size)
+        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
         self.transform = transform or default_transform(image_size)
         self.items: CognitionItems | None = None
         self.rows: pd.DataFrame | None = None
@@ -337,6 +401,12 @@ class CognitionDataModule(L.LightningDataModule):
         frame = self.items.frame
         if not len(frame):
             raise MicroBenchDataError(f"no questions in {self.path}")
+        if not frame["valid"].any():
+            problems = frame["problem"].value_counts()
+            raise MicroBenchDataError(
+                f"none of the {len(frame)} questions in {self.source.location} can be scored ("
+                + ", ".join(f"{n} × {p}" for p, n in problems.head(3).items())
+                + "): each needs a question, at least two options, an answer among them and a readable image")
         self.rows = frame[["row_idx", "image_id", "dataset"]]
         self._images = unique_images(self.rows[frame["valid"]])
         log.info("cognition %s: %d questions (%d invalid), %d unique first images", self.source.location,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from microbench.data import splits as splits_mod
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench
+from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench, positive_int
 from microbench.data.questions import QuestionTable, build_question_table
 from microbench.data.schema import HUB_REVISION
 
@@ -179,6 +179,16 @@ def load_split_rows(path: str, revision: str | None, spec: splits_mod.SplitSpec)
     return hf, source, table, rows
 
 
+def empty_split_message(split: str, dm) -> str:
+    """One line for a split with nothing in it (``split_fractions`` giving it 0, or filters leaving it empty)."""
+    fr = dict(zip(("train", "val", "test"), (dm.split_spec.train, dm.split_spec.val, dm.split_spec.test),
+                  strict=True))
+    why = f"data.split_fractions gives it {fr[split]:g}" if split in fr and fr[split] == 0 else (
+        f"the kept rows (filters {({k: v for k, v in dm.filters.items() if v}) or 'none'}) have no {split} image")
+    return (f"the {split} split of {dm.source.location if dm.source else dm.path} is empty ({why}): choose another "
+            "data.split or data.split_fractions, or keep more datasets")
+
+
 def prepare_hub_copy(dm) -> None:
     """Download once per node when reading from the Hub (a no-op for local copies and the sample)."""
     if dm.hf is None and is_hub_id(dm.path):
@@ -238,14 +248,16 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
     ) -> None:
         super().__init__()
         if split not in (*splits_mod.SPLITS, splits_mod.ALL):
-            raise ValueError(f"split must be one of all, train, val, test; got {split!r}")
+            raise MicroBenchDataError(f"data.split must be one of all, train, val, test; got {split!r}")
         self.path, self.revision, self.split = path, revision, split
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
         self.filters = {"dataset": _as_list(datasets), "domain": _as_list(domains),
                         "modality": _as_list(modalities), "subdomain": _as_list(subdomains)}
         self.exclude_datasets = _as_list(exclude_datasets) or []
         self.strict_filters = strict_filters
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.batch_size = positive_int("data.batch_size", batch_size)
+        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
+        self.pin_memory = pin_memory
         self.transform = transform or default_transform(image_size)
         self.train_transform = train_transform or self.transform
         self.hf = None
@@ -310,6 +322,8 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         self._require_setup()
         table = self._images[split]
+        if len(table) == 0:
+            raise MicroBenchDataError(empty_split_message(split, self))
         ds = UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform)
         sampler = ExactDistributedSampler(ds) if (not train and _dist_world() > 1) else None
         return DataLoader(

@@ -39,6 +39,32 @@ class MicroBenchDataError(ValueError):
     """A μ-Bench copy cannot be used; the message is one line saying why and how to fix it."""
 
 
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or a one-line error naming the config key (``data.batch_size=abc``)."""
+    if isinstance(value, bool) or not isinstance(value, int | str | float):
+        raise MicroBenchDataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise MicroBenchDataError(f"{name} must be an integer >= {minimum}, got {value!r}: e.g. {name}=32"
+                                  if minimum >= 1 else f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def check_data_path(path: str | os.PathLike | None) -> None:
+    """The cheap part of :func:`load_ubench`'s checks (no data read): run before building a model, so a typo in
+    ``data.path`` never costs a model download first."""
+    if path is None or str(path).strip() == "":
+        raise MicroBenchDataError(f"no data path given: {OPTIONS_HINT}")
+    text = str(path)
+    if text in SAMPLE_ALIASES or is_hub_id(text):
+        return
+    if not Path(text).expanduser().exists():
+        raise MicroBenchDataError(f"data path {text!r} does not exist: {OPTIONS_HINT}")
+
+
 @dataclass
 class DataSource:
     """Where a loaded copy came from; recorded in every results file."""
@@ -258,6 +284,16 @@ def _apply_features(ds: datasets.Dataset, declared: datasets.Features | None, wh
     Only two things matter downstream: ``image`` decodes as :class:`datasets.Image`, and ``label`` carries its
     ClassLabel names when a ``dataset_info.json`` declares them.
     """
+    if declared is not None:
+        absent = [c for c in declared if c not in ds.data.column_names]
+        required = [c for c in absent if c in schema.REQUIRED_COLUMNS]
+        if required:  # a cast would invent the column as nulls: every row "unknown", a silent wrong result
+            raise MicroBenchDataError(
+                f"data under {where} lacks required column(s) {', '.join(required)} that its dataset_info.json "
+                "lists: the shards were edited or come from another export; re-download the copy")
+        if absent:
+            log.warning("data under %s lacks column(s) %s that its dataset_info.json lists", where, ", ".join(absent))
+            declared = datasets.Features({k: v for k, v in declared.items() if k not in absent})
     if declared is not None and ds.features != declared:
         try:  # a lazy in-memory cast: Dataset.cast would write a full cache copy next to the shards
             ds = datasets.Dataset(ds.data.cast(declared.arrow_schema), info=datasets.DatasetInfo(features=declared))

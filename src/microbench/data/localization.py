@@ -41,7 +41,7 @@ from microbench.data.datamodule import (
     load_split_rows,
     prepare_hub_copy,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError
+from microbench.data.loading import DataSource, MicroBenchDataError, positive_int
 from microbench.data.schema import HUB_REVISION, parse_bboxes, parse_polygons
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,9 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         self.filters = {"dataset": _as_list(datasets), "classes": self.classes}
         self.exclude_datasets = _as_list(exclude_datasets) or []
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.batch_size = positive_int("data.batch_size", batch_size)
+        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
+        self.pin_memory = pin_memory
         self.augment, self.strict_filters, self.train_crop_size = augment, strict_filters, train_crop_size
         self.hf = None
         self.source: DataSource | None = None

@@ -118,9 +118,9 @@ def resolve_dataset_name(dataset: str | None, stain: str | None) -> str:
     The ASCII hyphen spelling ``GalT-EGFP`` is accepted too, because copies re-exported through tools that
     normalise dashes exist in the wild.
     """
-    if dataset:
+    if isinstance(dataset, str) and dataset:
         return dataset
-    if stain is not None:
+    if isinstance(stain, str):
         name = HELD_STAIN_TO_DATASET.get(stain) or HELD_STAIN_TO_DATASET.get(stain.replace("-", "–", 1))
         if name is None and stain.replace("–", "-") == "GalT-EGFP":
             name = "held_et_al_2010_galt"

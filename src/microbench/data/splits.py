@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from microbench.data.loading import MicroBenchDataError
+
 SPLITS = ("train", "val", "test")
 ALL = "all"
 
@@ -32,7 +34,7 @@ class SplitSpec:
     def __post_init__(self) -> None:
         fr = (self.train, self.val, self.test)
         if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be non-negative and sum to 1, got train={self.train} "
+            raise MicroBenchDataError(f"data.split_fractions must be non-negative and sum to 1, got train={self.train} "
                              f"val={self.val} test={self.test}")
 
     def to_dict(self) -> dict:

@@ -147,6 +147,17 @@ def _letter_logprobs(entries: list[dict] | None) -> dict[str, float] | None:
     return out or None
 
 
+def _option(check, name: str, value, **kwargs):
+    """A numeric model option checked by ``check`` (e.g. ``positive_int``), its error as a model error."""
+    from microbench.data.loading import MicroBenchDataError
+    from microbench.models.backbones.base import BackboneError
+
+    try:
+        return check(name, value, **kwargs)
+    except MicroBenchDataError as err:
+        raise BackboneError(str(err)) from None
+
+
 class GenerativeBackend:
     """Shared by the backends: the cache, the counters and the run-level bookkeeping."""
 
@@ -197,16 +208,24 @@ class GenerativeBackend:
         raise NotImplementedError
 
     def check_answered(self, results: Sequence[Result]) -> list[Result]:
-        """A run in which not one question got an answer (every request failed: wrong model name, endpoint, key,
-        a model that cannot run) is a configuration error, not an accuracy of 0: one clear error. Malformed replies
-        are answers (scored wrong); single failures are counted and scored wrong."""
-        if results and all(r.text is None for r in results) and not any(
-                (r.error or "").startswith("malformed") for r in results):
+        """A run in which not one question got an answer (every request failed or came back unparseable: wrong
+        model name, endpoint, key, a model that cannot run, a proxy answering HTML) is a configuration error, not
+        an accuracy of 0: one clear error. Single failures are counted and scored wrong."""
+        if results and all(r.text is None for r in results):
             from microbench.models.backbones.base import BackboneError
 
             raise BackboneError(f"{self.name}: all {len(results)} requests failed, e.g. {results[0].error!r}; check "
                                 "the model name, base_url, API key and server logs")
         return list(results)
+
+    def fail_fast_error(self, n_failed: int, n_total: int, example: str):
+        """The error of a run whose first ``n_failed`` requests all failed: stop instead of retrying every one."""
+        from microbench.models.backbones.base import BackboneError
+
+        return BackboneError(
+            f"{self.name}: the first {n_failed} requests all failed (e.g. {example!r}), so the run stopped instead of "
+            f"trying all {n_total}; check the server logs, model name, base_url and API key (answers already cached "
+            f"are kept; model.fail_fast_after sets how many failures in a row stop a run)")
 
 
 class OpenAICompatibleBackend(GenerativeBackend):
@@ -233,11 +252,20 @@ class OpenAICompatibleBackend(GenerativeBackend):
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 64,
                  top_p: float | None = None, seed: int | None = 0, logprobs: bool = True, top_logprobs: int = 5,
                  image_detail: str | None = "high", cache_dir: str | Path | None = None, blind: bool = False,
-                 prompt: str = "official") -> None:
+                 prompt: str = "official", fail_fast_after: int = 8) -> None:
+        from microbench.data.loading import positive_int
+
         super().__init__(model, cache_dir, blind, prompt)
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
-        self.max_concurrency, self.timeout_s, self.max_retries = int(max_concurrency), float(timeout_s), max_retries
+        self.max_concurrency = _option(positive_int, "model.max_concurrency", max_concurrency)
+        self.max_retries = _option(positive_int, "model.max_retries", max_retries, minimum=0)
+        self.fail_fast_after = _option(positive_int, "model.fail_fast_after", fail_fast_after)
+        self.timeout_s = float(timeout_s)
+        if not self.timeout_s > 0:
+            from microbench.models.backbones.base import BackboneError
+
+            raise BackboneError(f"model.timeout_s must be > 0 seconds, got {timeout_s!r}")
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.gen = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed}
         self.logprobs, self.top_logprobs, self.image_detail = logprobs, top_logprobs, image_detail
@@ -295,12 +323,20 @@ class OpenAICompatibleBackend(GenerativeBackend):
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         results: list[Result | None] = [None] * len(requests)
         todo = iter(enumerate(requests))
-        state = {"in_flight": 0, "answered": False, "unreachable": None}
+        state = {"in_flight": 0, "answered": False, "unreachable": None, "ok": 0, "failed": 0, "abort": None}
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
                                      timeout=httpx.Timeout(self.timeout_s)) as client:
             async def worker() -> None:
                 for i, req in todo:  # one shared iterator: each worker takes the next request
-                    results[i] = await self._one(client, state, req)
+                    if state["abort"] or state["unreachable"]:
+                        return
+                    res = results[i] = await self._one(client, state, req)
+                    if res.text is not None and not res.cached:
+                        state["ok"] += 1
+                    elif res.text is None:
+                        state["failed"] += 1
+                        if not state["ok"] and state["failed"] >= self.fail_fast_after and not state["abort"]:
+                            state["abort"] = res.error or "failed"
                     if bar is not None:
                         bar.update(1)
 
@@ -313,6 +349,8 @@ class OpenAICompatibleBackend(GenerativeBackend):
             raise BackboneError(f"cannot reach the chat-completions server at {self.base_url} "
                                 f"({state['unreachable']}): start it (e.g. vllm serve <model>) or set "
                                 f"model.base_url; the {len(self.cache)} answers cached so far are kept")
+        if state["abort"]:
+            raise self.fail_fast_error(state["failed"], len(requests), state["abort"])
         return list(results)
 
     async def _reachable(self, client, state: dict) -> bool:
@@ -331,15 +369,19 @@ class OpenAICompatibleBackend(GenerativeBackend):
     async def _one(self, client, state: dict, req: Request) -> Result:
         import httpx
 
-        if state["unreachable"]:
-            return Result(req.id, None, "server unreachable", None)
-        key, digests, images = self._key_and_images(req)
-        hit = self.cache.get(key)
+        if state["unreachable"] or state["abort"]:
+            return Result(req.id, None, "server unreachable" if state["unreachable"] else "run stopped", None)
+        try:
+            key, digests, images = self._key_and_images(req)
+            hit = self.cache.get(key)
+            body = None if hit is not None else self.payload(req.prompt, images, digests)
+        except Exception as err:  # noqa: BLE001 - an unreadable image is this question's failure, not the run's
+            self.stats.failed += 1
+            return Result(req.id, None, f"image unreadable: {type(err).__name__}: {err}", None)
         if hit is not None:
             self.stats.cache_hits += 1
             return Result(req.id, hit.get("text"), None, hit.get("letter_logprobs"), cached=True, key=key)
-        body = self.payload(req.prompt, images, digests)
-        error, attempt = "", 0
+        error, attempt, hard = "", 0, 0
         for attempt in range(1, self.max_retries + 2):
             state["in_flight"] += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, state["in_flight"])
@@ -353,25 +395,30 @@ class OpenAICompatibleBackend(GenerativeBackend):
                     if text is not None:
                         self.cache.put(key, {"text": text, "letter_logprobs": lp})
                         return Result(req.id, text, None, lp, attempts=attempt, key=key)
-                    error = "malformed response: no choices[0].message.content"
-                    break  # a 200 with garbage is the model's answer problem, not transient
+                    error = f"malformed response (HTTP 200 without choices[0].message.content): {resp.text[:120]!r}"
+                    break  # unparseable: a failure (scored wrong, never cached); retrying gets the same body
                 code = str(resp.status_code)
                 self.stats.http_errors[code] = self.stats.http_errors.get(code, 0) + 1
                 error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 if resp.status_code != 429 and resp.status_code < 500:
                     break  # 4xx other than 429: retrying will not help
+                hard += resp.status_code != 429  # 429: the server is alive and asks to slow down
                 retry_after = resp.headers.get("retry-after")
             except httpx.TimeoutException:
                 self.stats.timeouts += 1
                 error = f"timeout after {self.timeout_s:g} s"
+                hard += 2  # no answer yet in this run: a hanging server is not waited on twice
             except httpx.TransportError as err:
                 error = f"{type(err).__name__}: {err}"
+                hard += 1
                 if (isinstance(err, httpx.ConnectError) and not state["answered"]
                         and not await self._reachable(client, state)):
                     break  # nothing is listening: stop the run instead of retrying every question
             finally:
                 state["in_flight"] -= 1
-            if attempt > self.max_retries:
+            # until one request of this run succeeds, retry a 5xx / connection error once and a timeout not at all,
+            # so a server that fails everything stops the run (fail_fast_after) within seconds, not hours
+            if attempt > self.max_retries or state["abort"] or (not state["ok"] and hard >= 2):
                 break
             self.stats.retries += 1
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -411,8 +458,13 @@ class HFVisionBackend(GenerativeBackend):
     def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
                  batch_size: int = 8, max_new_tokens: int | None = 16, cache_dir: str | Path | None = None,
                  blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
-                 hf_cache_dir: str | None = None, max_length: int | None = None) -> None:
+                 hf_cache_dir: str | None = None, max_length: int | None = None, fail_fast_after: int = 8) -> None:
         import torch
+
+        from microbench.data.loading import positive_int
+
+        self.fail_fast_after = _option(positive_int, "model.fail_fast_after", fail_fast_after)
+        batch_size = _option(positive_int, "model.batch_size", batch_size)
 
         super().__init__(model, cache_dir, blind, prompt)
         try:
@@ -522,6 +574,10 @@ class HFVisionBackend(GenerativeBackend):
             pending.append((i, key, digests, images))
             if len(pending) == self.batch_size:
                 run_batch()
+                answered = sum(r is not None and r.text is not None and not r.cached for r in results)
+                if not answered and self.stats.failed >= self.fail_fast_after:
+                    first = next(r for r in results if r is not None and r.text is None)
+                    raise self.fail_fast_error(self.stats.failed, len(requests), first.error)
         if pending:
             run_batch()
         if bar is not None:

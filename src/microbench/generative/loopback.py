@@ -2,7 +2,8 @@
 
 ``ScriptedChatServer(reply=...)`` answers ``POST /v1/chat/completions`` with ``reply(body) -> str`` (default: the
 letter A), after ``delay_s``; ``fail(n, body) -> int | None`` can turn the n-th request into an HTTP error (429,
-500...) or ``"hang"`` (sleep past the client's timeout). It counts requests, errors and the largest number of
+500...), ``"hang"`` (sleep past the client's timeout) or ``"non_json"`` (HTTP 200 with an HTML body, as a proxy
+or a misrouted URL answers). It counts requests, errors and the largest number of
 requests in flight at once, and returns first-token letter log-probabilities when asked.
 """
 
@@ -47,6 +48,9 @@ class ScriptedChatServer:
                     outcome = server.fail(n, body) if server.fail else None
                     if outcome == "hang":
                         time.sleep(server.hang_s)
+                    elif outcome == "non_json":
+                        self._send(200, None)
+                        return
                     elif outcome:
                         with server.lock:
                             server.errors[str(outcome)] = server.errors.get(str(outcome), 0) + 1
@@ -69,7 +73,7 @@ class ScriptedChatServer:
                         server.in_flight -= 1
 
             def _send(self, code: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
+                data = json.dumps(payload).encode() if payload is not None else b"<html><body>Welcome</body></html>"
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")

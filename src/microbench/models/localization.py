@@ -381,8 +381,16 @@ def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None,
     is given."""
     from hydra.utils import instantiate
 
-    ckpt = path if isinstance(path, dict) else torch.load(path, map_location=map_location, weights_only=True)
+    from microbench.checkpoints import checkpoint_kind, read_checkpoint
+
+    hint = "pass checkpoint=<a .ckpt of python src/train.py task=localization (e.g. experiment=detect_nuclei)>"
+    ckpt = path if isinstance(path, dict) else read_checkpoint(path, "checkpoint", hint)
     path = "the checkpoint" if isinstance(path, dict) else path
+    if not isinstance(ckpt, dict):
+        raise BackboneError(f"{path} is not a Lightning checkpoint ({type(ckpt).__name__}): {hint}")
+    if checkpoint_kind(ckpt) == "finetune":
+        raise BackboneError(f"{path} is a fine-tuning checkpoint, not a localization head: evaluate it with "
+                            "python src/eval.py model=... or study it with src/forgetting.py; " + hint)
     hp = ckpt.get("hyper_parameters") or {}
     if "class_names" not in hp:
         raise BackboneError(f"{path} is not a localization checkpoint (no class_names in its hyperparameters)")
@@ -392,6 +400,8 @@ def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None,
             raise BackboneError(f"{path} does not record how to build its backbone; pass model=<preset>")
         backbone = instantiate(model_cfg)
     module = LocalizationModule(backbone, **{k: v for k, v in hp.items() if k not in ("on_scored",)})
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise BackboneError(f"{path} has no state_dict: {hint}")
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise BackboneError(f"{path} does not fit the rebuilt model: missing {missing[:3]}, unexpected "

@@ -67,7 +67,55 @@ def start_run(cfg) -> tuple[float, Path]:
     import lightning as L
 
     t0 = time.perf_counter()
+    out_dir = check_output_dir(cfg.paths.output_dir)
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        clean_stale_temporaries(out_dir)
+    data = cfg.get("data") or {}
+    if data.get("path") is not None:  # before any model is built: a typo must not cost a download first
+        from microbench.data.loading import check_data_path
+
+        check_data_path(data.get("path"))
+    from microbench.loggers import check_loggers
+
+    check_loggers(cfg)
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     return t0, out_dir
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create ``paths.output_dir`` and make sure this run can write there, before any work (one line if not)."""
+    from microbench.run_errors import UserError
+
+    out_dir = Path(path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"paths.output_dir={out_dir} is a file, not a folder: pass a folder path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to paths.output_dir={out_dir} ({err.strerror or type(err).__name__}): pass a "
+                        "folder you can write to") from err
+    return out_dir
+
+
+def clean_stale_temporaries(out_dir: Path) -> list[str]:
+    """Remove ``.<name>.<random>.tmp`` files that a killed run left behind in ``out_dir`` (and its ``predictions/``
+    folder): every results file is written to such a temporary and renamed, so a leftover is never a result."""
+    import logging
+
+    removed = []
+    for folder in (out_dir, out_dir / "predictions"):
+        if not folder.is_dir():
+            continue
+        for tmp in folder.glob(".*.tmp"):
+            if tmp.is_file():
+                try:
+                    tmp.unlink()
+                    removed.append(tmp.name)
+                except OSError:
+                    pass
+    if removed:
+        logging.getLogger(__name__).warning("removed %d temporary file(s) an interrupted run left in %s: %s",
+                                            len(removed), out_dir, ", ".join(sorted(removed)[:5]))
+    return removed

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from microbench.models.backbones.base import state_fingerprint
 from microbench.studies.forgetting import DEFAULT_ALPHAS, run_study
 
 log = logging.getLogger(__name__)
@@ -27,18 +28,48 @@ class ForgettingCallback(L.Callback):
     def __init__(self, make_dm: Callable, out_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS,
                  towers: str = "both", keep_target_gain: float = 0.8, target_datasets: Sequence[str] | None = None,
                  cache_dir: str | Path | None = None, n_resamples: int = 9999,
-                 localization: Callable | None = None) -> None:
+                 localization: Callable | None = None, make_base: Callable | None = None) -> None:
         self.make_dm, self.out_dir, self.alphas, self.towers = make_dm, Path(out_dir), alphas, towers
+        self.make_base = make_base  # () -> the base backbone rebuilt from the model config (resumed fits)
+        self.base_fingerprint: str | None = None  # saved in every checkpoint of the fit
         self.keep_target_gain, self.target_datasets, self.cache_dir = keep_target_gain, target_datasets, cache_dir
         self.n_resamples, self.localization = n_resamples, localization
         self.base_state: dict | None = None
         self.study: dict | None = None
 
+    def state_dict(self) -> dict:
+        return {"base_fingerprint": self.base_fingerprint}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_fingerprint = state_dict.get("base_fingerprint")
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path:  # resumed: the weights are already fine-tuned, the base was lost
-            log.warning("forgetting study: resumed from %s, so the base weights are the checkpoint's, not the "
-                        "pre-trained ones; run src/forgetting.py with the base model instead", trainer.ckpt_path)
-        self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.backbone.state_dict().items()}
+        if not trainer.ckpt_path:  # a fresh fit: the base is the backbone as it is now
+            self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.backbone.state_dict().items()}
+            self.base_fingerprint = state_fingerprint(self.base_state)
+            return
+        # resumed: the weights are already fine-tuned; the base is the model the checkpoint records, rebuilt
+        self.base_state = self._rebuilt_base(trainer.ckpt_path)
+        log.info("forgetting study: resumed from %s; base rebuilt from the model config (fingerprint %s, as "
+                 "recorded in the checkpoint)", trainer.ckpt_path, self.base_fingerprint)
+
+    def _rebuilt_base(self, ckpt_path: str) -> dict:
+        from microbench.run_errors import UserError
+
+        how = ("run the study on its own: python src/forgetting.py base=<the model preset you fine-tuned> "
+               f"finetuned={ckpt_path}, or set forgetting.enabled=false")
+        if not self.base_fingerprint:
+            raise UserError(f"forgetting study on a resumed fit: {ckpt_path} does not record its base weights "
+                            f"(written before the study was enabled, or by another version); {how}")
+        if self.make_base is None:
+            raise UserError(f"forgetting study on a resumed fit: cannot rebuild the base of {ckpt_path}; {how}")
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.make_base().state_dict().items()}
+        got = state_fingerprint(state)
+        if got != self.base_fingerprint:
+            raise UserError(f"forgetting study on a resumed fit: the model config now builds weights {got}, but the "
+                            f"fit started from {self.base_fingerprint} ({ckpt_path}); the base cannot be recovered, "
+                            f"so no report of zeros is written; {how}")
+        return state
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self.base_state is None or trainer.fast_dev_run:

@@ -41,15 +41,20 @@ LOCALIZATION_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "grit/macro")
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
-def load_finetuned_state(path: str | Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict]:
+def load_finetuned_state(path: str | Path, backbone: Backbone, key: str = "finetuned"
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
     """The backbone weights of a fine-tuned checkpoint: a ``src/train.py`` Lightning checkpoint (``backbone.*`` keys
     of ``state_dict``) or a plain state dict of the same backbone; plus the checkpoint's ``microbench`` record (with
     the Lightning ``hyper_parameters`` and the loaded ``checkpoint`` itself, so it is read once)."""
+    from microbench.checkpoints import read_checkpoint
+
     path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"fine-tuned checkpoint {path} does not exist: pass finetuned=<path to a .ckpt from "
-                         "src/train.py or a state dict>")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_checkpoint(path, key, f"pass {key}=<a .ckpt written by src/train.py, or a state dict of the same "
+                                      "backbone>")
+    if not isinstance(blob, dict) or not any(isinstance(v, torch.Tensor) for v in
+                                             (blob.get("state_dict", blob) or {}).values()):
+        raise MergeError(f"{key}={path} holds no weights (a {type(blob).__name__} without tensors): pass a .ckpt "
+                         "written by src/train.py or a state dict of the same backbone")
     record = dict(blob.get("microbench", {})) if isinstance(blob, dict) else {}
     if isinstance(blob, dict) and "hyper_parameters" in blob:
         record["hyper_parameters"] = blob["hyper_parameters"]  # e.g. a localization head's class names
@@ -59,7 +64,7 @@ def load_finetuned_state(path: str | Path, backbone: Backbone) -> tuple[dict[str
         if any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             break
-    check_compatible(backbone.state_dict(), state, names=["base", f"fine-tuned ({path.name})"])
+    check_compatible(backbone.state_dict(), state, names=["base", f"{'fine-tuned' if key == 'finetuned' else key} ({path.name})"])
     return state, record
 
 
@@ -161,13 +166,44 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
     return out
 
 
+def study_alphas(alphas, extrapolate: bool = False) -> list[float]:
+    """The α values of a study, checked: a non-empty list of numbers in [0, 1] (0 and 1 are always added);
+    values outside [0, 1] (extrapolation beyond the base or the fine-tuned weights) only with ``extrapolate=true``,
+    and the report labels them."""
+    from microbench.run_errors import UserError
+
+    if isinstance(alphas, str | int | float) or alphas is None:
+        raise UserError(f"alphas must be a list of numbers, e.g. 'alphas=[0,0.5,1]'; got {alphas!r}")
+    values = []
+    for a in alphas:
+        try:
+            values.append(float(a))
+        except (TypeError, ValueError):
+            raise UserError(f"alphas must be numbers (interpolation weights), got {a!r} in {list(alphas)}: e.g. "
+                            "'alphas=[0,0.25,0.5,0.75,1]'") from None
+    if not values:
+        raise UserError("alphas=[] leaves nothing to interpolate: give the weights to try, e.g. "
+                        "'alphas=[0,0.25,0.5,0.75,1]' (0 = base, 1 = fine-tuned)")
+    if any(not np.isfinite(a) for a in values):
+        raise UserError(f"alphas must be finite numbers, got {values}")
+    outside = [a for a in values if not 0.0 <= a <= 1.0]
+    if outside and not extrapolate:
+        raise UserError(f"alphas {outside} lie outside [0, 1] (0 = base, 1 = fine-tuned): that is extrapolation; "
+                        "ask for it explicitly with extrapolate=true (forgetting.extrapolate=true in src/train.py)")
+    return values
+
+
+def is_extrapolation(alpha: float) -> bool:
+    return not 0.0 <= float(alpha) <= 1.0
+
+
 def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: str = "supported/all",
                  target: str = "target/fine") -> dict:
     """Best ``metric`` (supported-task accuracy) among the α keeping ≥ ``keep_target_gain`` of the fine-tune's gain
     on the ``target`` tasks (fine-grained accuracy, or the localization score), all on the val split; ties go to the
     larger α."""
     alphas = sorted(val)
-    full_gain = val[alphas[-1]].get(target, {}).get("delta", {}).get("value", 0.0)
+    full_gain = val[1.0 if 1.0 in val else alphas[-1]].get(target, {}).get("delta", {}).get("value", 0.0)
     eligible = []
     for a in alphas:
         gain = val[a].get(target, {}).get("delta", {}).get("value", 0.0)
@@ -204,8 +240,15 @@ def report_markdown(study: dict) -> str:
         "| model | target fine | Δ | target coarse | Δ | supported fine | Δ | supported coarse | Δ | all | Δ |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    extrapolated = [a for a in study["alphas"] if is_extrapolation(a)]
+    if extrapolated:
+        lines[-3:-3] = [f"α outside [0, 1] ({', '.join(f'{a:g}' for a in extrapolated)}) **extrapolate** beyond the "
+                        "base (α < 0) or the fine-tuned weights (α > 1), as asked with extrapolate=true; rows marked "
+                        "(extrapolation).", ""]
     for name, s in test.items():
-        row = [name + (" ← chosen" if name == alpha_name(chosen) else "")]
+        label = name + (" (extrapolation)" if name.startswith("alpha=") and is_extrapolation(
+            float(name.split("=")[1])) else "")
+        row = [label + (" ← chosen" if name == alpha_name(chosen) else "")]
         for k in ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all"):
             v = s.get(k)
             row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
@@ -305,7 +348,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    alphas = sorted({float(a) for a in alphas} | {0.0, 1.0})
+    alphas = sorted(set(study_alphas(alphas, extrapolate=True)) | {0.0, 1.0})  # numbers (callers check the range)
     prefixes = [n + "." for n, m in backbone.named_children() if m is backbone.image_tower()] or \
         [f"model.{n}." for n, m in getattr(backbone, "model", backbone).named_children() if m is backbone.image_tower()]
     keys = tower_selector(towers, prefixes)
