@@ -3,7 +3,9 @@
 1. Fine-tuning steps/s of the real ``ViT-B-32`` architecture (random init) at batch 32 on this CPU: Lightning
    (``FineTuneModule`` + ``Trainer``, CE objective, AdamW + cosine, grad clipping) against a plain PyTorch loop doing
    the same steps on the same batches (same model, loss, optimizer, clipping). Target: Lightning overhead <= 10 %.
-2. A full weight-decay sweep (11 values x 3 seeds, full data) of a linear probe on cached features of one dataset.
+2. A full weight-decay sweep (11 values x 3 seeds, full data) of a linear probe on cached features of one dataset,
+   with small fits on one thread (the default) and on every thread; ``--busy N`` runs N busy processes beside it
+   (thread oversubscription on a loaded machine is what made the probe experiment take 15 minutes).
 
 Usage: .venv/bin/python benchmarks/bench_train.py [--steps 12] [--model ViT-B-32] [--batch-size 32]
 """
@@ -109,8 +111,8 @@ def probe_sweep_seconds() -> dict:
     parts = {s: np.flatnonzero(rows["split"].to_numpy() == s) for s in ("train", "val", "test")}
     data = ProbeData(x[parts["train"]], labels[parts["train"]], x[parts["val"]], labels[parts["val"]],
                      x[parts["test"]], labels[parts["test"]], int(labels.max()) + 1)
-    t0 = time.perf_counter()
-    r = sweep(data, shots="full", seeds=(0, 1, 2))
+    import microbench.models.linear_probe as lp
+
     # a larger synthetic dataset with the real feature width, for scale
     g = torch.Generator().manual_seed(0)
     n, d, c = 2000, 512, 8
@@ -118,11 +120,20 @@ def probe_sweep_seconds() -> dict:
     y = torch.arange(n) % c
     xs = F.normalize(centers[y] + 2 * torch.randn(n, d, generator=g), dim=-1)
     big = ProbeData(xs[:1400], y[:1400].numpy(), xs[1400:1600], y[1400:1600].numpy(), xs[1600:], y[1600:].numpy(), c)
-    t1 = time.perf_counter()
-    rb = sweep(big, shots="full", seeds=(0, 1, 2))
-    return {"sample_dataset": "acevedo_et_al_2020", "n_train": r["n_train"], "sweep_s": round(t1 - t0, 3),
-            "sweep_values": 11, "seeds": 3, "synthetic_n_train": 1400, "synthetic_dim": d,
-            "synthetic_sweep_s": round(time.perf_counter() - t1, 3), "synthetic_acc": rb["acc"]["mean"]}
+    out = {"sample_dataset": "acevedo_et_al_2020", "sweep_values": 11, "seeds": 3, "synthetic_n_train": 1400,
+           "synthetic_dim": d, "torch_threads": torch.get_num_threads()}
+    small_fit = lp.SMALL_FIT
+    for label, limit in (("one_thread_small_fits", small_fit), ("all_threads", 0)):  # the fix, and without it
+        lp.SMALL_FIT = limit
+        t0 = time.perf_counter()
+        r = sweep(data, shots="full", seeds=(0, 1, 2))
+        t1 = time.perf_counter()
+        rb = sweep(big, shots="full", seeds=(0, 1, 2))
+        out[label] = {"n_train": r["n_train"], "sweep_s": round(t1 - t0, 3),
+                      "synthetic_sweep_s": round(time.perf_counter() - t1, 3), "acc": r["acc"]["mean"],
+                      "synthetic_acc": rb["acc"]["mean"]}
+    lp.SMALL_FIT = small_fit
+    return out
 
 
 def main() -> None:
@@ -132,11 +143,20 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--busy", type=int, default=0, help="busy-loop processes beside the probe sweep (a loaded machine)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
     args = ap.parse_args()
     res: dict = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "model": args.model,
                  "batch_size": args.batch_size}
-    res["probe"] = probe_sweep_seconds() if not args.skip_probe else None
+    hogs = [__import__("subprocess").Popen([__import__("sys").executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        res["probe"] = probe_sweep_seconds() if not args.skip_probe else None
+    finally:
+        for h in hogs:
+            h.kill()
+    if res["probe"] is not None:
+        res["probe"]["busy_processes"] = args.busy
     print("probe:", res["probe"], flush=True)
     bb = build_backbone("open_clip", args.model, pretrained=None)
     dm = LabelledDataModule("sample", transform=bb.preprocess, batch_size=args.batch_size)

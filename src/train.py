@@ -16,13 +16,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from microbench.entry import set_project_root
+from microbench.entry import set_project_root, setup_console
 
 set_project_root(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> None:
+    setup_console()
     from microbench.run_errors import exit_on_user_error
     from microbench.training import train
 

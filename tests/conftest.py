@@ -42,6 +42,20 @@ def _sample_is_never_written():
     assert after == before, f"tests wrote into data/sample: {sorted(set(after) - set(before))}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_run_folders_in_the_checkout():
+    """Every test writes its runs under a tmp folder: none may leave logs/, checkpoints/ or outputs/ behind."""
+    def listing():
+        return {d: sorted(p.relative_to(REPO).as_posix() for p in (REPO / d).glob("*/*"))
+                for d in ("logs", "checkpoints", "outputs", "multirun") if (REPO / d).is_dir()}
+
+    before = listing()
+    yield
+    after = listing()
+    new = {d: sorted(set(v) - set(before.get(d, []))) for d, v in after.items()}
+    assert not any(new.values()), f"tests left run folders in the checkout: {new}"
+
+
 @pytest.fixture(scope="session")
 def sample():
     """The committed sample, loaded once: (datasets.Dataset, DataSource)."""

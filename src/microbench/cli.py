@@ -26,9 +26,10 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(record, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
-        return 0
-    _print_info(record)
-    return 0
+    else:
+        _print_info(record)
+    # a check that finds problems fails (exit 1), so scripts and CI can rely on it; 2 stays "could not run"
+    return 1 if args.check_images and record["invalid"] else 0
 
 
 def _print_info(r: dict) -> None:
@@ -60,6 +61,8 @@ def _print_info(r: dict) -> None:
     con.print(q)
     if r["absent"]:
         con.print("Absent (null) entries: " + ", ".join(f"{k}={v}" for k, v in r["absent"].items()))
+    if r.get("image_failures"):
+        con.print(f"[red]{r['image_failures']} image(s) could not be decoded[/red] (listed below)")
     if r["invalid"]:
         con.print(f"[red]{len(r['invalid'])} problem(s)[/red]:")
         for p in r["invalid"][:20]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -14,4 +15,84 @@ def set_project_root(script: str) -> Path:
     """
     root = Path(script).resolve().parents[1]
     os.environ.setdefault("PROJECT_ROOT", str(root))
+    normalize_overrides(sys.argv)
+    register_resolvers()
     return root
+
+
+class ConsoleNoiseFilter:
+    """The console handler's filter (``configs/hydra/default.yaml``): what matters, once. Dropped from the console
+    (kept in the run's log file): Lightning's advert for litlogger, repeats of Lightning's one-per-Trainer lines
+    (``GPU available``, ``Seed set``...), open_clip's INFO chatter."""
+
+    ADVERTS = ("litlogger", "💡 Tip")
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def filter(self, record) -> bool:
+        import logging
+
+        msg = record.getMessage()
+        if any(a in msg for a in self.ADVERTS):
+            return False
+        if record.levelno < logging.WARNING and "open_clip" in (record.pathname or ""):
+            return False
+        if record.name.startswith("lightning") and record.levelno < logging.WARNING:
+            if msg in self.seen:
+                return False
+            self.seen.add(msg)
+        return True
+
+
+def setup_console() -> None:
+    """Called first in each entry point, after Hydra configured logging: Lightning's own console handler (added
+    when it is imported before logging is configured) goes, so each of its lines is printed once, by Hydra's handler;
+    known deprecation chatter of dependencies is silenced."""
+    import logging
+    import warnings
+
+    import lightning  # noqa: F401 - its import adds the console handler removed here
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.propagate = True
+    for name in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
+
+
+def run_dir(overrides, default: str) -> str:
+    """``hydra.run.dir``: the ``paths.output_dir=`` given on the command line (so the Hydra log and ``.hydra/`` land
+    in the run's own folder), else ``default``."""
+    chosen = default
+    for item in overrides or []:
+        key, sep, value = str(item).partition("=")
+        if sep and key.lstrip("+~") == "paths.output_dir" and value:
+            chosen = value
+    return chosen
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mb_run_dir"):
+        OmegaConf.register_new_resolver("mb_run_dir", run_dir)
+
+
+#: group overrides Hydra cannot take as written: ``logger=null`` (Hydra reads null as "no value" and stops with
+#: "Config group override must be a string") selects the ``none`` option of the group
+NULL_GROUPS = ("logger",)
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """Rewrite ``<group>=null`` to ``<group>=none`` in place (the documented way to switch a group off)."""
+    for i, arg in enumerate(argv[1:], 1):
+        for group in NULL_GROUPS:
+            if arg in (f"{group}=null", f"{group}=None", f"{group}=~"):
+                argv[i] = f"{group}=none"
+    return argv

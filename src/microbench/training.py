@@ -112,7 +112,7 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
                                "checkpoint_dir": str(ckpt_dir) if (best or last) else None,
                                "class_space": dm.class_space.to_dict()}
     if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
-        use = "best" if best else None
+        use = best or None  # the path itself: "best" is ambiguous with two ModelCheckpoint callbacks
         results = trainer.test(module, datamodule=dm, ckpt_path=use, verbose=False)
         metrics["test"] = results[0] if results else {}
         metrics["tested_checkpoint"] = best or "final weights"
@@ -176,7 +176,12 @@ def linear_probe(cfg: DictConfig) -> tuple[dict, dict]:
     wds = wds[:2] if fast else wds
     results, table = {}, []
     names = sorted(dm.rows["dataset"].unique())[:1] if fast else sorted(dm.rows["dataset"].unique())
-    for name in names:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(names, desc="linear probes", unit="dataset", dynamic_ncols=True)
+    for i, name in enumerate(bar, 1):
+        bar.set_postfix_str(name)
+        t_ds = time.perf_counter()
         rows = dm.rows[dm.rows["dataset"] == name]
         space, class_of_row, _ = build_class_space(rows, dm.question_table.frame)
         img = row_to_image[rows["row_idx"].to_numpy()]
@@ -199,6 +204,11 @@ def linear_probe(cfg: DictConfig) -> tuple[dict, dict]:
             r = sweep(data, shots=k, seeds=seeds, weight_decays=wds, zs_init=bool(p.get("zs_init")),
                       zs_scale=float(backbone.logit_scale) if backbone.has_text else 100.0)
             results[name][str(k)] = r
+            if k == shots[-1]:
+                log.info("linear probe %d/%d %s: %s (%.1f s)", i, len(names), name, ", ".join(
+                    f"{s}-shot {100 * results[name][str(s)]['acc']['mean']:.1f}" if s != "full" else
+                    f"full {100 * results[name]['full']['acc']['mean']:.1f}" for s in shots),
+                    time.perf_counter() - t_ds)
             table.append({"dataset": name, "shots": str(k), "n_train": r["n_train"], "n_test": r["n_test"],
                           **{f"{m}_mean": r[m]["mean"] for m in ("acc", "balanced_acc", "macro_f1")},
                           **{f"{m}_std": r[m]["stdev"] for m in ("acc", "balanced_acc", "macro_f1")}})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -358,12 +359,14 @@ class _ImageBytesDataset(Dataset):
         from PIL import Image
 
         row = int(self.rep_rows[i])
+        ref = self.items.frame.at[row, "images"][0]
         try:
-            ref = self.items.frame.at[row, "images"][0]
             img = Image.open(io.BytesIO(self.items.read_image(ref))).convert("RGB")
             return {"index": i, "pixel_values": self.transform(img), "error": None}
         except Exception as err:  # noqa: BLE001 - a bad image is a counted skip
-            return {"index": i, "pixel_values": None, "error": f"question {row}: {type(err).__name__}: {err}"}
+            why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+            return {"index": i, "pixel_values": None,
+                    "error": f"{self.items.frame.at[row, 'qid']} ({ref}): {type(err).__name__}: {why}"}
 
 
 class CognitionDataModule(L.LightningDataModule):

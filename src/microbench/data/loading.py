@@ -117,8 +117,13 @@ def load_ubench(
     validate_columns(ds, where=src.location)
     src.num_rows = len(ds)
     src.fingerprint = dataset_fingerprint(ds)
-    log.info("loaded %d rows from %s (%s)", len(ds), src.location, src.kind)
+    said = (src.location, src.fingerprint)
+    (log.debug if said in _ANNOUNCED else log.info)("loaded %d rows from %s (%s)", len(ds), src.location, src.kind)
+    _ANNOUNCED.add(said)
     return ds, src
+
+
+_ANNOUNCED: set = set()  # copies already announced in this process (a run loads its copy once per data module)
 
 
 def is_hub_id(path: str | os.PathLike | None) -> bool:

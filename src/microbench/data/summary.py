@@ -34,8 +34,8 @@ def summarize(ds: datasets.Dataset, source: DataSource, table: QuestionTable | N
         {k: (None if v is None else (int(v) if k == "row_idx" else str(v))) for k, v in rec.items()}
         for rec in problems[["row_idx", "image_id", "dataset", "source", "key", "problem"]].to_dict("records")
     ]
-    if check_images:
-        invalid += count_image_failures(ds)
+    image_failures = count_image_failures(ds) if check_images else []
+    invalid += image_failures
     dup = rows["image_id"].duplicated(keep=False)
     names = schema.label_names(ds)
     return {
@@ -58,6 +58,7 @@ def summarize(ds: datasets.Dataset, source: DataSource, table: QuestionTable | N
         "official_datasets_present": sorted(set(rows["dataset"]) & schema.OFFICIAL_DATASETS),
         "non_official_datasets_present": sorted(set(rows["dataset"]) - schema.OFFICIAL_DATASETS),
         "invalid": invalid,
+        "image_failures": len(image_failures) if check_images else None,
     }
 
 

@@ -467,6 +467,9 @@ class HFVisionBackend(GenerativeBackend):
         batch_size = _option(positive_int, "model.batch_size", batch_size)
 
         super().__init__(model, cache_dir, blind, prompt)
+        from microbench.models.backbones.registry import hub_unreachable
+
+        hub_down = None if Path(model).expanduser().exists() else hub_unreachable()
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -482,7 +485,10 @@ class HFVisionBackend(GenerativeBackend):
             from microbench.models.backbones.base import BackboneError
 
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BackboneError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}") from err
+            where = (f"; the Hub is unreachable ({hub_down}), so only the local HF cache was tried: download it once "
+                     "on a machine with internet, or pass a local folder") if hub_down else ""
+            raise BackboneError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}"
+                                f"{where}") from err
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"

@@ -137,6 +137,11 @@ class FineTuneModule(L.LightningModule):
             self.head.to(self.device)
         if self.hparams.lock_text or self.objective == "ce":
             self.backbone.freeze_text_tower()
+        if self.objective == "ce":  # the head replaces text tower and logit scale: nothing else may wait for a
+            image = {id(p) for p in self.backbone.image_tower().parameters()}  # gradient (DDP would stop)
+            for p in self.backbone.parameters():
+                if id(p) not in image:
+                    p.requires_grad_(False)
         if self.hparams.freeze_blocks:
             freeze_image_blocks(self.backbone, self.hparams.freeze_blocks)
         if self.objective == "contrastive":

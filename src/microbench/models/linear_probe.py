@@ -8,6 +8,8 @@ that do not fit in memory or for GPU training.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import lightning as L
@@ -30,6 +32,25 @@ def probe_metrics(logits: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict
         "balanced_acc": float(multiclass_accuracy(preds, y, n_classes, average="macro")),
         "macro_f1": float(multiclass_f1_score(preds, y, n_classes, average="macro")),
     }
+
+
+#: below this many feature values (train rows × dim) a fit runs on one thread: L-BFGS on a small problem is a long
+#: chain of tiny matrix products, where spreading each over the cores costs more than it gains (measured on a 2-core
+#: machine under load: one sweep 23.2 s with every thread vs 3.75 s with one; benchmarks/bench_train.py)
+SMALL_FIT = 4_000_000
+
+
+@contextlib.contextmanager
+def threads_for(n_values: int):
+    """``torch`` intra-op threads for a fit of ``n_values`` feature values: 1 for small fits, unchanged otherwise."""
+    before = torch.get_num_threads()
+    if n_values < SMALL_FIT and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float,
@@ -78,6 +99,11 @@ def sweep(data: ProbeData, shots="full", seeds=(0, 1, 2), weight_decays=WEIGHT_D
 
     Returns ``{metric: {mean, stdev, values}}`` plus the chosen weight decays (eva's recorder format).
     """
+    with threads_for(int(data.x_train.numel())):
+        return _sweep(data, shots, seeds, weight_decays, zs_init, zs_scale)
+
+
+def _sweep(data: ProbeData, shots, seeds, weight_decays, zs_init: bool, zs_scale: float) -> dict:
     per_seed: dict[str, list[float]] = {"acc": [], "balanced_acc": [], "macro_f1": []}
     chosen = []
     y_val = torch.as_tensor(np.asarray(data.y_val), dtype=torch.long)

@@ -103,7 +103,8 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     out: dict[float, pd.DataFrame] = {}
     info: dict[str, Any] = {"base_from_cache": cached is not None}
     if todo:
-        scorer = InterpolationScorer(backbone, base, finetuned, todo, keys=keys, progress=False)
+        scorer = InterpolationScorer(backbone, base, finetuned, todo, keys=keys, progress=False,
+                                     progress_label=f"forgetting study, {dm.split} split: {len(todo)} models")
         trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False)  # may run inside fit
         t = time.perf_counter()

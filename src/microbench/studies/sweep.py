@@ -71,8 +71,11 @@ class InterpolationScorer(ZeroShotScorer):
     """
 
     def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float],
-                 keys: Callable[[str], bool] | None = None, on_done: Callable | None = None, **kwargs) -> None:
+                 keys: Callable[[str], bool] | None = None, on_done: Callable | None = None,
+                 progress_label: str | None = None, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
+        self.progress_label = progress_label  # a bar over images x models (Lightning's own is off inside a fit)
+        self._bar = None
         self.weights = WeightInterpolator(backbone, base, finetuned, keys)
         self.alphas = [float(a) for a in alphas]
         self.on_done = on_done
@@ -86,6 +89,12 @@ class InterpolationScorer(ZeroShotScorer):
         self._bufs = {a: torch.zeros_like(self._emb) for a in self.alphas}
         self.weights.to(self.device)
         self.timings["set_weights"] = 0.0
+        if self.progress_label and self.trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            n = len(self.trainer.datamodule.images())
+            self._bar = tqdm(total=n * len(self.alphas), desc=self.progress_label, unit="img×α", leave=False,
+                             dynamic_ncols=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not self._note_failures(batch):
@@ -98,8 +107,13 @@ class InterpolationScorer(ZeroShotScorer):
             emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
             self._bufs[a][idx] = emb.to("cpu")
         self._seen[idx.numpy()] = True
+        if self._bar is not None:
+            self._bar.update(len(idx) * len(self.alphas))
 
     def on_test_epoch_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         t0 = time.perf_counter()
         self.timings["images"] = round(t0 - self.timings.pop("_start", t0), 3)
         dm = self.trainer.datamodule
