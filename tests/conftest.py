@@ -147,3 +147,24 @@ def sample_rows():
         with pa.OSFile(str(shard)) as f:
             tables.append(pa.ipc.open_stream(f).read_all())
     return pa.concat_tables(tables).to_pylist()
+
+
+def copy_without_column(column: str, root: Path) -> Path:
+    """The committed sample as one Hub-layout shard without ``column``, beside the sample's own
+    ``dataset_info.json`` (which still lists it): a copy edited by hand, or exported by another tool."""
+    import shutil
+
+    from microbench.data.loading import SAMPLE_DIR
+
+    tables = []
+    for shard in sorted((SAMPLE_DIR / "perception" / "0.1.0").glob("*.arrow")):
+        with pa.OSFile(str(shard)) as f:
+            tables.append(pa.ipc.open_stream(f).read_all())
+    part = pa.concat_tables(tables).drop_columns([column])
+    folder = root / "perception" / "0.1.0"
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "ubench-test-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, part.schema) as writer:
+        writer.write_table(part)
+    shutil.copy(SAMPLE_DIR / "perception" / "0.1.0" / "dataset_info.json", folder)
+    return root

@@ -206,3 +206,51 @@ def test_freezing_blocks_and_text_tower():
     assert not any(p.requires_grad for p in blocks[0].parameters())
     assert all(p.requires_grad for p in blocks[1].parameters())
     assert not visual.conv1.weight.requires_grad  # the stem is frozen with the first blocks
+
+
+def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(tmp_path):
+    """Issue 13 §5: experiment=demo trainer=ddp_sim stopped with "parameters that were not used in producing the
+    loss" (CE: the logit scale and text tower take no gradient)."""
+    module, *_ = _fit(tmp_path / "one", epochs=1)
+    image = {id(p) for p in module.backbone.image_tower().parameters()}
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert any(n.startswith("head.") for n in trainable) and not any("logit_scale" in n for n in trainable)
+    assert {id(p) for n, p in module.backbone.named_parameters() if p.requires_grad} <= image
+    _, _, trainer, ckpt = _fit(tmp_path / "ddp", epochs=1, strategy="ddp_spawn", devices=2)
+    assert ckpt.exists() and trainer.world_size == 2
+
+
+def test_finetune_pathology_with_the_tiny_model_learns(tmp_path):
+    """Issue 13 §5: experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
+    epoch 0. configs/tuning/finetune_pathology/tiny.yaml gives the tiny model its own step size."""
+    cfg = _cfg(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
+                f"checkpoint_dir={tmp_path / 'ckpt'}", "forgetting.enabled=false", "eval_in_domain=false",
+                "+trainer.enable_progress_bar=false"])
+    assert cfg.module.lr == pytest.approx(3e-3) and cfg.module.objective == "contrastive"
+    assert _cfg(["experiment=finetune_pathology"]).module.lr == pytest.approx(1e-5)  # the real model's setting
+    assert _cfg(["experiment=finetune_pathology", "model=tiny", "module.lr=0.5"]).module.lr == 0.5  # user wins
+    metrics, objs = train(cfg)
+    best_epoch = int(Path(metrics["best_checkpoint"]).stem.removeprefix("best_epoch"))
+    assert best_epoch > 0 and metrics["test"]["test/acc"] >= 0.4, metrics["test"]
+
+
+def test_small_probe_fits_run_on_one_thread_and_restore_the_setting(monkeypatch):
+    """Issue 13 §5: on a loaded 2-core machine the probe experiment ran 15 min with every torch thread on tiny
+    L-BFGS fits (2:39 with OMP_NUM_THREADS=1)."""
+    import microbench.models.linear_probe as lp
+
+    seen = []
+    real_fit = lp.fit_logistic
+    monkeypatch.setattr(lp, "fit_logistic", lambda *a, **k: (seen.append(torch.get_num_threads()), real_fit(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (xt, yt), (xv, yv), (xs, ys) = _separable(60, seed=1), _separable(20, seed=2), _separable(20, seed=3)
+        sweep(ProbeData(xt, yt, xv, yv, xs, ys, 5), shots="full", seeds=(0,), weight_decays=(1e-4, 1e-2))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(lp, "SMALL_FIT", 0)  # a large fit keeps every thread
+        seen.clear()
+        sweep(ProbeData(xt, yt, xv, yv, xs, ys, 5), shots="full", seeds=(0,), weight_decays=(1e-4,))
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)

@@ -84,8 +84,7 @@ def test_an_empty_split_is_an_error_and_never_shows_an_earlier_runs_numbers(tmp_
 
 
 def test_a_record_left_by_another_run_is_never_read_back_as_this_runs(tmp_path):
-    from microbench.evaluate import this_runs_record
-    from microbench.results.records import write_json
+    from microbench.results.records import this_runs_record, write_json
     from microbench.run_errors import UserError
 
     write_json(tmp_path / "metrics.json", {"run_id": "an-earlier-run", "headline": {"captions": {}}})
@@ -313,24 +312,11 @@ def test_a_zero_length_loader_is_one_line(tmp_path, capsys):
 def test_a_hub_layout_copy_missing_a_required_column_its_info_lists(tmp_path, capsys):
     """`dataset_info.json` declared `stain`, the shards lacked it: the cast invented a null column and
     resolve_dataset_name raised AttributeError (also in `microbench info`); a missing `dataset` went through."""
-    import pyarrow as pa
-
+    from conftest import copy_without_column
     from microbench.cli import main
-    from microbench.data.loading import SAMPLE_DIR
 
-    tables = []
-    for shard in sorted((SAMPLE_DIR / "perception" / "0.1.0").glob("*.arrow")):
-        with pa.OSFile(str(shard)) as f:
-            tables.append(pa.ipc.open_stream(f).read_all())
-    table = pa.concat_tables(tables)
     for col in ("stain", "dataset"):
-        folder = tmp_path / col / "perception" / "0.1.0"
-        folder.mkdir(parents=True)
-        part = table.drop_columns([col])
-        with pa.OSFile(str(folder / "ubench-test-00000-of-00001.arrow"), "wb") as sink, \
-                pa.ipc.new_stream(sink, part.schema) as writer:
-            writer.write_table(part)
-        shutil.copy(SAMPLE_DIR / "perception" / "0.1.0" / "dataset_info.json", folder)
+        copy_without_column(col, tmp_path / col)
         assert main(["info", str(tmp_path / col)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and f"lacks required column(s) {col}" in err

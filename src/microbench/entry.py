@@ -17,7 +17,23 @@ def set_project_root(script: str) -> Path:
     os.environ.setdefault("PROJECT_ROOT", str(root))
     normalize_overrides(sys.argv)
     register_resolvers()
+    preflight_output_dir(sys.argv)
     return root
+
+
+def preflight_output_dir(argv: list[str]) -> None:
+    """``paths.output_dir=`` is also Hydra's run folder, which Hydra creates before the job starts: a path that is a
+    file or cannot be written is one line (exit 2) here, not a traceback from Hydra."""
+    value = run_dir(argv[1:], "")
+    if not value or "${" in value:
+        return
+    from microbench.results.records import check_output_dir
+
+    try:
+        check_output_dir(value)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 class ConsoleNoiseFilter:

@@ -27,7 +27,7 @@ import microbench
 from microbench.loggers import make_loggers
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 from microbench.models.zero_shot import SOURCES, ZeroShotScorer, random_baseline
-from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
+from microbench.results.records import start_run, this_runs_record, write_json, write_parquet, write_text
 from microbench.results.report import pct, results_markdown
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, enable_checkpointing=False,
                                      enable_model_summary=False)
     trainer.test(scorer, datamodule=dm, verbose=False)
-    record = on_scored.record or this_runs_record(out_dir / "metrics.json", context["run_id"])
+    record = on_scored.record or this_runs_record(out_dir / "metrics.json", context["run_id"], trainer)
     return record, {"backbone": backbone, "datamodule": dm, "trainer": trainer, "scorer": scorer}
 
 
@@ -195,14 +195,3 @@ class RecordWriter:
 
     def __call__(self, predictions, skipped, module) -> None:
         self.record = write_run(predictions, skipped, module, context=self.context)
-
-
-def this_runs_record(path: Path, run_id: str) -> dict:
-    """The record rank 0 wrote in a spawned process, read back only when this run wrote it (its ``run_id``): a
-    results file of an earlier run in the same folder is never presented as this run's."""
-    from microbench.run_errors import UserError
-
-    record = read_json(path) if path.is_file() else {}
-    if record.get("run_id") != run_id:
-        raise UserError(f"this run wrote no results to {path.parent} (nothing was scored); see the log above")
-    return record

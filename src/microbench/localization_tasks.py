@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import microbench
 from microbench.data.config import LOCALIZATION_DM, PERCEPTION_DM, data_module_cfg
 from microbench.loggers import make_loggers
 from microbench.models.backbones.base import state_fingerprint
-from microbench.results.records import read_json, start_run, write_json, write_parquet, write_text
+from microbench.results.records import start_run, this_runs_record, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def write_localization_run(result: dict, module, *, context: dict) -> dict:
     n_grit = len(per_image)
     metrics = {f"loc/{k}": _as_entry(v, n_grit if k.startswith("grit/") else counts["images"]) for k, v in m.items()}
     record = {
+        "run_id": context.get("run_id"),
         "microbench_version": microbench.__version__,
         "task": "localization",
         "head": module.hparams.head,
@@ -145,7 +147,8 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     record = {"model_config": _container(cfg.model), "data": dm.source.to_dict(), "class_names": dm.class_names,
               "targets": dm.targets, "split": dm.split_spec.to_dict(), "microbench_version": microbench.__version__,
               "datasets": sorted({im.dataset for im in dm.images("all")})}
-    context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {}}
+    context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {},
+               "run_id": uuid.uuid4().hex}
     module = _make_module(cfg, backbone, dm, record, on_scored=partial(_on_scored, context=context))
     from microbench.training import build_callbacks, checkpoint_dir
 
@@ -164,9 +167,8 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
         context["checkpoint"] = best or last or None
         trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
-        if trainer.is_global_zero:
-            rec = read_json(out_dir / "metrics.json")
-            metrics["test"] = {k: v["value"] for k, v in rec["headline"].items()}
+        rec = this_runs_record(out_dir / "metrics.json", context["run_id"], trainer)
+        metrics["test"] = {k: v["value"] for k, v in rec["headline"].items()}
     if study_cb is not None and study_cb.study is not None:
         st = study_cb.study
         metrics["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
@@ -243,12 +245,13 @@ def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
                                      classes=list(hp["class_names"]), strict_filters=False))
     dm.setup("test")
     context = {"output_dir": str(out_dir), "t0": t0, "config": _container(cfg), "timings": {},
-               "checkpoint": str(cfg.checkpoint)}
+               "checkpoint": str(cfg.checkpoint), "run_id": uuid.uuid4().hex}
     module.on_scored = partial(_on_scored, context=context)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False,
                                      enable_model_summary=False)
     trainer.test(module, datamodule=dm, verbose=False)
-    return read_json(out_dir / "metrics.json"), {"module": module, "datamodule": dm, "trainer": trainer}
+    record = this_runs_record(out_dir / "metrics.json", context["run_id"], trainer)
+    return record, {"module": module, "datamodule": dm, "trainer": trainer}
 
 
 class LocalizationSweeper:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 

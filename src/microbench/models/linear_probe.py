@@ -9,7 +9,6 @@ that do not fit in memory or for GPU training.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import lightning as L

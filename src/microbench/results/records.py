@@ -59,6 +59,22 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def this_runs_record(path: Path, run_id: str, trainer=None) -> dict:
+    """The record that rank 0 of this run wrote to ``path`` (in a spawned worker, or another process under torchrun
+    / SLURM), read back only when its ``run_id`` is this run's: a results file of an earlier run in the same folder
+    is never presented as this run's. With a ``trainer``, the other ranks take rank 0's run id and wait for it to
+    finish writing (no-ops without a process group)."""
+    from microbench.run_errors import UserError
+
+    if trainer is not None:
+        run_id = trainer.strategy.broadcast(run_id, src=0)
+        trainer.strategy.barrier("microbench-record-written")
+    record = read_json(path) if Path(path).is_file() else {}
+    if record.get("run_id") != run_id:
+        raise UserError(f"this run wrote no results to {Path(path).parent} (nothing was scored); see the log above")
+    return record
+
+
 def start_run(cfg) -> tuple[float, Path]:
     """The common start of every task: a start time, the seed (``cfg.seed``, default 0) and ``paths.output_dir``
     (created)."""
