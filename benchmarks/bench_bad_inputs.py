@@ -12,6 +12,7 @@ microbench``) with one bad input or fault, run in a subprocess with a time limit
 - ``silent wrong``: exit 0 where an error or a counted skip was due, or stale numbers presented as this run's.
 
 Usage: .venv/bin/python benchmarks/bench_bad_inputs.py [--only SUBSTRING] [--jobs 2]
+(``--only``: re-run the matching cases and merge them into the last full run's results)
 Writes benchmarks/results/bad_inputs.json (per case: command, expected, outcome, seconds, error line).
 """
 
@@ -375,10 +376,18 @@ def main() -> None:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     summary = {"cases": len(results), "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
                "cases_by_outcome": {k: [r["name"] for r in results if r["outcome"] == k] for k in counts}}
+    if args.only and args.out.is_file():  # re-run some cases: merge them into the last full run's figures
+        old = json.loads(args.out.read_text())
+        fresh = {r["name"]: r for r in results}
+        results = [fresh.get(r["name"], r) for r in old["results"]]
+        counts = {}
+        for r in results:
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        summary = {"cases": len(results), "counts": counts, "seconds": old["seconds"], "rerun": sorted(fresh),
+                   "cases_by_outcome": {k: [r["name"] for r in results if r["outcome"] == k] for k in counts}}
     print(json.dumps({k: summary[k] for k in ("cases", "counts", "seconds")}, indent=1))
-    if not args.only:
-        write_json(args.out, {**summary, "results": results})
-        print(f"wrote {args.out}")
+    write_json(args.out, {**summary, "results": results})
+    print(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -169,8 +169,8 @@ def train_localization(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.test(module, datamodule=dm, ckpt_path="best" if best else None, verbose=False)
         rec = this_runs_record(out_dir / "metrics.json", context["run_id"], trainer)
         metrics["test"] = {k: v["value"] for k, v in rec["headline"].items()}
-    if study_cb is not None and study_cb.study is not None:
-        st = study_cb.study
+    st = study_cb.result(trainer) if study_cb is not None else None
+    if st is not None:
         metrics["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
                                  "chosen_alpha": st["selection"]["alpha"],
                                  "localization_test": st["splits"]["test"]["localization"]}

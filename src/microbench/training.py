@@ -118,8 +118,8 @@ def finetune(cfg: DictConfig) -> tuple[dict, dict]:
         metrics["tested_checkpoint"] = best or "final weights"
     if cfg.get("eval_in_domain", True) and not trainer.fast_dev_run and trainer.is_global_zero:
         metrics["in_domain_zero_shot"] = in_domain_zero_shot(cfg, module, out_dir / "in_domain")
-    if study_cb is not None and study_cb.study is not None:
-        st = study_cb.study
+    st = study_cb.result(trainer) if study_cb is not None else None
+    if st is not None:
         metrics["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
                                  "chosen_alpha": st["selection"]["alpha"],
                                  "test": {n: {k: st["splits"]["test"]["models"][n][k]["acc"]["value"]

@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
+from microbench import distributed
 from microbench.data.datamodule import (
     ExactDistributedSampler,
     ImageTable,
-    _dist_world,
     collate_images,
     default_transform,
     unique_images,
@@ -423,7 +423,7 @@ class CognitionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         ds = _ImageBytesDataset(self.items, self._images.rep_row, self.transform)
-        sampler = ExactDistributedSampler(ds) if _dist_world() > 1 else None
+        sampler = ExactDistributedSampler(ds) if distributed.world_size() > 1 else None
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate_images)
 

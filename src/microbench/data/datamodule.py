@@ -15,9 +15,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from microbench import distributed
 from microbench.data import splits as splits_mod
 from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench, positive_int
 from microbench.data.questions import QuestionTable, build_question_table
@@ -78,7 +78,8 @@ class ExactDistributedSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        super().__init__(dataset, num_replicas=num_replicas if num_replicas is not None else distributed.world_size(),
+                         rank=rank if rank is not None else distributed.rank(), shuffle=False, drop_last=False)
 
     def __iter__(self):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
@@ -114,10 +115,6 @@ def unique_images(rows: pd.DataFrame) -> ImageTable:
     first = np.array([g[0] for g in groups], dtype=np.int64)
     by_first = np.argsort(first, kind="stable")
     return ImageTable(np.asarray(uniques, dtype=object)[by_first], first[by_first], [groups[i] for i in by_first])
-
-
-def _dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _as_list(value) -> list[str] | None:
@@ -325,7 +322,7 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
         if len(table) == 0:
             raise MicroBenchDataError(empty_split_message(split, self))
         ds = UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform)
-        sampler = ExactDistributedSampler(ds) if (not train and _dist_world() > 1) else None
+        sampler = ExactDistributedSampler(ds) if (not train and distributed.world_size() > 1) else None
         return DataLoader(
             ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,

@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from microbench.data.datamodule import ExactDistributedSampler, PerceptionDataModule, _dist_world
+from microbench import distributed
+from microbench.data.datamodule import ExactDistributedSampler, PerceptionDataModule
 from microbench.data.splits import SPLITS
 
 
@@ -176,7 +177,7 @@ class LabelledDataModule(PerceptionDataModule):
         if train:
             sampler = EpochSampler(ds, seed=self.seed)
         else:
-            sampler = ExactDistributedSampler(ds) if _dist_world() > 1 else None
+            sampler = ExactDistributedSampler(ds) if distributed.world_size() > 1 else None
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_labelled,
                           drop_last=train and self.drop_last_train and len(ds) >= self.batch_size)

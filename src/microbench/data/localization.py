@@ -32,12 +32,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from microbench import distributed
 from microbench.data import splits as splits_mod
 from microbench.data.datamodule import (
     ExactDistributedSampler,
     SplitLoaders,
     _as_list,
-    _dist_world,
     load_split_rows,
     prepare_hub_copy,
 )
@@ -339,7 +339,7 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         if len(ds) == 0:
             raise MicroBenchDataError(f"the {split} split has no annotated image ({len(self.table.images)} in all); "
                                       "use more data or change split_fractions")
-        sampler = ExactDistributedSampler(ds) if (not train and _dist_world() > 1) else None
+        sampler = ExactDistributedSampler(ds) if (not train and distributed.world_size() > 1) else None
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           collate_fn=collate_localization, drop_last=False)

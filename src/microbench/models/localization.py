@@ -24,10 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from microbench import distributed
 from microbench.models.backbones.base import Backbone, BackboneError
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,6 @@ def predict_tiled(detector: nn.Module, image: torch.Tensor, tile: int, overlap: 
     return rec
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 class LocalizationModule(L.LightningModule):
     """Train / evaluate a detection or segmentation head on a :class:`LocalizationDataModule`.
 
@@ -328,7 +320,7 @@ class LocalizationModule(L.LightningModule):
         self._outputs["val"], self._failed = [], []
 
     def _score(self, stage: str, split: str) -> dict | None:
-        gathered = _gather_objects((self._outputs[stage], self._failed))
+        gathered = distributed.gather_objects((self._outputs[stage], self._failed))
         self._outputs[stage] = []
         if not self.trainer.is_global_zero:
             return None

@@ -20,9 +20,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from microbench import distributed
 from microbench.models.backbones.base import Backbone
 
 log = logging.getLogger(__name__)
@@ -39,23 +39,11 @@ def candidate_texts(items: pd.DataFrame, source: str) -> list[list[str]]:
     return [[f"{q} {o}" for o in opts] for q, opts in zip(items["question"], items["options"], strict=True)]
 
 
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather(obj):
-    if not _dist_ready():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 @torch.no_grad()
 def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = 256,
                  device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """L2-normalised text embeddings [len(texts), D] (float32, on CPU); sharded over ranks under DDP."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _dist_ready() else (0, 1)
+    rank, world = distributed.rank(), distributed.world_size()
     mine = list(range(rank, len(texts), world))
     chunks = []
     it = range(0, len(mine), batch_size)
@@ -71,7 +59,7 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = 256
     dim = backbone.embed_dim
     local = (torch.tensor(mine, dtype=torch.long), torch.cat(chunks) if chunks else torch.zeros(0, dim))
     out = torch.zeros(len(texts), dim)
-    for idx, emb in _gather(local):
+    for idx, emb in distributed.gather_objects(local):
         out[idx] = emb
     return out
 
@@ -225,12 +213,12 @@ class ZeroShotScorer(L.LightningModule):
         t_images = time.perf_counter()
         self.timings["images"] = round(t_images - self.timings.pop("_start", t_images), 3)
         dm = self.trainer.datamodule
-        if _dist_ready():  # send only this rank's rows; every rank then holds all embeddings
+        if distributed.is_distributed():  # send only this rank's rows; every rank then holds all embeddings
             mine = torch.from_numpy(np.flatnonzero(self._seen))
             image_emb = torch.zeros_like(self._emb)
             encoded = np.zeros(len(self._seen), dtype=bool)
             failed, errors = [], []
-            for idx, emb, f, e in _gather((mine, self._emb[mine], self._failed, self._errors)):
+            for idx, emb, f, e in distributed.gather_objects((mine, self._emb[mine], self._failed, self._errors)):
                 image_emb[idx] = emb
                 encoded[idx.numpy()] = True
                 failed += f

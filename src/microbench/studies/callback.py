@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from microbench import distributed
 from microbench.models.backbones.base import state_fingerprint
 from microbench.studies.forgetting import DEFAULT_ALPHAS, run_study
 
@@ -32,10 +34,22 @@ class ForgettingCallback(L.Callback):
         self.make_dm, self.out_dir, self.alphas, self.towers = make_dm, Path(out_dir), alphas, towers
         self.make_base = make_base  # () -> the base backbone rebuilt from the model config (resumed fits)
         self.base_fingerprint: str | None = None  # saved in every checkpoint of the fit
+        self.run_id = uuid.uuid4().hex  # recorded in forgetting.json: read back only as this run's study
         self.keep_target_gain, self.target_datasets, self.cache_dir = keep_target_gain, target_datasets, cache_dir
         self.n_resamples, self.localization = n_resamples, localization
         self.base_state: dict | None = None
         self.study: dict | None = None
+
+    def result(self, trainer: L.Trainer) -> dict | None:
+        """The study of this fit: in memory, or (the fit ran in spawned workers) read back from ``forgetting.json``
+        when this run wrote it; None when no study ran (e.g. ``fast_dev_run``)."""
+        if self.study is not None or trainer.fast_dev_run:
+            return self.study
+        from microbench.results.records import read_json
+
+        path = self.out_dir / "forgetting.json"
+        record = read_json(path) if path.is_file() else {}
+        return record if record.get("run_id") == self.run_id else None
 
     def state_dict(self) -> dict:
         return {"base_fingerprint": self.base_fingerprint}
@@ -78,11 +92,12 @@ class ForgettingCallback(L.Callback):
         ft_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
         targets = self.target_datasets or pl_module.class_space.datasets
         logger = trainer.logger if trainer.logger else None
-        with torch.inference_mode(False):
+        # rank 0 alone: its scorers must not wait in collectives for ranks that are not taking part (a hang under DDP)
+        with torch.inference_mode(False), distributed.local_only():
             self.study = run_study(backbone, self.base_state, ft_state, self.make_dm, self.out_dir, targets,
                                    self.alphas, self.towers, self.keep_target_gain, self.cache_dir,
                                    accelerator="cpu" if pl_module.device.type == "cpu" else "gpu",
                                    n_resamples=self.n_resamples, finetuned_path="(this run)", logger=logger,
-                                   localization=self.localization)
+                                   localization=self.localization, extra={"run_id": self.run_id})
         backbone.to(pl_module.device)
         log.debug("forgetting study written to %s", self.out_dir)  # the run's summary names it, after the test

@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from microbench import distributed
 from microbench.models.backbones.base import Backbone
-from microbench.models.zero_shot import ZeroShotScorer, _dist_ready, _gather
+from microbench.models.zero_shot import ZeroShotScorer
 from microbench.studies.merging import StateDict, check_compatible
 
 
@@ -121,15 +122,15 @@ class InterpolationScorer(ZeroShotScorer):
         for a in self.alphas:
             self.set_alpha(a)
             emb, seen = self._bufs[a], self._seen
-            if _dist_ready():
+            if distributed.is_distributed():
                 mine = torch.from_numpy(np.flatnonzero(self._seen))
                 emb, seen = torch.zeros_like(emb), np.zeros(len(self._seen), dtype=bool)
-                for idx, e in _gather((mine, self._bufs[a][mine])):
+                for idx, e in distributed.gather_objects((mine, self._bufs[a][mine])):
                     emb[idx] = e
                     seen[idx.numpy()] = True
             preds, skipped = self.score(dm, emb, seen)
             self.predictions_by_alpha[a] = preds
-        errors = [e for part in _gather(self._errors) for e in part]
+        errors = [e for part in distributed.gather_objects(self._errors) for e in part]
         skipped["failed_images"] = errors
         self.skipped = skipped
         self.timings["texts_and_scoring"] = round(time.perf_counter() - t0, 3)
@@ -170,9 +171,7 @@ class LocalizationInterpolationScorer(L.LightningModule):
                                zip(index, self.module.predict_images(batch["images"]), strict=True)]
 
     def on_test_epoch_end(self) -> None:
-        from microbench.models.localization import _gather_objects
-
-        gathered = _gather_objects((self._preds, self._failed))
+        gathered = distributed.gather_objects((self._preds, self._failed))
         if not self.trainer.is_global_zero:
             return
         images = self.trainer.datamodule.images(self.trainer.datamodule.split)
