@@ -27,8 +27,8 @@ set_project_root(__file__)
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
     setup_console()
+    from microbench.errors import exit_on_user_error
     from microbench.evaluate import evaluate
-    from microbench.run_errors import exit_on_user_error
 
     with exit_on_user_error():
         record, _ = evaluate(cfg)

@@ -20,7 +20,7 @@ set_project_root(__file__)
 @hydra.main(version_base="1.3", config_path="../configs", config_name="forgetting.yaml")
 def main(cfg: DictConfig) -> None:
     setup_console()
-    from microbench.run_errors import exit_on_user_error
+    from microbench.errors import exit_on_user_error
     from microbench.studies.run import forgetting
 
     with exit_on_user_error():

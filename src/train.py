@@ -24,7 +24,7 @@ set_project_root(__file__)
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> None:
     setup_console()
-    from microbench.run_errors import exit_on_user_error
+    from microbench.errors import exit_on_user_error
     from microbench.training import train
 
     with exit_on_user_error():

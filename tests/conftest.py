@@ -168,3 +168,37 @@ def copy_without_column(column: str, root: Path) -> Path:
         writer.write_table(part)
     shutil.copy(SAMPLE_DIR / "perception" / "0.1.0" / "dataset_info.json", folder)
     return root
+
+
+# --- configs: every test composes through these (as lightning-hydra-template's cfg_train / cfg_eval) -------------
+
+def compose_config(name: str, overrides=(), config_dir: Path | None = None):
+    """``configs/<name>.yaml`` composed with ``overrides``, as the entry point would see it (no Hydra run)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir or REPO / "configs"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def cfg_eval():
+    """``cfg_eval([overrides])``: the ``src/eval.py`` config."""
+    return lambda overrides=(): compose_config("eval", overrides)
+
+
+@pytest.fixture(scope="session")
+def cfg_train():
+    """``cfg_train([overrides])``: the ``src/train.py`` config."""
+    return lambda overrides=(): compose_config("train", overrides)
+
+
+@pytest.fixture(scope="session")
+def cfg_forgetting():
+    """``cfg_forgetting([overrides])``: the ``src/forgetting.py`` config."""
+    return lambda overrides=(): compose_config("forgetting", overrides)
+
+
+@pytest.fixture(scope="session")
+def cfg_data():
+    """``cfg_data(name, [overrides])``: one ``configs/data/<name>.yaml`` on its own."""
+    return lambda name, overrides=(): compose_config(name, overrides, config_dir=REPO / "configs" / "data")

@@ -9,7 +9,6 @@ import sys
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from conftest import REPO, write_raw_hub_copy
 from microbench.evaluate import evaluate
@@ -19,15 +18,10 @@ PRED_COLUMNS = {"row_idx", "image_id", "dataset", "source", "key", "question_typ
                 "pred_idx", "correct", "scores", "n_options"}
 
 
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, cfg_eval):
     out = tmp_path_factory.mktemp("tiny")
-    record, objs = evaluate(_cfg([f"paths.output_dir={out}", "data.batch_size=64", "bootstrap.n_resamples=999"]))
+    record, objs = evaluate(cfg_eval([f"paths.output_dir={out}", "data.batch_size=64", "bootstrap.n_resamples=999"]))
     return out, record, objs
 
 
@@ -51,19 +45,19 @@ def test_run_record_on_the_sample(tiny_run, sample):
     assert "| microbench-tiny |" in md and "Per dataset" in md and "held_et_al_2010_galt" in md
 
 
-def test_random_baseline_run(tmp_path):
-    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=999"]))
+def test_random_baseline_run(tmp_path, cfg_eval):
+    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=999"]))
     assert record["model"]["name"] == "random" and record["n_predictions"] == 3904
     coarse = record["headline"]["captions"]["coarse"]["value"]
     assert 0.12 < coarse < 0.3  # ~1/(options) chance, as the paper's Random row (18.3 %)
 
 
 @pytest.mark.slow
-def test_ddp_equals_single_device_on_a_hub_layout_copy(sample_rows, tmp_path):
+def test_ddp_equals_single_device_on_a_hub_layout_copy(sample_rows, tmp_path, cfg_eval):
     root = write_raw_hub_copy(sample_rows[1::3], tmp_path / "hub", n_shards=2)  # 109 rows, 97 images (odd)
     common = [f"data.path={root}", "data.batch_size=8", "bootstrap.n_resamples=199", "sources=[captions,questions]"]
-    single, _ = evaluate(_cfg([*common, f"paths.output_dir={tmp_path / 'one'}"]))
-    ddp, _ = evaluate(_cfg([*common, f"paths.output_dir={tmp_path / 'ddp'}", "trainer=ddp_sim"]))
+    single, _ = evaluate(cfg_eval([*common, f"paths.output_dir={tmp_path / 'one'}"]))
+    ddp, _ = evaluate(cfg_eval([*common, f"paths.output_dir={tmp_path / 'ddp'}", "trainer=ddp_sim"]))
     assert single["split"]["images"] % 2 == 1
     a = pd.read_parquet(tmp_path / "one" / "predictions.parquet")
     b = pd.read_parquet(tmp_path / "ddp" / "predictions.parquet")
@@ -76,9 +70,9 @@ def test_ddp_equals_single_device_on_a_hub_layout_copy(sample_rows, tmp_path):
     assert {k: v["value"] for k, v in single["metrics"].items()} == {k: v["value"] for k, v in ddp["metrics"].items()}
 
 
-def test_leaderboard(tiny_run, tmp_path):
+def test_leaderboard(tiny_run, tmp_path, cfg_eval):
     out, _, _ = tiny_run
-    evaluate(_cfg([f"paths.output_dir={tmp_path / 'random'}", "model=random", "bootstrap.n_resamples=199"]))
+    evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'random'}", "model=random", "bootstrap.n_resamples=199"]))
     frame = build_leaderboard([out, tmp_path / "random"], tmp_path / "lb")
     assert list(frame["model"]) == sorted(frame["model"], key=lambda m: -frame.set_index("model").loc[m, "coarse"])
     assert set(frame["model"]) == {"microbench-tiny", "random"}
@@ -86,12 +80,14 @@ def test_leaderboard(tiny_run, tmp_path):
     assert {"coarse", "coarse_ci", "coarse_n", "fine", "pathology_fine", "stain"} <= set(csv.columns)
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert md.count("\n| ") == 3 and "| model | kind |" in md  # header + 2 models
-    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+    from microbench.errors import UserError
+
+    with pytest.raises(UserError, match="no metrics.json"):
         build_leaderboard([tmp_path / "nothing"], tmp_path / "lb2")
 
 
-def test_wandb_offline_logging(tmp_path):
-    evaluate(_cfg([f"paths.output_dir={tmp_path}", "logger=wandb", "logger.wandb.offline=true",
+def test_wandb_offline_logging(tmp_path, cfg_eval):
+    evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "logger=wandb", "logger.wandb.offline=true",
                    "bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]"]))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
@@ -123,9 +119,9 @@ def test_unknown_preset_lists_the_presets(tmp_path):
     assert "Could not find 'model/nope'" in res.stderr and "openclip" in res.stderr and "biomedclip" in res.stderr
 
 
-def test_plugin_backbone_through_model_target(tmp_path):
+def test_plugin_backbone_through_model_target(tmp_path, cfg_eval):
     """The README's plug-in recipe: model=plugin with model._target_ pointing at a Backbone subclass."""
-    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=plugin",
+    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=plugin",
                                "model._target_=plugin_backbone.PluginBackbone", "+model.width_note=demo",
                                "bootstrap.n_resamples=99",
                                "data.datasets=[acevedo_et_al_2020]"]))

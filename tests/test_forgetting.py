@@ -8,7 +8,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from conftest import REPO
 from microbench.data.datamodule import PerceptionDataModule
@@ -184,20 +183,17 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
         test["base"]["all/all"]["acc"]["value"]
 
 
-def test_forgetting_cli_on_a_trained_checkpoint(tmp_path):
+def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgetting):
     """train (demo settings, short) → src/forgetting.py on its last checkpoint."""
     from microbench.studies.run import forgetting
     from microbench.training import train
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        tcfg = compose(config_name="train", overrides=[
-            "experiment=demo", "trainer.max_epochs=3", "forgetting.enabled=false", "eval_in_domain=false",
-            f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
-        metrics, _ = train(tcfg)
-        fcfg = compose(config_name="forgetting", overrides=[
-            f"finetuned={metrics['last_checkpoint']}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
-            f"paths.output_dir={tmp_path / 'study'}", f"result_cache={tmp_path / 'cache'}"])
-        study, _ = forgetting(fcfg)
+    metrics, _ = train(cfg_train([
+        "experiment=demo", "trainer.max_epochs=3", "forgetting.enabled=false", "eval_in_domain=false",
+        f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"]))
+    study, _ = forgetting(cfg_forgetting([
+        f"finetuned={metrics['last_checkpoint']}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
+        f"paths.output_dir={tmp_path / 'study'}", f"result_cache={tmp_path / 'cache'}"]))
     assert study["target_datasets"] == ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
     assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "ce"

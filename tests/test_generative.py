@@ -288,16 +288,7 @@ def test_microvqa_adapter_on_a_fixture(tmp_path):
 
 # --- end to end: python src/eval.py task=cognition / generative perception, one leaderboard -------------------
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import REPO
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
-
-
-def test_cognition_and_generative_perception_end_to_end_into_one_leaderboard(tmp_path):
+def test_cognition_and_generative_perception_end_to_end_into_one_leaderboard(tmp_path, cfg_eval):
     from microbench.evaluate import evaluate
     from microbench.results.leaderboard import build_leaderboard
 
@@ -309,14 +300,14 @@ def test_cognition_and_generative_perception_end_to_end_into_one_leaderboard(tmp
     with ScriptedChatServer(reply=reply) as srv:
         gen = ["model=openai_compatible", f"model.base_url={srv.base_url}", "model.model=scripted-vlm",
                f"model.cache_dir={tmp_path / 'cache'}"]
-        cog, _ = evaluate(_compose([*common, *gen, "task=cognition", f"paths.output_dir={tmp_path / 'gen_cog'}"]))
-        per, objs = evaluate(_compose([*common, *gen, f"paths.output_dir={tmp_path / 'gen_per'}",
+        cog, _ = evaluate(cfg_eval([*common, *gen, "task=cognition", f"paths.output_dir={tmp_path / 'gen_cog'}"]))
+        per, objs = evaluate(cfg_eval([*common, *gen, f"paths.output_dir={tmp_path / 'gen_per'}",
                                        "data.datasets=[kather_et_al_2016,acevedo_et_al_2020]"]))
         sent = srv.requests
-        evaluate(_compose([*common, *gen, "task=cognition", "model.blind=true",
+        evaluate(cfg_eval([*common, *gen, "task=cognition", "model.blind=true",
                            f"paths.output_dir={tmp_path / 'blind_cog'}"]))
         assert srv.requests - sent == 12  # blind questions are new questions
-        evaluate(_compose([*common, *gen, "task=cognition", f"paths.output_dir={tmp_path / 'again'}"]))
+        evaluate(cfg_eval([*common, *gen, "task=cognition", f"paths.output_dir={tmp_path / 'again'}"]))
         assert srv.requests - sent == 12  # the repeated run came from the cache
     items = load_cognition("sample").frame
     expected = float((items["gold_idx"] == 1).mean())
@@ -325,9 +316,9 @@ def test_cognition_and_generative_perception_end_to_end_into_one_leaderboard(tmp
     preds = objs["predictions"]
     assert (preds["correct"] == (preds["gold_idx"] == 1)).all() and per["task"] == "generative_perception"
     assert per["headline"]["questions"]["coarse"]["n"] > 0
-    evaluate(_compose([*common, "task=cognition", f"paths.output_dir={tmp_path / 'tiny_cog'}"]))
-    evaluate(_compose([*common, "data.datasets=[kather_et_al_2016]", f"paths.output_dir={tmp_path / 'tiny_per'}"]))
-    evaluate(_compose([*common, "task=cognition", "model=random", f"paths.output_dir={tmp_path / 'rand_cog'}"]))
+    evaluate(cfg_eval([*common, "task=cognition", f"paths.output_dir={tmp_path / 'tiny_cog'}"]))
+    evaluate(cfg_eval([*common, "data.datasets=[kather_et_al_2016]", f"paths.output_dir={tmp_path / 'tiny_per'}"]))
+    evaluate(cfg_eval([*common, "task=cognition", "model=random", f"paths.output_dir={tmp_path / 'rand_cog'}"]))
     frame = build_leaderboard([tmp_path], tmp_path / "lb")
     rows = frame.set_index("model")
     assert set(rows.index) == {"scripted-vlm", "scripted-vlm+blind", "microbench-tiny", "random"}
@@ -403,12 +394,12 @@ def test_hf_backend_on_a_tiny_random_llava(tmp_path):
     assert all(isinstance(r.text, str) for r in blind.generate(reqs, progress=False)) and blind.stats.failed == 0
 
 
-def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path):
+def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path, cfg_eval):
     from microbench.evaluate import evaluate
 
     path = _microvqa_fixture(tmp_path / "microvqa")
     with ScriptedChatServer(reply=lambda body: "Step by step... so the answer is (2)") as srv:
-        record, objs = evaluate(_compose([
+        record, objs = evaluate(cfg_eval([
             "task=cognition", f"cognition.path={path}", "cognition.format=microvqa", "model=openai_compatible",
             f"model.base_url={srv.base_url}", "model.model=m", "model.prompt=microvqa", "model.cache_dir=null",
             "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'run'}"]))

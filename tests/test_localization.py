@@ -251,16 +251,7 @@ def test_coco_ground_truth_loads_in_pycocotools(tmp_path):
 
 # --- end to end -----------------------------------------------------------------------------------------------------
 
-def _compose(overrides, name="train"):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import REPO
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces_it(tmp_path):
+def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces_it(tmp_path, cfg_eval, cfg_train):
     import lightning as L
     from hydra.utils import instantiate
 
@@ -271,7 +262,7 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
 
     common = ["experiment=detect_nuclei", "trainer.max_epochs=12", "+trainer.enable_progress_bar=false",
               "logger=csv"]
-    cfg = _compose([*common, f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
+    cfg = cfg_train([*common, f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
     # the untrained head, scored the same way
     L.seed_everything(0)
     dm = instantiate(cfg.data)
@@ -294,14 +285,14 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
 
     # python src/eval.py task=localization checkpoint=... reproduces the test numbers from the checkpoint alone
     best = metrics["best_checkpoint"]
-    record, _ = evaluate(_compose([f"paths.output_dir={tmp_path / 'eval'}", "task=localization",
-                                   f"checkpoint={best}", "+trainer.enable_progress_bar=false"], name="eval"))
+    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'eval'}", "task=localization",
+                                   f"checkpoint={best}", "+trainer.enable_progress_bar=false"]))
     assert {k: v["value"] for k, v in record["metrics"].items()} == pytest.approx(
         {k: v["value"] for k, v in rec["metrics"].items()}, abs=1e-9)
 
     # one leaderboard with the zero-shot run of the same (frozen) backbone
-    evaluate(_compose([f"paths.output_dir={tmp_path / 'zs'}", "bootstrap.n_resamples=99",
-                       "data.datasets=[kather_et_al_2016]"], name="eval"))
+    evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'zs'}", "bootstrap.n_resamples=99",
+                       "data.datasets=[kather_et_al_2016]"]))
     frame = build_leaderboard([tmp_path / "eval", tmp_path / "zs"], tmp_path / "lb")
     assert len(frame) == 1  # merged on (model, weights fingerprint)
     row = frame.iloc[0]
@@ -322,11 +313,11 @@ def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
     assert proc.stderr.strip().startswith("error: localization evaluation needs a trained head")
 
 
-def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_path):
+def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_path, cfg_train, cfg_forgetting):
     from microbench.studies.run import forgetting
     from microbench.training import train
 
-    cfg = _compose(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
+    cfg = cfg_train(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
                     "module.freeze_backbone=false", "forgetting.enabled=true", "forgetting.alphas=[0,0.5,1]",
                     "forgetting.n_resamples=99", "forgetting.result_cache=null",
                     f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
@@ -353,8 +344,8 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
         return original(self, i)
 
     last = metrics["last_checkpoint"]
-    fcfg = _compose([f"finetuned={last}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "result_cache=null",
-                     f"paths.output_dir={tmp_path / 'study'}"], name="forgetting")
+    fcfg = cfg_forgetting([f"finetuned={last}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "result_cache=null",
+                     f"paths.output_dir={tmp_path / 'study'}"])
     LocalizationDataset.__getitem__ = counting
     try:
         study2, _ = forgetting(fcfg)
@@ -367,7 +358,7 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
         assert study2["splits"]["test"]["localization"][name] == pytest.approx(ref, abs=1e-9)
 
 
-def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path):
+def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path, cfg_eval):
     """One 'Detect {className}' question per (image, class), Qwen boxes parsed, GRIT per dataset/class."""
     from microbench.data.localization import LocalizationDataModule
     from microbench.evaluate import evaluate
@@ -378,10 +369,9 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
         return "<ref>x</ref><box>(0,0),(1000,1000)</box>" if prompt != "Detect golgi" else "I cannot see it"
 
     with ScriptedChatServer(reply=reply) as srv:
-        record, objs = evaluate(_compose(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
+        record, objs = evaluate(cfg_eval(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
                                           "model.model=scripted-qwen", f"model.cache_dir={tmp_path / 'c'}",
-                                          f"paths.output_dir={tmp_path}", "+trainer.enable_progress_bar=false"],
-                                         name="eval"))
+                                          f"paths.output_dir={tmp_path}", "+trainer.enable_progress_bar=false"]))
         prompts = sorted({b["messages"][0]["content"][-1]["text"] for b in srv.bodies})
     assert prompts == ["Detect H2B-mCherry", "Detect cell", "Detect gland", "Detect golgi", "Detect nucleus"]
     dm = LocalizationDataModule(split="all")
@@ -400,11 +390,11 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
     assert record["model"]["kind"] == "generative" and (tmp_path / "results.md").exists()
 
 
-def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_path):
+def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_path, cfg_eval, cfg_train):
     from microbench.evaluate import evaluate
     from microbench.training import train
 
-    cfg = _compose(["experiment=segment_cells", "trainer.max_epochs=3", "+trainer.enable_progress_bar=false",
+    cfg = cfg_train(["experiment=segment_cells", "trainer.max_epochs=3", "+trainer.enable_progress_bar=false",
                     "data.classes=[gland,cell]", f"paths.output_dir={tmp_path / 'train'}",
                     f"checkpoint_dir={tmp_path / 'ckpt'}"])
     metrics, _ = train(cfg)
@@ -412,15 +402,14 @@ def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_pa
     assert rec["head"] == "segmentation" and {"loc/segm/AP", "loc/segm/AR_max", "loc/bbox/AP"} <= set(rec["metrics"])
     dets = json.loads((tmp_path / "train" / "detections.json").read_text())
     assert dets and all("segmentation" in d and "counts" in d["segmentation"] for d in dets[:5])
-    record, _ = evaluate(_compose(["task=localization", f"checkpoint={metrics['best_checkpoint']}",
-                                   f"paths.output_dir={tmp_path / 'eval'}", "+trainer.enable_progress_bar=false"],
-                                  name="eval"))
+    record, _ = evaluate(cfg_eval(["task=localization", f"checkpoint={metrics['best_checkpoint']}",
+                                   f"paths.output_dir={tmp_path / 'eval'}", "+trainer.enable_progress_bar=false"]))
     assert record["data"]["targets"] == "masks"
     assert {k: v["value"] for k, v in record["metrics"].items()} == pytest.approx(
         {k: v["value"] for k, v in rec["metrics"].items()}, abs=1e-9)
 
 
-def test_localization_eval_under_ddp_equals_one_process(tmp_path):
+def test_localization_eval_under_ddp_equals_one_process(tmp_path, cfg_eval):
     """Two spawned CPU ranks shard the images exactly; rank 0 gathers and scores the same numbers."""
     import torch
 
@@ -440,8 +429,8 @@ def test_localization_eval_under_ddp_equals_one_process(tmp_path):
     ckpt = tmp_path / "head.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
     common = ["task=localization", f"checkpoint={ckpt}", "+trainer.enable_progress_bar=false"]
-    one, _ = evaluate(_compose([*common, f"paths.output_dir={tmp_path / 'one'}"], name="eval"))
-    two, _ = evaluate(_compose([*common, "trainer=ddp_sim", f"paths.output_dir={tmp_path / 'two'}"], name="eval"))
+    one, _ = evaluate(cfg_eval([*common, f"paths.output_dir={tmp_path / 'one'}"]))
+    two, _ = evaluate(cfg_eval([*common, "trainer=ddp_sim", f"paths.output_dir={tmp_path / 'two'}"]))
     assert one["counts"]["images"] == two["counts"]["images"] and one["counts"]["detections"] > 0
     assert {k: v["value"] for k, v in two["metrics"].items()} == pytest.approx(
         {k: v["value"] for k, v in one["metrics"].items()}, abs=1e-6)

@@ -12,7 +12,6 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from conftest import REPO, png_bytes
 from microbench.data.cognition import load_cognition
@@ -21,12 +20,6 @@ from microbench.generative.boxes import parse_qwen_boxes, score_box_answers
 from microbench.generative.harness import random_cognition
 from microbench.generative.prompts import microvqa_prompt
 from microbench.metrics.grit import localization_score
-
-
-def _cfg(overrides, name="eval"):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
 
 # --- 1. cognition images at cognition/<split>/<name> -------------------------------------------------------------
 
@@ -72,8 +65,8 @@ def _official_random_captions(rows: list[dict], seed: int = 42) -> dict:
     return out
 
 
-def test_random_baseline_draws_in_the_official_order(sample_rows, tmp_path):
-    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
+def test_random_baseline_draws_in_the_official_order(sample_rows, tmp_path, cfg_eval):
+    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
     ref = _official_random_captions(sample_rows)
     assert len(preds) == len(ref)
@@ -116,8 +109,8 @@ def test_random_cognition_uses_the_official_substring_rule_and_reports_the_stric
     assert all(r["correct"][0] for r in runs) and not all(r["correct_strict"][0] for r in runs)
 
 
-def test_random_cognition_run_reports_official_and_strict(tmp_path):
-    record, _ = evaluate(_cfg(["task=cognition", "model=random", f"paths.output_dir={tmp_path}",
+def test_random_cognition_run_reports_official_and_strict(tmp_path, cfg_eval):
+    record, _ = evaluate(cfg_eval(["task=cognition", "model=random", f"paths.output_dir={tmp_path}",
                                "bootstrap.n_resamples=99"]))
     m = record["metrics"]
     assert record["headline"]["cognition"] == m["cognition/all"] and "cognition_strict/all" in m
@@ -127,10 +120,10 @@ def test_random_cognition_run_reports_official_and_strict(tmp_path):
 
 # --- 4. official slices on a real run ------------------------------------------------------------------------------
 
-def test_official_per_type_and_slices_use_the_1_variant_on_a_run(tmp_path):
+def test_official_per_type_and_slices_use_the_1_variant_on_a_run(tmp_path, cfg_eval):
     from microbench.data import schema
 
-    record, _ = evaluate(_cfg([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
+    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
     m, p = record["metrics"], pd.read_parquet(tmp_path / "predictions.parquet")
     official = p["dataset"].isin(schema.OFFICIAL_DATASETS)
     for t in schema.COARSE_TYPES:
@@ -170,7 +163,7 @@ def test_qwen_boxes_follow_the_official_parse_and_the_lenient_one_is_explicit():
 # --- 6. PaliGemma: retry only when the answer is exactly empty -----------------------------------------------------
 
 @pytest.mark.parametrize("first_answer, retried", [("", True), ("  ", False), ("\n", False)])
-def test_paligemma_segment_retry_only_on_an_exactly_empty_answer(tmp_path, first_answer, retried):
+def test_paligemma_segment_retry_only_on_an_exactly_empty_answer(tmp_path, first_answer, retried, cfg_eval):
     from microbench.generative.loopback import ScriptedChatServer
 
     def reply(body):
@@ -178,7 +171,7 @@ def test_paligemma_segment_retry_only_on_an_exactly_empty_answer(tmp_path, first
         return first_answer if prompt.startswith("detect ") else "<loc0000><loc0000><loc1023><loc1023> x"
 
     with ScriptedChatServer(reply=reply) as srv:
-        evaluate(_cfg(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
+        evaluate(cfg_eval(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
                        "model.model=scripted-paligemma", "box_format=paligemma", f"model.cache_dir={tmp_path / 'c'}",
                        f"paths.output_dir={tmp_path / 'o'}"]))
         prompts = [b["messages"][0]["content"][-1]["text"] for b in srv.bodies]
@@ -215,12 +208,12 @@ def test_microvqa_prompt_is_byte_for_byte_the_official_template():
     ("gpt4o", {"backend": "openai", "model": "gpt-4o", "temperature": 1.0, "top_p": 1.0, "max_tokens": 2048,
                "seed": 0, "image_detail": "high"}),
 ])
-def test_generative_presets_carry_the_official_settings(preset, expected):
+def test_generative_presets_carry_the_official_settings(preset, expected, cfg_eval):
     import inspect
 
     from microbench.generative.backends import BACKENDS
 
-    cfg = _cfg([f"model={preset}"]).model
+    cfg = cfg_eval([f"model={preset}"]).model
     for k, v in expected.items():
         assert cfg[k] == v, (preset, k)
     keys = set(cfg) - {"_target_", "kind", "backend"}

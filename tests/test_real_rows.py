@@ -14,7 +14,6 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from conftest import REPO, png_bytes, write_raw_hub_copy
 from microbench.data import schema
@@ -22,11 +21,6 @@ from microbench.data import schema
 REAL = REPO.parent / "shared" / "real_rows_data"
 FLAT = ("label", "label_name", "dataset", "domain", "institution", "license", "microns_per_pixel", "modality",
         "ncbitaxon_id", "ncbitaxon_name", "pmid", "split", "stain", "subdomain", "submodality", "synthetic")
-
-
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
 
 
 def _real_rows() -> list[dict]:
@@ -110,7 +104,7 @@ def test_every_real_item_is_read_named_and_has_its_real_gold(real_copy):
     assert dm_img.size == (360, 363)
 
 
-def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_protocol(real_copy, tmp_path):
+def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_protocol(real_copy, tmp_path, cfg_eval):
     from microbench.evaluate import evaluate
     from microbench.generative.loopback import ScriptedChatServer
 
@@ -127,7 +121,7 @@ def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_p
 
     for policy in ("gold", "always_A"):
         with ScriptedChatServer(reply=lambda b, p=policy: gold[text_of(b)] if p == "gold" else "A") as srv:
-            record, objs = evaluate(_cfg([f"data.path={root}", "model=openai_compatible",
+            record, objs = evaluate(cfg_eval([f"data.path={root}", "model=openai_compatible",
                                           f"model.base_url={srv.base_url}", "model.model=scripted",
                                           f"model.cache_dir={tmp_path / policy / 'c'}", "bootstrap.n_resamples=99",
                                           f"paths.output_dir={tmp_path / policy}"]))
@@ -142,14 +136,14 @@ def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_p
             assert int(preds["correct"].sum()) == want and want > 0
 
 
-def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_copy, tmp_path, caplog):
+def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_copy, tmp_path, caplog, cfg_eval):
     """The real rows carry only ``_0`` caption variants: the headline (``_1``) vanishes, and the log, the console
     summary and results.md say why, with the counts."""
     from microbench.evaluate import evaluate
 
     _, root = real_copy
     with caplog.at_level(logging.WARNING):
-        record, _ = evaluate(_cfg([f"data.path={root}", f"paths.output_dir={tmp_path}", "bootstrap.n_resamples=99"]))
+        record, _ = evaluate(cfg_eval([f"data.path={root}", f"paths.output_dir={tmp_path}", "bootstrap.n_resamples=99"]))
     assert record["n_predictions"] == 4 and "coarse" not in record["headline"]["captions"]
     cov = record["headline_coverage"]["captions"]
     assert "n/a" in cov["coarse"]["note"] and "3 coarse items" in cov["coarse"]["note"]
@@ -160,7 +154,7 @@ def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_co
     assert record["metrics"]["captions/all/coarse"]["n"] == 3  # the pooled number is still there
 
 
-def test_rows_sharing_an_image_id_with_different_pixels_are_each_scored_on_their_own_image(sample_rows, tmp_path):
+def test_rows_sharing_an_image_id_with_different_pixels_are_each_scored_on_their_own_image(sample_rows, tmp_path, cfg_eval):
     from microbench.evaluate import evaluate
 
     rows = [copy.deepcopy(r) for r in sample_rows if r["dataset"] == "kather_et_al_2016"][:6]
@@ -170,7 +164,7 @@ def test_rows_sharing_an_image_id_with_different_pixels_are_each_scored_on_their
     conflict = write_raw_hub_copy(shared, tmp_path / "conflict", n_shards=1)
     runs = {}
     for name, root in (("distinct", distinct), ("conflict", conflict)):
-        record, _ = evaluate(_cfg([f"data.path={root}", f"paths.output_dir={tmp_path / ('out_' + name)}",
+        record, _ = evaluate(cfg_eval([f"data.path={root}", f"paths.output_dir={tmp_path / ('out_' + name)}",
                                    "bootstrap.n_resamples=99"]))
         runs[name] = (record, pd.read_parquet(tmp_path / f"out_{name}" / "predictions.parquet"))
     (rec_a, pa_), (rec_b, pb) = runs["distinct"], runs["conflict"]

@@ -9,7 +9,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from conftest import REPO
 from microbench.data.labelled import LabelledDataModule
@@ -23,14 +22,9 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.y
 PATHOLOGY = ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
 
 
-def _cfg(overrides, name="train"):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_with_fast_dev_run(experiment, tmp_path):
-    cfg = _cfg([f"experiment={experiment}", "model=tiny", "++trainer.fast_dev_run=true", "trainer=cpu",
+def test_every_experiment_runs_with_fast_dev_run(experiment, tmp_path, cfg_train):
+    cfg = cfg_train([f"experiment={experiment}", "model=tiny", "++trainer.fast_dev_run=true", "trainer=cpu",
                 f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt", f"probe.cache_dir={tmp_path}/c",
                 "data.num_workers=0", "data.batch_size=8"])
     metrics, objs = train(cfg)
@@ -179,8 +173,8 @@ def test_ddp_spawn_fit_with_gathered_contrastive_loss(tmp_path):
     assert blob["global_step"] > 0 and blob["microbench"]["objective"] == "contrastive"
 
 
-def test_demo_experiment_end_to_end(tmp_path):
-    cfg = _cfg(["experiment=demo", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt"])
+def test_demo_experiment_end_to_end(tmp_path, cfg_train):
+    cfg = cfg_train(["experiment=demo", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt"])
     metrics, _ = train(cfg)
     rec = json.loads((tmp_path / "train_metrics.json").read_text())
     assert rec["best_checkpoint"] and Path(rec["best_checkpoint"]).exists() and Path(rec["last_checkpoint"]).exists()
@@ -220,15 +214,15 @@ def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(
     assert ckpt.exists() and trainer.world_size == 2
 
 
-def test_finetune_pathology_with_the_tiny_model_learns(tmp_path):
+def test_finetune_pathology_with_the_tiny_model_learns(tmp_path, cfg_train):
     """Issue 13 §5: experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
     epoch 0. configs/tuning/finetune_pathology/tiny.yaml gives the tiny model its own step size."""
-    cfg = _cfg(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
+    cfg = cfg_train(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
                 f"checkpoint_dir={tmp_path / 'ckpt'}", "forgetting.enabled=false", "eval_in_domain=false",
                 "+trainer.enable_progress_bar=false"])
     assert cfg.module.lr == pytest.approx(3e-3) and cfg.module.objective == "contrastive"
-    assert _cfg(["experiment=finetune_pathology"]).module.lr == pytest.approx(1e-5)  # the real model's setting
-    assert _cfg(["experiment=finetune_pathology", "model=tiny", "module.lr=0.5"]).module.lr == 0.5  # user wins
+    assert cfg_train(["experiment=finetune_pathology"]).module.lr == pytest.approx(1e-5)  # the real model's setting
+    assert cfg_train(["experiment=finetune_pathology", "model=tiny", "module.lr=0.5"]).module.lr == 0.5  # user wins
     metrics, objs = train(cfg)
     best_epoch = int(Path(metrics["best_checkpoint"]).stem.removeprefix("best_epoch"))
     assert best_epoch > 0 and metrics["test"]["test/acc"] >= 0.4, metrics["test"]

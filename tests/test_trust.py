@@ -18,17 +18,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import REPO, png_bytes, write_raw_hub_copy
-from microbench.run_errors import exit_on_user_error
+from conftest import REPO, compose_config, png_bytes, write_raw_hub_copy
+from microbench.errors import exit_on_user_error
 
 FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+trainer.enable_progress_bar=false"]
-
-
-def _cfg(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def _task(name: str):
@@ -52,7 +46,7 @@ def run(name: str, overrides: list[str], capsys) -> tuple[int, list[str], object
     code = 0
     try:
         with exit_on_user_error():
-            result = _task(name)(_cfg(name, overrides))
+            result = _task(name)(compose_config(name, overrides))
     except SystemExit as stop:
         code = int(stop.code)
     err = capsys.readouterr().err
@@ -84,8 +78,8 @@ def test_an_empty_split_is_an_error_and_never_shows_an_earlier_runs_numbers(tmp_
 
 
 def test_a_record_left_by_another_run_is_never_read_back_as_this_runs(tmp_path):
+    from microbench.errors import UserError
     from microbench.results.records import this_runs_record, write_json
-    from microbench.run_errors import UserError
 
     write_json(tmp_path / "metrics.json", {"run_id": "an-earlier-run", "headline": {"captions": {}}})
     with pytest.raises(UserError, match="this run wrote no results"):
@@ -358,7 +352,7 @@ def test_wandb_without_a_login_or_an_offline_mode_says_how(tmp_path, capsys, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     from microbench.loggers import check_loggers
 
-    check_loggers(_cfg("eval", ["logger=wandb", f"paths.output_dir={tmp_path}"]))  # offline: fine
+    check_loggers(compose_config("eval", ["logger=wandb", f"paths.output_dir={tmp_path}"]))  # offline: fine
 
 
 # --- §3 no hang: Hub presets with the Hub unreachable ------------------------------------------------------------

@@ -9,11 +9,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from microbench.errors import UserError
+
 #: what each task can resume or read: a fine-tune (``src/train.py``, ``task=finetune``) or a localization head
 KINDS = ("finetune", "localization")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to pass instead."""
 
 

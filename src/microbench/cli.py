@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from microbench.data.schema import HUB_REVISION
+from microbench.errors import UserError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -91,11 +92,11 @@ def _grit(args: argparse.Namespace) -> int:
 
     path = Path(args.answers)
     if not path.is_file():
-        raise FileNotFoundError(f"answers file {path} does not exist")
+        raise UserError(f"answers file {path} does not exist")
     frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
     need = {"response", "width", "height", "gt_boxes", "dataset", "class"}
     if need - set(frame.columns):
-        raise ValueError(f"{path} lacks columns {sorted(need - set(frame.columns))}: one row per (image, class) with "
+        raise UserError(f"{path} lacks columns {sorted(need - set(frame.columns))}: one row per (image, class) with "
                          "response, width, height, gt_boxes ([[x1, y1, x2, y2], ...] pixels), dataset, class")
     if frame["gt_boxes"].map(lambda v: isinstance(v, str)).any():
         frame["gt_boxes"] = frame["gt_boxes"].map(lambda v: json.loads(v) if isinstance(v, str) else v)
@@ -131,11 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from microbench.data.loading import MicroBenchDataError
-
     try:
         return {"info": _info, "leaderboard": _leaderboard, "grit": _grit}[args.command](args)
-    except (MicroBenchDataError, FileNotFoundError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

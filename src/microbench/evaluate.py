@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _sources(cfg: DictConfig) -> tuple[str, ...]:
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     raw = cfg.get("sources")
     if raw is not None and isinstance(raw, str):
@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
 
         return log_record(cfg, *evaluate_cognition(cfg))
     if task != "perception":
-        from microbench.run_errors import UserError
+        from microbench.errors import UserError
 
         raise UserError(f"task must be one of perception, cognition, localization; got {task!r}")
     if cfg.model.get("kind") == "generative":

@@ -225,8 +225,8 @@ def _on_scored(result: dict, module, context: dict) -> None:
 
 def evaluate_localization(cfg: DictConfig) -> tuple[dict, dict]:
     """Evaluate a trained head (``checkpoint=``) on ``data.split`` of any copy; writes the run record."""
+    from microbench.errors import UserError
     from microbench.models.localization import detector_from_checkpoint
-    from microbench.run_errors import UserError
 
     if cfg.model.get("kind") == "generative":
         return evaluate_generative_localization(cfg)
@@ -299,7 +299,7 @@ def evaluate_generative_localization(cfg: DictConfig) -> tuple[dict, dict]:
     backend = instantiate(cfg.model)
     fmt = cfg.get("box_format") or ("paligemma" if "paligemma" in backend.model_name.lower() else "qwen")
     if fmt not in PROMPTS:
-        from microbench.run_errors import UserError
+        from microbench.errors import UserError
 
         raise UserError(f"box_format must be one of {sorted(PROMPTS)}, got {fmt!r}")
     defaults = {} if str(cfg.data.get("_target_", "")) == LOCALIZATION_DM else {"split": "all"}  # official: all

@@ -22,7 +22,7 @@ def _wandb_logged_in() -> bool:
 def check_loggers(cfg: DictConfig) -> None:
     """``logger=wandb`` without a login and without an offline mode would stop at the first log call (or prompt
     for a key): say how to log in or go offline, before any work."""
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     for name, lg in (cfg.get("logger") or {}).items():
         if lg is None or not str(lg.get("_target_", "")).endswith("WandbLogger"):

@@ -253,7 +253,7 @@ TASKS = {"finetune": finetune, "linear_probe": linear_probe, "localization": loc
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     task = cfg.get("task", "finetune")
     if task not in TASKS:
-        from microbench.run_errors import UserError
+        from microbench.errors import UserError
 
         raise UserError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return TASKS[task](cfg)

@@ -117,7 +117,7 @@ def unique_images(rows: pd.DataFrame) -> ImageTable:
     return ImageTable(np.asarray(uniques, dtype=object)[by_first], first[by_first], [groups[i] for i in by_first])
 
 
-def _as_list(value) -> list[str] | None:
+def as_list(value) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -248,9 +248,9 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
             raise MicroBenchDataError(f"data.split must be one of all, train, val, test; got {split!r}")
         self.path, self.revision, self.split = path, revision, split
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
-        self.filters = {"dataset": _as_list(datasets), "domain": _as_list(domains),
-                        "modality": _as_list(modalities), "subdomain": _as_list(subdomains)}
-        self.exclude_datasets = _as_list(exclude_datasets) or []
+        self.filters = {"dataset": as_list(datasets), "domain": as_list(domains),
+                        "modality": as_list(modalities), "subdomain": as_list(subdomains)}
+        self.exclude_datasets = as_list(exclude_datasets) or []
         self.strict_filters = strict_filters
         self.batch_size = positive_int("data.batch_size", batch_size)
         self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)

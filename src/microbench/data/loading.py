@@ -22,6 +22,7 @@ import datasets
 import pyarrow as pa
 
 from microbench.data import schema
+from microbench.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ OPTIONS_HINT = (
 )
 
 
-class MicroBenchDataError(ValueError):
+class MicroBenchDataError(UserError):
     """A μ-Bench copy cannot be used; the message is one line saying why and how to fix it."""
 
 
@@ -140,14 +141,14 @@ def _looks_like_hub_id(text: str) -> bool:
 
 # --- Hub ----------------------------------------------------------------------------------------------------
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return any(
         os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
         for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
 
 
-def _hub_reachable(timeout_s: float) -> tuple[bool, str]:
+def hub_reachable(timeout_s: float) -> tuple[bool, str]:
     """Ask the Hub endpoint once, honouring proxies, with a hard timeout (the HF clients retry for ~45 s)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
@@ -160,9 +161,9 @@ def _hub_reachable(timeout_s: float) -> tuple[bool, str]:
 
 
 def _load_hub(repo_id, revision, split, cache_dir, timeout_s) -> tuple[datasets.Dataset, DataSource]:
-    offline = _hub_offline()
+    offline = hub_offline()
     if not offline:
-        ok, why = _hub_reachable(timeout_s)
+        ok, why = hub_reachable(timeout_s)
         if not ok:
             raise MicroBenchDataError(
                 f"cannot load {repo_id}@{revision or 'main'} from the Hub: {why}; if it is already in the HF cache "

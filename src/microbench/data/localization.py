@@ -37,7 +37,7 @@ from microbench.data import splits as splits_mod
 from microbench.data.datamodule import (
     ExactDistributedSampler,
     SplitLoaders,
-    _as_list,
+    as_list,
     load_split_rows,
     prepare_hub_copy,
 )
@@ -262,9 +262,9 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         if split not in (*splits_mod.SPLITS, splits_mod.ALL):
             raise MicroBenchDataError(f"split must be one of all, train, val, test; got {split!r}")
         self.path, self.revision, self.targets, self.split = path, revision, targets, split
-        self.classes = _as_list(classes)
-        self.filters = {"dataset": _as_list(datasets), "classes": self.classes}
-        self.exclude_datasets = _as_list(exclude_datasets) or []
+        self.classes = as_list(classes)
+        self.filters = {"dataset": as_list(datasets), "classes": self.classes}
+        self.exclude_datasets = as_list(exclude_datasets) or []
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
         self.batch_size = positive_int("data.batch_size", batch_size)
         self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)

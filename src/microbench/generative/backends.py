@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from microbench.models.backbones.base import BackboneError
+
 log = logging.getLogger(__name__)
+
+
+class GenerativeBackendError(BackboneError):
+    """A generative model cannot be built or asked (a server that is down, every request failing, a bad option)."""
 
 
 @dataclass
@@ -150,12 +156,10 @@ def _letter_logprobs(entries: list[dict] | None) -> dict[str, float] | None:
 def _option(check, name: str, value, **kwargs):
     """A numeric model option checked by ``check`` (e.g. ``positive_int``), its error as a model error."""
     from microbench.data.loading import MicroBenchDataError
-    from microbench.models.backbones.base import BackboneError
-
     try:
         return check(name, value, **kwargs)
     except MicroBenchDataError as err:
-        raise BackboneError(str(err)) from None
+        raise GenerativeBackendError(str(err)) from None
 
 
 class GenerativeBackend:
@@ -212,17 +216,13 @@ class GenerativeBackend:
         model name, endpoint, key, a model that cannot run, a proxy answering HTML) is a configuration error, not
         an accuracy of 0: one clear error. Single failures are counted and scored wrong."""
         if results and all(r.text is None for r in results):
-            from microbench.models.backbones.base import BackboneError
-
-            raise BackboneError(f"{self.name}: all {len(results)} requests failed, e.g. {results[0].error!r}; check "
+            raise GenerativeBackendError(f"{self.name}: all {len(results)} requests failed, e.g. {results[0].error!r}; check "
                                 "the model name, base_url, API key and server logs")
         return list(results)
 
     def fail_fast_error(self, n_failed: int, n_total: int, example: str):
         """The error of a run whose first ``n_failed`` requests all failed: stop instead of retrying every one."""
-        from microbench.models.backbones.base import BackboneError
-
-        return BackboneError(
+        return GenerativeBackendError(
             f"{self.name}: the first {n_failed} requests all failed (e.g. {example!r}), so the run stopped instead of "
             f"trying all {n_total}; check the server logs, model name, base_url and API key (answers already cached "
             f"are kept; model.fail_fast_after sets how many failures in a row stop a run)")
@@ -263,9 +263,7 @@ class OpenAICompatibleBackend(GenerativeBackend):
         self.fail_fast_after = _option(positive_int, "model.fail_fast_after", fail_fast_after)
         self.timeout_s = float(timeout_s)
         if not self.timeout_s > 0:
-            from microbench.models.backbones.base import BackboneError
-
-            raise BackboneError(f"model.timeout_s must be > 0 seconds, got {timeout_s!r}")
+            raise GenerativeBackendError(f"model.timeout_s must be > 0 seconds, got {timeout_s!r}")
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.gen = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed}
         self.logprobs, self.top_logprobs, self.image_detail = logprobs, top_logprobs, image_detail
@@ -344,9 +342,7 @@ class OpenAICompatibleBackend(GenerativeBackend):
         if bar is not None:
             bar.close()
         if state["unreachable"]:
-            from microbench.models.backbones.base import BackboneError
-
-            raise BackboneError(f"cannot reach the chat-completions server at {self.base_url} "
+            raise GenerativeBackendError(f"cannot reach the chat-completions server at {self.base_url} "
                                 f"({state['unreachable']}): start it (e.g. vllm serve <model>) or set "
                                 f"model.base_url; the {len(self.cache)} answers cached so far are kept")
         if state["abort"]:
@@ -482,12 +478,10 @@ class HFVisionBackend(GenerativeBackend):
                 model, revision=revision, cache_dir=hf_cache_dir, dtype=getattr(torch, dtype),
                 trust_remote_code=trust_remote_code).to(self.device).eval()
         except Exception as err:  # noqa: BLE001 - one clear line
-            from microbench.models.backbones.base import BackboneError
-
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             where = (f"; the Hub is unreachable ({hub_down}), so only the local HF cache was tried: download it once "
                      "on a machine with internet, or pass a local folder") if hub_down else ""
-            raise BackboneError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}"
+            raise GenerativeBackendError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}"
                                 f"{where}") from err
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
@@ -495,9 +489,7 @@ class HFVisionBackend(GenerativeBackend):
         self.revision, self.dtype, self.batch_size, self.max_new_tokens = revision, dtype, batch_size, max_new_tokens
         self.max_length = max_length
         if max_new_tokens is None and max_length is None:
-            from microbench.models.backbones.base import BackboneError
-
-            raise BackboneError("set model.max_new_tokens or model.max_length (the official CogVLM setting is "
+            raise GenerativeBackendError("set model.max_new_tokens or model.max_length (the official CogVLM setting is "
                                 "max_length=1900, PaliGemma max_new_tokens=100)")
 
     @property
@@ -599,13 +591,11 @@ def build_generative_backend(backend: str = "openai", **kwargs) -> GenerativeBac
     """Hydra target of ``configs/model/openai_compatible.yaml`` / ``hf_vlm.yaml``."""
     import inspect
 
-    from microbench.models.backbones.base import BackboneError
-
     if backend not in BACKENDS:
-        raise BackboneError(f"generative backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        raise GenerativeBackendError(f"generative backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     kwargs.pop("kind", None)
     known = set(inspect.signature(BACKENDS[backend]).parameters)
     unknown = sorted(set(kwargs) - known)
     if unknown:  # a typo in model.<key> must not be silently ignored
-        raise BackboneError(f"unknown option(s) {unknown} for the {backend} backend; known: {sorted(known)}")
+        raise GenerativeBackendError(f"unknown option(s) {unknown} for the {backend} backend; known: {sorted(known)}")
     return BACKENDS[backend](**kwargs)

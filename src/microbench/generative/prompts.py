@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import string
 
+from microbench.errors import UserError
+
 LETTERS = string.ascii_uppercase
 OFFICIAL_INSTRUCTION = "Answer with a single letter, no extra details."
 #: MicroVQA's ``eval/eval.py`` ``PROMPT_TEMPLATE``, byte for byte (note the space before the first newline, the blank
@@ -78,7 +80,7 @@ def build_prompt(style: str, question: str, options: list[str]) -> str:
         return official_prompt(question, options)
     if style == "microvqa":
         return microvqa_prompt(question, options)
-    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    raise UserError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
 
 
 def judge(style: str, response: object, gold_idx: int, options: list[str]) -> tuple[int, bool]:

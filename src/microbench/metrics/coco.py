@@ -13,6 +13,8 @@ import io
 
 import numpy as np
 
+from microbench.errors import UserError
+
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR_max",
               "AR_small", "AR_medium", "AR_large")
 
@@ -28,7 +30,7 @@ def coco_evaluate(ground_truth: dict, detections: list[dict], iou_type: str = "b
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be bbox or segm, got {iou_type!r}")
     if max_dets < 10:
-        raise ValueError(f"max_dets must be >= 10, got {max_dets}")
+        raise UserError(f"max_dets must be >= 10, got {max_dets}")
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
     out: dict = {"n_images": len(ground_truth["images"]), "n_ground_truth": len(ground_truth["annotations"]),
                  "n_detections": len(detections), "max_dets": max_dets}

@@ -28,6 +28,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone, BackboneError
 
 OBJECTIVES = ("ce", "contrastive")
@@ -98,7 +99,7 @@ class FineTuneModule(L.LightningModule):
                  record: dict[str, Any] | None = None) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+            raise UserError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
         if not backbone.has_text:
             raise backbone.no_text_error()
         self.save_hyperparameters(ignore=["backbone"])

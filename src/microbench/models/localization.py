@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microbench import distributed
+from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone, BackboneError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class SimpleFeaturePyramid(nn.Module):
                 stages.append(nn.MaxPool2d(2, 2, ceil_mode=True))
                 in_channels.append(channels)
             else:
-                raise ValueError(f"pyramid scales must be among 4, 2, 1, 0.5; got {s}")
+                raise UserError(f"pyramid scales must be among 4, 2, 1, 0.5; got {s}")
         self.stages = nn.ModuleList(stages)
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
@@ -120,9 +121,9 @@ def build_detector(backbone: Backbone, num_classes: int, head: str = "detection"
     from torchvision.ops import MultiScaleRoIAlign
 
     if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        raise UserError(f"module.head must be one of {HEADS}, got {head!r}")
     if num_classes < 1:
-        raise ValueError("a localization head needs at least one class")
+        raise UserError("a localization head needs at least one class")
     pyramid = SimpleFeaturePyramid(backbone, out_channels, train_backbone=train_backbone)
     px = backbone.pixel_config()
     sizes = tuple((max(4, int(round(anchor_scale * s))),) for s in pyramid.strides)

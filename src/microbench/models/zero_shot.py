@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from microbench import distributed
+from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class ZeroShotScorer(L.LightningModule):
             raise backbone.no_text_error()
         unknown = set(sources) - set(SOURCES)
         if unknown or not sources:
-            raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {list(sources)}")
+            raise UserError(f"sources must be a non-empty subset of {SOURCES}, got {list(sources)}")
         self.backbone = backbone
         self.sources = tuple(sources)
         self.text_batch_size = text_batch_size

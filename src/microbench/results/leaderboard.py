@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from microbench.errors import UserError
 from microbench.results.records import read_json, write_text
 from microbench.results.report import pct
 
@@ -93,7 +94,7 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
     coarse accuracy (models without perception runs last)."""
     runs = find_runs(paths)
     if not runs:
-        raise FileNotFoundError(f"no metrics.json found under {', '.join(map(str, paths))}")
+        raise UserError(f"no metrics.json found under {', '.join(map(str, paths))}")
     entries: dict[tuple, tuple[str, dict, Path]] = {}
     for f in runs:
         rec = read_json(f)

@@ -64,7 +64,7 @@ def this_runs_record(path: Path, run_id: str, trainer=None) -> dict:
     / SLURM), read back only when its ``run_id`` is this run's: a results file of an earlier run in the same folder
     is never presented as this run's. With a ``trainer``, the other ranks take rank 0's run id and wait for it to
     finish writing (no-ops without a process group)."""
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     if trainer is not None:
         run_id = trainer.strategy.broadcast(run_id, src=0)
@@ -100,7 +100,7 @@ def start_run(cfg) -> tuple[float, Path]:
 
 def check_output_dir(path: str | Path) -> Path:
     """Create ``paths.output_dir`` and make sure this run can write there, before any work (one line if not)."""
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     out_dir = Path(path)
     if out_dir.exists() and not out_dir.is_dir():

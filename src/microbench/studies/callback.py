@@ -68,7 +68,7 @@ class ForgettingCallback(L.Callback):
                  "recorded in the checkpoint)", trainer.ckpt_path, self.base_fingerprint)
 
     def _rebuilt_base(self, ckpt_path: str) -> dict:
-        from microbench.run_errors import UserError
+        from microbench.errors import UserError
 
         how = ("run the study on its own: python src/forgetting.py base=<the model preset you fine-tuned> "
                f"finetuned={ckpt_path}, or set forgetting.enabled=false")

@@ -171,7 +171,7 @@ def study_alphas(alphas, extrapolate: bool = False) -> list[float]:
     """The α values of a study, checked: a non-empty list of numbers in [0, 1] (0 and 1 are always added);
     values outside [0, 1] (extrapolation beyond the base or the fine-tuned weights) only with ``extrapolate=true``,
     and the report labels them."""
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     if isinstance(alphas, str | int | float) or alphas is None:
         raise UserError(f"alphas must be a list of numbers, e.g. 'alphas=[0,0.5,1]'; got {alphas!r}")

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from microbench.errors import UserError
+
 StateDict = Mapping[str, torch.Tensor]
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Checkpoints that cannot be merged; the message names the first mismatch."""
 
 

@@ -23,7 +23,7 @@ def base_model_config(base) -> DictConfig:
     (``base=tiny``, which Hydra gives as a plain string)."""
     if not isinstance(base, str):
         return base
-    from microbench.run_errors import UserError
+    from microbench.errors import UserError
 
     folder = Path(__file__).resolve().parents[3] / "configs" / "model"
     presets = sorted(p.stem for p in folder.glob("*.yaml"))

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from microbench.errors import UserError
+
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict (names, shapes, dtypes, values): equal fingerprints mean identical weights."""
@@ -26,7 +28,7 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone cannot be built or used as asked; the message says why and what to do instead."""
 
 

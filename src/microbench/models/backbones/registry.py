@@ -74,12 +74,12 @@ def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     still loads and a missing one fails at once instead of after a minute of retries."""
     import os
 
-    from microbench.data.loading import _hub_offline, _hub_reachable
+    from microbench.data.loading import hub_offline, hub_reachable
 
-    if _hub_offline():
+    if hub_offline():
         return None
     if "down" not in _HUB_STATE:
-        ok, why = _hub_reachable(timeout_s)
+        ok, why = hub_reachable(timeout_s)
         _HUB_STATE["down"] = None if ok else why
         if not ok:
             os.environ["HF_HUB_OFFLINE"] = "1"
