@@ -148,7 +148,7 @@ def test_sweep_equals_separate_evaluations(trained_base):
         assert np.allclose(np.concatenate(got["scores"]), np.concatenate(ref["scores"]), atol=1e-5)
 
 
-def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_path):
+def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_path, capsys):
     bb = build_backbone(preset="tiny")
     ft = _destroyed(trained_base, scale=4.0)
     targets = ["kather_et_al_2016"]
@@ -158,6 +158,8 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
 
     study = run_study(bb, trained_base, ft, make_dm, tmp_path / "study", targets, alphas=[0, 0.5, 1],
                       cache_dir=tmp_path / "cache", n_resamples=999, finetuned_path="destroyed")
+    bars = capsys.readouterr().err  # issue 13 §5: the sweep has a progress bar per split (images × models)
+    assert "forgetting study, val split: 3 models" in bars and "forgetting study, test split: 3 models" in bars
     test = study["splits"]["test"]["models"]
     d = test["finetuned"]["supported/all"]["delta"]
     base_acc = test["base"]["supported/all"]["acc"]["value"]

@@ -248,3 +248,18 @@ def test_small_probe_fits_run_on_one_thread_and_restore_the_setting(monkeypatch)
         assert seen == [2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
+    """Issue 13 §5: the probe experiment ran for 15 minutes without a word."""
+    import logging
+
+    cfg = cfg_train(["experiment=linear_probe", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
+                     f"probe.cache_dir={tmp_path}/c", "probe.seeds=[0]", "probe.shots=[full,1]",
+                     "data.datasets=[acevedo_et_al_2020,kather_et_al_2016]", "probe.weight_decays=[0.001]"])
+    with caplog.at_level(logging.INFO, logger="microbench.training"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("linear probe ")]
+    assert [line.split(":")[0] for line in lines] == ["linear probe 1/2 acevedo_et_al_2020",
+                                                     "linear probe 2/2 kather_et_al_2016"]
+    assert all("full " in line and "1-shot " in line and line.endswith(" s)") for line in lines)
