@@ -436,3 +436,18 @@ def test_the_demo_with_its_forgetting_study_finishes_under_ddp(tmp_path):
     study = json.loads((tmp_path / "ddp" / "forgetting" / "forgetting.json").read_text())
     metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
     assert study["run_id"] and metrics["forgetting"]["chosen_alpha"] == study["selection"]["alpha"]
+
+
+def test_a_csv_row_whose_options_are_not_a_json_list_is_named(tmp_path):
+    from microbench.data.cognition import load_cognition
+    from microbench.data.loading import MicroBenchDataError
+
+    root = _cognition_copy(tmp_path)
+    rows = _jsonl(root / "questions.jsonl")[:3]
+    frame = pd.DataFrame([{**r, "options": json.dumps(r["options"]) if i != 1 else "A;B"} for i, r in enumerate(rows)])
+    frame.to_csv(root / "q.csv", index=False)
+    with pytest.raises(MicroBenchDataError, match=r"q.csv row 2: options 'A;B' is not a JSON list"):
+        load_cognition(str(root / "q.csv"))
+    frame.assign(options=[json.dumps(r["options"]) for r in rows]).to_csv(root / "ok.csv", index=False)
+    items = load_cognition(str(root / "ok.csv"))
+    assert items.frame["options"].tolist() == [r["options"] for r in rows] and items.frame["valid"].all()

@@ -231,14 +231,14 @@ def read_table(path: str | Path) -> CognitionItems:
     elif path.suffix == ".csv":
         frame = pd.read_csv(path)
         if "options" in frame:
-            def parse(v, n=[0]):  # noqa: B006 - the row counter of this column
-                n[0] += 1
+            parsed = []
+            for n, v in enumerate(frame["options"], 1):  # a row whose options are not a JSON list: named
                 try:
-                    return json.loads(v) if isinstance(v, str) else v
+                    parsed.append(json.loads(v) if isinstance(v, str) else v)
                 except json.JSONDecodeError as err:
-                    raise MicroBenchDataError(f"{path} row {n[0]}: options {v[:60]!r} is not a JSON list "
+                    raise MicroBenchDataError(f"{path} row {n}: options {v[:60]!r} is not a JSON list "
                                               "(e.g. [\"A\", \"B\"])") from err
-            frame["options"] = frame["options"].map(parse)
+            frame["options"] = parsed
     elif path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:

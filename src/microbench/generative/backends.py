@@ -216,8 +216,9 @@ class GenerativeBackend:
         model name, endpoint, key, a model that cannot run, a proxy answering HTML) is a configuration error, not
         an accuracy of 0: one clear error. Single failures are counted and scored wrong."""
         if results and all(r.text is None for r in results):
-            raise GenerativeBackendError(f"{self.name}: all {len(results)} requests failed, e.g. {results[0].error!r}; check "
-                                "the model name, base_url, API key and server logs")
+            raise GenerativeBackendError(f"{self.name}: all {len(results)} requests failed, e.g. "
+                                         f"{results[0].error!r}; check the model name, base_url, API key and server "
+                                         "logs")
         return list(results)
 
     def fail_fast_error(self, n_failed: int, n_total: int, example: str):
@@ -343,8 +344,8 @@ class OpenAICompatibleBackend(GenerativeBackend):
             bar.close()
         if state["unreachable"]:
             raise GenerativeBackendError(f"cannot reach the chat-completions server at {self.base_url} "
-                                f"({state['unreachable']}): start it (e.g. vllm serve <model>) or set "
-                                f"model.base_url; the {len(self.cache)} answers cached so far are kept")
+                                         f"({state['unreachable']}): start it (e.g. vllm serve <model>) or set "
+                                         f"model.base_url; the {len(self.cache)} answers cached so far are kept")
         if state["abort"]:
             raise self.fail_fast_error(state["failed"], len(requests), state["abort"])
         return list(results)
@@ -482,7 +483,7 @@ class HFVisionBackend(GenerativeBackend):
             where = (f"; the Hub is unreachable ({hub_down}), so only the local HF cache was tried: download it once "
                      "on a machine with internet, or pass a local folder") if hub_down else ""
             raise GenerativeBackendError(f"cannot load vision-language model {model!r}@{revision or 'main'}: {reason}"
-                                f"{where}") from err
+                                         f"{where}") from err
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
@@ -490,7 +491,7 @@ class HFVisionBackend(GenerativeBackend):
         self.max_length = max_length
         if max_new_tokens is None and max_length is None:
             raise GenerativeBackendError("set model.max_new_tokens or model.max_length (the official CogVLM setting is "
-                                "max_length=1900, PaliGemma max_new_tokens=100)")
+                                         "max_length=1900, PaliGemma max_new_tokens=100)")
 
     @property
     def params(self) -> dict:
