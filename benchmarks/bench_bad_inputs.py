@@ -342,7 +342,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bad_inputs.json")
     args = ap.parse_args()
     from microbench.generative.loopback import ScriptedChatServer
-    from microbench.results.records import write_json
+    from microbench.results.io import write_json
 
     work = Path(tempfile.mkdtemp(prefix="mb-bad-inputs-"))
     t0 = time.perf_counter()

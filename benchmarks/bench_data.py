@@ -30,7 +30,7 @@ from microbench.data.datamodule import PerceptionDataModule  # noqa: E402
 from microbench.data.loading import load_ubench  # noqa: E402
 from microbench.data.questions import build_question_table  # noqa: E402
 from microbench.data.sample import sample_features, write_hub_layout  # noqa: E402
-from microbench.results.records import write_json  # noqa: E402
+from microbench.results.io import write_json  # noqa: E402
 
 
 def _status(field: str) -> int:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from microbench.data.datamodule import PerceptionDataModule  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.zero_shot import ZeroShotScorer  # noqa: E402
-from microbench.results.records import write_json  # noqa: E402
+from microbench.results.io import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from bench_data import scaled_copy  # noqa: E402
 from microbench.data import datamodule as dmod  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.zero_shot import ZeroShotScorer  # noqa: E402
-from microbench.results.records import write_json  # noqa: E402
+from microbench.results.io import write_json  # noqa: E402
 from microbench.studies.merging import wise_ft  # noqa: E402
 from microbench.studies.sweep import InterpolationScorer  # noqa: E402
 

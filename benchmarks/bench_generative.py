@@ -26,7 +26,7 @@ from microbench.data.questions import build_question_table  # noqa: E402
 from microbench.generative.backends import OpenAICompatibleBackend  # noqa: E402
 from microbench.generative.harness import run_generative  # noqa: E402
 from microbench.generative.loopback import ScriptedChatServer  # noqa: E402
-from microbench.results.records import write_json  # noqa: E402
+from microbench.results.io import write_json  # noqa: E402
 
 
 def main() -> int:

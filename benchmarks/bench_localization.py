@@ -20,7 +20,7 @@ import numpy as np
 from microbench.data.localization import LocImage, coco_ground_truth
 from microbench.metrics.coco import coco_evaluate
 from microbench.metrics.localization import coco_detections, encode_masks, grit_metrics, grit_table
-from microbench.results.records import write_json
+from microbench.results.io import write_json
 
 CLASSES = ["nucleus", "cell", "mitochondria"]
 

@@ -29,7 +29,7 @@ from microbench.data.labelled import LabelledDataModule  # noqa: E402
 from microbench.models.backbones import build_backbone  # noqa: E402
 from microbench.models.finetune import FineTuneModule  # noqa: E402
 from microbench.models.linear_probe import ProbeData, sweep  # noqa: E402
-from microbench.results.records import write_json  # noqa: E402
+from microbench.results.io import write_json  # noqa: E402
 
 
 class _Timer(L.Callback):
@@ -98,7 +98,7 @@ def plain_steps(model_name: str, batch: dict, steps: int, warmup: int) -> float:
 def probe_sweep_seconds() -> dict:
     """Cached features of the sample's largest dataset through the tiny model, then the full sweep."""
     from microbench.data.datamodule import PerceptionDataModule
-    from microbench.features import compute_image_features
+    from microbench.models.features import compute_image_features
 
     bb = build_backbone(preset="tiny")
     dm = PerceptionDataModule("sample", transform=bb.preprocess, datasets=["acevedo_et_al_2020"])

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -28,27 +26,12 @@ set_project_root(__file__)
 def main(cfg: DictConfig) -> None:
     setup_console()
     from microbench.errors import exit_on_user_error
-    from microbench.evaluate import evaluate
+    from microbench.results.report import summary
+    from microbench.tasks.registry import evaluate
 
     with exit_on_user_error():
         record, _ = evaluate(cfg)
-    print(f"results: {Path(cfg.paths.output_dir).resolve()}/results.md")
-    if record.get("task") == "cognition":
-        m = record["headline"]["cognition"]
-        print(f"{record['model']['name']} [cognition] {100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})")
-        return
-    if record.get("task") == "localization":
-        fmt = lambda m: f"{100 * m['value']:.2f}" if m and m.get("value") is not None else "n/a"  # noqa: E731
-        print(f"{record['model']['name']} [{record['head']}] " + ", ".join(
-            f"{k} {fmt(v)}" for k, v in record["headline"].items()))
-        return
-    for source, head in record["headline"].items():
-        coarse, fine = head.get("coarse"), head.get("fine")
-        fmt = lambda m: f"{100 * m['value']:.2f} ± {100 * m['ci']:.2f} (n={m['n']})" if m else "n/a"  # noqa: E731
-        print(f"{record['model']['name']} [{source}] coarse {fmt(coarse)} | fine {fmt(fine)}")
-        for grain in (record.get("headline_coverage") or {}).get(source, {}).values():
-            if grain["note"]:
-                print(f"  note: {grain['note']}")
+    print("\n".join(summary(record)))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -21,17 +19,12 @@ set_project_root(__file__)
 def main(cfg: DictConfig) -> None:
     setup_console()
     from microbench.errors import exit_on_user_error
-    from microbench.studies.run import forgetting
+    from microbench.results.report import summary
+    from microbench.tasks.registry import forgetting
 
     with exit_on_user_error():
-        study, _ = forgetting(cfg)
-    out = Path(cfg.paths.output_dir).resolve()
-    chosen = study["chosen_test"]
-    ft = study["splits"]["test"]["models"]["finetuned"]
-    print(f"fine-tuned: target fine {100 * ft['target/fine']['acc']['value']:.2f}, supported "
-          f"{100 * ft['supported/all']['acc']['value']:.2f} | chosen α={study['selection']['alpha']:.2f}: target fine "
-          f"{100 * chosen['target/fine']['acc']['value']:.2f}, supported {100 * chosen['supported/all']['acc']['value']:.2f}")
-    print(f"report: {out}/forgetting.md (plots: alpha_sweep.png, dataset_deltas.png)")
+        record, _ = forgetting(cfg)
+    print("\n".join(summary(record)))
 
 
 if __name__ == "__main__":

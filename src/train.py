@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -25,28 +23,12 @@ set_project_root(__file__)
 def main(cfg: DictConfig) -> None:
     setup_console()
     from microbench.errors import exit_on_user_error
-    from microbench.training import train
+    from microbench.results.report import summary
+    from microbench.tasks.registry import train
 
     with exit_on_user_error():
-        metrics, _ = train(cfg)
-    out = Path(cfg.paths.output_dir).resolve()
-    if cfg.get("task", "finetune") == "finetune":
-        test = metrics.get("test", {})
-        print(f"test accuracy {test.get('test/acc', float('nan')):.4f}, balanced {test.get('test/balanced_acc', float('nan')):.4f}"
-              f" | best checkpoint: {metrics.get('best_checkpoint')}")
-        print(f"results: {out}/train_metrics.json, in-domain zero-shot: {out}/in_domain/results.md")
-        if "forgetting" in metrics:
-            f = metrics["forgetting"]
-            print(f"forgetting report: {f['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
-                  f"{f['chosen_alpha']:.2f})")
-    elif cfg.get("task") == "localization":
-        test = metrics.get("test", {})
-        fmt = lambda v: f"{100 * v:.2f}" if v is not None else "n/a"  # noqa: E731
-        print("test " + ", ".join(f"{k} {fmt(v)}" for k, v in test.items())
-              + f" | best checkpoint: {metrics.get('best_checkpoint')}")
-        print(f"results: {out}/results.md")
-    else:
-        print(f"results: {out}/linear_probe.md")
+        record, _ = train(cfg)
+    print("\n".join(summary(record)))
 
 
 if __name__ == "__main__":

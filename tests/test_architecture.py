@@ -66,3 +66,143 @@ def test_tests_compose_configs_through_the_shared_fixtures():
             continue
         text = f.read_text()
         assert "initialize_config_dir" not in text, f"{f.name} composes configs itself: use cfg_eval/cfg_train/..."
+
+
+# --- the task layer (issue 14) ------------------------------------------------------------------------------------
+
+def _imports(name: str, tree: ast.Module, modules: set[str]) -> set[str]:
+    """The microbench modules ``name`` imports anywhere in its source (functions included)."""
+    package = name if name in {m for m in modules if (SRC / Path(*m.split(".")[1:]) / "__init__.py").exists()} \
+        else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, tree, set(modules)) for name, tree in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_between_modules_counting_imports_inside_functions():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the checker works
+    assert _cycles(_graph()) == []
+
+
+def test_nothing_below_the_task_layer_imports_it():
+    graph = _graph()
+    bad = [f"{m} imports {t}" for m, deps in graph.items() if not m.startswith("microbench.tasks")
+           for t in deps if t.startswith("microbench.tasks")]
+    assert not bad, bad
+    for name in ("evaluate", "training", "generative_tasks", "localization_tasks", "loggers"):
+        assert not (SRC / f"{name}.py").exists(), f"{name}.py is a task file outside tasks/"
+    assert not (SRC / "studies" / "run.py").exists()
+    tasks = {m.rsplit(".", 1)[1] for m in graph if m.startswith("microbench.tasks.")}
+    assert {"perception", "cognition", "localization", "finetune", "linear_probe", "forgetting", "registry",
+            "trainer", "records"} <= tasks
+
+
+def test_only_the_task_layer_reads_hydra_configs():
+    allowed = {"microbench.data.config", "microbench.entry"}
+    bad = []
+    for name, tree in _modules().items():
+        if name.startswith("microbench.tasks") or name in allowed:
+            continue
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{name}: {m}" for m in mods if m.split(".")[0] in ("hydra", "omegaconf")]
+    assert not bad, bad
+
+
+#: underscore attributes read on objects other than ``self``: third-party internals only, never microbench's
+THIRD_PARTY_PRIVATE = {"_fingerprint",  # datasets.Dataset's content hash (data/cognition.py)
+                       "_version",  # torch.Tensor's in-place version counter (models/backbones/base.py)
+                       "_foreach_copy_", "_foreach_lerp_",  # torch's fused list ops (studies/sweep.py)
+                       "_target_"}  # a Hydra config key
+
+
+def test_no_private_attribute_crosses_a_module():
+    seen = set()
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                seen.add((node.attr, name))
+    assert {attr for attr, _ in seen} <= THIRD_PARTY_PRIVATE, sorted(a for a in seen if a[0] not in
+                                                                      THIRD_PARTY_PRIVATE)
+
+
+def test_the_entry_points_print_one_summary_for_every_task():
+    for entry in ("eval.py", "train.py", "forgetting.py"):
+        tree = ast.parse((REPO / "src" / entry).read_text())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        assert not [n for n in ast.walk(main) if isinstance(n, ast.If)], f"{entry}: a per-task branch"
+        prints = [ast.unparse(n) for n in ast.walk(main) if isinstance(n, ast.Call) and
+                  getattr(n.func, "id", None) == "print"]
+        assert prints == ["print('\\n'.join(summary(record)))"], prints
+
+
+def test_every_built_model_config_has_a_target_and_no_overloaded_kind():
+    import yaml
+
+    for f in sorted((REPO / "configs" / "model").glob("*.yaml")):
+        cfg = yaml.safe_load(f.read_text())
+        chain = [cfg]
+        while "_target_" not in chain[-1] and chain[-1].get("defaults"):
+            parent = chain[-1]["defaults"][0]
+            chain.append(yaml.safe_load((REPO / "configs" / "model" / f"{parent}.yaml").read_text()))
+        assert "_target_" in chain[-1], f"{f.name} builds nothing: no _target_"
+        assert cfg.get("kind") in (None, "open_clip", "hf", "timm"), f"{f.name}: kind={cfg.get('kind')} is not an adapter"
+
+
+def test_checkpoint_folders_are_configured_where_the_callbacks_are():
+    import yaml
+
+    cb = yaml.safe_load((REPO / "configs" / "callbacks" / "default.yaml").read_text())
+    assert cb["model_checkpoint"]["dirpath"] == cb["last_checkpoint"]["dirpath"] == "${checkpoint_dir}"
+    for f in (SRC / "tasks").glob("*.py"):  # no keyword argument dirpath=... in code
+        calls = [k for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call) for k in n.keywords]
+        assert "dirpath" not in {k.arg for k in calls}, f"{f.name} injects a checkpoint folder by name"

@@ -38,7 +38,8 @@ def test_a_demo_prints_the_forgetting_report_line_once_at_the_end(tmp_path):
     out = (res.stdout + res.stderr).splitlines()
     assert sum("forgetting report" in line for line in out) == 1
     assert res.stdout.strip().splitlines()[-1].startswith("forgetting report: ")
-    assert res.stdout.index("test accuracy") < res.stdout.index("forgetting report")
+    assert res.stdout.index("microbench-tiny [test] acc ") < res.stdout.index("forgetting report")
+    assert "best checkpoint: " in res.stdout and "in-domain zero-shot: " in res.stdout
     assert sum("GPU available" in line for line in res.stdout.splitlines()) <= 1  # 4 Trainers, said once
 
 

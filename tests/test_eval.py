@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, write_raw_hub_copy
-from microbench.evaluate import evaluate
 from microbench.results.leaderboard import build_leaderboard
+from microbench.tasks.registry import evaluate
 
 PRED_COLUMNS = {"row_idx", "image_id", "dataset", "source", "key", "question_type", "variant", "gold_idx",
                 "pred_idx", "correct", "scores", "n_options"}

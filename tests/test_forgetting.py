@@ -187,16 +187,19 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
 
 def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgetting):
     """train (demo settings, short) → src/forgetting.py on its last checkpoint."""
-    from microbench.studies.run import forgetting
-    from microbench.training import train
+    from microbench.tasks.registry import forgetting, train
 
     metrics, _ = train(cfg_train([
         "experiment=demo", "trainer.max_epochs=3", "forgetting.enabled=false", "eval_in_domain=false",
         f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"]))
-    study, _ = forgetting(cfg_forgetting([
+    record, objects = forgetting(cfg_forgetting([
         f"finetuned={metrics['last_checkpoint']}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
         f"paths.output_dir={tmp_path / 'study'}", f"result_cache={tmp_path / 'cache'}"]))
+    study = objects["study"]
     assert study["target_datasets"] == ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
+    assert record.task == "forgetting" and record["chosen_alpha"] == study["selection"]["alpha"]
+    assert record.headline["fine-tuned/supported"] == study["splits"]["test"]["models"]["finetuned"]["supported/all"][
+        "acc"]
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
     assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "ce"
     assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()

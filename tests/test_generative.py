@@ -289,8 +289,8 @@ def test_microvqa_adapter_on_a_fixture(tmp_path):
 # --- end to end: python src/eval.py task=cognition / generative perception, one leaderboard -------------------
 
 def test_cognition_and_generative_perception_end_to_end_into_one_leaderboard(tmp_path, cfg_eval):
-    from microbench.evaluate import evaluate
     from microbench.results.leaderboard import build_leaderboard
+    from microbench.tasks.registry import evaluate
 
     def reply(body):  # answers the gold letter of cognition questions about pathology images, else "A"
         text = body["messages"][0]["content"][-1]["text"]
@@ -395,7 +395,7 @@ def test_hf_backend_on_a_tiny_random_llava(tmp_path):
 
 
 def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path, cfg_eval):
-    from microbench.evaluate import evaluate
+    from microbench.tasks.registry import evaluate
 
     path = _microvqa_fixture(tmp_path / "microvqa")
     with ScriptedChatServer(reply=lambda body: "Step by step... so the answer is (2)") as srv:

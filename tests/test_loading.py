@@ -226,8 +226,8 @@ def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature
     import copy
 
     from microbench.data.datamodule import PerceptionDataModule
-    from microbench.features import FeatureCache
     from microbench.models.backbones import build_backbone
+    from microbench.models.features import FeatureCache
 
     rows = [copy.deepcopy(r) for r in sample_rows[:12]]
     a = write_raw_hub_copy(rows, tmp_path / "a", n_shards=1)

@@ -255,10 +255,8 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
     import lightning as L
     from hydra.utils import instantiate
 
-    from microbench.evaluate import evaluate
-    from microbench.localization_tasks import _make_module
     from microbench.results.leaderboard import build_leaderboard
-    from microbench.training import train
+    from microbench.tasks.registry import evaluate, train
 
     common = ["experiment=detect_nuclei", "trainer.max_epochs=12", "+trainer.enable_progress_bar=false",
               "logger=csv"]
@@ -267,7 +265,8 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
     L.seed_everything(0)
     dm = instantiate(cfg.data)
     dm.setup()
-    untrained = _make_module(cfg, instantiate(cfg.model), dm, {})
+    untrained = instantiate(cfg.module)(backbone=instantiate(cfg.model), class_names=dm.class_names, record={},
+                                        seed=int(cfg.seed))
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
         untrained, datamodule=dm, verbose=False)
     before = untrained.last_scores["test"]
@@ -314,8 +313,7 @@ def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
 
 
 def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_path, cfg_train, cfg_forgetting):
-    from microbench.studies.run import forgetting
-    from microbench.training import train
+    from microbench.tasks.registry import forgetting, train
 
     cfg = cfg_train(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
                     "module.freeze_backbone=false", "forgetting.enabled=true", "forgetting.alphas=[0,0.5,1]",
@@ -348,7 +346,7 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
                      f"paths.output_dir={tmp_path / 'study'}"])
     LocalizationDataset.__getitem__ = counting
     try:
-        study2, _ = forgetting(fcfg)
+        study2 = forgetting(fcfg)[1]["study"]
     finally:
         LocalizationDataset.__getitem__ = original
     dm = objs["datamodule"]
@@ -361,8 +359,8 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
 def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path, cfg_eval):
     """One 'Detect {className}' question per (image, class), Qwen boxes parsed, GRIT per dataset/class."""
     from microbench.data.localization import LocalizationDataModule
-    from microbench.evaluate import evaluate
     from microbench.generative.loopback import ScriptedChatServer
+    from microbench.tasks.registry import evaluate
 
     def reply(body):
         prompt = body["messages"][0]["content"][-1]["text"]
@@ -391,8 +389,7 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
 
 
 def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_path, cfg_eval, cfg_train):
-    from microbench.evaluate import evaluate
-    from microbench.training import train
+    from microbench.tasks.registry import evaluate, train
 
     cfg = cfg_train(["experiment=segment_cells", "trainer.max_epochs=3", "+trainer.enable_progress_bar=false",
                     "data.classes=[gland,cell]", f"paths.output_dir={tmp_path / 'train'}",
@@ -414,9 +411,9 @@ def test_localization_eval_under_ddp_equals_one_process(tmp_path, cfg_eval):
     import torch
 
     from microbench.data.localization import LocalizationDataModule
-    from microbench.evaluate import evaluate
     from microbench.models.backbones.open_clip_backbone import OpenClipBackbone
     from microbench.models.localization import LocalizationModule
+    from microbench.tasks.registry import evaluate
 
     dm = LocalizationDataModule(classes=["nucleus", "H2B-mCherry"])
     dm.setup()

@@ -15,11 +15,11 @@ import pytest
 
 from conftest import REPO, png_bytes
 from microbench.data.cognition import load_cognition
-from microbench.evaluate import evaluate
 from microbench.generative.boxes import parse_qwen_boxes, score_box_answers
 from microbench.generative.harness import random_cognition
 from microbench.generative.prompts import microvqa_prompt
 from microbench.metrics.grit import localization_score
+from microbench.tasks.registry import evaluate
 
 # --- 1. cognition images at cognition/<split>/<name> -------------------------------------------------------------
 

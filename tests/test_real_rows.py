@@ -105,8 +105,8 @@ def test_every_real_item_is_read_named_and_has_its_real_gold(real_copy):
 
 
 def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_protocol(real_copy, tmp_path, cfg_eval):
-    from microbench.evaluate import evaluate
     from microbench.generative.loopback import ScriptedChatServer
+    from microbench.tasks.registry import evaluate
 
     real, root = real_copy
     gold = {}  # prompt -> real gold letter, built from the real rows alone
@@ -139,7 +139,7 @@ def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_p
 def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_copy, tmp_path, caplog, cfg_eval):
     """The real rows carry only ``_0`` caption variants: the headline (``_1``) vanishes, and the log, the console
     summary and results.md say why, with the counts."""
-    from microbench.evaluate import evaluate
+    from microbench.tasks.registry import evaluate
 
     _, root = real_copy
     with caplog.at_level(logging.WARNING):
@@ -155,7 +155,7 @@ def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_co
 
 
 def test_rows_sharing_an_image_id_with_different_pixels_are_each_scored_on_their_own_image(sample_rows, tmp_path, cfg_eval):
-    from microbench.evaluate import evaluate
+    from microbench.tasks.registry import evaluate
 
     rows = [copy.deepcopy(r) for r in sample_rows if r["dataset"] == "kather_et_al_2016"][:6]
     distinct = write_raw_hub_copy(rows, tmp_path / "distinct", n_shards=1)

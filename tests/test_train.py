@@ -12,11 +12,11 @@ import torch
 
 from conftest import REPO
 from microbench.data.labelled import LabelledDataModule
-from microbench.features import FeatureCache, feature_key
 from microbench.models.backbones import build_backbone
+from microbench.models.features import FeatureCache, feature_key
 from microbench.models.finetune import FineTuneModule
 from microbench.models.linear_probe import LinearProbeModule, ProbeData, kshot_indices, sweep
-from microbench.training import train
+from microbench.tasks.registry import train
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 PATHOLOGY = ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
@@ -257,7 +257,7 @@ def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
     cfg = cfg_train(["experiment=linear_probe", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
                      f"probe.cache_dir={tmp_path}/c", "probe.seeds=[0]", "probe.shots=[full,1]",
                      "data.datasets=[acevedo_et_al_2020,kather_et_al_2016]", "probe.weight_decays=[0.001]"])
-    with caplog.at_level(logging.INFO, logger="microbench.training"):
+    with caplog.at_level(logging.INFO, logger="microbench.tasks.linear_probe"):
         train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("linear probe ")]
     assert [line.split(":")[0] for line in lines] == ["linear probe 1/2 acevedo_et_al_2020",

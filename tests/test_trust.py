@@ -27,14 +27,14 @@ FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+
 
 def _task(name: str):
     if name == "eval":
-        from microbench.evaluate import evaluate
+        from microbench.tasks.registry import evaluate
 
         return evaluate
     if name == "train":
-        from microbench.training import train
+        from microbench.tasks.registry import train
 
         return train
-    from microbench.studies.run import forgetting
+    from microbench.tasks.registry import forgetting
 
     return forgetting
 
@@ -79,7 +79,7 @@ def test_an_empty_split_is_an_error_and_never_shows_an_earlier_runs_numbers(tmp_
 
 def test_a_record_left_by_another_run_is_never_read_back_as_this_runs(tmp_path):
     from microbench.errors import UserError
-    from microbench.results.records import this_runs_record, write_json
+    from microbench.results.io import this_runs_record, write_json
 
     write_json(tmp_path / "metrics.json", {"run_id": "an-earlier-run", "headline": {"captions": {}}})
     with pytest.raises(UserError, match="this run wrote no results"):
@@ -202,7 +202,12 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_one_line_before_any_work(
     import microbench.models.backbones as backbones
 
     built = []
-    monkeypatch.setattr(backbones, "build_backbone", lambda *a, **k: built.append(1))
+
+    def build(*a, **k):
+        built.append(1)
+
+    build.family = "contrastive"  # what the registry reads from model._target_ without building
+    monkeypatch.setattr(backbones, "build_backbone", build)
     (tmp_path / "file").write_text("x")
     one_line_error("eval", [f"paths.output_dir={tmp_path / 'file'}"], capsys, "is a file, not a folder")
     one_line_error("train", ["experiment=demo", f"paths.output_dir={tmp_path / 'file' / 'sub'}"], capsys,
@@ -216,7 +221,12 @@ def test_a_data_path_typo_fails_before_the_model_is_built(tmp_path, capsys, monk
     import microbench.models.backbones as backbones
 
     built = []
-    monkeypatch.setattr(backbones, "build_backbone", lambda *a, **k: built.append(1))
+
+    def build(*a, **k):
+        built.append(1)
+
+    build.family = "contrastive"  # what the registry reads from model._target_ without building
+    monkeypatch.setattr(backbones, "build_backbone", build)
     for name, extra in (("eval", []), ("train", ["experiment=demo"]),
                         ("forgetting", ["finetuned=x.ckpt"])):
         one_line_error(name, [*extra, "data.path=/data/ubnech", f"paths.output_dir={tmp_path}"], capsys,
@@ -350,7 +360,7 @@ def test_wandb_without_a_login_or_an_offline_mode_says_how(tmp_path, capsys, mon
     one_line_error("train", ["experiment=demo", "logger=wandb", f"paths.output_dir={tmp_path}"], capsys,
                    "wandb login")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    from microbench.loggers import check_loggers
+    from microbench.tasks.trainer import check_loggers
 
     check_loggers(compose_config("eval", ["logger=wandb", f"paths.output_dir={tmp_path}"]))  # offline: fine
 

@@ -88,7 +88,7 @@ def _grit(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from microbench.generative.boxes import score_box_answers
-    from microbench.results.records import write_json
+    from microbench.results.io import write_json
 
     path = Path(args.answers)
     if not path.is_file():

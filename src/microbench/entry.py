@@ -27,7 +27,7 @@ def preflight_output_dir(argv: list[str]) -> None:
     value = run_dir(argv[1:], "")
     if not value or "${" in value:
         return
-    from microbench.results.records import check_output_dir
+    from microbench.results.io import check_output_dir
 
     try:
         check_output_dir(value)

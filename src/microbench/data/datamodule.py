@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -205,6 +206,16 @@ class SplitLoaders:
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.split, train=False)
 
+    def encoded_image(self, row: int) -> list[bytes]:
+        """The image of dataset row ``row`` as stored (PNG/JPEG bytes, never decoded): what a generative model is
+        sent. Needs ``setup()``."""
+        if getattr(self, "_encoded", None) is None:
+            from datasets import Image
+
+            self._encoded = self.hf.cast_column("image", Image(decode=False))
+        value = self._encoded[int(row)]["image"]
+        return [value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()]
+
 
 class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
     """μ-Bench perception as unique images with their rows and questions.
@@ -328,6 +339,10 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,
             persistent_workers=False, drop_last=False,
         )
+
+    def image_loader(self, split: str) -> DataLoader:
+        """Every unique image of ``split`` once, with the evaluation transform (features, studies)."""
+        return self._loader(split, train=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.split, train=False)

@@ -166,6 +166,7 @@ class GenerativeBackend:
     """Shared by the backends: the cache, the counters and the run-level bookkeeping."""
 
     kind = "generative"
+    family = "generative"  # what the task registry dispatches on (microbench.tasks.registry)
 
     def __init__(self, model: str, cache_dir: str | Path | None = None, blind: bool = False,
                  prompt: str = "official") -> None:
@@ -600,3 +601,6 @@ def build_generative_backend(backend: str = "openai", **kwargs) -> GenerativeBac
     if unknown:  # a typo in model.<key> must not be silently ignored
         raise GenerativeBackendError(f"unknown option(s) {unknown} for the {backend} backend; known: {sorted(known)}")
     return BACKENDS[backend](**kwargs)
+
+
+build_generative_backend.family = "generative"  # read by microbench.tasks without building

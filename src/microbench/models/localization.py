@@ -231,6 +231,7 @@ class LocalizationModule(L.LightningModule):
                                        rpn_proposals=rpn_proposals, representation_size=representation_size,
                                        roi_samples=roi_samples)
         self.on_scored = on_scored
+        self.last_predictions: dict | None = None
         self._outputs: dict[str, list] = {"val": [], "test": []}
         self._failed: list[str] = []
         self.last_scores: dict[str, dict] = {}
@@ -326,7 +327,7 @@ class LocalizationModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return None
         preds = {r["index"]: r for part, _ in gathered for r in part}
-        self._last_preds = preds
+        self.last_predictions = preds  # of the last scored split (COCO detections file)
         result = self.score_predictions(preds, self.trainer.datamodule.images(split))
         result["failed_images"] = [e for _, errs in gathered for e in errs]
         return result
@@ -368,12 +369,11 @@ class LocalizationModule(L.LightningModule):
             self.on_scored(result, self)
 
 
-def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None, map_location: str = "cpu"):
+def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None, map_location: str = "cpu",
+                             build_backbone: Callable[[dict], Backbone] | None = None):
     """Rebuild a :class:`LocalizationModule` from a checkpoint written by ``src/train.py task=localization`` (a
-    path, or the checkpoint already loaded). The backbone is re-created from the recorded model config unless one
-    is given."""
-    from hydra.utils import instantiate
-
+    path, or the checkpoint already loaded). The backbone is ``backbone``, or ``build_backbone(model_config)`` of
+    the model config the checkpoint records (the task layer passes its model builder)."""
     from microbench.checkpoints import checkpoint_kind, read_checkpoint
 
     hint = "pass checkpoint=<a .ckpt of python src/train.py task=localization (e.g. experiment=detect_nuclei)>"
@@ -391,7 +391,9 @@ def detector_from_checkpoint(path: str | dict, backbone: Backbone | None = None,
         model_cfg = (hp.get("record") or {}).get("model_config")
         if not model_cfg:
             raise BackboneError(f"{path} does not record how to build its backbone; pass model=<preset>")
-        backbone = instantiate(model_cfg)
+        if build_backbone is None:
+            raise BackboneError(f"{path}: pass the backbone or a builder for its recorded model config")
+        backbone = build_backbone(model_cfg)
     module = LocalizationModule(backbone, **{k: v for k, v in hp.items() if k not in ("on_scored",)})
     if not isinstance(ckpt.get("state_dict"), dict):
         raise BackboneError(f"{path} has no state_dict: {hint}")

@@ -137,6 +137,22 @@ def random_draws(items: pd.DataFrame, seed: int = 42) -> list[list[int]]:
     return out
 
 
+class RandomBaseline:
+    """The official Random model (``configs/model/random.yaml``): each item's options shuffled with
+    ``random.seed(seed)``, the first one predicted (:func:`random_baseline`; cognition:
+    :func:`microbench.generative.harness.random_cognition`). No weights, no images."""
+
+    family = "random"
+
+    def __init__(self, seed: int = 42) -> None:
+        self.seed = int(seed)
+        self.name = "random"
+
+    def describe(self) -> dict:
+        return {"name": "random", "kind": "random", "fingerprint": f"seed{self.seed}", "embed_dim": 0,
+                "has_text": False, "parameters": 0}
+
+
 def random_baseline(items: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
     """The official Random model on perception: the first shuffled option is the prediction (correct iff it is the
     gold option); each source is its own run, so each has its own stream; the score of the predicted option is 1."""

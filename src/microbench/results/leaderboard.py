@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from microbench.errors import UserError
-from microbench.results.records import read_json, write_text
+from microbench.results.io import read_json, write_text
 from microbench.results.report import pct
 
 log = logging.getLogger(__name__)

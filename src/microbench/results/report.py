@@ -1,8 +1,12 @@
-"""Human-readable ``results.md`` of one run (a Table-1-style summary first, then every breakdown)."""
+"""Human-readable text of every run: ``results.md`` of perception (a Table-1-style summary first, then every
+breakdown), cognition, localization and linear probes, and the few lines every entry point prints at the end
+(:func:`summary`)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pandas as pd
 
 
 def pct(m: dict | None) -> str:
@@ -13,6 +17,35 @@ def pct(m: dict | None) -> str:
     if ci is None or ci != ci:
         return f"{100 * m['value']:.2f}"
     return f"{100 * m['value']:.2f} ± {100 * ci:.2f}"
+
+
+def fmt_value(entry: dict | None) -> str:
+    """``47.57`` (percent, no CI) or an em dash."""
+    return "—" if not entry or entry.get("value") is None else f"{100 * entry['value']:.2f}"
+
+
+def _with_n(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    return pct(m) + (f" (n={m['n']})" if m.get("n") is not None else "")
+
+
+def summary(record) -> list[str]:
+    """The lines every entry point prints at the end of a run, for every task: the headline (one line per group
+    of metrics: a perception source, a localization head, a fine-tune's test split...), the notes a reader must
+    see, then what the run wrote (``record.outputs``, the main results file first)."""
+    groups: dict[str, list[str]] = {}
+    for name, m in record.headline_metrics().items():
+        group, _, short = name.rpartition("/")
+        groups.setdefault(group, []).append(f"{short if short != record.task else 'accuracy'} {_with_n(m)}")
+    model = (record.model or {}).get("name", "?")
+    lines = []
+    for group, parts in groups.items():
+        label = f"{model} [{group or record.task}]"
+        lines += [f"{label} " + " | ".join(parts)] if len(parts) <= 4 else [label, *[f"  {p}" for p in parts]]
+    lines += [f"  note: {n}" for n in record.notes]
+    lines += [f"{label}: {path}" for label, path in record.outputs.items()]
+    return lines
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -89,3 +122,93 @@ def results_markdown(record: dict[str, Any]) -> str:
             f"- items whose image failed to decode: {sk.get('items_of_failed_images', 0)} "
             f"({len(sk.get('failed_images', []))} images)", ""]
     return "\n".join(out)
+
+
+def cognition_markdown(record: dict) -> str:
+    m = record["metrics"]
+    sk = record["skipped"]
+    n_q = record["split"]["questions"]
+    not_scored = sk["invalid_items"] + sk.get("items_of_failed_images", 0)
+    scored = f", {n_q - not_scored} scored" if not_scored else ""
+    lines = [f"# μ-Bench cognition: {record['model']['name']}", "",
+             f"`{record['data']['location']}` ({record['data']['kind']}, {n_q} questions{scored}), "
+             f"prompt: {record['prompt']}. Accuracy % ± 95 % bootstrap half-width "
+             f"({record['bootstrap']['n_resamples']} resamples).", "",
+             f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']})", ""]
+    if "cognition_strict/all" in m:
+        lines += ["Random model: the figure above uses the official rule (correct iff the gold answer is a substring "
+                  "of `question + ' ' + drawn option`, so a question that names its answer is always right); "
+                  f"strict (the drawn option is the gold one): **{pct(m['cognition_strict/all'])}** "
+                  f"(`cognition_strict/*`).", ""]
+    breakdowns = dict.fromkeys(k.split("/")[1] for k in m if k.startswith("cognition/") and k.count("/") >= 2)
+    for col in breakdowns:  # in the order metrics.cognition.BREAKDOWNS wrote them
+        keys = [k for k in m if k.startswith(f"cognition/{col}/")]
+        if keys:
+            lines += [f"## Per {col}", "", f"| {col} | accuracy | n |", "|---|---|---|"]
+            lines += [f"| {k.split('/', 2)[2]} | {pct(m[k])} | {m[k]['n']} |" for k in sorted(keys)]
+            lines.append("")
+    st = record.get("backend_stats") or {}
+    if st.get("requests_sent") is not None:
+        lines += ["## Backend", "", f"- requests sent: {st.get('requests_sent')}, cache hits: {st.get('cache_hits')}, "
+                  f"retries: {st.get('retries')}, timeouts: {st.get('timeouts')}, failed (scored wrong): "
+                  f"{st.get('failed')}, HTTP errors: {st.get('http_errors')}", ""]
+    lines += ["## Not scored", "", f"- invalid questions: {sk['invalid_items']}"]
+    if sk.get("items_of_failed_images"):
+        lines.append(f"- questions whose image could not be read: {sk['items_of_failed_images']} "
+                     f"({'; '.join(sk['failed_images'][:3])})")
+    elif sk.get("failed_images"):
+        lines.append(f"- answers lost to an unreadable image (scored wrong): {len(sk['failed_images'])}")
+    dups = (record.get("data_problems") or {}).get("duplicate_ids") or {}
+    if dups:
+        lines.append(f"- question ids used more than once (each question scored on its own): {len(dups)} ids, e.g. "
+                     f"{next(iter(dups))!r} × {next(iter(dups.values()))}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def localization_markdown(record: dict, per_image) -> str:
+    m = record["metrics"]
+    model = record["model"]
+    lines = [f"# μ-Bench localization ({record['head']}): {model['name']}", "",
+             f"Backbone `{model['name']}` (weights `{model['fingerprint']}`), head `{model['head_fingerprint']}` on "
+             f"`{record['data']['location']}` (fingerprint `{record['data']['fingerprint']}`), split "
+             f"`{record['split']['name']}`: {record['counts']['images']} images, {record['counts']['ground_truth']} "
+             f"objects (max {record['counts']['max_ground_truth_per_image']} per image), classes "
+             f"{', '.join(record['data']['class_names'])}.", "",
+             f"COCO metrics (pycocotools) at up to {record['counts']['max_dets']} detections per image; GRIT "
+             f"localization score (official μ-Bench protocol) on detections with score ≥ "
+             f"{record['counts']['grit_score_threshold']}, one question per (image, class present). All in %.", "",
+             "| metric | value |", "|---|---|"]
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/AR_max", "segm/AP", "segm/AP50", "segm/AP75",
+                "segm/AR_max", "grit/macro", "grit/pooled"):
+        if f"loc/{key}" in m:
+            lines.append(f"| {key} | {fmt_value(m[f'loc/{key}'])} |")
+    classes = record["data"]["class_names"]
+    lines += ["", "## Per class (AP)", "", "| class | bbox AP | segm AP |", "|---|---|---|"]
+    for c in classes:
+        lines.append(f"| {c} | {fmt_value(m.get(f'loc/bbox/per_class/{c}'))} | {fmt_value(m.get(f'loc/segm/per_class/{c}'))} |")
+    lines += ["", "## GRIT per dataset and class", "", "| dataset | class | GRIT | images | mean #pred | mean #gt |",
+              "|---|---|---|---|---|---|"]
+    if len(per_image):
+        for (d, c), g in per_image.groupby(["dataset", "class"]):
+            lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {g['n_pred'].mean():.1f} | "
+                         f"{g['n_gt'].mean():.1f} |")
+    sk = record["skipped"]
+    lines += ["", "## Not scored", "", f"- images that failed to decode: {len(sk.get('failed_images', []))}",
+              *[f"- {k.replace('_', ' ')}: {v}" for k, v in sk.items() if k != "failed_images"], ""]
+    return "\n".join(lines)
+
+
+def probe_markdown(frame: pd.DataFrame, model: str) -> str:
+    lines = [f"# Linear probes: {model}", "", "Accuracy % (mean ± std over seeds); weight decay chosen on val.", ""]
+    if frame.empty:
+        return "\n".join(lines + ["(no dataset could be probed)", ""])
+    pivot = frame.assign(cell=[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(frame.acc_mean, frame.acc_std,
+                                                                               strict=True)])
+    shots = list(dict.fromkeys(frame["shots"]))
+    lines.append("| dataset | " + " | ".join(f"{s}-shot" if s != "full" else "full" for s in shots) + " |")
+    lines.append("|---|" + "---|" * len(shots))
+    for name, g in pivot.groupby("dataset"):
+        cells = dict(zip(g["shots"], g["cell"], strict=True))
+        lines.append(f"| {name} | " + " | ".join(cells.get(s, "—") for s in shots) + " |")
+    return "\n".join(lines) + "\n"

@@ -45,7 +45,7 @@ class ForgettingCallback(L.Callback):
         when this run wrote it; None when no study ran (e.g. ``fast_dev_run``)."""
         if self.study is not None or trainer.fast_dev_run:
             return self.study
-        from microbench.results.records import read_json
+        from microbench.results.io import read_json
 
         path = self.out_dir / "forgetting.json"
         record = read_json(path) if path.is_file() else {}

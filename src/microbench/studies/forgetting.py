@@ -29,7 +29,7 @@ from microbench.data.datamodule import PerceptionDataModule
 from microbench.metrics.bootstrap import bootstrap_accuracy, paired_bootstrap_delta
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
-from microbench.results.records import write_json, write_parquet, write_text
+from microbench.results.io import write_json, write_parquet, write_text
 from microbench.studies.merging import MergeError, check_compatible
 from microbench.studies.sweep import InterpolationScorer, alpha_name
 
@@ -341,7 +341,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
 
     ``localization`` (for a model with a localization head): ``(split, base, finetuned, alphas, keys) -> {alpha
     name: metrics}`` scoring the head on every θ(α) in one pass over the split (e.g.
-    :class:`~microbench.localization_tasks.LocalizationSweeper`); the α selection then keeps ≥ ``keep_target_gain``
+    :class:`~microbench.studies.sweep.LocalizationSweeper`); the α selection then keeps ≥ ``keep_target_gain``
     of the fine-tune's GRIT gain, and the report gets a localization table.
     """
     from microbench.studies.merging import tower_selector

@@ -179,3 +179,22 @@ class LocalizationInterpolationScorer(L.LightningModule):
             preds = {r["index"]: r for part, _ in gathered for r in part[a]}
             self.results[a] = self.module.score_predictions(preds, images)["metrics"]
         self.failed_images = [e for _, errs in gathered for e in errs]
+
+
+class LocalizationSweeper:
+    """``(split, base, finetuned, alphas, keys) -> {alpha name: metrics}``: a localization head scored on every
+    θ(α) of its backbone in one pass over the split, each image decoded once (forgetting studies).
+    ``make_dm(split)`` builds the :class:`LocalizationDataModule` of a split (once per split)."""
+
+    def __init__(self, module, make_dm: Callable, accelerator: str = "cpu") -> None:
+        self.module, self.make_dm, self.accelerator = module, make_dm, accelerator
+        self.data_modules: dict = {}
+
+    def __call__(self, split: str, base: StateDict, finetuned: StateDict, alphas, keys=None) -> dict[str, dict]:
+        if split not in self.data_modules:
+            self.data_modules[split] = self.make_dm(split)
+        scorer = LocalizationInterpolationScorer(self.module, base, finetuned, alphas, keys)
+        trainer = L.Trainer(accelerator=self.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=False)  # may run inside a fit
+        trainer.test(scorer, datamodule=self.data_modules[split], verbose=False)
+        return {alpha_name(a): m for a, m in scorer.results.items()}

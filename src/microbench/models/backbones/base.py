@@ -35,6 +35,8 @@ class BackboneError(UserError):
 class Backbone(nn.Module):
     """Base class of the adapters. Subclasses set ``model``, ``name``, ``kind``, ``embed_dim`` and transforms."""
 
+    family = "contrastive"  # what the task registry dispatches on (microbench.tasks.registry)
+
     kind: str = "base"
     has_text: bool = True
 

@@ -106,3 +106,6 @@ def _build(kind: str, name: str, kwargs: dict) -> Backbone:
 
         return TimmImageBackbone(name, **kwargs)
     raise BackboneError(f"unknown backbone kind {kind!r}; kinds: open_clip, hf, timm (or model=random)")
+
+
+build_backbone.family = "contrastive"  # the family of what it builds, read by microbench.tasks without building

@@ -1,21 +1,28 @@
-"""The ``src/forgetting.py`` task: base model (a preset or a checkpoint) + fine-tuned checkpoint → report."""
+"""``python src/forgetting.py``: base model (a preset or a checkpoint) + fine-tuned checkpoint → the forgetting
+study (base vs fine-tuned vs WiSE-FT θ(α) on the whole benchmark, α chosen on val), written to
+``paths.output_dir`` by :func:`microbench.studies.forgetting.run_study` (``forgetting.json``, ``forgetting.md``,
+plots, per-α predictions)."""
 
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from microbench.data.config import PERCEPTION_DM, data_module_cfg
-from microbench.loggers import make_loggers
+from microbench.data.config import localization_dm_factory, make_eval_dm
+from microbench.errors import UserError
+from microbench.models.localization import detector_from_checkpoint
+from microbench.results.record import RunRecord
 from microbench.studies.forgetting import load_finetuned_state, run_study, study_alphas
 from microbench.studies.merging import MergeError
+from microbench.studies.sweep import LocalizationSweeper
+from microbench.tasks.localization import build_from_record
+from microbench.tasks.records import new_record, run_context
+from microbench.tasks.trainer import build_model, container, instantiate_loggers, start_run
 
-
-def make_eval_dm(data_cfg: DictConfig, transform, split: str):
-    return instantiate(data_module_cfg(data_cfg, PERCEPTION_DM, split=split), transform=transform)
+#: the model presets (``configs/model/<name>.yaml``), for ``base=<name>`` given as a string
+PRESETS = Path(__file__).resolve().parents[3] / "configs" / "model"
 
 
 def base_model_config(base) -> DictConfig:
@@ -23,25 +30,20 @@ def base_model_config(base) -> DictConfig:
     (``base=tiny``, which Hydra gives as a plain string)."""
     if not isinstance(base, str):
         return base
-    from microbench.errors import UserError
-
-    folder = Path(__file__).resolve().parents[3] / "configs" / "model"
-    presets = sorted(p.stem for p in folder.glob("*.yaml"))
+    presets = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     if base not in presets:
         raise UserError(f"base={base!r} is not a model preset; presets: {', '.join(presets)} (or base_checkpoint=...)")
-    cfg = OmegaConf.load(folder / f"{base}.yaml")
+    cfg = OmegaConf.load(PRESETS / f"{base}.yaml")
     cfg.pop("defaults", None)
     return cfg
 
 
-def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
-    from microbench.results.records import start_run
-
+def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if not cfg.get("finetuned"):
         raise MergeError("no fine-tuned checkpoint: pass finetuned=<path to a .ckpt from src/train.py>")
     alphas = study_alphas(cfg.alphas, bool(cfg.get("extrapolate", False)))
-    start_run(cfg)  # output folder writable, data path there, before the model is built
-    backbone = instantiate(base_model_config(cfg.base))
+    t0, out_dir = start_run(cfg)  # output folder writable, data path there, before the model is built
+    backbone = build_model(base_model_config(cfg.base))
     if cfg.get("base_checkpoint"):
         base_state, _ = load_finetuned_state(cfg.base_checkpoint, backbone, key="base_checkpoint")
     else:
@@ -50,10 +52,8 @@ def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
     localization = None
     hp = record.get("hyper_parameters") or {}
     if "class_names" in hp:  # a localization checkpoint: score its head on every θ(α) too
-        from microbench.localization_tasks import LocalizationSweeper, localization_dm_factory
-        from microbench.models.localization import detector_from_checkpoint
-
-        module, _ = detector_from_checkpoint(record["checkpoint"], backbone=backbone)
+        module, _ = detector_from_checkpoint(record["checkpoint"], backbone=backbone,
+                                             build_backbone=build_from_record)
         loc_record = hp.get("record") or {}
         make_loc = localization_dm_factory(cfg.data, loc_record.get("targets", "boxes"), list(hp["class_names"]))
         localization = LocalizationSweeper(module, make_loc, accelerator=cfg.trainer.get("accelerator", "cpu"))
@@ -65,14 +65,30 @@ def forgetting(cfg: DictConfig) -> tuple[dict, dict]:
     if not targets:
         raise MergeError("cannot tell the fine-tuning datasets: the checkpoint has no class space; pass "
                          "target_datasets=[...]")
-    loggers = make_loggers(cfg)
+    loggers = instantiate_loggers(cfg)
+    context = run_context(cfg, t0, out_dir)
     study = run_study(
         backbone, base_state, ft_state, partial(make_eval_dm, cfg.data, backbone.preprocess), cfg.paths.output_dir,
         targets, alphas, cfg.towers, float(cfg.selection.keep_target_gain), cfg.get("result_cache"),
         accelerator=cfg.trainer.get("accelerator", "cpu"), n_resamples=int(cfg.bootstrap.n_resamples),
         finetuned_path=str(Path(cfg.finetuned)), logger=loggers[0] if loggers else None,
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "finetuned_record": {
+        extra={"config": container(cfg), "finetuned_record": {
             k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},
         localization=localization,
     )
-    return study, {"backbone": backbone}
+    return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
+
+
+def study_record(context: dict, study: dict, out_dir: Path) -> RunRecord:
+    """The run record of a forgetting study (for the summary; the study itself is ``forgetting.json``): on test,
+    the fine-tuned model and the α chosen on val, on the target's fine questions and on the supported datasets."""
+    chosen = study["selection"]["alpha"]
+    models = {"fine-tuned": study["splits"]["test"]["models"]["finetuned"], f"chosen α={chosen:.2f}":
+              study["chosen_test"]}
+    headline = {f"{who}/{short}": m[key]["acc"] for who, m in models.items()
+                for short, key in (("target fine", "target/fine"), ("supported", "supported/all"))}
+    record = new_record(context, task="forgetting", model=study["base"], data={}, split={"name": "test"},
+                        headline=headline, metrics={}, chosen_alpha=chosen)
+    record.outputs = {"report": f"{(out_dir / 'forgetting.md').resolve()} (plots: alpha_sweep.png, "
+                                "dataset_deltas.png)"}
+    return record

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.models.backbones.base import Backbone
-from microbench.results.records import write_json
+from microbench.results.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def compute_image_features(backbone: Backbone, dm: PerceptionDataModule, device:
     images = dm.images("all")
     out = torch.full((len(images), backbone.embed_dim), float("nan"))
     failed = 0
-    loader = dm._loader("all", train=False)
+    loader = dm.image_loader("all")
     for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress, leave=False):
         failed += len(batch["failed"])
         if batch["pixel_values"] is not None:

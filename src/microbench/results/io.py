@@ -1,4 +1,5 @@
-"""Atomic writers for run records: a crash mid-write never leaves a truncated results file behind."""
+"""Results files on disk: atomic writers (a crash mid-write never leaves a truncated results file behind), the
+output folder checks, and reading back only this run's record."""
 
 from __future__ import annotations
 
@@ -73,29 +74,6 @@ def this_runs_record(path: Path, run_id: str, trainer=None) -> dict:
     if record.get("run_id") != run_id:
         raise UserError(f"this run wrote no results to {Path(path).parent} (nothing was scored); see the log above")
     return record
-
-
-def start_run(cfg) -> tuple[float, Path]:
-    """The common start of every task: a start time, the seed (``cfg.seed``, default 0) and ``paths.output_dir``
-    (created)."""
-    import time
-
-    import lightning as L
-
-    t0 = time.perf_counter()
-    out_dir = check_output_dir(cfg.paths.output_dir)
-    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
-        clean_stale_temporaries(out_dir)
-    data = cfg.get("data") or {}
-    if data.get("path") is not None:  # before any model is built: a typo must not cost a download first
-        from microbench.data.loading import check_data_path
-
-        check_data_path(data.get("path"))
-    from microbench.loggers import check_loggers
-
-    check_loggers(cfg)
-    L.seed_everything(int(cfg.get("seed", 0)), workers=True)
-    return t0, out_dir
 
 
 def check_output_dir(path: str | Path) -> Path:

@@ -1,0 +1,131 @@
+"""``python src/train.py`` (``task=finetune``): fit a CLIP-style model on labelled μ-Bench datasets, test on their
+held-out split, run the official zero-shot protocol there (in-domain gain) and, with ``forgetting.enabled``, the
+forgetting study on the whole benchmark (:class:`~microbench.studies.callback.ForgettingCallback`).
+
+Writes ``train_metrics.json`` (the common record header plus the fit: checkpoints, test metrics, class space,
+forgetting summary), ``in_domain/`` (a perception run record) and ``forgetting/`` (the study).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import microbench
+from microbench.data.config import LABELLED_DM, make_eval_dm, perception_view, whole_benchmark_cfg
+from microbench.errors import UserError
+from microbench.models.zero_shot import ZeroShotScorer
+from microbench.results.record import RunRecord
+from microbench.studies.callback import ForgettingCallback
+from microbench.studies.forgetting import study_alphas
+from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
+from microbench.tasks.trainer import (
+    build_model,
+    container,
+    fitted_checkpoints,
+    instantiate_callbacks,
+    instantiate_loggers,
+    start_run,
+    trainer_for,
+)
+
+
+def labelled_data(cfg: DictConfig, backbone):
+    """The fitting data ``cfg.data`` names (a LabelledDataModule: data=ubench_labelled, data=ubench_pathology)."""
+    target = str(cfg.data.get("_target_", ""))
+    if target != LABELLED_DM:
+        raise UserError(f"task=finetune fits labelled images, but data._target_={target}: use data=ubench_labelled "
+                        "(every dataset) or data=ubench_pathology, with the same keys (path, datasets, ...)")
+    return instantiate(cfg.data, transform=backbone.preprocess, train_transform=backbone.train_transform,
+                       drop_last_train=cfg.module.objective == "contrastive")
+
+
+def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
+    """Fit, test on the held-out split of the training datasets, then run the official zero-shot protocol there."""
+    t0, out_dir = start_run(cfg)
+    backbone = build_model(cfg.model)
+    dm = labelled_data(cfg, backbone)
+    dm.setup("fit")
+    fit_record = {"model_config": container(cfg.model), "data": dm.source.to_dict(),
+                  "split": dm.split_spec.to_dict(), "filters": dm.filters, "config": container(cfg),
+                  "microbench_version": microbench.__version__}
+    if cfg.get("ckpt_path"):  # before fitting: a wrong file is one line, not a traceback from Lightning
+        from microbench.checkpoints import check_resume_checkpoint
+
+        check_resume_checkpoint(cfg.ckpt_path, "finetune", backbone.name)
+    module = instantiate(cfg.module)(backbone=backbone, seed=cfg.seed, record=fit_record)
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    named = instantiate_callbacks(cfg)
+    callbacks = list(named.values())
+    study_cb = _forgetting_callback(cfg, backbone, out_dir)
+    if study_cb is not None:
+        callbacks.append(study_cb)
+    trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    fit_s = time.perf_counter() - t0
+
+    best, last = fitted_checkpoints(trainer, named, ckpt_dir)
+    fit: dict[str, Any] = {"fit_seconds": round(fit_s, 2), "best_checkpoint": best or None,
+                           "last_checkpoint": last or None, "checkpoint_dir": str(ckpt_dir) if (best or last) else None,
+                           "class_space": dm.class_space.to_dict()}
+    headline: dict = {}
+    if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
+        results = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)  # the path itself:
+        fit["test"] = results[0] if results else {}  # "best" is ambiguous with two ModelCheckpoint callbacks
+        fit["tested_checkpoint"] = best or "final weights"
+        n_test = len(dm.images("test"))
+        headline = {f"test/{k}": {"value": fit["test"][f"test/{k}"], "ci": None, "n": n_test}
+                    for k in ("acc", "balanced_acc") if f"test/{k}" in fit["test"]}
+    outputs = {"best checkpoint": best or "none"}
+    if cfg.get("eval_in_domain", True) and not trainer.fast_dev_run and trainer.is_global_zero:
+        fit["in_domain_zero_shot"] = in_domain_zero_shot(cfg, module, out_dir / "in_domain")
+        outputs["in-domain zero-shot"] = str((out_dir / "in_domain" / "results.md").resolve())
+    st = study_cb.result(trainer) if study_cb is not None else None
+    if st is not None:
+        fit["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
+                             "chosen_alpha": st["selection"]["alpha"],
+                             "test": {n: {k: st["splits"]["test"]["models"][n][k]["acc"]["value"]
+                                          for k in ("target/fine", "supported/all")}
+                                      for n in ("base", "finetuned")}}
+        outputs["forgetting report"] = (f"{fit['forgetting']['report']} (plots alpha_sweep.png, dataset_deltas.png; "
+                                        f"chosen α {fit['forgetting']['chosen_alpha']:.2f})")
+    fit["total_seconds"] = round(time.perf_counter() - t0, 2)
+    record = new_record(run_context(cfg, t0, out_dir), task="finetune", model=backbone.describe(),
+                        data={**dm.source.to_dict(), "filters": dm.filters},
+                        split={"name": "test", **dm.split_spec.to_dict()}, headline=headline, metrics={},
+                        world_size=trainer.world_size, **fit)
+    if trainer.is_global_zero:
+        write_run(out_dir, record, name="train_metrics.json")
+    best_line = outputs.pop("best checkpoint")
+    record.outputs = {"best checkpoint": best_line, "results": str((out_dir / "train_metrics.json").resolve()),
+                      **outputs}
+    return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
+
+
+def _forgetting_callback(cfg: DictConfig, backbone, out_dir: Path) -> ForgettingCallback | None:
+    fg = cfg.get("forgetting") or {}
+    if not fg.get("enabled"):
+        return None
+    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
+                              out_dir / "forgetting", study_alphas(fg.alphas, fg.get("extrapolate", False)),
+                              fg.towers, float(fg.keep_target_gain), cache_dir=fg.get("result_cache"),
+                              n_resamples=int(fg.n_resamples), make_base=partial(build_model, cfg.model))
+
+
+def in_domain_zero_shot(cfg: DictConfig, module, out_dir: Path) -> dict:
+    """The official zero-shot protocol on the held-out test split of the training datasets (in-domain gain)."""
+    backbone = module.backbone
+    dm = instantiate(perception_view(cfg.data, split="test"), transform=backbone.preprocess)
+    context = run_context(cfg, time.perf_counter(), out_dir, sources=("captions",),
+                          bootstrap={"n_resamples": 9999, "confidence": 0.95, "seed": 0})
+    writer = PerceptionRecordWriter(context)
+    trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    trainer.test(ZeroShotScorer(backbone, on_scored=writer, progress=False), datamodule=dm, verbose=False)
+    return writer.record.headline["captions"] if writer.record is not None else {}

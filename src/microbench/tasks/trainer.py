@@ -1,0 +1,165 @@
+"""What every task shares: the start of a run, models, loggers and callbacks built from the config, the fitted
+checkpoints, and sending a record to the loggers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from microbench.errors import UserError
+from microbench.results.io import check_output_dir, clean_stale_temporaries
+
+#: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
+FAMILIES = ("contrastive", "generative", "random")
+
+
+def container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def bootstrap_settings(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.bootstrap, resolve=True)
+
+
+def start_run(cfg: DictConfig) -> tuple[float, Path]:
+    """The common start of every task: a start time, the output folder (created, writable, leftovers of a killed
+    run removed), the data path and the loggers checked before any model is built, then the seed (``cfg.seed``)."""
+    t0 = time.perf_counter()
+    out_dir = check_output_dir(cfg.paths.output_dir)
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        clean_stale_temporaries(out_dir)
+    data = cfg.get("data") or {}
+    if data.get("path") is not None:  # before any model is built: a typo must not cost a download first
+        from microbench.data.loading import check_data_path
+
+        check_data_path(data.get("path"))
+    check_loggers(cfg)
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    return t0, out_dir
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+def model_family(model_cfg: DictConfig) -> str:
+    """The family of what ``model_cfg`` builds, declared by its ``_target_`` (a class's or factory's ``family``
+    attribute: :class:`~microbench.models.backbones.base.Backbone` and ``build_backbone`` are ``contrastive``,
+    the generative backends ``generative``, :class:`~microbench.models.zero_shot.RandomBaseline` ``random``),
+    read without building the model."""
+    target = model_cfg.get("_target_") if model_cfg is not None else None
+    if not target:
+        raise UserError("the model config has no _target_: choose a preset (model=tiny, model=openclip, "
+                        "model=random, model=openai_compatible, ...) or set model._target_")
+    try:
+        obj = get_object(str(target))
+    except Exception as err:  # noqa: BLE001 - any import failure of a user's target is the same one line
+        raise UserError(f"model._target_={target} cannot be imported ({type(err).__name__}: {err}); check the "
+                        "name and that its package is installed") from err
+    family = getattr(obj, "family", None)
+    if family not in FAMILIES:
+        raise UserError(f"model._target_={target} does not declare its family (a `family` attribute, one of "
+                        f"{', '.join(FAMILIES)}): subclass microbench.models.backbones.base.Backbone for a "
+                        "contrastive model")
+    return family
+
+
+def build_model(model_cfg: DictConfig):
+    """The model ``model_cfg`` names (its ``_target_``), checked to be of the family its target declares."""
+    family = model_family(model_cfg)
+    model = instantiate(model_cfg)
+    if getattr(model, "family", None) != family:
+        raise UserError(f"model._target_={model_cfg._target_} declares the {family} family but built a "
+                        f"{type(model).__name__} of family {getattr(model, 'family', None)!r}")
+    return model
+
+
+# --- loggers and callbacks ------------------------------------------------------------------------------------
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """``logger=wandb`` without a login and without an offline mode would stop at the first log call (or prompt
+    for a key): say how to log in or go offline, before any work."""
+    for name, lg in (cfg.get("logger") or {}).items():
+        if lg is None or not str(lg.get("_target_", "")).endswith("WandbLogger"):
+            continue
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if lg.get("offline") or mode in ("offline", "dryrun", "disabled") or _wandb_logged_in():
+            continue
+        raise UserError(f"logger={name} needs a W&B login: run `wandb login` (or set WANDB_API_KEY), or log offline "
+                        "with WANDB_MODE=offline (or logger.wandb.offline=true) and `wandb sync` later")
+
+
+def instantiate_loggers(cfg: DictConfig) -> list:
+    """The loggers of ``cfg.logger`` (an empty list for ``logger=none``)."""
+    check_loggers(cfg)
+    return [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+
+
+def instantiate_callbacks(cfg: DictConfig) -> dict:
+    """The configured callbacks by name, as their configs say (checkpoint folders: ``dirpath: ${checkpoint_dir}``
+    in ``configs/callbacks/default.yaml``). The learning-rate monitor is left out when nothing can receive what it
+    logs (``logger=none``, ``debug=fast_dev_run``)."""
+    named = {}
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:
+            continue
+        if str(cb_cfg.get("_target_", "")).endswith("LearningRateMonitor") and (
+                not cfg.get("logger") or cfg.trainer.get("fast_dev_run")):
+            continue
+        named[name] = instantiate(cb_cfg)
+    return named
+
+
+def fitted_checkpoints(trainer: L.Trainer, callbacks: dict, ckpt_dir: Path) -> tuple[str, str]:
+    """(best, last) checkpoint paths of a fit ("" when not written). In a spawned fit the callbacks' paths live in
+    the workers, so they are found in ``ckpt_dir``."""
+    best_cb, last_cb = callbacks.get("model_checkpoint"), callbacks.get("last_checkpoint")
+    best = (best_cb.best_model_path if best_cb is not None else "") or ""
+    last = (last_cb.best_model_path if last_cb is not None else "") or ""
+    if not trainer.is_global_zero or trainer.strategy.launcher is not None:
+        best = best or _newest(ckpt_dir, "best_epoch*.ckpt")
+        last = last or _newest(ckpt_dir, "last.ckpt")
+    return best, last
+
+
+def _newest(folder: Path, pattern: str) -> str:
+    found = sorted(Path(folder).glob(pattern))
+    return str(found[-1]) if found else ""
+
+
+def trainer_for(cfg: DictConfig, **kwargs) -> L.Trainer:
+    """``cfg.trainer`` with the task's own settings (callbacks, loggers, no checkpointing for evaluations)."""
+    return instantiate(cfg.trainer, **kwargs)
+
+
+#: metric-name prefixes of the records sent to loggers by tasks that run without a Trainer logger
+LOG_PREFIX = {"cognition": "cog", "localization": "loc", "generative_perception": "gen"}
+
+
+def log_record(cfg: DictConfig, record, results_md: Path | None = None) -> None:
+    """Send a run record's metrics to the configured loggers (CSV, W&B), for tasks that score without a Trainer
+    logger; with W&B also the ``results.md`` text."""
+    loggers = instantiate_loggers(cfg)
+    prefix = LOG_PREFIX.get(record.task, "")
+    values = {f"{prefix}/{k}": v["value"] for k, v in record.metrics.items()
+              if isinstance(v, dict) and isinstance(v.get("value"), int | float)}
+    for lg in loggers:
+        lg.log_metrics(values)
+        if hasattr(lg, "log_text") and results_md is not None:
+            lg.log_text(key=f"{prefix}/results", columns=["results.md"], data=[[Path(results_md).read_text()]])
+        lg.save()
+        if hasattr(lg, "finalize"):
+            lg.finalize("success")
