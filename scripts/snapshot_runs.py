@@ -53,7 +53,7 @@ def scrub(obj, tmp: str):
     if isinstance(obj, list):
         return [scrub(v, tmp) for v in obj]
     if isinstance(obj, str):
-        return re.sub(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(-\d+)?", "<time>", obj.replace(tmp, "<tmp>"))
+        return re.sub(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(-\d+)?", "<time>", obj.replace(tmp, "<tmp>") if tmp else obj)
     return obj
 
 

@@ -16,7 +16,7 @@ from microbench.metrics.bootstrap import paired_bootstrap_delta
 from microbench.models.backbones import build_backbone
 from microbench.models.finetune import FineTuneModule
 from microbench.models.zero_shot import ZeroShotScorer
-from microbench.studies.forgetting import load_finetuned_state, run_study
+from microbench.studies.forgetting import StudySpec, load_finetuned_state, run_study
 from microbench.studies.merging import (
     MergeError,
     task_arithmetic,
@@ -25,6 +25,7 @@ from microbench.studies.merging import (
     uniform_soup,
     wise_ft,
 )
+from microbench.studies.report import write_report
 from microbench.studies.sweep import InterpolationScorer
 
 
@@ -156,8 +157,9 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
     def make_dm(split):
         return PerceptionDataModule("sample", transform=bb.preprocess, split=split)
 
-    study = run_study(bb, trained_base, ft, make_dm, tmp_path / "study", targets, alphas=[0, 0.5, 1],
-                      cache_dir=tmp_path / "cache", n_resamples=999, finetuned_path="destroyed")
+    study = write_report(run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "study",
+                                   target_datasets=targets, spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=999),
+                                   cache_dir=tmp_path / "cache", finetuned_path="destroyed"), tmp_path / "study")
     bars = capsys.readouterr().err  # issue 13 §5: the sweep has a progress bar per split (images × models)
     assert "forgetting study, val split: 3 models" in bars and "forgetting study, test split: 3 models" in bars
     test = study["splits"]["test"]["models"]
@@ -178,8 +180,8 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
     for f in ("forgetting.json", "forgetting.md", "alpha_sweep.png", "dataset_deltas.png"):
         assert (tmp_path / "study" / f).exists(), f
     assert study["selection"]["alpha"] in (0.0, 0.5, 1.0)
-    again = run_study(bb, trained_base, ft, make_dm, tmp_path / "study2", targets, alphas=[0, 1],
-                      cache_dir=tmp_path / "cache", n_resamples=99)
+    again = run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "study2", target_datasets=targets,
+                      spec=StudySpec(alphas=[0, 1], n_resamples=99), cache_dir=tmp_path / "cache")
     assert again["splits"]["test"]["sweep"]["base_from_cache"] and again["splits"]["test"]["sweep"]["models"] == 1
     assert again["splits"]["test"]["models"]["base"]["all/all"]["acc"]["value"] == \
         test["base"]["all/all"]["acc"]["value"]

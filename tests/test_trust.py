@@ -384,7 +384,8 @@ def test_a_hub_preset_with_the_hub_unreachable_fails_within_seconds(tmp_path):
 # --- §4 questionable acceptances ----------------------------------------------------------------------------------
 
 def test_extrapolation_is_labelled_in_the_report(tmp_path):
-    from microbench.studies.forgetting import report_markdown, study_alphas
+    from microbench.studies.forgetting import study_alphas
+    from microbench.studies.report import report_markdown
 
     assert study_alphas([0, 1.5], extrapolate=True) == [0.0, 1.5]
     model = {"target/fine": {"acc": {"value": 0.5}, "delta": {"value": 0.0, "low": 0, "high": 0}}}

@@ -12,7 +12,8 @@ import torch
 
 from microbench import distributed
 from microbench.models.backbones.base import state_fingerprint
-from microbench.studies.forgetting import DEFAULT_ALPHAS, run_study
+from microbench.studies.forgetting import DEFAULT_ALPHAS, StudySpec, run_study
+from microbench.studies.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,12 @@ class ForgettingCallback(L.Callback):
         logger = trainer.logger if trainer.logger else None
         # rank 0 alone: its scorers must not wait in collectives for ranks that are not taking part (a hang under DDP)
         with torch.inference_mode(False), distributed.local_only():
-            self.study = run_study(backbone, self.base_state, ft_state, self.make_dm, self.out_dir, targets,
-                                   self.alphas, self.towers, self.keep_target_gain, self.cache_dir,
-                                   accelerator="cpu" if pl_module.device.type == "cpu" else "gpu",
-                                   n_resamples=self.n_resamples, finetuned_path="(this run)", logger=logger,
-                                   localization=self.localization, extra={"run_id": self.run_id})
+            study = run_study(backbone, self.base_state, ft_state, make_dm=self.make_dm, out_dir=self.out_dir,
+                              target_datasets=targets, spec=StudySpec(self.alphas, self.towers, self.keep_target_gain,
+                                                                      self.n_resamples),
+                              cache_dir=self.cache_dir, accelerator="cpu" if pl_module.device.type == "cpu" else "gpu",
+                              finetuned_path="(this run)", localization=self.localization,
+                              extra={"run_id": self.run_id})
+            self.study = write_report(study, self.out_dir, logger)
         backbone.to(pl_module.device)
         log.debug("forgetting study written to %s", self.out_dir)  # the run's summary names it, after the test

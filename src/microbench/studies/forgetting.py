@@ -6,8 +6,8 @@ of the whole benchmark (one decode per split for the whole sweep), then reports,
 tasks (the fine-tuning datasets) and the supported tasks (all others), coarse and fine, per dataset and the official
 headline numbers, each with Δ vs base and a *paired* bootstrap 95 % CI (the same resampled items for both models).
 The α is chosen on val (best supported-task accuracy among the α that keep at least ``keep_target_gain`` of the
-fine-tune's target gain) and reported on test. Outputs: ``forgetting.json``, ``forgetting.md``, ``alpha_sweep.png``
-(target vs whole-benchmark accuracy across α, as the paper's Figure 5) and ``dataset_deltas.png``.
+fine-tune's target gain) and reported on test. The report (``forgetting.json``, ``forgetting.md``, ``alpha_sweep.png``
+and ``dataset_deltas.png``) is :mod:`microbench.studies.report`'s.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from microbench.data.datamodule import PerceptionDataModule
 from microbench.metrics.bootstrap import bootstrap_accuracy, paired_bootstrap_delta
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
-from microbench.results.io import write_json, write_parquet, write_text
+from microbench.results.io import write_parquet
 from microbench.studies.merging import MergeError, check_compatible
 from microbench.studies.sweep import InterpolationScorer, alpha_name
 
@@ -215,129 +216,24 @@ def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: 
             f"the fine-tuned model's gain ({full_gain:+.4f})", "eligible": eligible}
 
 
-# --- report -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study sweeps and how it chooses: the α values, the interpolated towers (``both`` | ``image``), the
+    share of the fine-tune's target gain the chosen α must keep, and the bootstrap resamples of the paired CIs."""
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None or np.isnan(x) else f"{100 * x:.2f}"
-
-
-def _delta(d: dict | None) -> str:
-    if not d:
-        return "—"
-    star = "*" if d.get("significant") else ""
-    return f"{100 * d['value']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{star}"
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    towers: str = "both"
+    keep_target_gain: float = 0.8
+    n_resamples: int = 9999
 
 
-def report_markdown(study: dict) -> str:
-    test = study["splits"]["test"]["models"]
-    chosen = study["selection"]["alpha"]
-    lines = [
-        "# Forgetting study", "",
-        f"Base `{study['base']['name']}` (`{study['base']['fingerprint']}`) vs fine-tuned "
-        f"`{study['finetuned']['path']}`; interpolated towers: {study['towers']}. Target tasks (fine-tuning datasets): "
-        f"{', '.join(study['target_datasets']) or '—'}; supported tasks: every other dataset of the copy.",
-        f"Accuracy % on the **test** split (caption sets, both variants), Δ vs base in points with a paired 95 % "
-        f"bootstrap CI; * = CI excludes 0. Chosen α = **{chosen:.2f}** ({study['selection']['rule']}).", "",
-        "| model | target fine | Δ | target coarse | Δ | supported fine | Δ | supported coarse | Δ | all | Δ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    extrapolated = [a for a in study["alphas"] if is_extrapolation(a)]
-    if extrapolated:
-        lines[-3:-3] = [f"α outside [0, 1] ({', '.join(f'{a:g}' for a in extrapolated)}) **extrapolate** beyond the "
-                        "base (α < 0) or the fine-tuned weights (α > 1), as asked with extrapolate=true; rows marked "
-                        "(extrapolation).", ""]
-    for name, s in test.items():
-        label = name + (" (extrapolation)" if name.startswith("alpha=") and is_extrapolation(
-            float(name.split("=")[1])) else "")
-        row = [label + (" ← chosen" if name == alpha_name(chosen) else "")]
-        for k in ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all"):
-            v = s.get(k)
-            row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
-        lines.append("| " + " | ".join(row) + " |")
-    loc = study["splits"]["test"].get("localization")
-    if loc:
-        keys = [k for k in LOCALIZATION_KEYS if any(v.get(k) is not None for v in loc.values())]
-        lines += ["", "## Localization (test): the fine-tuned head on θ(α)", "",
-                  "COCO AP (pycocotools) and the GRIT localization score, in %; α = 0 puts the fine-tuned head on the "
-                  "base tower.", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        for name, v in loc.items():
-            mark = " ← chosen" if name == alpha_name(chosen) else ""
-            lines.append(f"| {name}{mark} | " + " | ".join(_pct(v.get(k)) for k in keys) + " |")
-    lines += ["", "![target vs whole benchmark](alpha_sweep.png)", "", "## Per dataset (test): fine-tuned and chosen α vs base", "",
-              "| dataset | grain | target | base | fine-tuned | Δ | chosen α | Δ |", "|---|---|---|---|---|---|---|---|"]
-    ft = test.get("finetuned", {}).get("datasets", {})
-    ch = test.get(alpha_name(chosen), {}).get("datasets", {})
-    for key, v in ft.items():
-        name, grain = key.rsplit("/", 1)
-        c = ch.get(key, {})
-        lines.append(f"| {name} | {grain} | {'yes' if v['target'] else ''} | {_pct(v['base_acc'])} | {_pct(v['acc'])} | "
-                     f"{_delta(v['delta'])} | {_pct(c.get('acc'))} | {_delta(c.get('delta'))} |")
-    lines += ["", "![per-dataset deltas](dataset_deltas.png)", ""]
-    return "\n".join(lines)
-
-
-def plot_study(study: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    test = study["splits"]["test"]["models"]
-    sweep = [(float(n.split("=")[1]), s) for n, s in test.items() if n.startswith("alpha=")]
-    sweep.sort()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    xs = [100 * s["target/fine"]["acc"]["value"] for _, s in sweep]
-    ys = [100 * s["supported/all"]["acc"]["value"] for _, s in sweep]
-    ax.plot(xs, ys, "-o", color="#4C72B0", ms=4, label="WiSE-FT θ(α)")
-    for (a, _), x, y in zip(sweep, xs, ys, strict=True):
-        ax.annotate(f"{a:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4C72B0")
-    for name, marker, color in (("base", "s", "#55A868"), ("finetuned", "D", "#C44E52")):
-        s = test[name]
-        ax.scatter([100 * s["target/fine"]["acc"]["value"]], [100 * s["supported/all"]["acc"]["value"]], marker=marker,
-                   s=70, color=color, zorder=5, label="base (α=0)" if name == "base" else "fine-tuned (α=1)")
-    chosen = test[alpha_name(study["selection"]["alpha"])]
-    ax.scatter([100 * chosen["target/fine"]["acc"]["value"]], [100 * chosen["supported/all"]["acc"]["value"]],
-               marker="*", s=220, color="#DD8452", zorder=6, label=f"chosen α={study['selection']['alpha']:.2f} (val)")
-    ax.set_xlabel("target tasks: fine-grained accuracy (%)")
-    ax.set_ylabel("supported tasks (rest of μ-Bench): accuracy (%)")
-    ax.set_title("Gain on the target vs forgetting elsewhere, across α (test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    p1 = out_dir / "alpha_sweep.png"
-    fig.savefig(p1)
-    plt.close(fig)
-
-    ft = test["finetuned"]["datasets"]
-    ch = test[alpha_name(study["selection"]["alpha"])]["datasets"]
-    keys = sorted(ft, key=lambda k: (not ft[k]["target"], k))
-    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.28 * len(keys) + 1)), dpi=120)
-    y = np.arange(len(keys))
-    for off, src, color, label in ((-0.2, ft, "#C44E52", "fine-tuned"), (0.2, ch, "#DD8452", "chosen α")):
-        vals = np.array([100 * src[k]["delta"]["value"] for k in keys])
-        lo = vals - np.array([100 * src[k]["delta"]["low"] for k in keys])
-        hi = np.array([100 * src[k]["delta"]["high"] for k in keys]) - vals
-        ax.barh(y + off, vals, height=0.38, color=color, xerr=[lo, hi], error_kw={"lw": 0.8}, label=label)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, [("▶ " if ft[k]["target"] else "") + k.replace("/", " · ") for k in keys], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("Δ accuracy vs base (points, paired 95 % CI); ▶ = target dataset")
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    p2 = out_dir / "dataset_deltas.png"
-    fig.savefig(p2)
-    plt.close(fig)
-    return [p1, p2]
-
-
-def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Callable[[str], PerceptionDataModule],
-              out_dir: str | Path, target_datasets: Sequence[str], alphas: Sequence[float] = DEFAULT_ALPHAS,
-              towers: str = "both", keep_target_gain: float = 0.8, cache_dir: str | Path | None = None,
-              accelerator: str = "cpu", n_resamples: int = 9999, finetuned_path: str = "", logger=None,
-              extra: dict | None = None, localization: Callable | None = None) -> dict:
-    """Evaluate base, fine-tuned and every θ(α) on val and test, choose α on val, write the report.
+def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
+              make_dm: Callable[[str], PerceptionDataModule], out_dir: str | Path, target_datasets: Sequence[str],
+              spec: StudySpec = StudySpec(), cache_dir: str | Path | None = None, accelerator: str = "cpu",
+              finetuned_path: str = "", extra: dict | None = None, localization: Callable | None = None) -> dict:
+    """Evaluate base, fine-tuned and every θ(α) on val and test and choose α on val; returns the study (the
+    per-α test predictions are written to ``out_dir/predictions/``; the report is
+    :func:`microbench.studies.report.write_report`'s).
 
     ``localization`` (for a model with a localization head): ``(split, base, finetuned, alphas, keys) -> {alpha
     name: metrics}`` scoring the head on every θ(α) in one pass over the split (e.g.
@@ -349,9 +245,10 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    alphas = sorted(set(study_alphas(alphas, extrapolate=True)) | {0.0, 1.0})  # numbers (callers check the range)
+    alphas = sorted(set(study_alphas(spec.alphas, extrapolate=True)) | {0.0, 1.0})  # numbers (callers check the range)
     prefixes = [n + "." for n, m in backbone.named_children() if m is backbone.image_tower()] or \
         [f"model.{n}." for n, m in getattr(backbone, "model", backbone).named_children() if m is backbone.image_tower()]
+    towers, n_resamples = spec.towers, spec.n_resamples
     keys = tower_selector(towers, prefixes)
     backbone.load_state_dict(base_state)
     base_fp = backbone.fingerprint(refresh=True)
@@ -384,30 +281,9 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, make_dm: Cal
             for a, p in preds.items():
                 write_parquet(out_dir / "predictions" / f"{alpha_name(a)}.parquet", p)
     val_by_alpha = {a: study["splits"]["val"]["models"][alpha_name(a)] for a in alphas}
-    study["selection"] = select_alpha(val_by_alpha, keep_target_gain,
+    study["selection"] = select_alpha(val_by_alpha, spec.keep_target_gain,
                                       target="target/localization" if localization is not None else "target/fine")
     study["chosen_test"] = study["splits"]["test"]["models"][alpha_name(study["selection"]["alpha"])]
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
-    write_json(out_dir / "forgetting.json", study)
-    plots = plot_study(study, out_dir)
-    write_text(out_dir / "forgetting.md", report_markdown(study))
-    if logger is not None:
-        _log_to_logger(logger, study, plots)
     return study
-
-
-def _log_to_logger(logger, study: dict, plots: list[Path]) -> None:
-    """Scalars for every logger; tables and images for W&B."""
-    test = study["splits"]["test"]["models"]
-    scalars = {f"forgetting/{name}/{k}": v["acc"]["value"] for name, s in test.items() for k, v in s.items()
-               if isinstance(v, dict) and "acc" in v}
-    scalars["forgetting/chosen_alpha"] = study["selection"]["alpha"]
-    logger.log_metrics(scalars)
-    if hasattr(logger, "log_table") and hasattr(logger, "log_image"):
-        cols = ["model", "target_fine", "target_coarse", "supported_fine", "supported_coarse", "all"]
-        rows = [[n] + [s.get(k, {}).get("acc", {}).get("value") for k in
-                       ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all")]
-                for n, s in test.items()]
-        logger.log_table(key="forgetting/summary", columns=cols, data=rows)
-        logger.log_image(key="forgetting/plots", images=[str(p) for p in plots])

@@ -14,8 +14,9 @@ from microbench.data.config import localization_dm_factory, make_eval_dm
 from microbench.errors import UserError
 from microbench.models.localization import detector_from_checkpoint
 from microbench.results.record import RunRecord
-from microbench.studies.forgetting import load_finetuned_state, run_study, study_alphas
+from microbench.studies.forgetting import StudySpec, load_finetuned_state, run_study, study_alphas
 from microbench.studies.merging import MergeError
+from microbench.studies.report import write_report
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.localization import build_from_record
 from microbench.tasks.records import new_record, run_context
@@ -67,15 +68,17 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
                          "target_datasets=[...]")
     loggers = instantiate_loggers(cfg)
     context = run_context(cfg, t0, out_dir)
+    spec = StudySpec(alphas=alphas, towers=str(cfg.towers), keep_target_gain=float(cfg.selection.keep_target_gain),
+                     n_resamples=int(cfg.bootstrap.n_resamples))
     study = run_study(
-        backbone, base_state, ft_state, partial(make_eval_dm, cfg.data, backbone.preprocess), cfg.paths.output_dir,
-        targets, alphas, cfg.towers, float(cfg.selection.keep_target_gain), cfg.get("result_cache"),
-        accelerator=cfg.trainer.get("accelerator", "cpu"), n_resamples=int(cfg.bootstrap.n_resamples),
-        finetuned_path=str(Path(cfg.finetuned)), logger=loggers[0] if loggers else None,
+        backbone, base_state, ft_state, make_dm=partial(make_eval_dm, cfg.data, backbone.preprocess),
+        out_dir=cfg.paths.output_dir, target_datasets=targets, spec=spec, cache_dir=cfg.get("result_cache"),
+        accelerator=cfg.trainer.get("accelerator", "cpu"), finetuned_path=str(Path(cfg.finetuned)),
         extra={"config": container(cfg), "finetuned_record": {
             k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},
         localization=localization,
     )
+    write_report(study, out_dir, loggers[0] if loggers else None)
     return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
 
 
