@@ -203,7 +203,7 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
     assert record.headline["fine-tuned/supported"] == study["splits"]["test"]["models"]["finetuned"]["supported/all"][
         "acc"]
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
-    assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "ce"
+    assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "contrastive"
     assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()
 
 
@@ -221,3 +221,187 @@ def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
     assert res.returncode == 2, res.stderr[-1500:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message)
+
+
+# --- issue 15 §1: the embedded default demonstrates the finding --------------------------------------------------
+
+def test_the_demo_recipe_gains_on_its_target_forgets_elsewhere_and_alpha_wins_part_back(tmp_path, cfg_train):
+    """`python src/train.py experiment=demo` as the Quick start runs it (its fixed seed, every setting), read back
+    from the report it wrote."""
+    from microbench.tasks.registry import train
+
+    record, _ = train(cfg_train(["experiment=demo", f"paths.output_dir={tmp_path / 'out'}",
+                                 f"checkpoint_dir={tmp_path / 'ck'}", f"paths.root_dir={tmp_path}",
+                                 "+trainer.enable_progress_bar=false"]))
+    study = json.loads((tmp_path / "out" / "forgetting" / "forgetting.json").read_text())
+    assert study["base"]["initialization"] == "generalist"
+    test = study["splits"]["test"]["models"]
+    ft, chosen = test["finetuned"], study["chosen_test"]
+    gain = ft["target/fine"]["delta"]
+    loss = ft["supported/all"]["delta"]
+    assert gain["low"] > 0, gain  # α = 1 gains on its target, paired 95 % CI excluding 0
+    assert loss["high"] < 0, loss  # ... and loses on the supported datasets, CI excluding 0
+    # the α chosen on val keeps most of the target gain (the configured rule, on val) and, on test, wins back part
+    # of the supported loss
+    val = study["splits"]["val"]["models"]
+    a = study["selection"]["alpha"]
+    assert 0 < a < 1
+    keep = float(record["config"]["forgetting"]["keep_target_gain"])
+    assert val[f"alpha={a:.2f}"]["target/fine"]["delta"]["value"] >= keep * val["finetuned"]["target/fine"]["delta"][
+        "value"] - 1e-9
+    assert chosen["target/fine"]["delta"]["value"] >= 0.5 * gain["value"]
+    assert chosen["supported/all"]["acc"]["value"] > ft["supported/all"]["acc"]["value"]
+    md = (tmp_path / "out" / "forgetting" / "forgetting.md").read_text()
+    top = md.split("| model |")[0]
+    assert "**What happened.**" in top and "gained +" in top and "forgot " in top and "wins back" in top
+    assert "Warning" not in md
+    assert (tmp_path / ".cache" / "bases").is_dir()  # the generalist base, cached for the next run
+
+
+def test_a_random_init_base_is_called_out_at_the_top_of_the_report(tmp_path, cfg_train):
+    from microbench.tasks.registry import train
+
+    train(cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=2", "forgetting.alphas=[0,1]",
+                     "forgetting.n_resamples=99", "eval_in_domain=false", f"paths.output_dir={tmp_path / 'out'}",
+                     f"checkpoint_dir={tmp_path / 'ck'}", f"paths.root_dir={tmp_path}",
+                     "+trainer.enable_progress_bar=false"]))
+    md = (tmp_path / "out" / "forgetting" / "forgetting.md").read_text()
+    assert md.splitlines()[2].startswith("> **Warning: the base model is random-init**")
+
+
+def _study(base_acc: float, base_low: float, chance: float, init: str = "pretrained") -> dict:
+    def entry(v, dv, low=None, high=None, sig=False):
+        return {"acc": {"value": v, "low": v if low is None else low, "high": v}, "delta": {
+            "value": dv, "low": dv if low is None else dv - 0.01, "high": dv if high is None else high,
+            "significant": sig}}
+    models = {"base": {"target/fine": entry(0.5, 0.0), "supported/all": entry(base_acc, 0.0, low=base_low)},
+              "finetuned": {"target/fine": entry(0.7, 0.2, sig=True), "supported/all": entry(0.2, -0.05, sig=True)},
+              "alpha=0.50": {"target/fine": entry(0.65, 0.15), "supported/all": entry(0.22, -0.03)}}
+    return {"base": {"initialization": init}, "selection": {"alpha": 0.5},
+            "splits": {"test": {"models": models, "chance": {"supported": chance}}}}
+
+
+def test_a_base_at_chance_is_called_out_and_the_words_follow_the_numbers():
+    from microbench.studies.report import findings
+
+    words = findings(_study(base_acc=0.25, base_low=0.18, chance=0.2))
+    assert words[0].startswith("> **Warning: the base model is at chance on the supported datasets** (25.0 %, "
+                               "chance 20.0 %)")
+    assert "gained +20.0 points" in words[1] and "forgot 5.0 points" in words[1]
+    assert "keeps +15.0 of the +20.0-point target gain (75 %)" in words[2] and "wins back 2.0 of the 5.0" in words[2]
+    assert not findings(_study(base_acc=0.25, base_low=0.22, chance=0.2))[0].startswith(">")
+
+
+def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
+    import logging
+
+    from microbench.models.generalist import build_generalist
+
+    spec = {"kind": "open_clip", "name": "microbench-tiny", "pretrained": None, "seed": 0}
+    torch.manual_seed(123)
+    with caplog.at_level(logging.INFO, logger="microbench.models.generalist"):
+        first = build_generalist(spec, epochs=1, cache_dir=str(tmp_path))
+    after_building = torch.rand(3)
+    assert "building the generalist base once" in caplog.text
+    caplog.clear()
+    torch.manual_seed(123)
+    with caplog.at_level(logging.INFO, logger="microbench.models.generalist"):
+        again = build_generalist(spec, epochs=1, cache_dir=str(tmp_path))
+    assert "from the cache" in caplog.text and again.fingerprint() == first.fingerprint()
+    assert torch.equal(torch.rand(3), after_building)  # the run goes on the same, built now or read from the cache
+    assert first.fingerprint() != build_backbone(preset="tiny").fingerprint()  # trained, not the random init
+    assert first.family == "contrastive" and first.source["generalist"]["epochs"] == 1
+    other = build_generalist(spec, epochs=2, cache_dir=str(tmp_path))  # another recipe, another entry
+    assert other.fingerprint() != first.fingerprint() and len(list(tmp_path.glob("*/model.pt"))) == 2
+
+
+# --- issue 15 §3: W&B-tracked, read back from what the offline run wrote ------------------------------------------
+
+def _one_run(folder):
+    from wandb_files import offline_run
+
+    runs = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0], offline_run(runs[0])
+
+
+def _check_study_in_run(path, run, study):
+    sweep = [f for f in run["files"] if f.startswith("files/media/table/forgetting/alpha_sweep_")]
+    datasets = [f for f in run["files"] if f.startswith("files/media/table/forgetting/datasets_")]
+    images = [f for f in run["files"] if f.startswith("files/media/images/forgetting/plots_")]
+    assert len(sweep) == 1 and len(datasets) == 1 and len(images) == 2, run["files"]
+    table = json.loads((path / sweep[0]).read_text())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert [r["alpha"] for r in rows] == study["alphas"]
+    test = study["splits"]["test"]["models"]
+    for r in rows:
+        m = test[f"alpha={r['alpha']:.2f}"]
+        assert r["target_fine_acc"] == pytest.approx(m["target/fine"]["acc"]["value"])
+        assert r["supported_all_delta_low"] == pytest.approx(m["supported/all"]["delta"]["low"])
+        assert r["chosen"] == (r["alpha"] == study["selection"]["alpha"])
+    ds = json.loads((path / datasets[0]).read_text())
+    assert len(ds["data"]) == len(test["finetuned"]["datasets"]) and "finetuned_delta" in ds["columns"]
+    assert run["summary"]["forgetting/chosen_alpha"] == study["selection"]["alpha"]
+    assert run["summary"]["forgetting/finetuned/supported_all_delta"] == pytest.approx(
+        test["finetuned"]["supported/all"]["delta"]["value"])
+    assert run["config"]["forgetting"]["alphas"] == study["alphas"]
+
+
+def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path, cfg_train, cfg_forgetting):
+    from microbench.tasks.registry import forgetting, train
+
+    common = ["logger=wandb", "logger.wandb.offline=true"]
+    record, _ = train(cfg_train(["experiment=demo", *common, "trainer.max_epochs=3", "forgetting.alphas=[0,0.5,1]",
+                                 "forgetting.n_resamples=99", "eval_in_domain=false",
+                                 f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
+                                 f"paths.root_dir={tmp_path}", "+trainer.enable_progress_bar=false"]))
+    path, run = _one_run(tmp_path / "fit")
+    assert run["run"]["group"] == "demo" and run["run"]["job_type"] == "demo" and "microbench" in run["run"]["tags"]
+    assert run["config"]["objective"] == "contrastive"  # the fit's own hyperparameters, beside the study's
+    _check_study_in_run(path, run, json.loads((tmp_path / "fit" / "forgetting" / "forgetting.json").read_text()))
+
+    # the same study from src/forgetting.py: its own run, in the group of the fit that wrote the checkpoint
+    _, objects = forgetting(cfg_forgetting([
+        "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", *common, "alphas=[0,0.5,1]",
+        "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'study'}", f"paths.root_dir={tmp_path}"]))
+    path, run = _one_run(tmp_path / "study")
+    assert run["run"]["group"] == "demo" and run["run"]["job_type"] == "forgetting"
+    assert run["config"]["finetuned"] == record["last_checkpoint"] and run["config"]["towers"] == "both"
+    _check_study_in_run(path, run, objects["study"])
+
+
+# --- issue 15 §2: every rank of the run ----------------------------------------------------------------------------
+
+def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, cfg_train, cfg_forgetting):
+    """After a 2-process fit (trainer=ddp_sim) and from src/forgetting.py with 1 and 2 processes: the same
+    predictions and every number of forgetting.json; each image decoded exactly once across the ranks."""
+    import pandas as pd
+
+    from microbench.tasks.registry import forgetting, train
+
+    fast = ["trainer.max_epochs=3", "eval_in_domain=false", "+trainer.enable_progress_bar=false"]
+    record, _ = train(cfg_train(["experiment=demo", "trainer=ddp_sim", *fast, "forgetting.alphas=[0,0.5,1]",
+                                 "forgetting.n_resamples=99", "forgetting.result_cache=null",
+                                 f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
+                                 f"paths.root_dir={tmp_path}"]))
+    folders = {"after fit, 2 ranks": tmp_path / "fit" / "forgetting"}
+    for trainer in ("cpu", "ddp_sim"):
+        forgetting(cfg_forgetting([
+            "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", "alphas=[0,0.5,1]",
+            "bootstrap.n_resamples=99", "result_cache=null", f"paths.output_dir={tmp_path / trainer}",
+            f"paths.root_dir={tmp_path}"]))
+        folders[f"src/forgetting.py trainer={trainer}"] = tmp_path / trainer
+    studies = {k: json.loads((f / "forgetting.json").read_text()) for k, f in folders.items()}
+    one = studies["src/forgetting.py trainer=cpu"]
+    for name, study in studies.items():
+        ranks = 1 if name.endswith("cpu") else 2
+        for split in ("val", "test"):
+            sweep = study["splits"][split]["sweep"]
+            assert sweep["ranks"] == ranks and sweep["decoded_images"] == study["splits"][split]["images"], name
+            assert len(sweep["decoded_per_rank"]) == ranks and min(sweep["decoded_per_rank"]) > 0
+            assert study["splits"][split]["models"] == one["splits"][split]["models"], (name, split)
+        assert study["selection"] == one["selection"] and study["chosen_test"] == one["chosen_test"], name
+        for a in ("0.00", "0.50", "1.00"):
+            pd.testing.assert_frame_equal(pd.read_parquet(folders[name] / "predictions" / f"alpha={a}.parquet"),
+                                          pd.read_parquet(tmp_path / "cpu" / "predictions" / f"alpha={a}.parquet"))
+    assert not list((tmp_path / "ddp_sim").glob(".study-*.json"))  # rank 0's hand-over file, read and removed

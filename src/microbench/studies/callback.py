@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from microbench import distributed
 from microbench.models.backbones.base import state_fingerprint
 from microbench.studies.forgetting import DEFAULT_ALPHAS, StudySpec, run_study
 from microbench.studies.report import write_report
@@ -19,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class ForgettingCallback(L.Callback):
-    """Snapshot the backbone at ``on_fit_start`` (the base); at ``on_fit_end`` (rank 0) interpolate it with the
-    fine-tuned weights and write the forgetting report to ``out_dir``.
+    """Snapshot the backbone at ``on_fit_start`` (the base); at ``on_fit_end`` interpolate it with the fine-tuned
+    weights on every rank of the fit (the images sharded over the ranks, scored once on rank 0) and write the
+    forgetting report to ``out_dir``.
 
     Args:
         make_dm: ``split -> PerceptionDataModule`` over the whole benchmark (the backbone's transform).
@@ -87,20 +87,20 @@ class ForgettingCallback(L.Callback):
         return state
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.base_state is None or trainer.fast_dev_run:
+        if self.base_state is None or trainer.fast_dev_run:
             return
         backbone = pl_module.backbone
         ft_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
         targets = self.target_datasets or pl_module.class_space.datasets
         logger = trainer.logger if trainer.logger else None
-        # rank 0 alone: its scorers must not wait in collectives for ranks that are not taking part (a hang under DDP)
-        with torch.inference_mode(False), distributed.local_only():
+        # every rank of the fit takes part: each encodes its shard of the images for every α, rank 0 scores once
+        with torch.inference_mode(False):
             study = run_study(backbone, self.base_state, ft_state, make_dm=self.make_dm, out_dir=self.out_dir,
                               target_datasets=targets, spec=StudySpec(self.alphas, self.towers, self.keep_target_gain,
                                                                       self.n_resamples),
-                              cache_dir=self.cache_dir, accelerator="cpu" if pl_module.device.type == "cpu" else "gpu",
-                              finetuned_path="(this run)", localization=self.localization,
-                              extra={"run_id": self.run_id})
+                              cache_dir=self.cache_dir, device=pl_module.device, finetuned_path="(this run)",
+                              localization=self.localization, extra={"run_id": self.run_id})
+        if trainer.is_global_zero and study is not None:
             self.study = write_report(study, self.out_dir, logger)
         backbone.to(pl_module.device)
         log.debug("forgetting study written to %s", self.out_dir)  # the run's summary names it, after the test

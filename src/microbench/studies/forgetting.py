@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 
+from microbench import distributed
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.metrics.bootstrap import bootstrap_accuracy, paired_bootstrap_delta
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
@@ -94,27 +94,34 @@ class ResultCache:
 # --- the sweep ----------------------------------------------------------------------------------------------------
 
 def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
-                keys: Callable[[str], bool] | None, cache: ResultCache, accelerator: str = "cpu",
+                keys: Callable[[str], bool] | None, cache: ResultCache, device: str | torch.device = "cpu",
                 base_fingerprint: str | None = None) -> tuple[dict[float, pd.DataFrame], dict]:
-    """Predictions of every θ(α) on one split; the base (α = 0) comes from the cache when it is there."""
+    """Predictions of every θ(α) on one split; the base (α = 0) comes from the cache when it is there.
+
+    In a process group (a DDP fit, ``src/forgetting.py trainer=ddp``) every rank takes part: each encodes its
+    shard of the images for every α, the embeddings are gathered and scored, rank 0 alone returns the predictions (the other
+    ranks get ``{}``); ``info["decoded_images"]`` counts the decodes of all ranks (each image once)."""
     dm.setup("test")
-    key = cache.key(base_fingerprint, dm, ["captions"]) if base_fingerprint else None
+    zero = distributed.rank() == 0
+    key = cache.key(base_fingerprint, dm, ["captions"]) if base_fingerprint and zero else None
     cached = cache.get(key) if key else None
-    todo = [a for a in alphas if not (a == 0 and cached is not None)]
+    from_cache = distributed.gather_objects(cached is not None)[0]  # rank 0's cache decides for every rank
+    todo = [a for a in alphas if not (a == 0 and from_cache)]
     out: dict[float, pd.DataFrame] = {}
-    info: dict[str, Any] = {"base_from_cache": cached is not None}
+    info: dict[str, Any] = {"base_from_cache": bool(from_cache)}
     if todo:
         scorer = InterpolationScorer(backbone, base, finetuned, todo, keys=keys, progress=False,
                                      progress_label=f"forgetting study, {dm.split} split: {len(todo)} models")
-        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, enable_progress_bar=False)  # may run inside fit
         t = time.perf_counter()
-        trainer.test(scorer, datamodule=dm, verbose=False)
+        scorer.sweep(dm, device)
         info.update({"seconds": round(time.perf_counter() - t, 3), "timings": scorer.timings,
-                     "images": len(dm.images()), "models": len(todo), "skipped": {
+                     "images": len(dm.images()), "models": len(todo), "decoded_images": scorer.decoded,
+                     "ranks": len(scorer.decoded_per_rank), "decoded_per_rank": scorer.decoded_per_rank, "skipped": {
                          k: v for k, v in scorer.skipped.items() if k != "problems"}})
         out.update(scorer.predictions_by_alpha)
         scorer.set_alpha(0.0)  # leave the backbone at the base weights
+    if not zero:
+        return {}, info
     if cached is not None and 0 in alphas:
         out[0.0] = cached
     elif key and 0.0 in out:
@@ -166,6 +173,27 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
     out["datasets"] = per_ds
     out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
     return out
+
+
+def base_initialization(backbone: Backbone) -> str:
+    """How the base's weights came about, for the report: ``generalist`` (trained here on the benchmark's train
+    split, :mod:`microbench.models.generalist`), ``random-init`` (an open_clip model without pretrained weights) or
+    ``pretrained``."""
+    src = backbone.source or {}
+    if src.get("generalist"):
+        return "generalist"
+    if src.get("library") == "open_clip" and str(src.get("pretrained") or "").lower() in ("", "none", "null"):
+        return "random-init"
+    return "pretrained"
+
+
+def chance_levels(preds: pd.DataFrame, targets: set[str]) -> dict[str, float]:
+    """The accuracy of guessing, ``mean(1 / number of options)``, on the target and the supported caption items."""
+    cap = preds[preds["source"] == "captions"]
+    inv = 1.0 / cap["scores"].map(len).clip(lower=1).to_numpy(dtype=float)
+    is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
+    return {name: float(inv[m].mean()) if m.any() else float("nan")
+            for name, m in (("target", is_target), ("supported", ~is_target))}
 
 
 def study_alphas(alphas, extrapolate: bool = False) -> list[float]:
@@ -229,11 +257,15 @@ class StudySpec:
 
 def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
               make_dm: Callable[[str], PerceptionDataModule], out_dir: str | Path, target_datasets: Sequence[str],
-              spec: StudySpec = StudySpec(), cache_dir: str | Path | None = None, accelerator: str = "cpu",
-              finetuned_path: str = "", extra: dict | None = None, localization: Callable | None = None) -> dict:
+              spec: StudySpec = StudySpec(), cache_dir: str | Path | None = None, device: str | torch.device = "cpu",
+              finetuned_path: str = "", extra: dict | None = None,
+              localization: Callable | None = None) -> dict | None:
     """Evaluate base, fine-tuned and every θ(α) on val and test and choose α on val; returns the study (the
     per-α test predictions are written to ``out_dir/predictions/``; the report is
     :func:`microbench.studies.report.write_report`'s).
+
+    In a process group every rank must call it: the sweep is sharded over the ranks (:func:`sweep_split`), rank 0
+    summarises and returns the study, the other ranks return None.
 
     ``localization`` (for a model with a localization head): ``(split, base, finetuned, alphas, keys) -> {alpha
     name: metrics}`` scoring the head on every θ(α) in one pass over the split (e.g.
@@ -255,12 +287,15 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
     cache = ResultCache(cache_dir)
     targets = set(target_datasets)
     study: dict[str, Any] = {
-        "base": {"name": backbone.name, "fingerprint": base_fp}, "finetuned": {"path": str(finetuned_path)},
+        "base": {"name": backbone.name, "fingerprint": base_fp, "initialization": base_initialization(backbone)},
+        "finetuned": {"path": str(finetuned_path)},
         "towers": towers, "alphas": alphas, "target_datasets": sorted(targets), "splits": {}, **(extra or {}),
     }
     for split in ("val", "test"):
         dm = make_dm(split)
-        preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, accelerator, base_fp)
+        preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp)
+        if distributed.rank() != 0:
+            continue
         base = preds[0.0]
         models = {"base": summarize_model(base, base, targets, n_resamples)}
         models["finetuned"] = summarize_model(base, preds[1.0], targets, n_resamples)
@@ -268,11 +303,13 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             models[alpha_name(a)] = models["base"] if a == 0 else models["finetuned"] if a == 1 else \
                 summarize_model(base, preds[a], targets, n_resamples)
         study["splits"][split] = {"models": models, "sweep": info, "images": len(dm.images()),
-                                  "items": int((base["source"] == "captions").sum())}
+                                  "items": int((base["source"] == "captions").sum()),
+                                  "chance": chance_levels(base, targets)}
         if localization is not None:
+            with distributed.local_only():  # rank 0 alone: the head's own Trainer must not wait for the others
+                swept = localization(split, base_state, ft_state, alphas, keys)
             study["splits"][split]["localization"] = loc = {
-                name: {k: m.get(k) for k in LOCALIZATION_KEYS if k in m}
-                for name, m in localization(split, base_state, ft_state, alphas, keys).items()}
+                name: {k: m.get(k) for k in LOCALIZATION_KEYS if k in m} for name, m in swept.items()}
             for a in alphas:
                 grit, base_grit = loc[alpha_name(a)].get("grit/macro"), loc[alpha_name(0.0)].get("grit/macro")
                 models[alpha_name(a)] = dict(models[alpha_name(a)], **{"target/localization": {
@@ -280,6 +317,9 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         if split == "test":
             for a, p in preds.items():
                 write_parquet(out_dir / "predictions" / f"{alpha_name(a)}.parquet", p)
+    if distributed.rank() != 0:
+        backbone.load_state_dict(ft_state)
+        return None
     val_by_alpha = {a: study["splits"]["val"]["models"][alpha_name(a)] for a in alphas}
     study["selection"] = select_alpha(val_by_alpha, spec.keep_target_gain,
                                       target="target/localization" if localization is not None else "target/fine")

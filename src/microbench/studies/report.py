@@ -38,11 +38,73 @@ def _delta(d: dict | None) -> str:
     return f"{100 * d['value']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{star}"
 
 
+def _points(d: dict) -> str:
+    return f"{100 * d['value']:+.1f} points (95 % CI {100 * d['low']:+.1f} to {100 * d['high']:+.1f})"
+
+
+def findings(study: dict) -> list[str]:
+    """What happened, in words (the top of the report): the fine-tune's change on its target and elsewhere on test,
+    and what the chosen α keeps and wins back; a warning when the base knows nothing to forget."""
+    test = study["splits"]["test"]["models"]
+    ft, ch = test["finetuned"], study.get("chosen_test") or test[alpha_name(study["selection"]["alpha"])]
+    target = "target/localization" if "target/localization" in ft and "delta" in ft["target/localization"] and \
+        "low" in ft["target/localization"]["delta"] else "target/fine"
+    lines = []
+    if (study.get("base") or {}).get("initialization") == "random-init":
+        lines.append("> **Warning: the base model is random-init** (no pretrained weights): it knows nothing that could "
+                     "be forgotten, so this study cannot show forgetting. Use a pretrained or generalist base (the "
+                     "demo's `model=tiny_generalist`).")
+    if not all(k in m for m in (ft, ch, test["base"]) for k in (target, "supported/all")):
+        return lines  # a study without both groups (e.g. every dataset a target): the tables say it all
+    t, s = ft[target], ft["supported/all"]
+    gain = t["delta"]["value"]
+    what = "fine-grained accuracy" if target == "target/fine" else "localization score"
+    chance = ((study["splits"]["test"].get("chance") or {}).get("supported"))
+    base_sup = test["base"]["supported/all"]["acc"]
+    if lines:
+        pass  # random-init, said above
+    elif chance is not None and chance == chance and base_sup.get("low") is not None and base_sup["low"] <= chance:
+        lines.append(f"> **Warning: the base model is at chance on the supported datasets** "
+                     f"({100 * base_sup['value']:.1f} %, chance {100 * chance:.1f} %): there is little to forget, so "
+                     "a loss there cannot show up; use a stronger base.")
+    if t["delta"]["significant"] and gain > 0:
+        tgt = f"gained {_points(t['delta'])} of {what} on its target datasets"
+    elif t["delta"]["significant"]:
+        tgt = f"lost {_points(t['delta'])} of {what} on its own target datasets"
+    else:
+        tgt = f"did not change its target datasets' {what} significantly ({_points(t['delta'])})"
+    tgt += f" ({100 * test['base'][target]['acc']['value']:.1f} → {100 * t['acc']['value']:.1f} %)"
+    if s["delta"]["significant"] and s["delta"]["value"] < 0:
+        sup = f"and forgot {_points(s['delta'])[1:]} on the supported datasets"
+    elif s["delta"]["significant"]:
+        sup = f"and improved the supported datasets by {_points(s['delta'])}"
+    else:
+        sup = f"and did not change the supported datasets significantly ({_points(s['delta'])})"
+    sup += f" ({100 * base_sup['value']:.1f} → {100 * s['acc']['value']:.1f} %)"
+    lines.append(f"**What happened.** On the test split, the fine-tune {tgt}, {sup}.")
+    a = study["selection"]["alpha"]
+    kept = ch[target]["delta"]["value"]
+    lost = s["acc"]["value"] - base_sup["value"]
+    back = ch["supported/all"]["acc"]["value"] - s["acc"]["value"]
+    rec = f"Interpolating with the base at **α = {a:.2f}** (chosen on val) "
+    if gain > 0:
+        rec += f"keeps {100 * kept:+.1f} of the {100 * gain:+.1f}-point target gain ({100 * kept / gain:.0f} %)"
+    else:
+        rec += f"changes the target by {100 * kept:+.1f} points"
+    if lost < 0:
+        rec += (f" and wins back {100 * back:.1f} of the {-100 * lost:.1f} points lost elsewhere (supported "
+                f"{100 * ch['supported/all']['acc']['value']:.1f} %).")
+    else:
+        rec += f" with supported accuracy {100 * ch['supported/all']['acc']['value']:.1f} %."
+    lines.append(rec)
+    return lines
+
+
 def report_markdown(study: dict) -> str:
     test = study["splits"]["test"]["models"]
     chosen = study["selection"]["alpha"]
     lines = [
-        "# Forgetting study", "",
+        "# Forgetting study", "", *[x for line in findings(study) for x in (line, "")],
         f"Base `{study['base']['name']}` (`{study['base']['fingerprint']}`) vs fine-tuned "
         f"`{study['finetuned']['path']}`; interpolated towers: {study['towers']}. Target tasks (fine-tuning datasets): "
         f"{', '.join(study['target_datasets']) or '—'}; supported tasks: every other dataset of the copy.",
@@ -142,17 +204,80 @@ def plot_study(study: dict, out_dir: Path) -> list[Path]:
     return [p1, p2]
 
 
+#: the groups of the α-sweep table: (column prefix, study key)
+SWEEP_GROUPS = (("target_fine", "target/fine"), ("target_coarse", "target/coarse"), ("supported_fine", "supported/fine"),
+                ("supported_coarse", "supported/coarse"), ("supported_all", "supported/all"), ("all", "all/all"))
+
+
+def sweep_table(study: dict, split: str = "test") -> tuple[list[str], list[list]]:
+    """One row per α (0 = base, 1 = fine-tuned): accuracy, Δ vs base and its paired 95 % CI for each group."""
+    models = study["splits"][split]["models"]
+    chosen = study["selection"]["alpha"]
+    columns = ["alpha", "model", "chosen"] + [f"{p}_{c}" for p, _ in SWEEP_GROUPS
+                                               for c in ("acc", "delta", "delta_low", "delta_high")]
+    rows = []
+    for a in study["alphas"]:
+        m = models[alpha_name(a)]
+        row = [float(a), "base" if a == 0 else "fine-tuned" if a == 1 else f"θ({a:.2f})", bool(abs(a - chosen) < 1e-9)]
+        for _, key in SWEEP_GROUPS:
+            e = m.get(key) or {}
+            d = e.get("delta") or {}
+            row += [(e.get("acc") or {}).get("value"), d.get("value"), d.get("low"), d.get("high")]
+        rows.append(row)
+    return columns, rows
+
+
+def dataset_table(study: dict) -> tuple[list[str], list[list]]:
+    """Per dataset and grain on test: base, fine-tuned and chosen-α accuracy, the two Δ with their CIs."""
+    test = study["splits"]["test"]["models"]
+    ft = test["finetuned"]["datasets"]
+    ch = test[alpha_name(study["selection"]["alpha"])]["datasets"]
+    columns = ["dataset", "grain", "target", "n", "base_acc", "finetuned_acc", "finetuned_delta", "finetuned_low",
+               "finetuned_high", "chosen_acc", "chosen_delta", "chosen_low", "chosen_high"]
+    rows = []
+    for key, e in ft.items():
+        dataset, grain = key.rsplit("/", 1)
+        c = ch.get(key, {})
+        rows.append([dataset, grain, bool(e["target"]), e["n"], e["base_acc"], e["acc"], e["delta"]["value"],
+                     e["delta"]["low"], e["delta"]["high"], c.get("acc"), (c.get("delta") or {}).get("value"),
+                     (c.get("delta") or {}).get("low"), (c.get("delta") or {}).get("high")])
+    return columns, rows
+
+
+def summary_values(study: dict) -> dict[str, float]:
+    """The study's answer in a few numbers (W&B run summary): the chosen α and, on test, base / fine-tuned / chosen
+    accuracy and Δ on the target's fine questions and on the supported datasets."""
+    test = study["splits"]["test"]["models"]
+    out = {"forgetting/chosen_alpha": float(study["selection"]["alpha"])}
+    for who, m in (("base", test["base"]), ("finetuned", test["finetuned"]), ("chosen", study["chosen_test"])):
+        for short, key in (("target_fine", "target/fine"), ("supported_all", "supported/all")):
+            out[f"forgetting/{who}/{short}"] = m[key]["acc"]["value"]
+            if who != "base":
+                out[f"forgetting/{who}/{short}_delta"] = m[key]["delta"]["value"]
+    return out
+
+
 def log_to_logger(logger, study: dict, plots: list[Path]) -> None:
-    """Scalars for every logger; tables and images for W&B."""
+    """Scalars for every logger; with W&B also the α sweep and per-dataset tables, the two plots, the answer as
+    summary values and the study's settings in the run config."""
     test = study["splits"]["test"]["models"]
     scalars = {f"forgetting/{name}/{k}": v["acc"]["value"] for name, s in test.items() for k, v in s.items()
                if isinstance(v, dict) and "acc" in v}
     scalars["forgetting/chosen_alpha"] = study["selection"]["alpha"]
     logger.log_metrics(scalars)
-    if hasattr(logger, "log_table") and hasattr(logger, "log_image"):
-        cols = ["model", "target_fine", "target_coarse", "supported_fine", "supported_coarse", "all"]
-        rows = [[n] + [s.get(k, {}).get("acc", {}).get("value") for k in
-                       ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all")]
-                for n, s in test.items()]
-        logger.log_table(key="forgetting/summary", columns=cols, data=rows)
-        logger.log_image(key="forgetting/plots", images=[str(p) for p in plots])
+    if not (hasattr(logger, "log_table") and hasattr(logger, "log_image")):
+        return
+    columns, rows = sweep_table(study)
+    logger.log_table(key="forgetting/alpha_sweep", columns=columns, data=rows)
+    columns, rows = dataset_table(study)
+    logger.log_table(key="forgetting/datasets", columns=columns, data=rows)
+    logger.log_image(key="forgetting/plots", images=[str(p) for p in plots],
+                     caption=["target vs supported accuracy across α", "per-dataset Δ vs base"][:len(plots)])
+    run = logger.experiment
+    for k, v in summary_values(study).items():
+        run.summary[k] = v
+    run.config.update({"forgetting": {"alphas": study["alphas"], "towers": study["towers"],
+                                      "target_datasets": study["target_datasets"],
+                                      "selection_rule": study["selection"]["rule"],
+                                      "base": study["base"], "finetuned": study["finetuned"]}},
+                      allow_val_change=True)

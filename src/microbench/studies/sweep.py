@@ -86,18 +86,43 @@ class InterpolationScorer(ZeroShotScorer):
         self.weights.set_alpha(alpha)
 
     def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
+        self._start(self.trainer.datamodule)
+
+    def _start(self, dm) -> None:
+        self._reset(len(dm.images()))
+        self.backbone.eval()
+        self.timings = {"_start": time.perf_counter()}
         self._bufs = {a: torch.zeros_like(self._emb) for a in self.alphas}
+        self._decoded = 0
         self.weights.to(self.device)
         self.timings["set_weights"] = 0.0
-        if self.progress_label and self.trainer.is_global_zero:
+        if self.progress_label and distributed.rank() == 0:
             from tqdm.auto import tqdm
 
-            n = len(self.trainer.datamodule.images())
+            n = len(dm.images())
             self._bar = tqdm(total=n * len(self.alphas), desc=self.progress_label, unit="img×α", leave=False,
                              dynamic_ncols=True)
 
+    @torch.no_grad()
+    def sweep(self, dm, device: str | torch.device = "cpu") -> dict[float, pd.DataFrame]:
+        """The whole sweep without a Trainer, in the current process group (none: this process alone): this rank
+        encodes its shard of the split (``dm.image_loader``: every image on exactly one rank, decoded once for all
+        α), the embeddings are gathered and scored, the texts encoded sharded too. Returns the predictions by α
+        (the same on every rank); ``self.decoded`` counts the decodes of every rank."""
+        if distributed.is_distributed():  # spawned processes may share the weights' memory (torch.multiprocessing
+            for t in (*self.backbone.parameters(), *self.backbone.buffers()):  # pickles CPU tensors to shared
+                t.data = t.data.clone()  # memory): each rank sets its own θ(α), so each gets its own copy
+        self.to(device)
+        self._start(dm)
+        for i, batch in enumerate(dm.image_loader(dm.split)):
+            if batch["pixel_values"] is not None:
+                batch = {**batch, "pixel_values": batch["pixel_values"].to(self.device)}
+            self.test_step(batch, i)
+        self._finish(dm)
+        return self.predictions_by_alpha
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._decoded += len(batch["image_index"]) + len(batch["failed"])
         if not self._note_failures(batch):
             return
         idx = batch["image_index"].cpu()
@@ -112,15 +137,21 @@ class InterpolationScorer(ZeroShotScorer):
             self._bar.update(len(idx) * len(self.alphas))
 
     def on_test_epoch_end(self) -> None:
+        self._finish(self.trainer.datamodule)
+
+    def _finish(self, dm) -> None:
+        """Gather every rank's embeddings of every α and score them (the text encoding sharded over the ranks)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         t0 = time.perf_counter()
         self.timings["images"] = round(t0 - self.timings.pop("_start", t0), 3)
-        dm = self.trainer.datamodule
+        zero = distributed.rank() == 0
         skipped = {}
+        self.predictions_by_alpha = {}
+        self.decoded_per_rank = [int(n) for n in distributed.gather_objects(self._decoded)]
+        self.decoded = sum(self.decoded_per_rank)
         for a in self.alphas:
-            self.set_alpha(a)
             emb, seen = self._bufs[a], self._seen
             if distributed.is_distributed():
                 mine = torch.from_numpy(np.flatnonzero(self._seen))
@@ -128,6 +159,7 @@ class InterpolationScorer(ZeroShotScorer):
                 for idx, e in distributed.gather_objects((mine, self._bufs[a][mine])):
                     emb[idx] = e
                     seen[idx.numpy()] = True
+            self.set_alpha(a)  # every rank scores: the texts are encoded sharded (encode_texts), then gathered
             preds, skipped = self.score(dm, emb, seen)
             self.predictions_by_alpha[a] = preds
         errors = [e for part in distributed.gather_objects(self._errors) for e in part]
@@ -135,7 +167,7 @@ class InterpolationScorer(ZeroShotScorer):
         self.skipped = skipped
         self.timings["texts_and_scoring"] = round(time.perf_counter() - t0, 3)
         self.timings["set_weights"] = round(self.timings["set_weights"], 3)
-        if self.on_done is not None and self.trainer.is_global_zero:
+        if self.on_done is not None and zero:
             self.on_done(self.predictions_by_alpha, skipped, self)
         self._bufs = {}
 

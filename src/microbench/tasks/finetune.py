@@ -27,6 +27,7 @@ from microbench.studies.forgetting import study_alphas
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
 from microbench.tasks.trainer import (
     build_model,
+    close_loggers,
     container,
     fitted_checkpoints,
     instantiate_callbacks,
@@ -105,6 +106,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     best_line = outputs.pop("best checkpoint")
     record.outputs = {"best checkpoint": best_line, "results": str((out_dir / "train_metrics.json").resolve()),
                       **outputs}
+    close_loggers(trainer.loggers)
     return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from microbench.data.config import localization_dm_factory, make_eval_dm
 from microbench.errors import UserError
 from microbench.models.localization import detector_from_checkpoint
+from microbench.results.io import read_json, write_json
 from microbench.results.record import RunRecord
 from microbench.studies.forgetting import StudySpec, load_finetuned_state, run_study, study_alphas
 from microbench.studies.merging import MergeError
@@ -20,7 +23,14 @@ from microbench.studies.report import write_report
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.localization import build_from_record
 from microbench.tasks.records import new_record, run_context
-from microbench.tasks.trainer import build_model, container, instantiate_loggers, start_run
+from microbench.tasks.trainer import (
+    build_model,
+    close_loggers,
+    container,
+    instantiate_loggers,
+    start_run,
+    trainer_for,
+)
 
 #: the model presets (``configs/model/<name>.yaml``), for ``base=<name>`` given as a string
 PRESETS = Path(__file__).resolve().parents[3] / "configs" / "model"
@@ -39,12 +49,24 @@ def base_model_config(base) -> DictConfig:
     return cfg
 
 
+def study_group(cfg: DictConfig, fit_task: str | None) -> dict:
+    """A study of a checkpoint joins the W&B group of the fit that wrote it (the fit's task name), unless the
+    config names another group (``logger.wandb.group=...``)."""
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    if wandb is None or not fit_task or wandb.get("group") != cfg.task_name:
+        return {}
+    return {"wandb": {"group": fit_task}}
+
+
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if not cfg.get("finetuned"):
         raise MergeError("no fine-tuned checkpoint: pass finetuned=<path to a .ckpt from src/train.py>")
     alphas = study_alphas(cfg.alphas, bool(cfg.get("extrapolate", False)))
     t0, out_dir = start_run(cfg)  # output folder writable, data path there, before the model is built
-    backbone = build_model(base_model_config(cfg.base))
+    if isinstance(cfg.base, str):  # base=<preset> as a string: the preset, its interpolations (${data.path}...)
+        with open_dict(cfg):       # resolved against this run's config
+            cfg.base = base_model_config(cfg.base)
+    backbone = build_model(cfg.base)
     if cfg.get("base_checkpoint"):
         base_state, _ = load_finetuned_state(cfg.base_checkpoint, backbone, key="base_checkpoint")
     else:
@@ -66,19 +88,31 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if not targets:
         raise MergeError("cannot tell the fine-tuning datasets: the checkpoint has no class space; pass "
                          "target_datasets=[...]")
-    loggers = instantiate_loggers(cfg)
+    fit_task = ((record.get("config") or {}).get("task_name")) or (hp.get("record") or {}).get("config", {}).get(
+        "task_name")
+    loggers = instantiate_loggers(cfg, **study_group(cfg, fit_task))
+    for lg in loggers:
+        lg.log_hyperparams(container(cfg))
     context = run_context(cfg, t0, out_dir)
     spec = StudySpec(alphas=alphas, towers=str(cfg.towers), keep_target_gain=float(cfg.selection.keep_target_gain),
                      n_resamples=int(cfg.bootstrap.n_resamples))
-    study = run_study(
-        backbone, base_state, ft_state, make_dm=partial(make_eval_dm, cfg.data, backbone.preprocess),
+    study_fn = partial(
+        run_study, backbone, base_state, ft_state, make_dm=partial(make_eval_dm, cfg.data, backbone.preprocess),
         out_dir=cfg.paths.output_dir, target_datasets=targets, spec=spec, cache_dir=cfg.get("result_cache"),
-        accelerator=cfg.trainer.get("accelerator", "cpu"), finetuned_path=str(Path(cfg.finetuned)),
-        extra={"config": container(cfg), "finetuned_record": {
+        finetuned_path=str(Path(cfg.finetuned)),
+        extra={"config": container(cfg), "run_id": context["run_id"], "finetuned_record": {
             k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},
-        localization=localization,
-    )
+        localization=localization)
+    trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                          enable_progress_bar=False)
+    if trainer.world_size > 1:  # every process of trainer=ddp|ddp_sim takes its shard of the images
+        runner = StudyInProcessGroup(study_fn, out_dir / f".study-{context['run_id']}.json")
+        trainer.test(runner, verbose=False)
+        study = runner.read_back()
+    else:
+        study = study_fn(device=trainer.strategy.root_device)
     write_report(study, out_dir, loggers[0] if loggers else None)
+    close_loggers(loggers)  # the study's own W&B run is complete on disk when the command returns
     return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
 
 
@@ -95,3 +129,37 @@ def study_record(context: dict, study: dict, out_dir: Path) -> RunRecord:
     record.outputs = {"report": f"{(out_dir / 'forgetting.md').resolve()} (plots: alpha_sweep.png, "
                                 "dataset_deltas.png)"}
     return record
+
+
+class StudyInProcessGroup(L.LightningModule):
+    """Runs a study (``study_fn(device=...)``, e.g. :func:`run_study` bound to its inputs) in every process that
+    ``trainer.test`` starts (``trainer=ddp``, ``ddp_sim``, ``torchrun``), so that its sweep is sharded over them;
+    rank 0 writes the study to ``path`` (spawned workers keep their memory), read back by :meth:`read_back`."""
+
+    def __init__(self, study_fn, path: Path) -> None:
+        super().__init__()
+        self.study_fn, self.path, self.study = study_fn, Path(path), None
+
+    def test_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader([0], batch_size=1)  # one step per rank; the work is in on_test_epoch_end
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        with torch.inference_mode(False):
+            study = self.study_fn(device=self.device)
+        if self.trainer.is_global_zero:
+            self.study = study
+            write_json(self.path, study)
+
+    def read_back(self) -> dict:
+        """The study of this run: in memory, or the file rank 0 wrote (removed once read)."""
+        if self.study is None:
+            if not self.path.is_file():
+                raise UserError(f"the forgetting study wrote no results to {self.path.parent}; see the log above")
+            self.study = read_json(self.path)
+        self.path.unlink(missing_ok=True)
+        return self.study

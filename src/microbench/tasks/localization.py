@@ -46,6 +46,7 @@ from microbench.tasks.records import (
 )
 from microbench.tasks.trainer import (
     build_model,
+    close_loggers,
     container,
     fitted_checkpoints,
     instantiate_callbacks,
@@ -111,6 +112,7 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if trainer.is_global_zero:
         write_run(out_dir, record, name="train_metrics.json")
     record.outputs = outputs  # the test's results.md, not the fit's JSON, is what a reader opens
+    close_loggers(trainer.loggers)
     return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
 
 

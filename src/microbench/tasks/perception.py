@@ -22,6 +22,7 @@ from microbench.tasks.records import PerceptionRecordWriter, run_context, write_
 from microbench.tasks.trainer import (
     bootstrap_settings,
     build_model,
+    close_loggers,
     instantiate_loggers,
     log_record,
     start_run,
@@ -63,6 +64,7 @@ def zero_shot(cfg: DictConfig) -> tuple[RunRecord, dict]:
     record = writer.record or RunRecord.from_dict(this_runs_record(out_dir / "metrics.json", context["run_id"],
                                                                    trainer),
                                                   outputs={"results": str((out_dir / "results.md").resolve())})
+    close_loggers(trainer.loggers)
     return record, {"backbone": backbone, "datamodule": dm, "trainer": trainer, "scorer": scorer}
 
 

@@ -102,10 +102,25 @@ def check_loggers(cfg: DictConfig) -> None:
                         "with WANDB_MODE=offline (or logger.wandb.offline=true) and `wandb sync` later")
 
 
-def instantiate_loggers(cfg: DictConfig) -> list:
-    """The loggers of ``cfg.logger`` (an empty list for ``logger=none``)."""
+def instantiate_loggers(cfg: DictConfig, **overrides: dict) -> list:
+    """The loggers of ``cfg.logger`` (an empty list for ``logger=none``); ``overrides``: per logger name, keyword
+    arguments that replace its config's (e.g. ``wandb={"group": ...}``)."""
     check_loggers(cfg)
-    return [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    return [instantiate(lg, **overrides.get(name, {})) for name, lg in (cfg.get("logger") or {}).items()
+            if lg is not None]
+
+
+def close_loggers(loggers) -> None:
+    """Flush and finish the run's loggers: the W&B run is complete on disk (or synced) when the task returns, and a
+    later task in the same process starts its own run."""
+    for lg in loggers or []:
+        lg.save()
+        lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.finish()
 
 
 def instantiate_callbacks(cfg: DictConfig) -> dict:
@@ -160,6 +175,4 @@ def log_record(cfg: DictConfig, record, results_md: Path | None = None) -> None:
         lg.log_metrics(values)
         if hasattr(lg, "log_text") and results_md is not None:
             lg.log_text(key=f"{prefix}/results", columns=["results.md"], data=[[Path(results_md).read_text()]])
-        lg.save()
-        if hasattr(lg, "finalize"):
-            lg.finalize("success")
+    close_loggers(loggers)
