@@ -111,6 +111,8 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         study = runner.read_back()
     else:
         study = study_fn(device=trainer.strategy.root_device)
+    if not trainer.is_global_zero:  # another process of a torchrun/SLURM launch: rank 0 writes and logs
+        return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
     write_report(study, out_dir, loggers[0] if loggers else None)
     close_loggers(loggers)  # the study's own W&B run is complete on disk when the command returns
     return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
@@ -151,9 +153,9 @@ class StudyInProcessGroup(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         with torch.inference_mode(False):
             study = self.study_fn(device=self.device)
+        self.study = self.trainer.strategy.broadcast(study, src=0)  # every rank (torchrun) holds rank 0's study
         if self.trainer.is_global_zero:
-            self.study = study
-            write_json(self.path, study)
+            write_json(self.path, self.study)  # ... and the launching process of spawned workers reads it
 
     def read_back(self) -> dict:
         """The study of this run: in memory, or the file rank 0 wrote (removed once read)."""
