@@ -405,3 +405,14 @@ def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, 
             pd.testing.assert_frame_equal(pd.read_parquet(folders[name] / "predictions" / f"alpha={a}.parquet"),
                                           pd.read_parquet(tmp_path / "cpu" / "predictions" / f"alpha={a}.parquet"))
     assert not list((tmp_path / "ddp_sim").glob(".study-*.json"))  # rank 0's hand-over file, read and removed
+
+
+@pytest.mark.parametrize(("override", "message"), [("model.epochs=0", "model.epochs must be an integer >= 1"),
+                                                   ("model.lr=0", "model.lr must be > 0")])
+def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, override, message):
+    from microbench.errors import UserError
+    from microbench.tasks.registry import train
+
+    with pytest.raises(UserError, match=message):
+        train(cfg_train(["experiment=demo", override, f"paths.output_dir={tmp_path}", f"paths.root_dir={tmp_path}"]))
+    assert not (tmp_path / ".cache" / "bases").exists()  # nothing built, nothing cached

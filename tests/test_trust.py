@@ -198,8 +198,10 @@ def test_an_impossible_batch_size_is_one_line(value, tmp_path, capsys):
                    "data.batch_size must be an integer >= 1")
 
 
-def test_an_output_dir_that_is_a_file_or_unwritable_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+def never_built(monkeypatch) -> list:
+    """Replace the model builders (``model=tiny``'s and the demo's generalist) by ones that only count calls."""
     import microbench.models.backbones as backbones
+    import microbench.models.generalist as generalist
 
     built = []
 
@@ -208,6 +210,12 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_one_line_before_any_work(
 
     build.family = "contrastive"  # what the registry reads from model._target_ without building
     monkeypatch.setattr(backbones, "build_backbone", build)
+    monkeypatch.setattr(generalist, "build_generalist", build)
+    return built
+
+
+def test_an_output_dir_that_is_a_file_or_unwritable_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    built = never_built(monkeypatch)
     (tmp_path / "file").write_text("x")
     one_line_error("eval", [f"paths.output_dir={tmp_path / 'file'}"], capsys, "is a file, not a folder")
     one_line_error("train", ["experiment=demo", f"paths.output_dir={tmp_path / 'file' / 'sub'}"], capsys,
@@ -218,15 +226,7 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_one_line_before_any_work(
 
 
 def test_a_data_path_typo_fails_before_the_model_is_built(tmp_path, capsys, monkeypatch):
-    import microbench.models.backbones as backbones
-
-    built = []
-
-    def build(*a, **k):
-        built.append(1)
-
-    build.family = "contrastive"  # what the registry reads from model._target_ without building
-    monkeypatch.setattr(backbones, "build_backbone", build)
+    built = never_built(monkeypatch)
     for name, extra in (("eval", []), ("train", ["experiment=demo"]),
                         ("forgetting", ["finetuned=x.ckpt"])):
         one_line_error(name, [*extra, "data.path=/data/ubnech", f"paths.output_dir={tmp_path}"], capsys,

@@ -19,11 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 
+from microbench.data.labelled import LabelledDataModule
+from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
 from microbench.models.backbones.registry import build_backbone
+from microbench.models.finetune import FineTuneModule
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +43,10 @@ def build_generalist(backbone: dict, data_path: str = "sample", revision: str | 
                      cache_dir: str | None = None, accelerator: str = "cpu") -> Backbone:
     """``backbone`` (a ``build_backbone`` config) trained contrastively on the train split of every dataset of
     ``data_path``; from the cache when this exact recipe was built before."""
-    import lightning as L
-
-    from microbench.data.labelled import LabelledDataModule
-    from microbench.models.finetune import FineTuneModule
-
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise UserError(f"model.epochs must be an integer >= 1 (the generalist base's training epochs), got {epochs!r}")
+    if not float(lr) > 0:
+        raise UserError(f"model.lr must be > 0 (the generalist base's learning rate), got {lr!r}")
     bb = build_backbone(**backbone)
     recipe = {"epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
               "batch_size": int(batch_size), "seed": int(seed), "objective": "contrastive"}

@@ -42,6 +42,14 @@ def _points(d: dict) -> str:
     return f"{100 * d['value']:+.1f} points (95 % CI {100 * d['low']:+.1f} to {100 * d['high']:+.1f})"
 
 
+def _change(delta: dict, up: str, down: str, same: str) -> str:
+    """``up``/``down``/``same`` (each with a ``{}`` for the points and CI) by the sign and significance of
+    ``delta``; a loss is said as a positive number of points (``forgot 13.8 points``)."""
+    if not delta["significant"]:
+        return same.format(_points(delta))
+    return up.format(_points(delta)) if delta["value"] > 0 else down.format(_points(delta)[1:])
+
+
 def findings(study: dict) -> list[str]:
     """What happened, in words (the top of the report): the fine-tune's change on its target and elsewhere on test,
     and what the chosen α keeps and wins back; a warning when the base knows nothing to forget."""
@@ -67,19 +75,12 @@ def findings(study: dict) -> list[str]:
         lines.append(f"> **Warning: the base model is at chance on the supported datasets** "
                      f"({100 * base_sup['value']:.1f} %, chance {100 * chance:.1f} %): there is little to forget, so "
                      "a loss there cannot show up; use a stronger base.")
-    if t["delta"]["significant"] and gain > 0:
-        tgt = f"gained {_points(t['delta'])} of {what} on its target datasets"
-    elif t["delta"]["significant"]:
-        tgt = f"lost {_points(t['delta'])} of {what} on its own target datasets"
-    else:
-        tgt = f"did not change its target datasets' {what} significantly ({_points(t['delta'])})"
+    tgt = _change(t["delta"], f"gained {{}} of {what} on its target datasets",
+                  f"lost {{}} of {what} on its own target datasets",
+                  f"did not change its target datasets' {what} significantly ({{}})")
     tgt += f" ({100 * test['base'][target]['acc']['value']:.1f} → {100 * t['acc']['value']:.1f} %)"
-    if s["delta"]["significant"] and s["delta"]["value"] < 0:
-        sup = f"and forgot {_points(s['delta'])[1:]} on the supported datasets"
-    elif s["delta"]["significant"]:
-        sup = f"and improved the supported datasets by {_points(s['delta'])}"
-    else:
-        sup = f"and did not change the supported datasets significantly ({_points(s['delta'])})"
+    sup = _change(s["delta"], "and improved the supported datasets by {}", "and forgot {} on the supported datasets",
+                  "and did not change the supported datasets significantly ({})")
     sup += f" ({100 * base_sup['value']:.1f} → {100 * s['acc']['value']:.1f} %)"
     lines.append(f"**What happened.** On the test split, the fine-tune {tgt}, {sup}.")
     a = study["selection"]["alpha"]

@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from microbench.errors import UserError
+from microbench.errors import UserError, user_error_of
 from microbench.results.io import check_output_dir, clean_stale_temporaries
 
 #: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
@@ -70,7 +70,13 @@ def model_family(model_cfg: DictConfig) -> str:
 def build_model(model_cfg: DictConfig):
     """The model ``model_cfg`` names (its ``_target_``), checked to be of the family its target declares."""
     family = model_family(model_cfg)
-    model = instantiate(model_cfg)
+    try:
+        model = instantiate(model_cfg)
+    except Exception as err:  # Hydra wraps what the target raises: a user-fixable error stays itself
+        cause = user_error_of(err)
+        if cause is None:
+            raise
+        raise cause from None
     if getattr(model, "family", None) != family:
         raise UserError(f"model._target_={model_cfg._target_} declares the {family} family but built a "
                         f"{type(model).__name__} of family {getattr(model, 'family', None)!r}")
