@@ -313,6 +313,14 @@ def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
     assert first.family == "contrastive" and first.source["generalist"]["epochs"] == 1
     other = build_generalist(spec, epochs=2, cache_dir=str(tmp_path))  # another recipe, another entry
     assert other.fingerprint() != first.fingerprint() and len(list(tmp_path.glob("*/model.pt"))) == 2
+    # a damaged cache entry is said and rebuilt (the same weights), never a traceback or a half-loaded base
+    (cached,) = [p for p in tmp_path.glob("*/model.pt") if (p.parent / "recipe.json").read_text().count('"epochs": 1')]
+    cached.write_bytes(b"not a torch file")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="microbench.models.generalist"):
+        rebuilt = build_generalist(spec, epochs=1, cache_dir=str(tmp_path))
+    assert "cannot be read" in caplog.text and rebuilt.fingerprint() == first.fingerprint()
+    assert build_generalist(spec, epochs=1, cache_dir=str(tmp_path)).fingerprint() == first.fingerprint()
 
 
 # --- issue 15 §3: W&B-tracked, read back from what the offline run wrote ------------------------------------------

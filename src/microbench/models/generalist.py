@@ -37,6 +37,21 @@ def _key(backbone: dict, recipe: dict, data: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _read_cached(path: Path) -> dict | None:
+    """The cached weights, or None when there are none or they cannot be read (rebuilt then, and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            return state
+        problem = f"holds a {type(state).__name__}, not weights"
+    except Exception as err:  # noqa: BLE001 - a damaged cache entry of any kind is rebuilt
+        problem = f"cannot be read ({type(err).__name__})"
+    log.warning("the cached generalist base %s %s: building it again", path, problem)
+    return None
+
+
 def build_generalist(backbone: dict, data_path: str = "sample", revision: str | None = None, split_seed: int = 0,
                      split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), epochs: int = 20,
                      lr: float = 1e-3, weight_decay: float = 0.1, batch_size: int = 32, seed: int = 0,
@@ -57,8 +72,9 @@ def build_generalist(backbone: dict, data_path: str = "sample", revision: str | 
     data = {"fingerprint": dm.source.fingerprint, "split": dm.split_spec.to_dict()}
     key = _key({**backbone, "base_fingerprint": bb.fingerprint()}, recipe, data)
     path = Path(cache_dir or Path.home() / ".cache" / "microbench" / "bases") / key / "model.pt"
-    if path.is_file():
-        bb.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    cached = _read_cached(path)
+    if cached is not None:
+        bb.load_state_dict(cached)
         log.info("generalist base %s from the cache (%s)", key, path)
     else:
         log.info("building the generalist base once (cached as %s): %s trained contrastively on the train split of "

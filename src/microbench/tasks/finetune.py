@@ -9,7 +9,6 @@ forgetting summary), ``in_domain/`` (a perception run record) and ``forgetting/`
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import microbench
-from microbench.data.config import LABELLED_DM, make_eval_dm, perception_view, whole_benchmark_cfg
+from microbench.data.config import LABELLED_DM, perception_view
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
-from microbench.studies.callback import ForgettingCallback
-from microbench.studies.forgetting import study_alphas
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
 from microbench.tasks.trainer import (
     build_model,
     close_loggers,
     container,
     fitted_checkpoints,
+    forgetting_callback,
+    forgetting_summary,
     instantiate_callbacks,
     instantiate_loggers,
     start_run,
@@ -64,7 +63,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     ckpt_dir = Path(cfg.checkpoint_dir)
     named = instantiate_callbacks(cfg)
     callbacks = list(named.values())
-    study_cb = _forgetting_callback(cfg, backbone, out_dir)
+    study_cb = forgetting_callback(cfg, backbone, out_dir)
     if study_cb is not None:
         callbacks.append(study_cb)
     trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
@@ -83,19 +82,16 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         n_test = len(dm.images("test"))
         headline = {f"test/{k}": {"value": fit["test"][f"test/{k}"], "ci": None, "n": n_test}
                     for k in ("acc", "balanced_acc") if f"test/{k}" in fit["test"]}
-    outputs = {"best checkpoint": best or "none"}
+    outputs = {"best checkpoint": best or "none", "results": str((out_dir / "train_metrics.json").resolve())}
     if cfg.get("eval_in_domain", True) and not trainer.fast_dev_run and trainer.is_global_zero:
         fit["in_domain_zero_shot"] = in_domain_zero_shot(cfg, module, out_dir / "in_domain")
         outputs["in-domain zero-shot"] = str((out_dir / "in_domain" / "results.md").resolve())
     st = study_cb.result(trainer) if study_cb is not None else None
     if st is not None:
-        fit["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
-                             "chosen_alpha": st["selection"]["alpha"],
-                             "test": {n: {k: st["splits"]["test"]["models"][n][k]["acc"]["value"]
-                                          for k in ("target/fine", "supported/all")}
-                                      for n in ("base", "finetuned")}}
-        outputs["forgetting report"] = (f"{fit['forgetting']['report']} (plots alpha_sweep.png, dataset_deltas.png; "
-                                        f"chosen α {fit['forgetting']['chosen_alpha']:.2f})")
+        fields, outputs["forgetting report"] = forgetting_summary(st, out_dir)
+        fit["forgetting"] = {**fields, "test": {n: {k: st["splits"]["test"]["models"][n][k]["acc"]["value"]
+                                                    for k in ("target/fine", "supported/all")}
+                                                for n in ("base", "finetuned")}}
     fit["total_seconds"] = round(time.perf_counter() - t0, 2)
     record = new_record(run_context(cfg, t0, out_dir), task="finetune", model=backbone.describe(),
                         data={**dm.source.to_dict(), "filters": dm.filters},
@@ -103,21 +99,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
                         world_size=trainer.world_size, **fit)
     if trainer.is_global_zero:
         write_run(out_dir, record, name="train_metrics.json")
-    best_line = outputs.pop("best checkpoint")
-    record.outputs = {"best checkpoint": best_line, "results": str((out_dir / "train_metrics.json").resolve()),
-                      **outputs}
+    record.outputs = outputs
     close_loggers(trainer.loggers)
     return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
-
-
-def _forgetting_callback(cfg: DictConfig, backbone, out_dir: Path) -> ForgettingCallback | None:
-    fg = cfg.get("forgetting") or {}
-    if not fg.get("enabled"):
-        return None
-    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
-                              out_dir / "forgetting", study_alphas(fg.alphas, fg.get("extrapolate", False)),
-                              fg.towers, float(fg.keep_target_gain), cache_dir=fg.get("result_cache"),
-                              n_resamples=int(fg.n_resamples), make_base=partial(build_model, cfg.model))
 
 
 def in_domain_zero_shot(cfg: DictConfig, module, out_dir: Path) -> dict:

@@ -26,16 +26,12 @@ from microbench.data.config import (
     LOCALIZATION_DM,
     data_module_cfg,
     localization_dm_factory,
-    make_eval_dm,
-    whole_benchmark_cfg,
 )
 from microbench.errors import UserError
 from microbench.models.localization import LocalizationModule, detector_from_checkpoint
 from microbench.results.io import this_runs_record
 from microbench.results.record import RunRecord
 from microbench.results.report import fmt_value
-from microbench.studies.callback import ForgettingCallback
-from microbench.studies.forgetting import study_alphas
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.records import (
     LocalizationRecordWriter,
@@ -49,6 +45,8 @@ from microbench.tasks.trainer import (
     close_loggers,
     container,
     fitted_checkpoints,
+    forgetting_callback,
+    forgetting_summary,
     instantiate_callbacks,
     instantiate_loggers,
     log_record,
@@ -102,11 +100,8 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
     outputs = {"best checkpoint": best or "none", "results": str((out_dir / "results.md").resolve())}
     st = study_cb.result(trainer) if study_cb is not None else None
     if st is not None:
-        fit["forgetting"] = {"report": str(out_dir / "forgetting" / "forgetting.md"),
-                             "chosen_alpha": st["selection"]["alpha"],
-                             "localization_test": st["splits"]["test"]["localization"]}
-        outputs["forgetting report"] = (f"{fit['forgetting']['report']} (plots alpha_sweep.png, dataset_deltas.png; "
-                                        f"chosen α {fit['forgetting']['chosen_alpha']:.2f})")
+        fields, outputs["forgetting report"] = forgetting_summary(st, out_dir)
+        fit["forgetting"] = {**fields, "localization_test": st["splits"]["test"]["localization"]}
     fit["total_seconds"] = round(time.perf_counter() - t0, 2)
     record = _fit_record(context, module, dm, headline, fit)
     if trainer.is_global_zero:
@@ -128,8 +123,7 @@ def _fit_record(context: dict, module: LocalizationModule, dm, headline: dict, f
 def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
     """With ``forgetting.enabled`` and a trainable tower: after fit, base vs fine-tuned tower vs θ(α) on the whole
     perception benchmark *and* on localization (the trained head on each θ(α))."""
-    fg = cfg.get("forgetting") or {}
-    if not fg.get("enabled"):
+    if not (cfg.get("forgetting") or {}).get("enabled"):
         return None
     if module.hparams.freeze_backbone:
         log.warning("forgetting.enabled ignored: the backbone is frozen (module.freeze_backbone=true), so nothing "
@@ -137,12 +131,8 @@ def _forgetting_callback(cfg: DictConfig, backbone, dm, module, out_dir: Path):
         return None
     hp = {k: v for k, v in module.hparams.items() if k not in ("record",)}
     sweeper = TwinHeadSweeper(module, hp, localization_dm_factory(cfg.data, dm.targets, dm.class_names))
-    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
-                              out_dir / "forgetting", study_alphas(fg.alphas, fg.get("extrapolate", False)),
-                              fg.towers, float(fg.keep_target_gain),
-                              target_datasets=sorted({im.dataset for im in dm.images("all")}),
-                              cache_dir=fg.get("result_cache"), n_resamples=int(fg.n_resamples),
-                              localization=sweeper, make_base=partial(build_model, cfg.model))
+    return forgetting_callback(cfg, backbone, out_dir, localization=sweeper,
+                               target_datasets=sorted({im.dataset for im in dm.images("all")}))
 
 
 class TwinHeadSweeper:

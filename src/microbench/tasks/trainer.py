@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError, user_error_of
 from microbench.results.io import check_output_dir, clean_stale_temporaries
+from microbench.studies.callback import ForgettingCallback
+from microbench.studies.forgetting import study_alphas
 
 #: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
 FAMILIES = ("contrastive", "generative", "random")
@@ -159,6 +163,26 @@ def fitted_checkpoints(trainer: L.Trainer, callbacks: dict, ckpt_dir: Path) -> t
 def _newest(folder: Path, pattern: str) -> str:
     found = sorted(Path(folder).glob(pattern))
     return str(found[-1]) if found else ""
+
+
+def forgetting_callback(cfg: DictConfig, backbone, out_dir: Path, **extra) -> ForgettingCallback | None:
+    """With ``forgetting.enabled``: the study after fit (``<out_dir>/forgetting/``) over the whole benchmark of the
+    copy ``cfg.data`` reads, with ``cfg.forgetting``'s α, towers, selection and resamples; ``extra`` (a localization
+    fit's targets and head sweep) goes to :class:`~microbench.studies.callback.ForgettingCallback`."""
+    fg = cfg.get("forgetting") or {}
+    if not fg.get("enabled"):
+        return None
+    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
+                              Path(out_dir) / "forgetting", study_alphas(fg.alphas, fg.get("extrapolate", False)),
+                              fg.towers, float(fg.keep_target_gain), cache_dir=fg.get("result_cache"),
+                              n_resamples=int(fg.n_resamples), make_base=partial(build_model, cfg.model), **extra)
+
+
+def forgetting_summary(study: dict, out_dir: Path) -> tuple[dict, str]:
+    """What a fit's record keeps of its study (the report's path, the chosen α) and the summary line naming it."""
+    fields = {"report": str(Path(out_dir) / "forgetting" / "forgetting.md"), "chosen_alpha": study["selection"]["alpha"]}
+    return fields, (f"{fields['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
+                    f"{fields['chosen_alpha']:.2f})")
 
 
 def trainer_for(cfg: DictConfig, **kwargs) -> L.Trainer:
