@@ -58,7 +58,7 @@ def test_soups_task_arithmetic_ties():
                           atol=1e-6)
     assert torch.allclose(ties_merge(a, [b], density=1.0)["w"], b["w"], atol=1e-6)
     tv = (b["w"] - a["w"]).flatten()
-    kept = ties_merge(a, [b], density=0.25)["w"].flatten() - a["w"].flatten()
+    kept = ties_merge(a, [b], density=0.25, per_tensor=True)["w"].flatten() - a["w"].flatten()
     assert (kept != 0).sum() == 3 and set(kept.nonzero().flatten().tolist()) == set(tv.abs().topk(3).indices.tolist())
 
 
