@@ -140,8 +140,8 @@ def fixtures(root: Path) -> dict:
 def cases(f: dict, server: dict) -> list[dict]:
     """(name, argv, expected, check) — expected: error | skip | ok."""
     E, T, F_ = "src/eval.py", "src/train.py", "src/forgetting.py"
-    demo = ["experiment=demo", "trainer.max_epochs=1", "eval_in_domain=false", "forgetting.alphas=[0,1]",
-            "forgetting.n_resamples=99", "+trainer.enable_progress_bar=false"]
+    demo = ["experiment=demo", "trainer.max_epochs=1", "eval_in_domain=false", "study.alphas=[0,1]",
+            "bootstrap.n_resamples=99", "+trainer.enable_progress_bar=false"]
     oa = ["model=openai_compatible", "model.model=m", "model.timeout_s=1", "model.backoff_s=0.05"]
     c = []
 
@@ -218,10 +218,10 @@ def cases(f: dict, server: dict) -> list[dict]:
     add("train detector from a fine-tune checkpoint", T, ["experiment=detect_nuclei", f"ckpt_path={f['demo_last']}"])
     add("train zero-length val loader", T, [*demo, "data.split_fractions=[0.8,0.0,0.2]"])
     add("train empty train split", T, [*demo, "data.split_fractions=[0.0,0.5,0.5]"])
-    add("train alphas=[a,b]", T, [*demo, "forgetting.alphas=[a,b]"])
-    add("train alphas=[]", T, [*demo, "forgetting.alphas=[]"])
-    add("train alpha 1.5 without extrapolate", T, [*demo, "forgetting.alphas=[0,1.5]"])
-    add("train alpha 1.5 with extrapolate", T, [*demo, "forgetting.alphas=[0,1.5]", "forgetting.extrapolate=true"],
+    add("train alphas=[a,b]", T, [*demo, "study.alphas=[a,b]"])
+    add("train alphas=[]", T, [*demo, "study.alphas=[]"])
+    add("train alpha 1.5 without extrapolate", T, [*demo, "study.alphas=[0,1.5]"])
+    add("train alpha 1.5 with extrapolate", T, [*demo, "study.alphas=[0,1.5]", "forgetting.extrapolate=true"],
         "ok", check="extrapolation")
     add("train unknown task", T, [*demo, "task=nonsense"])
     add("train logger=null", T, [*demo, "logger=null"], "ok")
@@ -238,11 +238,11 @@ def cases(f: dict, server: dict) -> list[dict]:
     add("forgetting finetuned nonexistent", F_, ["finetuned=/no/such.ckpt"])
     add("forgetting finetuned other architecture", F_, [f"finetuned={f['other_arch']}"])
     add("forgetting finetuned without weights", F_, [f"finetuned={f['no_weights']}"])
-    add("forgetting alphas=[a,b]", F_, [f"finetuned={f['demo_last']}", "alphas=[a,b]"])
-    add("forgetting alphas=[]", F_, [f"finetuned={f['demo_last']}", "alphas=[]"])
-    add("forgetting alphas=[2]", F_, [f"finetuned={f['demo_last']}", "alphas=[2]"])
+    add("forgetting alphas=[a,b]", F_, [f"finetuned={f['demo_last']}", "study.alphas=[a,b]"])
+    add("forgetting alphas=[]", F_, [f"finetuned={f['demo_last']}", "study.alphas=[]"])
+    add("forgetting alphas=[2]", F_, [f"finetuned={f['demo_last']}", "study.alphas=[2]"])
     add("forgetting base=nope", F_, [f"finetuned={f['demo_last']}", "base=nope"])
-    add("forgetting base=tiny (as documented)", F_, ["base=tiny", f"finetuned={f['demo_last']}", "alphas=[0,1]",
+    add("forgetting base=tiny (as documented)", F_, ["base=tiny", f"finetuned={f['demo_last']}", "study.alphas=[0,1]",
                                                      "bootstrap.n_resamples=99"], "ok")
     add("forgetting base_checkpoint garbage", F_, [f"finetuned={f['demo_last']}",
                                                    f"base_checkpoint={f['garbage_ckpt']}"])
@@ -287,10 +287,10 @@ def run_case(case: dict, f: dict, work: Path) -> dict:
     else:
         argv = [PY, case["script"], *args, f"paths.output_dir={out}"]
         if case["script"] == "src/train.py":
-            argv += [f"checkpoint_dir={work / 'ckpt' / out.name}", f"forgetting.result_cache={work / 'cache'}",
+            argv += [f"checkpoint_dir={work / 'ckpt' / out.name}", f"study.result_cache={work / 'cache'}",
                      f"probe.cache_dir={work / 'cache'}"]
         if case["script"] == "src/forgetting.py":
-            argv += [f"result_cache={work / 'cache'}"]
+            argv += [f"study.result_cache={work / 'cache'}"]
     before = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None
     t = time.perf_counter()
     try:

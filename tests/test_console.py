@@ -31,9 +31,9 @@ def test_an_evaluation_prints_each_line_once_and_keeps_the_details_in_its_own_fo
 
 
 def test_a_demo_prints_the_forgetting_report_line_once_at_the_end(tmp_path):
-    res = _run("src/train.py", "experiment=demo", "trainer.max_epochs=2", "forgetting.alphas=[0,1]",
-               "forgetting.n_resamples=99", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ckpt'}",
-               f"forgetting.result_cache={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false")
+    res = _run("src/train.py", "experiment=demo", "trainer.max_epochs=2", "study.alphas=[0,1]",
+               "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ckpt'}",
+               f"study.result_cache={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false")
     assert res.returncode == 0, res.stderr[-2000:]
     out = (res.stdout + res.stderr).splitlines()
     assert sum("forgetting report" in line for line in out) == 1

@@ -195,8 +195,8 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
         "experiment=demo", "trainer.max_epochs=3", "forgetting.enabled=false", "eval_in_domain=false",
         f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"]))
     record, objects = forgetting(cfg_forgetting([
-        f"finetuned={metrics['last_checkpoint']}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
-        f"paths.output_dir={tmp_path / 'study'}", f"result_cache={tmp_path / 'cache'}"]))
+        f"finetuned={metrics['last_checkpoint']}", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
+        f"paths.output_dir={tmp_path / 'study'}", f"study.result_cache={tmp_path / 'cache'}"]))
     study = objects["study"]
     assert study["target_datasets"] == ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
     assert record.task == "forgetting" and record["chosen_alpha"] == study["selection"]["alpha"]
@@ -246,7 +246,7 @@ def test_the_demo_recipe_gains_on_its_target_forgets_elsewhere_and_alpha_wins_pa
     val = study["splits"]["val"]["models"]
     a = study["selection"]["alpha"]
     assert 0 < a < 1
-    keep = float(record["config"]["forgetting"]["keep_target_gain"])
+    keep = float(record["config"]["study"]["selection"]["keep_target_gain"])
     assert val[f"alpha={a:.2f}"]["target/fine"]["delta"]["value"] >= keep * val["finetuned"]["target/fine"]["delta"][
         "value"] - 1e-9
     assert chosen["target/fine"]["delta"]["value"] >= 0.5 * gain["value"]
@@ -261,8 +261,8 @@ def test_the_demo_recipe_gains_on_its_target_forgets_elsewhere_and_alpha_wins_pa
 def test_a_random_init_base_is_called_out_at_the_top_of_the_report(tmp_path, cfg_train):
     from microbench.tasks.registry import train
 
-    train(cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=2", "forgetting.alphas=[0,1]",
-                     "forgetting.n_resamples=99", "eval_in_domain=false", f"paths.output_dir={tmp_path / 'out'}",
+    train(cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=2", "study.alphas=[0,1]",
+                     "bootstrap.n_resamples=99", "eval_in_domain=false", f"paths.output_dir={tmp_path / 'out'}",
                      f"checkpoint_dir={tmp_path / 'ck'}", f"paths.root_dir={tmp_path}",
                      "+trainer.enable_progress_bar=false"]))
     md = (tmp_path / "out" / "forgetting" / "forgetting.md").read_text()
@@ -359,8 +359,8 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
     from microbench.tasks.registry import forgetting, train
 
     common = ["logger=wandb", "logger.wandb.offline=true"]
-    record, _ = train(cfg_train(["experiment=demo", *common, "trainer.max_epochs=3", "forgetting.alphas=[0,0.5,1]",
-                                 "forgetting.n_resamples=99", "eval_in_domain=false",
+    record, _ = train(cfg_train(["experiment=demo", *common, "trainer.max_epochs=3", "study.alphas=[0,0.5,1]",
+                                 "bootstrap.n_resamples=99", "eval_in_domain=false",
                                  f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
                                  f"paths.root_dir={tmp_path}", "+trainer.enable_progress_bar=false"]))
     path, run = _one_run(tmp_path / "fit")
@@ -370,11 +370,11 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
 
     # the same study from src/forgetting.py: its own run, in the group of the fit that wrote the checkpoint
     _, objects = forgetting(cfg_forgetting([
-        "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", *common, "alphas=[0,0.5,1]",
+        "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", *common, "study.alphas=[0,0.5,1]",
         "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'study'}", f"paths.root_dir={tmp_path}"]))
     path, run = _one_run(tmp_path / "study")
     assert run["run"]["group"] == "demo" and run["run"]["job_type"] == "forgetting"
-    assert run["config"]["finetuned"] == record["last_checkpoint"] and run["config"]["towers"] == "both"
+    assert run["config"]["finetuned"] == record["last_checkpoint"] and run["config"]["study"]["towers"] == "both"
     _check_study_in_run(path, run, objects["study"])
 
 
@@ -388,15 +388,15 @@ def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, 
     from microbench.tasks.registry import forgetting, train
 
     fast = ["trainer.max_epochs=3", "eval_in_domain=false", "+trainer.enable_progress_bar=false"]
-    record, _ = train(cfg_train(["experiment=demo", "trainer=ddp_sim", *fast, "forgetting.alphas=[0,0.5,1]",
-                                 "forgetting.n_resamples=99", "forgetting.result_cache=null",
+    record, _ = train(cfg_train(["experiment=demo", "trainer=ddp_sim", *fast, "study.alphas=[0,0.5,1]",
+                                 "bootstrap.n_resamples=99", "study.result_cache=null",
                                  f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
                                  f"paths.root_dir={tmp_path}"]))
     folders = {"after fit, 2 ranks": tmp_path / "fit" / "forgetting"}
     for trainer in ("cpu", "ddp_sim"):
         forgetting(cfg_forgetting([
-            "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", "alphas=[0,0.5,1]",
-            "bootstrap.n_resamples=99", "result_cache=null", f"paths.output_dir={tmp_path / trainer}",
+            "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", "study.alphas=[0,0.5,1]",
+            "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / trainer}",
             f"paths.root_dir={tmp_path}"]))
         folders[f"src/forgetting.py trainer={trainer}"] = tmp_path / trainer
     studies = {k: json.loads((f / "forgetting.json").read_text()) for k, f in folders.items()}

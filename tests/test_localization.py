@@ -316,8 +316,8 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
     from microbench.tasks.registry import forgetting, train
 
     cfg = cfg_train(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
-                    "module.freeze_backbone=false", "forgetting.enabled=true", "forgetting.alphas=[0,0.5,1]",
-                    "forgetting.n_resamples=99", "forgetting.result_cache=null",
+                    "module.freeze_backbone=false", "forgetting.enabled=true", "study.alphas=[0,0.5,1]",
+                    "bootstrap.n_resamples=99", "study.result_cache=null",
                     f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
     metrics, objs = train(cfg)
     study = json.loads((tmp_path / "train" / "forgetting" / "forgetting.json").read_text())
@@ -342,7 +342,7 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
         return original(self, i)
 
     last = metrics["last_checkpoint"]
-    fcfg = cfg_forgetting([f"finetuned={last}", "alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "result_cache=null",
+    fcfg = cfg_forgetting([f"finetuned={last}", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "study.result_cache=null",
                      f"paths.output_dir={tmp_path / 'study'}"])
     LocalizationDataset.__getitem__ = counting
     try:

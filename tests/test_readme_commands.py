@@ -38,9 +38,9 @@ CANNOT_RUN = [
 
 FAST = {
     "src/eval.py": ["bootstrap.n_resamples=99"],
-    "src/train.py": ["trainer.max_epochs=2", "forgetting.alphas=[0,0.5,1]", "forgetting.n_resamples=99",
+    "src/train.py": ["trainer.max_epochs=2", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99",
                      "probe.seeds=[0]", "probe.shots=[full,1]", "+trainer.enable_progress_bar=false"],
-    "src/forgetting.py": ["alphas=[0,0.5,1]", "bootstrap.n_resamples=99"],
+    "src/forgetting.py": ["study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99"],
 }
 
 
@@ -90,9 +90,9 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     argv += [f"paths.output_dir={tmp}"]
     if script == "src/train.py":
         argv += [f"checkpoint_dir={tmp / 'ckpt'}", f"probe.cache_dir={tmp / 'cache'}",
-                 f"forgetting.result_cache={tmp / 'cache'}"]
+                 f"study.result_cache={tmp / 'cache'}"]
     if script == "src/forgetting.py":
-        argv += [f"result_cache={tmp / 'cache'}"]
+        argv += [f"study.result_cache={tmp / 'cache'}"]
     if "model=openai_compatible" in command:
         argv += [f"model.base_url={STATE['server']}", f"model.cache_dir={tmp / 'responses'}"]
     if "task=localization" in command or "detect_nuclei" in command or "segment_cells" in command:

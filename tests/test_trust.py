@@ -111,8 +111,8 @@ def test_the_leaderboard_keeps_a_subset_run_beside_the_full_run(tmp_path, capsys
 
 
 def _demo(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return ["experiment=demo", "trainer.max_epochs=2", "eval_in_domain=false", "forgetting.alphas=[0,0.5,1]",
-            "forgetting.n_resamples=99", f"forgetting.result_cache={tmp_path / 'cache'}",
+    return ["experiment=demo", "trainer.max_epochs=2", "eval_in_domain=false", "study.alphas=[0,0.5,1]",
+            "bootstrap.n_resamples=99", f"study.result_cache={tmp_path / 'cache'}",
             f"paths.output_dir={tmp_path / name}", f"checkpoint_dir={tmp_path / name / 'ckpt'}",
             "+trainer.enable_progress_bar=false", *extra]
 
@@ -340,14 +340,14 @@ def test_eval_option_mistakes_are_one_line(overrides, expect, tmp_path, capsys):
 
 @pytest.mark.parametrize(("alphas", "expect"), [
     ("[a,b]", "alphas must be numbers (interpolation weights), got 'a'"),
-    ("[]", "alphas=[] leaves nothing to interpolate"),
+    ("[]", "study.alphas=[] leaves nothing to interpolate"),
     ("[0,0.5,1.5]", "alphas [1.5] lie outside [0, 1]"),
     ("[-0.2,1]", "extrapolate=true"),
 ])
 def test_alphas_are_checked_before_any_work(alphas, expect, tmp_path, capsys):
-    one_line_error("forgetting", ["finetuned=whatever.ckpt", f"alphas={alphas}", f"paths.output_dir={tmp_path}"],
+    one_line_error("forgetting", ["finetuned=whatever.ckpt", f"study.alphas={alphas}", f"paths.output_dir={tmp_path}"],
                    capsys, expect)
-    one_line_error("train", ["experiment=demo", f"forgetting.alphas={alphas}", f"paths.output_dir={tmp_path}"],
+    one_line_error("train", ["experiment=demo", f"study.alphas={alphas}", f"paths.output_dir={tmp_path}"],
                    capsys, expect)
 
 

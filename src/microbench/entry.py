@@ -16,6 +16,7 @@ def set_project_root(script: str) -> Path:
     root = Path(script).resolve().parents[1]
     os.environ.setdefault("PROJECT_ROOT", str(root))
     normalize_overrides(sys.argv)
+    rename_overrides(sys.argv, Path(script).stem)
     register_resolvers()
     preflight_output_dir(sys.argv)
     return root
@@ -103,6 +104,31 @@ def register_resolvers() -> None:
 #: group overrides Hydra cannot take as written: ``logger=null`` (Hydra reads null as "no value" and stops with
 #: "Config group override must be a string") selects the ``none`` option of the group
 NULL_GROUPS = ("logger",)
+
+
+#: settings that moved, per entry point: old override name → new (the forgetting study's are the ``study`` group)
+RENAMED = {
+    "train": {"forgetting.alphas": "study.alphas", "forgetting.extrapolate": "study.extrapolate",
+              "forgetting.towers": "study.towers", "forgetting.keep_target_gain": "study.selection.keep_target_gain",
+              "forgetting.n_resamples": "bootstrap.n_resamples", "forgetting.result_cache": "study.result_cache"},
+    "forgetting": {"alphas": "study.alphas", "extrapolate": "study.extrapolate", "towers": "study.towers",
+                   "selection.keep_target_gain": "study.selection.keep_target_gain",
+                   "result_cache": "study.result_cache"},
+}
+
+
+def rename_overrides(argv: list[str], script: str) -> list[str]:
+    """Old override names keep working: each is rewritten in place to its new name (:data:`RENAMED`), with one
+    line on stderr naming the new one."""
+    table = RENAMED.get(script, {})
+    for i, arg in enumerate(argv[1:], 1):
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        name, eq, value = arg[len(prefix):].partition("=")
+        if name in table:
+            argv[i] = f"{prefix}{table[name]}{eq}{value}"
+            print(f"note: {name}= is now {table[name]}= (the study's settings are the `study` config group, "
+                  f"configs/study/); using {table[name]}{eq}{value}", file=sys.stderr)
+    return argv
 
 
 def normalize_overrides(argv: list[str]) -> list[str]:

@@ -202,7 +202,7 @@ def build_question_table(ds: datasets.Dataset, sources: tuple[str, ...] = SOURCE
     release flattens in a few seconds. Works on any key set found in the data, not just the 12 + 6 expected ones.
     """
     meta_cols = [c for c in ("image_id", "dataset", "stain", "label_name", "domain", "modality", "subdomain",
-                             "submodality", "bbox", "polygon") if c in ds.column_names]
+                             "submodality", "institution", "bbox", "polygon") if c in ds.column_names]
     table: pa.Table = ds.select_columns(meta_cols + [s for s in sources if s in ds.column_names]).with_format("arrow")[:]
     n = table.num_rows
     row_idx = np.arange(n, dtype=np.int64)
@@ -210,7 +210,7 @@ def build_question_table(ds: datasets.Dataset, sources: tuple[str, ...] = SOURCE
     ds_names = _resolve_datasets(table.column("dataset"), table.column("stain") if "stain" in meta_cols else None)
 
     rows = pd.DataFrame({"row_idx": row_idx, "image_id": image_ids, "dataset": ds_names})
-    for c in ("label_name", "domain", "modality", "subdomain", "submodality", "stain"):
+    for c in ("label_name", "domain", "modality", "subdomain", "submodality", "stain", "institution"):
         if c in meta_cols:
             rows[c] = table.column(c).to_pandas()
     for c in ("bbox", "polygon"):

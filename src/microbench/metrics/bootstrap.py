@@ -101,3 +101,21 @@ def paired_bootstrap_delta(base_correct: np.ndarray, model_correct: np.ndarray, 
     resampled = (counts[:, 1] - counts[:, 0]) / n
     lo, hi = _basic_interval(delta, resampled, confidence)
     return Estimate(float(delta), float(lo), float(hi), float(abs(hi - delta)), n)
+
+
+def bootstrap_mean(values: np.ndarray, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                   seed: int = 0) -> Estimate:
+    """Mean of values that take few distinct levels (per-item correctness averaged over seeds, k/S; paired
+    differences of those) with a basic bootstrap CI, drawn exactly: a resample of n items holds each level a
+    Multinomial(n, level frequencies) number of times, so the resampled mean is ``counts · levels / n`` (the
+    ordinary nonparametric bootstrap, :func:`scipy_bootstrap`'s distribution, in O(resamples · levels))."""
+    values = np.asarray(values, dtype=float)
+    n = int(values.size)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+    levels, counts = np.unique(np.round(values, 12), return_counts=True)
+    value = float(values.mean())
+    rng = np.random.default_rng(seed)
+    resampled = rng.multinomial(n, counts / n, size=n_resamples) @ levels / n
+    lo, hi = _basic_interval(value, resampled, confidence)
+    return Estimate(value, float(lo), float(hi), float(abs(hi - value)), n)

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from microbench.models.backbones.base import state_fingerprint
-from microbench.studies.forgetting import DEFAULT_ALPHAS, StudySpec, run_study
+from microbench.studies.forgetting import StudySpec, run_study
 from microbench.studies.report import write_report
 
 log = logging.getLogger(__name__)
@@ -24,20 +24,19 @@ class ForgettingCallback(L.Callback):
 
     Args:
         make_dm: ``split -> PerceptionDataModule`` over the whole benchmark (the backbone's transform).
+        spec: the study's settings (:func:`microbench.tasks.study.study_spec` reads them from the config).
         localization: ``split -> metrics`` of a localization head on the current backbone (localization fits).
         target_datasets: the fine-tuning datasets (default: the class space of the fitted data module).
     """
 
-    def __init__(self, make_dm: Callable, out_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                 towers: str = "both", keep_target_gain: float = 0.8, target_datasets: Sequence[str] | None = None,
-                 cache_dir: str | Path | None = None, n_resamples: int = 9999,
-                 localization: Callable | None = None, make_base: Callable | None = None) -> None:
-        self.make_dm, self.out_dir, self.alphas, self.towers = make_dm, Path(out_dir), alphas, towers
+    def __init__(self, make_dm: Callable, out_dir: str | Path, spec: StudySpec | None = None,
+                 target_datasets: Sequence[str] | None = None, localization: Callable | None = None,
+                 make_base: Callable | None = None) -> None:
+        self.make_dm, self.out_dir, self.spec = make_dm, Path(out_dir), spec or StudySpec()
         self.make_base = make_base  # () -> the base backbone rebuilt from the model config (resumed fits)
         self.base_fingerprint: str | None = None  # saved in every checkpoint of the fit
         self.run_id = uuid.uuid4().hex  # recorded in forgetting.json: read back only as this run's study
-        self.keep_target_gain, self.target_datasets, self.cache_dir = keep_target_gain, target_datasets, cache_dir
-        self.n_resamples, self.localization = n_resamples, localization
+        self.target_datasets, self.localization = target_datasets, localization
         self.base_state: dict | None = None
         self.study: dict | None = None
 
@@ -96,9 +95,7 @@ class ForgettingCallback(L.Callback):
         # every rank of the fit takes part: each encodes its shard of the images for every α, rank 0 scores once
         with torch.inference_mode(False):
             study = run_study(backbone, self.base_state, ft_state, make_dm=self.make_dm, out_dir=self.out_dir,
-                              target_datasets=targets, spec=StudySpec(self.alphas, self.towers, self.keep_target_gain,
-                                                                      self.n_resamples),
-                              cache_dir=self.cache_dir, device=pl_module.device, finetuned_path="(this run)",
+                              target_datasets=targets, spec=self.spec, cache_dir=self.spec.result_cache, device=pl_module.device, finetuned_path="(this run)",
                               localization=self.localization, extra={"run_id": self.run_id})
         if trainer.is_global_zero and study is not None:
             self.study = write_report(study, self.out_dir, logger)

@@ -16,8 +16,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 
 from microbench import distributed
 from microbench.data.datamodule import PerceptionDataModule
-from microbench.metrics.bootstrap import bootstrap_accuracy, paired_bootstrap_delta
+from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_mean, paired_bootstrap_delta
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
 from microbench.results.io import write_parquet
@@ -93,24 +94,34 @@ class ResultCache:
 
 # --- the sweep ----------------------------------------------------------------------------------------------------
 
+#: the point of the sweep that is the base model (α = 0 of WiSE-FT's line), and the fine-tune (α = 1)
+BASE_POINT, FINETUNED_POINT = ("wise_ft", 0.0), ("wise_ft", 1.0)
+
+
 def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
                 keys: Callable[[str], bool] | None, cache: ResultCache, device: str | torch.device = "cpu",
-                base_fingerprint: str | None = None) -> tuple[dict[float, pd.DataFrame], dict]:
-    """Predictions of every θ(α) on one split; the base (α = 0) comes from the cache when it is there.
+                base_fingerprint: str | None = None, paths: dict | None = None,
+                points: Sequence[tuple[str, float]] | None = None) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
+    """Predictions of every point ``(path, α)`` on one split (by default WiSE-FT's θ(α) for every α, path
+    ``wise_ft``); the base (``("wise_ft", 0.0)``) comes from the cache when it is there.
 
     In a process group (a DDP fit, ``src/forgetting.py trainer=ddp``) every rank takes part: each encodes its
-    shard of the images for every α, the embeddings are gathered and scored, rank 0 alone returns the predictions (the other
-    ranks get ``{}``); ``info["decoded_images"]`` counts the decodes of all ranks (each image once)."""
+    shard of the images for every point, the embeddings are gathered and scored, rank 0 alone returns the
+    predictions (the other ranks get ``{}``); ``info["decoded_images"]`` counts the decodes of all ranks (each image
+    once, for every point of every method)."""
+    if paths is None:
+        paths, points = {"wise_ft": (base, finetuned)}, [("wise_ft", float(a)) for a in alphas]
+    points = [(str(n), float(a)) for n, a in points]
     dm.setup("test")
     zero = distributed.rank() == 0
     key = cache.key(base_fingerprint, dm, ["captions"]) if base_fingerprint and zero else None
     cached = cache.get(key) if key else None
     from_cache = distributed.gather_objects(cached is not None)[0]  # rank 0's cache decides for every rank
-    todo = [a for a in alphas if not (a == 0 and from_cache)]
-    out: dict[float, pd.DataFrame] = {}
+    todo = [p for p in points if not (p == BASE_POINT and from_cache)]
+    out: dict[tuple[str, float], pd.DataFrame] = {}
     info: dict[str, Any] = {"base_from_cache": bool(from_cache)}
     if todo:
-        scorer = InterpolationScorer(backbone, base, finetuned, todo, keys=keys, progress=False,
+        scorer = InterpolationScorer(backbone, base, finetuned, keys=keys, progress=False, paths=paths, points=todo,
                                      progress_label=f"forgetting study, {dm.split} split: {len(todo)} models")
         t = time.perf_counter()
         scorer.sweep(dm, device)
@@ -118,15 +129,18 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
                      "images": len(dm.images()), "models": len(todo), "decoded_images": scorer.decoded,
                      "ranks": len(scorer.decoded_per_rank), "decoded_per_rank": scorer.decoded_per_rank, "skipped": {
                          k: v for k, v in scorer.skipped.items() if k != "problems"}})
-        out.update(scorer.predictions_by_alpha)
-        scorer.set_alpha(0.0)  # leave the backbone at the base weights
+        out.update(scorer.predictions_by_point)
+        if "wise_ft" in scorer.paths:
+            scorer.set_point(BASE_POINT)  # leave the backbone at the base weights
+        else:
+            backbone.load_state_dict(base)
     if not zero:
         return {}, info
-    if cached is not None and 0 in alphas:
-        out[0.0] = cached
-    elif key and 0.0 in out:
-        cache.put(key, out[0.0])
-    return {a: out[a] for a in sorted(out)}, info
+    if cached is not None and BASE_POINT in points:
+        out[BASE_POINT] = cached
+    elif key and BASE_POINT in out:
+        cache.put(key, out[BASE_POINT])
+    return {p: out[p] for p in points if p in out}, info
 
 
 # --- summaries ----------------------------------------------------------------------------------------------------
@@ -136,18 +150,45 @@ def _grain(qtype: pd.Series) -> np.ndarray:
 
 
 def _aligned(base: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """``base``'s items and ``other``'s correctness on them, in base's order (a float: 0/1, or a seed mean)."""
     key = ["source", "row_idx", "key"]
     b = base.set_index(key)
     o = other.set_index(key).reindex(b.index)
     if o["correct"].isna().any():
         raise ValueError("models were scored on different items; cannot pair them")
-    return b.reset_index(), o["correct"].to_numpy(dtype=bool)
+    return b.reset_index(), o["correct"].to_numpy(dtype=float)
+
+
+def _binary(x: np.ndarray) -> bool:
+    return bool(np.all((x == 0) | (x == 1)))
+
+
+def accuracy_estimate(correct: np.ndarray, n_resamples: int, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Accuracy with its bootstrap CI: exact binomial resampling for 0/1 correctness, the multinomial-levels
+    bootstrap for seed means."""
+    if _binary(correct):
+        return bootstrap_accuracy(correct.astype(bool), n_resamples, confidence, seed=seed).to_dict()
+    return bootstrap_mean(correct, n_resamples, confidence, seed=seed).to_dict()
+
+
+def delta_estimate(base_correct: np.ndarray, correct: np.ndarray, n_resamples: int, seed: int = 0,
+                   confidence: float = 0.95) -> dict:
+    """Δ = acc − base acc on the same items with a paired bootstrap CI (``significant``: the CI excludes 0)."""
+    if _binary(correct):
+        d = paired_bootstrap_delta(base_correct.astype(bool), correct.astype(bool), n_resamples, confidence,
+                                   seed=seed).to_dict()
+    else:
+        d = bootstrap_mean(correct - base_correct, n_resamples, confidence, seed=seed).to_dict()
+    d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
+    return d
 
 
 def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], n_resamples: int = 9999,
-                    seed: int = 0) -> dict:
-    """Accuracy and paired Δ vs base of one model on target/supported/all, coarse/fine, per dataset."""
+                    seed: int = 0, confidence: float = 0.95, headline: bool = True) -> dict:
+    """Accuracy and paired Δ vs base of one model on target/supported/all, coarse/fine, per dataset (its
+    ``correct`` 0/1, or a mean over seeds); ``headline`` adds the official headline table (0/1 only)."""
     b, correct = _aligned(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
+    base_correct = b["correct"].to_numpy(dtype=float)
     grain = _grain(b["question_type"])
     is_target = b["dataset"].astype(str).isin(targets).to_numpy()
     groups = {"target": is_target, "supported": ~is_target, "all": np.ones(len(b), dtype=bool)}
@@ -157,21 +198,50 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
             m = gmask & (grain == g if g != "all" else True)
             if not m.any():
                 continue
-            acc = bootstrap_accuracy(correct[m], n_resamples, seed=seed).to_dict()
-            delta = paired_bootstrap_delta(b["correct"].to_numpy(dtype=bool)[m], correct[m], n_resamples,
-                                           seed=seed).to_dict()
-            delta["significant"] = bool(delta["low"] > 0 or delta["high"] < 0)
-            out[f"{gname}/{g}"] = {"acc": acc, "delta": delta}
+            out[f"{gname}/{g}"] = {"acc": accuracy_estimate(correct[m], n_resamples, seed, confidence),
+                                   "delta": delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)}
     per_ds = {}
     for name in sorted(b["dataset"].astype(str).unique()):
         for g in ("coarse", "fine"):
             m = (b["dataset"].astype(str) == name).to_numpy() & (grain == g)
             if m.any():
-                d = paired_bootstrap_delta(b["correct"].to_numpy(dtype=bool)[m], correct[m], n_resamples, seed=seed)
-                per_ds[f"{name}/{g}"] = {"acc": float(correct[m].mean()), "base_acc": float(b["correct"][m].mean()),
-                                         "delta": d.to_dict(), "n": int(m.sum()), "target": name in targets}
+                d = delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)
+                d.pop("significant")
+                per_ds[f"{name}/{g}"] = {"acc": float(correct[m].mean()), "base_acc": float(base_correct[m].mean()),
+                                         "delta": d, "n": int(m.sum()), "target": name in targets}
     out["datasets"] = per_ds
-    out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
+    if headline and _binary(correct):
+        out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
+    return out
+
+
+#: μ-Bench's metadata axes the report breaks the change down by (those the copy has)
+AXES = ("domain", "subdomain", "modality", "submodality", "stain", "institution")
+
+
+def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.DataFrame, targets: set[str],
+                n_resamples: int = 9999, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Δ vs base (paired CI) of each model on the *supported* caption items, by every metadata axis of μ-Bench
+    present in ``rows`` (one row per data row: ``row_idx`` and the axis columns): ``{axis: {value: {n, base_acc,
+    <model>: {acc, delta}}}}``."""
+    cap = base[(base["source"] == "captions") & ~base["dataset"].astype(str).isin(targets)]
+    out: dict[str, dict] = {}
+    meta = rows.set_index("row_idx")
+    aligned = {name: _aligned(cap, p)[1] for name, p in models.items()}
+    b = cap["correct"].to_numpy(dtype=float)
+    for axis in AXES:
+        if axis not in meta.columns:
+            continue
+        values = meta[axis].reindex(cap["row_idx"].to_numpy()).astype("string").fillna("(none)").to_numpy()
+        table = {}
+        for v in sorted(set(values)):
+            m = values == v
+            entry = {"n": int(m.sum()), "base_acc": float(b[m].mean())}
+            for name, c in aligned.items():
+                entry[name] = {"acc": float(c[m].mean()),
+                               "delta": delta_estimate(b[m], c[m], n_resamples, seed, confidence)}
+            table[v] = entry
+        out[axis] = table
     return out
 
 
@@ -203,23 +273,23 @@ def study_alphas(alphas, extrapolate: bool = False) -> list[float]:
     from microbench.errors import UserError
 
     if isinstance(alphas, str | int | float) or alphas is None:
-        raise UserError(f"alphas must be a list of numbers, e.g. 'alphas=[0,0.5,1]'; got {alphas!r}")
+        raise UserError(f"study.alphas must be a list of numbers, e.g. 'study.alphas=[0,0.5,1]'; got {alphas!r}")
     values = []
     for a in alphas:
         try:
             values.append(float(a))
         except (TypeError, ValueError):
-            raise UserError(f"alphas must be numbers (interpolation weights), got {a!r} in {list(alphas)}: e.g. "
-                            "'alphas=[0,0.25,0.5,0.75,1]'") from None
+            raise UserError(f"study.alphas must be numbers (interpolation weights), got {a!r} in {list(alphas)}: e.g. "
+                            "'study.alphas=[0,0.25,0.5,0.75,1]'") from None
     if not values:
-        raise UserError("alphas=[] leaves nothing to interpolate: give the weights to try, e.g. "
-                        "'alphas=[0,0.25,0.5,0.75,1]' (0 = base, 1 = fine-tuned)")
+        raise UserError("study.alphas=[] leaves nothing to interpolate: give the weights to try, e.g. "
+                        "'study.alphas=[0,0.25,0.5,0.75,1]' (0 = base, 1 = fine-tuned)")
     if any(not np.isfinite(a) for a in values):
-        raise UserError(f"alphas must be finite numbers, got {values}")
+        raise UserError(f"study.alphas must be finite numbers, got {values}")
     outside = [a for a in values if not 0.0 <= a <= 1.0]
     if outside and not extrapolate:
-        raise UserError(f"alphas {outside} lie outside [0, 1] (0 = base, 1 = fine-tuned): that is extrapolation; "
-                        "ask for it explicitly with extrapolate=true (forgetting.extrapolate=true in src/train.py)")
+        raise UserError(f"study.alphas {outside} lie outside [0, 1] (0 = base, 1 = fine-tuned): that is extrapolation; "
+                        "ask for it explicitly with study.extrapolate=true")
     return values
 
 
@@ -228,12 +298,13 @@ def is_extrapolation(alpha: float) -> bool:
 
 
 def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: str = "supported/all",
-                 target: str = "target/fine") -> dict:
+                 target: str = "target/fine", finetuned: dict | None = None) -> dict:
     """Best ``metric`` (supported-task accuracy) among the α keeping ≥ ``keep_target_gain`` of the fine-tune's gain
     on the ``target`` tasks (fine-grained accuracy, or the localization score), all on the val split; ties go to the
-    larger α."""
+    larger α. The fine-tune is ``finetuned`` (default: the α = 1 point, WiSE-FT's)."""
     alphas = sorted(val)
-    full_gain = val[1.0 if 1.0 in val else alphas[-1]].get(target, {}).get("delta", {}).get("value", 0.0)
+    ft = finetuned if finetuned is not None else val[1.0 if 1.0 in val else alphas[-1]]
+    full_gain = ft.get(target, {}).get("delta", {}).get("value", 0.0)
     eligible = []
     for a in alphas:
         gain = val[a].get(target, {}).get("delta", {}).get("value", 0.0)
@@ -246,13 +317,131 @@ def select_alpha(val: dict[float, dict], keep_target_gain: float = 0.8, metric: 
 
 @dataclass(frozen=True)
 class StudySpec:
-    """What a study sweeps and how it chooses: the α values, the interpolated towers (``both`` | ``image``), the
-    share of the fine-tune's target gain the chosen α must keep, and the bootstrap resamples of the paired CIs."""
+    """The forgetting study's settings (``configs/study/``, read by :func:`microbench.tasks.study.study_spec`):
+
+    - ``alphas``: the points of every method's path (0 and 1 always added), ``extrapolate``: allow α outside [0, 1];
+    - ``towers``: ``both`` | ``image`` (the adapter's image-tower keys only);
+    - ``methods``: merge methods compared (:mod:`microbench.studies.methods`), the first one the study's answer;
+      ``options``: ``{method: {option: value}}`` over each method's defaults;
+    - ``selection``: ``keep_gain`` (best supported accuracy keeping ≥ ``keep_target_gain`` of the target gain) or
+      ``trade_off`` (max ``trade_off_weight``·normalized target + normalized control), each on val;
+    - ``n_resamples``, ``confidence``, ``seed``: the bootstrap of every CI (paired deltas, areas, axes).
+    """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
     towers: str = "both"
     keep_target_gain: float = 0.8
     n_resamples: int = 9999
+    methods: Sequence[str] = ("wise_ft",)
+    options: Mapping[str, Mapping] = field(default_factory=dict)
+    selection: str = "keep_gain"
+    trade_off_weight: float = 2.0
+    extrapolate: bool = False
+    confidence: float = 0.95
+    seed: int = 0
+    result_cache: str | None = None  # base-model predictions reused across studies (None: no cache)
+
+    def __post_init__(self) -> None:
+        from microbench.errors import UserError
+        from microbench.studies.methods import check_methods
+        from microbench.studies.tradeoff import SELECTION_RULES
+
+        if self.towers not in ("both", "image"):
+            raise UserError(f"study.towers must be 'both' or 'image', got {self.towers!r}")
+        if self.selection not in SELECTION_RULES:
+            raise UserError(f"study.selection.rule must be one of {', '.join(SELECTION_RULES)}, got "
+                            f"{self.selection!r}")
+        if not 0 <= float(self.keep_target_gain) <= 1:
+            raise UserError(f"study.selection.keep_target_gain must be a share in [0, 1], got {self.keep_target_gain}")
+        if int(self.n_resamples) < 1 or not 0 < float(self.confidence) < 1:
+            raise UserError(f"bootstrap: n_resamples must be >= 1 and confidence in (0, 1), got "
+                            f"{self.n_resamples}, {self.confidence}")
+        check_methods(self.methods, self.options)
+
+    def method_options(self, name: str) -> dict:
+        from microbench.studies.methods import METHODS
+
+        return {**METHODS[name].defaults, **dict(self.options.get(name) or {})}
+
+
+def tower_keys(backbone: Backbone, towers: str) -> Callable[[str], bool] | None:
+    """The tensors a study moves: None (every one) for ``both``; for ``image`` the adapter's image-tower keys
+    (:meth:`Backbone.image_tower_keys`), refusing an empty selection in one line."""
+    from microbench.studies.merging import MergeError
+
+    if towers == "both":
+        return None
+    if towers != "image":
+        raise MergeError(f"study.towers must be 'both' or 'image', got {towers!r}")
+    keys = set(backbone.image_tower_keys())
+    n = len(backbone.state_dict())
+    if not keys:
+        raise MergeError(f"study.towers=image selects none of the {n} weights of {backbone.kind} backbone "
+                         f"{backbone.name!r}: its adapter's image_tower_keys() is empty; use study.towers=both")
+    return keys.__contains__
+
+
+def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -> tuple[dict, dict, list]:
+    """The paths of every method, their points and which study name each point answers for."""
+    from microbench.studies.methods import MergeInputs, method_paths
+
+    depths = backbone.residual_block_depths() if "lines" in spec.methods else {}
+    if keys is not None:
+        depths = {k: v for k, v in depths.items() if keys(k)}
+    more = []
+    if "model_stock" in spec.methods:
+        for path in spec.method_options("model_stock").get("finetuned") or []:
+            more.append(load_finetuned_state(path, backbone, key="study.options.model_stock.finetuned")[0])
+    inputs = MergeInputs(base_state, ft_state, keys, depths, more)
+    paths = {"wise_ft": (base_state, ft_state)}  # base and fine-tune: α = 0 and 1 of WiSE-FT's line
+    plan: dict[str, dict] = {}
+    points = [BASE_POINT, FINETUNED_POINT]
+    for name in spec.methods:
+        entries = []
+        for path in method_paths(name, inputs, spec.options.get(name)):
+            if path.label != "wise_ft":
+                paths[path.label] = (path.start, path.end)
+            mapping = {}
+            for a in alphas:
+                if a == 0 and path.starts_at_base:
+                    mapping[a] = BASE_POINT
+                elif a == 1 and path.ends_at_finetuned:
+                    mapping[a] = FINETUNED_POINT
+                else:
+                    mapping[a] = (path.label, float(a))
+                    if mapping[a] not in points:
+                        points.append(mapping[a])
+            entries.append({"label": path.label, "seed": path.seed, "points": mapping})
+        plan[name] = {"paths": entries}
+    return paths, plan, points
+
+
+def _memo_summary(memo: dict, base, preds, targets, n_resamples, seed, conf, point, headline=False) -> dict:
+    """The summary of one point of the sweep, computed once (points shared by methods: the base, the fine-tune)."""
+    if point not in memo:
+        memo[point] = summarize_model(base, preds[point], targets, n_resamples, seed, conf, headline)
+    return memo[point]
+
+
+def _mean_over_seeds(preds: list[pd.DataFrame]) -> pd.DataFrame:
+    """One prediction frame whose ``correct`` is the per-item mean over the frames (seeds of one method)."""
+    if len(preds) == 1:
+        return preds[0]
+    key = ["source", "row_idx", "key"]
+    first = preds[0].copy()
+    idx = first.set_index(key).index
+    first["correct"] = np.mean([p.set_index(key)["correct"].reindex(idx).to_numpy(dtype=float) for p in preds], axis=0)
+    return first
+
+
+def _spread(summaries: list[dict], keys=("target/fine", "supported/all")) -> dict:
+    out = {}
+    for k in keys:
+        vals = [s[k]["acc"]["value"] for s in summaries if k in s]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                      "min": float(np.min(vals)), "max": float(np.max(vals)), "n_seeds": len(vals)}
+    return out
 
 
 def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
@@ -260,48 +449,94 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
               spec: StudySpec = StudySpec(), cache_dir: str | Path | None = None, device: str | torch.device = "cpu",
               finetuned_path: str = "", extra: dict | None = None,
               localization: Callable | None = None) -> dict | None:
-    """Evaluate base, fine-tuned and every θ(α) on val and test and choose α on val; returns the study (the
-    per-α test predictions are written to ``out_dir/predictions/``; the report is
-    :func:`microbench.studies.report.write_report`'s).
+    """Evaluate base, fine-tuned and every point of every merge method on val and test, choose each method's α on
+    val; returns the study (the test predictions of every point are written to ``out_dir/predictions/``; the report
+    is :func:`microbench.studies.report.write_report`'s).
+
+    One sweep per split scores every point of every method (:func:`sweep_split`: each image decoded once). The
+    study's ``splits.<split>.models`` hold the base, the fine-tune and the first method's points (``alpha=…``);
+    ``methods.<name>`` hold each method's points, normalized accuracies, selection, chosen test model and curve area
+    (:mod:`microbench.studies.tradeoff`); ``axes`` the change by μ-Bench's metadata axes.
 
     In a process group every rank must call it: the sweep is sharded over the ranks (:func:`sweep_split`), rank 0
     summarises and returns the study, the other ranks return None.
 
     ``localization`` (for a model with a localization head): ``(split, base, finetuned, alphas, keys) -> {alpha
-    name: metrics}`` scoring the head on every θ(α) in one pass over the split (e.g.
+    name: metrics}`` scoring the head on every θ(α) of WiSE-FT in one pass over the split (e.g.
     :class:`~microbench.studies.sweep.LocalizationSweeper`); the α selection then keeps ≥ ``keep_target_gain``
     of the fine-tune's GRIT gain, and the report gets a localization table.
     """
-    from microbench.studies.merging import tower_selector
+    from microbench.studies.methods import METHODS
+    from microbench.studies.tradeoff import normalized, select_trade_off
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     alphas = sorted(set(study_alphas(spec.alphas, extrapolate=True)) | {0.0, 1.0})  # numbers (callers check the range)
-    prefixes = [n + "." for n, m in backbone.named_children() if m is backbone.image_tower()] or \
-        [f"model.{n}." for n, m in getattr(backbone, "model", backbone).named_children() if m is backbone.image_tower()]
-    towers, n_resamples = spec.towers, spec.n_resamples
-    keys = tower_selector(towers, prefixes)
+    if localization is not None and list(spec.methods) != ["wise_ft"]:
+        from microbench.errors import UserError
+
+        raise UserError(f"study.methods={list(spec.methods)}: a localization head's study sweeps WiSE-FT only; use "
+                        "study=wise_ft")
+    towers, n_resamples, conf, seed = spec.towers, int(spec.n_resamples), float(spec.confidence), int(spec.seed)
+    keys = tower_keys(backbone, towers)
     backbone.load_state_dict(base_state)
     base_fp = backbone.fingerprint(refresh=True)
+    paths, plan, points = _sweep_plan(backbone, base_state, ft_state, spec, keys, alphas)
     cache = ResultCache(cache_dir)
     targets = set(target_datasets)
+    primary = spec.methods[0]
+    target_key = "target/localization" if localization is not None else "target/fine"
     study: dict[str, Any] = {
         "base": {"name": backbone.name, "fingerprint": base_fp, "initialization": base_initialization(backbone)},
         "finetuned": {"path": str(finetuned_path)},
-        "towers": towers, "alphas": alphas, "target_datasets": sorted(targets), "splits": {}, **(extra or {}),
+        "towers": towers, "alphas": alphas, "target_datasets": sorted(targets), "splits": {},
+        "methods": {name: {"summary": METHODS[name].summary, "options": spec.method_options(name),
+                           "paths": [e["label"] for e in plan[name]["paths"]], "splits": {}}
+                    for name in spec.methods},
+        "primary_method": primary,
+        "settings": {"selection": spec.selection, "keep_target_gain": spec.keep_target_gain,
+                     "trade_off_weight": spec.trade_off_weight, "n_resamples": n_resamples, "confidence": conf,
+                     "seed": seed, "tower_keys": len(backbone.state_dict()) if keys is None else
+                     sum(1 for k in backbone.state_dict() if keys(k))},
+        **(extra or {}),
     }
+    test_preds: dict = {}
+    test_rows = None
     for split in ("val", "test"):
         dm = make_dm(split)
-        preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp)
+        preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp,
+                                  paths=paths, points=points)
         if distributed.rank() != 0:
             continue
-        base = preds[0.0]
-        models = {"base": summarize_model(base, base, targets, n_resamples)}
-        models["finetuned"] = summarize_model(base, preds[1.0], targets, n_resamples)
-        for a in alphas:
-            models[alpha_name(a)] = models["base"] if a == 0 else models["finetuned"] if a == 1 else \
-                summarize_model(base, preds[a], targets, n_resamples)
+        base = preds[BASE_POINT]
+        summarize = partial(_memo_summary, {}, base, preds, targets, n_resamples, seed, conf)
+
+        models = {"base": summarize(BASE_POINT, True), "finetuned": summarize(FINETUNED_POINT, True)}
+        for name in spec.methods:
+            by_alpha, seeds = {}, {}
+            for a in alphas:
+                entries = plan[name]["paths"]
+                if len(entries) == 1:
+                    s = summarize(entries[0]["points"][a], headline=name == primary)
+                else:  # several seeds: the summary of the per-item mean, and the spread of the seeds
+                    per_seed = [summarize(e["points"][a]) for e in entries]
+                    mean = _mean_over_seeds([preds[e["points"][a]] for e in entries])
+                    s = summarize_model(base, mean, targets, n_resamples, seed, conf, headline=False)
+                    s["seeds"] = {"spread": _spread(per_seed),
+                                  "per_seed": {e["label"]: {k: ps[k]["acc"]["value"] for k in
+                                                            ("target/fine", "supported/all") if k in ps}
+                                               for e, ps in zip(entries, per_seed, strict=True)}}
+                    seeds[a] = mean
+                s = dict(s, normalized=normalized(s, models["finetuned"], models["base"], target_key))
+                by_alpha[alpha_name(a)] = s
+                if name == primary:
+                    models[alpha_name(a)] = s
+            study["methods"][name]["splits"][split] = by_alpha
+            plan[name].setdefault("mean_preds", {})[split] = seeds
+        for key in ("base", "finetuned"):
+            models[key] = dict(models[key], normalized=normalized(models[key], models["finetuned"], models["base"],
+                                                                  target_key))
         study["splits"][split] = {"models": models, "sweep": info, "images": len(dm.images()),
                                   "items": int((base["source"] == "captions").sum()),
                                   "chance": chance_levels(base, targets)}
@@ -314,16 +549,88 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
                 grit, base_grit = loc[alpha_name(a)].get("grit/macro"), loc[alpha_name(0.0)].get("grit/macro")
                 models[alpha_name(a)] = dict(models[alpha_name(a)], **{"target/localization": {
                     "acc": {"value": grit}, "delta": {"value": (grit or 0.0) - (base_grit or 0.0)}}})
+                models[alpha_name(a)]["normalized"] = normalized(models[alpha_name(a)], models[alpha_name(1.0)],
+                                                                 models["base"], target_key)
+                study["methods"][primary]["splits"][split][alpha_name(a)] = models[alpha_name(a)]
+            models["finetuned"] = models[alpha_name(1.0)]
+            models["base"] = models[alpha_name(0.0)]
         if split == "test":
-            for a, p in preds.items():
-                write_parquet(out_dir / "predictions" / f"{alpha_name(a)}.parquet", p)
+            test_preds = preds
+            test_rows = dm.rows  # the metadata axes of every row, for the change by axis
+            written = set()
+            for name in spec.methods:
+                for e in plan[name]["paths"]:
+                    for a, point in e["points"].items():
+                        file = alpha_name(a) if name == "wise_ft" else f"{e['label']}_{alpha_name(a)}"
+                        if point in (BASE_POINT, FINETUNED_POINT):
+                            file = alpha_name(0.0 if point == BASE_POINT else 1.0)
+                        if file not in written:
+                            write_parquet(out_dir / "predictions" / f"{file}.parquet", preds[point])
+                            written.add(file)
+            for file, point in ((alpha_name(0.0), BASE_POINT), (alpha_name(1.0), FINETUNED_POINT)):
+                if file not in written:
+                    write_parquet(out_dir / "predictions" / f"{file}.parquet", preds[point])
     if distributed.rank() != 0:
         backbone.load_state_dict(ft_state)
         return None
-    val_by_alpha = {a: study["splits"]["val"]["models"][alpha_name(a)] for a in alphas}
-    study["selection"] = select_alpha(val_by_alpha, spec.keep_target_gain,
-                                      target="target/localization" if localization is not None else "target/fine")
-    study["chosen_test"] = study["splits"]["test"]["models"][alpha_name(study["selection"]["alpha"])]
+    # each method's α on val, reported on test
+    for name in spec.methods:
+        m = study["methods"][name]
+        val = {a: m["splits"]["val"][alpha_name(a)] for a in alphas}
+        ft_val = study["splits"]["val"]["models"]["finetuned"]
+        if spec.selection == "trade_off":
+            m["selection"] = select_trade_off(val, float(spec.trade_off_weight))
+        else:
+            m["selection"] = select_alpha(val, spec.keep_target_gain, target=target_key, finetuned=ft_val)
+        m["chosen_test"] = m["splits"]["test"][alpha_name(m["selection"]["alpha"])]
+    study["selection"] = study["methods"][primary]["selection"]
+    study["chosen_test"] = study["methods"][primary]["chosen_test"]
+    if localization is None:
+        study["areas"] = _areas(study, plan, test_preds, targets, spec, alphas)
+        chosen = {}
+        for name in spec.methods:
+            a = study["methods"][name]["selection"]["alpha"]
+            entries = plan[name]["paths"]
+            chosen[f"{name} α={a:.2f}"] = (plan[name]["mean_preds"]["test"][a] if len(entries) > 1
+                                          else test_preds[entries[0]["points"][a]])
+        study["axes"] = axis_deltas(test_preds[BASE_POINT], {"finetuned": test_preds[FINETUNED_POINT], **chosen},
+                                    test_rows, targets, n_resamples, seed, conf)
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
     return study
+
+
+def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudySpec, alphas) -> dict:
+    """Each method's curve area on test with its paired bootstrap CI, and the paired test of every pair."""
+    from microbench.studies.tradeoff import curve_areas
+
+    base = preds[BASE_POINT]
+    cap = base[base["source"] == "captions"]
+    is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
+    fine = _grain(cap["question_type"]) == "fine"
+    t_mask, s_mask = is_target & fine, ~is_target
+    if not t_mask.any() or not s_mask.any():
+        return {"areas": {}, "pairs": {}, "undefined": "no target fine-grained or no supported items on test"}
+    rows = [_aligned(cap, base)[1], _aligned(cap, preds[FINETUNED_POINT])[1]]
+    curves = {}
+    for name in spec.methods:
+        entries = plan[name]["paths"]
+        idx = []
+        for a in alphas:
+            if len(entries) == 1:
+                point = entries[0]["points"][a]
+                if point == BASE_POINT:
+                    idx.append(0)
+                    continue
+                if point == FINETUNED_POINT:
+                    idx.append(1)
+                    continue
+                frame = preds[point]
+            else:
+                frame = plan[name]["mean_preds"]["test"][a]
+            rows.append(_aligned(cap, frame)[1])
+            idx.append(len(rows) - 1)
+        curves[name] = idx
+    matrix = np.stack(rows)
+    return curve_areas(matrix[:, t_mask], matrix[:, s_mask], curves, int(spec.n_resamples), float(spec.confidence),
+                       int(spec.seed))

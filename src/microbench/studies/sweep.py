@@ -28,26 +28,39 @@ def alpha_name(alpha: float) -> str:
 
 
 class WeightInterpolator:
-    """Sets a module's weights to θ(α) = (1 − α)·θ_base + α·θ_ft in place, with fused ``torch._foreach`` ops.
+    """Sets a module's weights to θ(α) = θ_start + α·(θ_end − θ_start) in place, with fused ``torch._foreach`` ops:
+    WiSE-FT's (1 − α)·θ_base + α·θ_ft with the base and the fine-tune as end points, or any merge method's path
+    (:mod:`microbench.studies.methods`).
 
-    ``base`` and ``finetuned`` are state dicts of ``module``; ``keys`` selects the interpolated tensors (e.g. the
-    image tower), the others are left as they are. α = 0 and α = 1 are exact copies.
+    ``start`` and ``end`` are state dicts of ``module``; ``keys`` selects the interpolated tensors (e.g. the image
+    tower), the others are left as they are. α = 0 and α = 1 are exact copies. Tensors of at least float32 are
+    interpolated in their own dtype, in place; bf16/fp16 ones in float32 (end points kept in float32), rounded once.
+    ``memo`` (``id -> tensor``) lets several interpolators share their copies of the same tensors (the base).
     """
 
-    def __init__(self, module: torch.nn.Module, base: StateDict, finetuned: StateDict,
-                 keys: Callable[[str], bool] | None = None) -> None:
-        check_compatible(base, finetuned, names=["base", "fine-tuned"])
+    def __init__(self, module: torch.nn.Module, start: StateDict, end: StateDict,
+                 keys: Callable[[str], bool] | None = None, memo: dict | None = None) -> None:
+        check_compatible(start, end, names=["start", "end"])
         names = dict(module.named_parameters())
         names.update(dict(module.named_buffers()))
         sel = keys or (lambda k: True)
-        self.keys = [k for k, t in base.items() if t.is_floating_point() and sel(k) and k in names]
+        self.memo = {} if memo is None else memo
+        self.keys = [k for k, t in start.items() if t.is_floating_point() and sel(k) and k in names]
         self._targets = [names[k] for k in self.keys]
-        self._base = [base[k].to(t.dtype) for k, t in zip(self.keys, self._targets, strict=True)]
-        self._ft = [finetuned[k].to(t.dtype) for k, t in zip(self.keys, self._targets, strict=True)]
+        self._base = [self._cast(start[k], t) for k, t in zip(self.keys, self._targets, strict=True)]
+        self._ft = [self._cast(end[k], t) for k, t in zip(self.keys, self._targets, strict=True)]
+        self.exact = all(b.dtype == t.dtype for b, t in zip(self._base, self._targets, strict=True))
+
+    def _cast(self, value: torch.Tensor, target: torch.Tensor, device=None) -> torch.Tensor:
+        dtype = torch.promote_types(target.dtype, torch.float32)
+        key = (id(value), dtype, str(device))
+        if key not in self.memo:
+            self.memo[key] = (value, value.to(dtype=dtype, device=device))  # the source kept alive with its copy
+        return self.memo[key][1]
 
     def to(self, device: torch.device | str) -> WeightInterpolator:
-        self._base = [b.to(device) for b in self._base]
-        self._ft = [f.to(device) for f in self._ft]
+        self._base = [self._cast(b, t, device) for b, t in zip(self._base, self._targets, strict=True)]
+        self._ft = [self._cast(f, t, device) for f, t in zip(self._ft, self._targets, strict=True)]
         return self
 
     @torch.no_grad()
@@ -55,35 +68,50 @@ class WeightInterpolator:
         if alpha == 0 or alpha == 1:
             torch._foreach_copy_(self._targets, self._base if alpha == 0 else self._ft)
             return
+        if not self.exact:  # low-precision weights: lerp in float32, one rounding
+            torch._foreach_copy_(self._targets, torch._foreach_lerp(self._base, self._ft, alpha))
+            return
         torch._foreach_copy_(self._targets, self._base)
         torch._foreach_lerp_(self._targets, [f.to(t.device) for f, t in zip(self._ft, self._targets, strict=True)],
                              alpha)
 
 
 class InterpolationScorer(ZeroShotScorer):
-    """Zero-shot scoring of θ(α) = (1 − α)·θ_base + α·θ_ft for every α, decoding each image once.
+    """Zero-shot scoring of many models on lines in weight space, decoding each image once: every α of WiSE-FT's
+    θ(α) = (1 − α)·θ_base + α·θ_ft, or every point ``(path, α)`` of several paths (merge methods).
 
     Args:
-        backbone: the model (its current weights are ignored: each α sets them).
+        backbone: the model (its current weights are ignored: each point sets them).
         base, finetuned: state dicts of ``backbone`` (same keys/shapes).
-        alphas: interpolation weights (0 = base, 1 = fine-tuned).
+        alphas: interpolation weights (0 = base, 1 = fine-tuned) of the WiSE-FT line, when ``paths`` is None.
         keys: predicate selecting the interpolated tensors (e.g. the image tower); others stay at the base.
+        paths: ``{name: (θ_start, θ_end)}``; with ``points``, the ``(name, α)`` scored (``predictions_by_point``).
         on_done: ``(predictions_by_alpha, skipped, module)`` on global rank 0.
     """
 
-    def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float],
+    def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float] = (),
                  keys: Callable[[str], bool] | None = None, on_done: Callable | None = None,
-                 progress_label: str | None = None, **kwargs) -> None:
+                 progress_label: str | None = None, paths: dict[str, tuple[StateDict, StateDict]] | None = None,
+                 points: Sequence[tuple[str, float]] | None = None, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
         self.progress_label = progress_label  # a bar over images x models (Lightning's own is off inside a fit)
         self._bar = None
-        self.weights = WeightInterpolator(backbone, base, finetuned, keys)
-        self.alphas = [float(a) for a in alphas]
+        if paths is None:
+            paths, points = {"wise_ft": (base, finetuned)}, [("wise_ft", float(a)) for a in alphas]
+        memo: dict = {}
+        self.paths = {name: WeightInterpolator(backbone, s, e, keys, memo) for name, (s, e) in paths.items()}
+        self.weights = next(iter(self.paths.values()))
+        self.points = [(str(n), float(a)) for n, a in points]
+        self.alphas = [a for n, a in self.points if n == self.points[0][0]] if self.points else []
         self.on_done = on_done
+        self.predictions_by_point: dict[tuple[str, float], pd.DataFrame] = {}
         self.predictions_by_alpha: dict[float, pd.DataFrame] = {}
 
-    def set_alpha(self, alpha: float) -> None:
-        self.weights.set_alpha(alpha)
+    def set_alpha(self, alpha: float, path: str | None = None) -> None:
+        (self.paths[path] if path is not None else self.weights).set_alpha(alpha)
+
+    def set_point(self, point: tuple[str, float]) -> None:
+        self.paths[point[0]].set_alpha(point[1])
 
     def on_test_epoch_start(self) -> None:
         self._start(self.trainer.datamodule)
@@ -92,15 +120,16 @@ class InterpolationScorer(ZeroShotScorer):
         self._reset(len(dm.images()))
         self.backbone.eval()
         self.timings = {"_start": time.perf_counter()}
-        self._bufs = {a: torch.zeros_like(self._emb) for a in self.alphas}
+        self._bufs = {p: torch.zeros_like(self._emb) for p in self.points}
         self._decoded = 0
-        self.weights.to(self.device)
+        for w in self.paths.values():
+            w.to(self.device)
         self.timings["set_weights"] = 0.0
         if self.progress_label and distributed.rank() == 0:
             from tqdm.auto import tqdm
 
             n = len(dm.images())
-            self._bar = tqdm(total=n * len(self.alphas), desc=self.progress_label, unit="img×α", leave=False,
+            self._bar = tqdm(total=n * len(self.points), desc=self.progress_label, unit="img×model", leave=False,
                              dynamic_ncols=True)
 
     @torch.no_grad()
@@ -126,15 +155,15 @@ class InterpolationScorer(ZeroShotScorer):
         if not self._note_failures(batch):
             return
         idx = batch["image_index"].cpu()
-        for a in self.alphas:  # one decoded batch, every model
+        for point in self.points:  # one decoded batch, every model
             t = time.perf_counter()
-            self.set_alpha(a)
+            self.set_point(point)
             self.timings["set_weights"] += time.perf_counter() - t
             emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
-            self._bufs[a][idx] = emb.to("cpu")
+            self._bufs[point][idx] = emb.to("cpu")
         self._seen[idx.numpy()] = True
         if self._bar is not None:
-            self._bar.update(len(idx) * len(self.alphas))
+            self._bar.update(len(idx) * len(self.points))
 
     def on_test_epoch_end(self) -> None:
         self._finish(self.trainer.datamodule)
@@ -148,20 +177,22 @@ class InterpolationScorer(ZeroShotScorer):
         self.timings["images"] = round(t0 - self.timings.pop("_start", t0), 3)
         zero = distributed.rank() == 0
         skipped = {}
-        self.predictions_by_alpha = {}
+        self.predictions_by_point = {}
         self.decoded_per_rank = [int(n) for n in distributed.gather_objects(self._decoded)]
         self.decoded = sum(self.decoded_per_rank)
-        for a in self.alphas:
-            emb, seen = self._bufs[a], self._seen
+        for point in self.points:
+            emb, seen = self._bufs[point], self._seen
             if distributed.is_distributed():
                 mine = torch.from_numpy(np.flatnonzero(self._seen))
                 emb, seen = torch.zeros_like(emb), np.zeros(len(self._seen), dtype=bool)
-                for idx, e in distributed.gather_objects((mine, self._bufs[a][mine])):
+                for idx, e in distributed.gather_objects((mine, self._bufs[point][mine])):
                     emb[idx] = e
                     seen[idx.numpy()] = True
-            self.set_alpha(a)  # every rank scores: the texts are encoded sharded (encode_texts), then gathered
+            self.set_point(point)  # every rank scores: the texts are encoded sharded (encode_texts), then gathered
             preds, skipped = self.score(dm, emb, seen)
-            self.predictions_by_alpha[a] = preds
+            self.predictions_by_point[point] = preds
+        first = self.points[0][0] if self.points else None
+        self.predictions_by_alpha = {a: p for (n, a), p in self.predictions_by_point.items() if n == first}
         errors = [e for part in distributed.gather_objects(self._errors) for e in part]
         skipped["failed_images"] = errors
         self.skipped = skipped

@@ -23,6 +23,7 @@ from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
 from microbench.tasks.trainer import (
+    bootstrap_settings,
     build_model,
     close_loggers,
     container,
@@ -109,7 +110,7 @@ def in_domain_zero_shot(cfg: DictConfig, module, out_dir: Path) -> dict:
     backbone = module.backbone
     dm = instantiate(perception_view(cfg.data, split="test"), transform=backbone.preprocess)
     context = run_context(cfg, time.perf_counter(), out_dir, sources=("captions",),
-                          bootstrap={"n_resamples": 9999, "confidence": 0.95, "seed": 0})
+                          bootstrap=bootstrap_settings(cfg))  # the root `bootstrap` of train.yaml
     writer = PerceptionRecordWriter(context)
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)

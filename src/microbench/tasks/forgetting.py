@@ -1,5 +1,6 @@
 """``python src/forgetting.py``: base model (a preset or a checkpoint) + fine-tuned checkpoint → the forgetting
-study (base vs fine-tuned vs WiSE-FT θ(α) on the whole benchmark, α chosen on val), written to
+study (base vs fine-tuned vs every merge method's θ(α) on the whole benchmark, α chosen on val; the ``study``
+config group says which methods and how), written to
 ``paths.output_dir`` by :func:`microbench.studies.forgetting.run_study` (``forgetting.json``, ``forgetting.md``,
 plots, per-α predictions)."""
 
@@ -17,12 +18,13 @@ from microbench.errors import UserError
 from microbench.models.localization import detector_from_checkpoint
 from microbench.results.io import read_json, write_json
 from microbench.results.record import RunRecord
-from microbench.studies.forgetting import StudySpec, load_finetuned_state, run_study, study_alphas
+from microbench.studies.forgetting import load_finetuned_state, run_study
 from microbench.studies.merging import MergeError
 from microbench.studies.report import write_report
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.localization import build_from_record
 from microbench.tasks.records import new_record, run_context
+from microbench.tasks.study import study_spec
 from microbench.tasks.trainer import (
     build_model,
     close_loggers,
@@ -61,7 +63,7 @@ def study_group(cfg: DictConfig, fit_task: str | None) -> dict:
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if not cfg.get("finetuned"):
         raise MergeError("no fine-tuned checkpoint: pass finetuned=<path to a .ckpt from src/train.py>")
-    alphas = study_alphas(cfg.alphas, bool(cfg.get("extrapolate", False)))
+    spec = study_spec(cfg)
     t0, out_dir = start_run(cfg)  # output folder writable, data path there, before the model is built
     if isinstance(cfg.base, str):  # base=<preset> as a string: the preset, its interpolations (${data.path}...)
         with open_dict(cfg):       # resolved against this run's config
@@ -94,11 +96,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     for lg in loggers:
         lg.log_hyperparams(container(cfg))
     context = run_context(cfg, t0, out_dir)
-    spec = StudySpec(alphas=alphas, towers=str(cfg.towers), keep_target_gain=float(cfg.selection.keep_target_gain),
-                     n_resamples=int(cfg.bootstrap.n_resamples))
     study_fn = partial(
         run_study, backbone, base_state, ft_state, make_dm=partial(make_eval_dm, cfg.data, backbone.preprocess),
-        out_dir=cfg.paths.output_dir, target_datasets=targets, spec=spec, cache_dir=cfg.get("result_cache"),
+        out_dir=cfg.paths.output_dir, target_datasets=targets, spec=spec, cache_dir=spec.result_cache,
         finetuned_path=str(Path(cfg.finetuned)),
         extra={"config": container(cfg), "run_id": context["run_id"], "finetuned_record": {
             k: v for k, v in record.items() if k in ("backbone", "objective", "model_config")}},

@@ -16,7 +16,6 @@ from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError, user_error_of
 from microbench.results.io import check_output_dir, clean_stale_temporaries
 from microbench.studies.callback import ForgettingCallback
-from microbench.studies.forgetting import study_alphas
 
 #: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
 FAMILIES = ("contrastive", "generative", "random")
@@ -167,15 +166,17 @@ def _newest(folder: Path, pattern: str) -> str:
 
 def forgetting_callback(cfg: DictConfig, backbone, out_dir: Path, **extra) -> ForgettingCallback | None:
     """With ``forgetting.enabled``: the study after fit (``<out_dir>/forgetting/``) over the whole benchmark of the
-    copy ``cfg.data`` reads, with ``cfg.forgetting``'s α, towers, selection and resamples; ``extra`` (a localization
-    fit's targets and head sweep) goes to :class:`~microbench.studies.callback.ForgettingCallback`."""
+    copy ``cfg.data`` reads, with the ``study`` group's settings (:func:`microbench.tasks.study.study_spec`);
+    ``extra`` (a localization fit's targets and head sweep) goes to
+    :class:`~microbench.studies.callback.ForgettingCallback`."""
+    from microbench.tasks.study import study_spec
+
     fg = cfg.get("forgetting") or {}
     if not fg.get("enabled"):
         return None
     return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
-                              Path(out_dir) / "forgetting", study_alphas(fg.alphas, fg.get("extrapolate", False)),
-                              fg.towers, float(fg.keep_target_gain), cache_dir=fg.get("result_cache"),
-                              n_resamples=int(fg.n_resamples), make_base=partial(build_model, cfg.model), **extra)
+                              Path(out_dir) / "forgetting", study_spec(cfg), make_base=partial(build_model, cfg.model),
+                              **extra)
 
 
 def forgetting_summary(study: dict, out_dir: Path) -> tuple[dict, str]:

@@ -77,6 +77,32 @@ class Backbone(nn.Module):
         """The trainable log logit scale, if the model has one (contrastive fine-tuning trains it)."""
         return None
 
+    def image_tower_keys(self) -> list[str]:
+        """The keys of :meth:`state_dict` that belong to the image tower (image-only merges, ``study.towers=image``):
+        by default those whose tensor is a parameter or buffer of :meth:`image_tower`, matched by identity of the
+        tensors (never of modules, which an adapter may build anew on each call). Adapters with a fixed layout
+        override it with their prefixes."""
+        try:
+            tower = self.image_tower()
+        except NotImplementedError:
+            raise BackboneError(
+                f"{self.kind} backbone {self.name!r} does not say which of its weights are the image tower: "
+                "implement image_tower() (or image_tower_keys()) in the adapter, or use study.towers=both") from None
+        ids = {id(t) for t in (*tower.parameters(), *tower.buffers())}
+        return [k for k, t in self.state_dict(keep_vars=True).items() if id(t) in ids]
+
+    def residual_block_depths(self) -> dict[str, tuple[int, int]]:
+        """``key -> (ℓ, L)`` for the state-dict keys inside residual block ℓ of a tower of L blocks (LiNeS); each
+        tower (image, text) its own stack, read from the key names
+        (:func:`microbench.studies.merging.residual_block_depths`)."""
+        from microbench.studies.merging import residual_block_depths
+
+        try:
+            image = self.image_tower_keys()
+        except BackboneError:
+            image = []
+        return residual_block_depths(self.state_dict().keys(), image)
+
     def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """Spatial features of the image tower's last block, ``[B, C, h, w]`` (patch tokens for ViTs, the last
         stage for CNNs), for detection and segmentation heads."""

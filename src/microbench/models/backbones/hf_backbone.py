@@ -79,10 +79,15 @@ class HFClipBackbone(Backbone):
     def logit_scale_parameter(self) -> torch.Tensor | None:
         return getattr(self.model, "logit_scale", None)
 
+    IMAGE_PARTS = ("vision_model", "visual_projection")  # CLIP, SigLIP, ALIGN (vision_model only), Chinese-CLIP...
+
     def image_tower(self) -> torch.nn.Module:
-        parts = [m for m in (getattr(self.model, "vision_model", None), getattr(self.model, "visual_projection", None))
-                 if m is not None]
+        parts = [m for m in (getattr(self.model, n, None) for n in self.IMAGE_PARTS) if m is not None]
         return torch.nn.ModuleList(parts)
+
+    def image_tower_keys(self) -> list[str]:
+        prefixes = tuple(f"model.{n}." for n in self.IMAGE_PARTS if getattr(self.model, n, None) is not None)
+        return [k for k in self.state_dict() if k.startswith(prefixes)]
 
     @property
     def logit_scale(self) -> torch.Tensor:

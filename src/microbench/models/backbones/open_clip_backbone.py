@@ -113,6 +113,9 @@ class OpenClipBackbone(Backbone):
     def image_tower(self) -> torch.nn.Module:
         return self.model.visual
 
+    def image_tower_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if k.startswith("model.visual.")]
+
     def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
         if not hasattr(visual, "forward_intermediates"):

@@ -40,6 +40,9 @@ class TimmImageBackbone(Backbone):
     def image_tower(self) -> torch.nn.Module:
         return self.model
 
+    def image_tower_keys(self) -> list[str]:
+        return list(self.state_dict())  # an image tower and nothing else
+
     def image_feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         if not hasattr(self.model, "forward_intermediates"):
             return super().image_feature_map(pixels)

@@ -1,0 +1,155 @@
+"""Merge methods as plug-ins of the forgetting study: each supplies the paths in weight space the sweep walks.
+
+A method is one function registered with :func:`merge_method` (and one ``configs/study/<name>.yaml``): given the
+base, the fine-tuned weights, the tower selection and the model's residual-block depths, it returns one or more
+:class:`MergePath` — two end points θ_start (α = 0) and θ_end (α = 1) of a line θ(α) = θ_start + α·(θ_end −
+θ_start). The study's :class:`~microbench.studies.sweep.InterpolationScorer` walks every path at every α on the same
+decoded images (one decode per image for every method). Each method's end points are the pure merges of
+:mod:`microbench.studies.merging`, pinned to their papers there:
+
+- ``wise_ft``: base → fine-tuned (Wortsman et al., 2022);
+- ``lines``: θ(α) = base + λ(ℓ)·τ, λ(ℓ) = α + (1 − α)·ℓ/(L − 1) per residual block (Wang et al., ICLR 2025), a line
+  from base + (ℓ/(L − 1))·τ to the fine-tune;
+- ``ties_trim``: base → base + trim_k(τ) (TIES' trim on the one task vector; Yadav et al., 2023);
+- ``dare``: base → base + DARE_p(τ), one path per seed (Yu et al., 2024);
+- ``model_stock``: base → θ_H = t·θ̄_ft + (1 − t)·base from two or more fine-tunes (Jang et al., 2024).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from microbench.errors import UserError
+from microbench.studies.merging import (
+    StateDict,
+    add_vector,
+    dare,
+    lines,
+    model_stock,
+    task_vector,
+    ties_merge,
+)
+
+
+@dataclass(frozen=True)
+class MergePath:
+    """One line in weight space: θ(α) = θ_start + α·(θ_end − θ_start) on the selected float tensors."""
+
+    method: str
+    label: str  # the method, or e.g. ``dare[seed=1]`` for one of several paths
+    start: StateDict
+    end: StateDict
+    starts_at_base: bool = True  # θ(0) is the base: α = 0 is not evaluated again
+    ends_at_finetuned: bool = False  # θ(1) is the fine-tune: α = 1 is not evaluated again
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a method may read: the two models, the selected keys (None: every float tensor), ``key -> (ℓ, L)`` of
+    the residual blocks, and further fine-tunes of the same base (Model Stock)."""
+
+    base: StateDict
+    finetuned: StateDict
+    keys: Callable[[str], bool] | None = None
+    depths: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    more_finetuned: Sequence[StateDict] = ()
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    paths: Callable[..., list[MergePath]]
+    defaults: dict
+    summary: str
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, summary: str) -> Callable:
+    """Register ``fn(inputs: MergeInputs, **options) -> list[MergePath]`` as the study method ``name``; its keyword
+    defaults are the method's options (``study.options.<name>`` in the config)."""
+
+    def register(fn: Callable) -> Callable:
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        METHODS[name] = MergeMethod(name, fn, defaults, summary)
+        return fn
+
+    return register
+
+
+def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The study's methods, checked: known names (one line listing them otherwise), no repeats, options each
+    method accepts."""
+    if isinstance(names, str):
+        names = [names]
+    names = [str(n) for n in names]
+    if not names:
+        raise UserError(f"study.methods=[] studies nothing: name one or more of {', '.join(METHODS)}")
+    for n in names:
+        if n not in METHODS:
+            raise UserError(f"study.methods: unknown merge method {n!r}; known: {', '.join(METHODS)} (a new one is "
+                            "a function registered with microbench.studies.methods.merge_method)")
+    if len(set(names)) != len(names):
+        raise UserError(f"study.methods={names} names a method twice")
+    for n, opts in (options or {}).items():
+        if n not in METHODS:
+            raise UserError(f"study.options.{n}: no merge method {n!r}; known: {', '.join(METHODS)}")
+        unknown = sorted(set(opts or {}) - set(METHODS[n].defaults))
+        if unknown:
+            raise UserError(f"study.options.{n}.{unknown[0]} is not an option of {n}; its options: "
+                            f"{', '.join(METHODS[n].defaults) or 'none'}")
+    return names
+
+
+def method_paths(name: str, inputs: MergeInputs, options: Mapping | None = None) -> list[MergePath]:
+    """The paths of method ``name`` with ``options`` over its defaults."""
+    method = METHODS[name]
+    return method.paths(inputs, **{**method.defaults, **dict(options or {})})
+
+
+# --- the methods ----------------------------------------------------------------------------------------------------
+
+@merge_method("wise_ft", "WiSE-FT: (1 − α)·θ_base + α·θ_ft (Wortsman et al., 2022)")
+def _wise_ft(inputs: MergeInputs) -> list[MergePath]:
+    return [MergePath("wise_ft", "wise_ft", inputs.base, inputs.finetuned, True, True)]
+
+
+@merge_method("lines", "LiNeS: task vector scaled by α + (1 − α)·ℓ/(L − 1) per residual block (Wang et al., 2025)")
+def _lines(inputs: MergeInputs) -> list[MergePath]:
+    if not inputs.depths:
+        raise UserError("lines: no residual blocks found in the model's weights (keys like '...resblocks.<i>.', "
+                        "'...layers.<i>.', '...blocks.<i>.'): LiNeS needs a layered model; drop it from study.methods")
+    start = lines(inputs.base, inputs.finetuned, 0.0, inputs.depths, inputs.keys)
+    return [MergePath("lines", "lines", start, inputs.finetuned, starts_at_base=False, ends_at_finetuned=True)]
+
+
+@merge_method("ties_trim", "TIES trim: the top-k share of the task vector's magnitudes, × α (Yadav et al., 2023)")
+def _ties_trim(inputs: MergeInputs, density: float = 0.2, per_tensor: bool = False) -> list[MergePath]:
+    end = ties_merge(inputs.base, [inputs.finetuned], density=float(density), keys=inputs.keys,
+                     per_tensor=bool(per_tensor))
+    return [MergePath("ties_trim", "ties_trim", inputs.base, end)]
+
+
+@merge_method("dare", "DARE: drop delta entries with probability p, rescale by 1/(1 − p), × α (Yu et al., 2024)")
+def _dare(inputs: MergeInputs, p: float = 0.5, seeds: Sequence[int] = (0, 1, 2)) -> list[MergePath]:
+    seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
+    if not seeds:
+        raise UserError("study.options.dare.seeds=[] draws no mask: give one or more seeds, e.g. [0,1,2]")
+    vector = task_vector(inputs.base, inputs.finetuned, inputs.keys)
+    return [MergePath("dare", f"dare[seed={s}]", inputs.base, add_vector(inputs.base, dare(vector, float(p), s)),
+                      seed=s) for s in seeds]
+
+
+@merge_method("model_stock", "Model Stock: t·mean(θ_ft) + (1 − t)·θ_base per tensor, t from the angle between two "
+              "fine-tunes' task vectors (Jang et al., 2024), × α")
+def _model_stock(inputs: MergeInputs, finetuned: Sequence[str] = ()) -> list[MergePath]:
+    if not inputs.more_finetuned:
+        raise UserError("model_stock needs a second fine-tune of the same base (e.g. another seed): pass "
+                        "'study.options.model_stock.finetuned=[<its .ckpt>]'")
+    end = model_stock(inputs.base, [inputs.finetuned, *inputs.more_finetuned], inputs.keys)
+    return [MergePath("model_stock", "model_stock", inputs.base, end)]

@@ -1,0 +1,140 @@
+"""The field's forgetting metrics, with intervals: normalized accuracy (LiNeS), the α selection rules, one number
+for a whole trade-off curve (its area, with a paired bootstrap CI) and a paired test between two methods' curves.
+
+Normalized accuracy (Wang et al., LiNeS, ICLR 2025, §4): target accuracy ÷ the fine-tune's, control (supported-task)
+accuracy ÷ the base's. The curve area: each point of a method's sweep is placed in the box spanned by base and
+fine-tune, x = share of the fine-tune's target gain kept = (t − t_base)/(t_ft − t_base), y = share of the supported
+loss won back = (s − s_ft)/(s_base − s_ft), both clipped to [0, 1]; the base sits at (0, 1), the fine-tune at (1, 0).
+The area under the upper (Pareto) frontier of the points, linear between them and constant left of the first, is
+0.5 for the straight line between the two models, 1 for a point that keeps all of the gain and forgets nothing, 0.5
+or less for a method that does no better than choosing between the two. Its CI resamples the test items with
+replacement (target and supported items separately: a stratified bootstrap), the same resample for every point of
+every method, so the areas of two methods are paired and their difference has a CI and a bootstrap p-value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from microbench.metrics.bootstrap import _basic_interval
+
+#: keep-gain: best supported accuracy among the α keeping ≥ keep_target_gain of the gain; trade-off: LiNeS' rule
+SELECTION_RULES = ("keep_gain", "trade_off")
+
+
+def normalized(summary: Mapping, finetuned: Mapping, base: Mapping, target: str = "target/fine",
+               control: str = "supported/all") -> dict[str, float | None]:
+    """LiNeS' normalized accuracies of one model: target ÷ fine-tuned, control ÷ base (None where undefined)."""
+    def acc(s, k):
+        v = ((s.get(k) or {}).get("acc") or {}).get("value")
+        return None if v is None or v != v else float(v)
+
+    t, t_ft, c, c_base = acc(summary, target), acc(finetuned, target), acc(summary, control), acc(base, control)
+    return {"target": t / t_ft if t is not None and t_ft else None,
+            "control": c / c_base if c is not None and c_base else None}
+
+
+def select_trade_off(val: Mapping[float, Mapping], weight: float = 2.0) -> dict:
+    """argmax over α of ``weight``·target_norm + control_norm on val (ties to the larger α)."""
+    def score(a):
+        n = val[a].get("normalized") or {}
+        if n.get("target") is None or n.get("control") is None:
+            return -np.inf
+        return weight * n["target"] + n["control"]
+
+    best = max(sorted(val), key=lambda a: (score(a), a))
+    return {"alpha": best, "rule": f"max {weight:g} x normalized target + normalized control accuracy on val "
+            "(LiNeS' trade-off; normalized: target / fine-tuned, control / base)", "eligible": sorted(val),
+            "score": float(score(best))}
+
+
+def pareto_area(x: np.ndarray, y: np.ndarray) -> float:
+    """Area under the upper-right Pareto frontier of the points (x, y) in [0, 1]² (the base (0, 1) and the fine-tune
+    (1, 0) among them), linear between frontier points, constant left of the first."""
+    order = np.lexsort((-y, x))  # by x, then higher y first
+    xs, ys = x[order], y[order]
+    front_x, front_y = [], []
+    best = -np.inf
+    for xi, yi in zip(xs[::-1], ys[::-1], strict=True):  # from the right: a point is on the frontier if it beats
+        if yi > best:                                     # every point with a larger x
+            front_x.append(xi)
+            front_y.append(yi)
+            best = yi
+    fx, fy = np.array(front_x[::-1]), np.array(front_y[::-1])
+    area = fx[0] * fy[0]
+    area += float(np.sum((fx[1:] - fx[:-1]) * (fy[1:] + fy[:-1]) / 2))
+    return float(area)
+
+
+def _box(t, s, anchors):
+    """Normalized coordinates of accuracies ``t`` (target) and ``s`` (supported) in the base/fine-tune box."""
+    (tb, sb), (tf, sf) = anchors
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.clip((t - tb) / (tf - tb), 0, 1)
+        y = np.clip((s - sf) / (sb - sf), 0, 1)
+    return x, y
+
+
+def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, Sequence[int]],
+                n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0, chunk: int = 256) -> dict:
+    """The area of each curve, with a paired stratified bootstrap CI, and the paired difference of every pair.
+
+    Args:
+        target, supported: per-item correctness ``[models, items]`` (fractional allowed: seed means) on the target
+            (fine-grained) and the supported items; row 0 is the base, row 1 the fine-tune.
+        curves: ``{method: rows of its sweep points}`` (the base and fine-tune rows are added to each).
+    Returns ``{"areas": {method: {value, low, high, n_points}}, "pairs": {"a vs b": {value, low, high, p}},
+    "undefined": reason or None}``.
+    """
+    target, supported = np.asarray(target, float), np.asarray(supported, float)
+    t_hat, s_hat = target.mean(1), supported.mean(1)
+    if not (t_hat[1] > t_hat[0] and s_hat[0] > s_hat[1]):
+        why = ("the fine-tune did not gain on its target" if not t_hat[1] > t_hat[0] else
+               "the fine-tune lost nothing on the supported datasets")
+        return {"areas": {}, "pairs": {}, "undefined": f"no trade-off to measure: {why} (the box between base and "
+                                                       "fine-tune is empty)"}
+    rows = {m: sorted(set(r) | {0, 1}) for m, r in curves.items()}
+
+    def areas(t, s):
+        x, y = _box(t, s, ((t[0], s[0]), (t[1], s[1])))
+        return {m: pareto_area(x[r], y[r]) for m, r in rows.items()}
+
+    point = areas(t_hat, s_hat)
+    rng = np.random.default_rng(seed)
+    n_t, n_s = target.shape[1], supported.shape[1]
+    draws = {m: [] for m in rows}
+    degenerate = 0
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
+        ct = rng.multinomial(n_t, np.full(n_t, 1 / n_t), size=size)
+        cs = rng.multinomial(n_s, np.full(n_s, 1 / n_s), size=size)
+        tt, ss = ct @ target.T / n_t, cs @ supported.T / n_s  # [size, models]
+        for i in range(size):
+            if not (tt[i, 1] > tt[i, 0] and ss[i, 0] > ss[i, 1]):
+                degenerate += 1  # this resample has no gain or no loss: the box is empty, the area undefined
+                for m in rows:
+                    draws[m].append(np.nan)
+                continue
+            for m, v in areas(tt[i], ss[i]).items():
+                draws[m].append(v)
+    draws = {m: np.array(v) for m, v in draws.items()}
+    ok = ~np.isnan(next(iter(draws.values())))
+    out = {"areas": {}, "pairs": {}, "undefined": None, "resamples": int(n_resamples),
+           "degenerate_resamples": int(degenerate)}
+    for m, v in point.items():
+        lo, hi = _basic_interval(v, draws[m][ok], confidence)
+        out["areas"][m] = {"value": v, "low": float(max(lo, 0.0)), "high": float(min(hi, 1.0)),
+                           "n_points": len(rows[m])}
+    names = list(rows)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d_hat = point[a] - point[b]
+            d = draws[a][ok] - draws[b][ok]
+            lo, hi = _basic_interval(d_hat, d, confidence)
+            p = (1 + int(np.sum(np.abs(d - d_hat) >= abs(d_hat) - 1e-12))) / (1 + d.size)
+            out["pairs"][f"{a} vs {b}"] = {"a": a, "b": b, "value": float(d_hat), "low": float(lo),
+                                           "high": float(hi), "p": float(min(p, 1.0)),
+                                           "significant": bool(lo > 0 or hi < 0)}
+    return out
