@@ -2,9 +2,10 @@
 
 An 11-α WiSE-FT sweep with ``InterpolationScorer`` (each image decoded once for the whole sweep) against 11 separate
 zero-shot evaluations (each decoding every image again), on 512 px PNGs (the real release has 224-2,050 px images),
-with decode counts.
+with decode counts; then the cost of a forgetting study comparing four merge methods (WiSE-FT, LiNeS, TIES trim,
+DARE with 3 seeds) in one run against running each method's study alone (images decoded, seconds).
 
-Usage: .venv/bin/python benchmarks/bench_forgetting.py [--rows 400] [--model microbench-tiny]
+Usage: .venv/bin/python benchmarks/bench_forgetting.py [--rows 400] [--model microbench-tiny] [--skip-sweep]
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--model", default="microbench-tiny")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/forgetting.json"))
+    ap.add_argument("--skip-sweep", action="store_true", help="only the multi-method study part")
+    ap.add_argument("--n-resamples", type=int, default=999, help="bootstrap resamples of the studies' CIs")
     args = ap.parse_args()
+    if args.skip_sweep:
+        with tempfile.TemporaryDirectory() as d:
+            res = {"methods": methods_cost(args, Path(d))}
+        print(res)
+        write_json(args.out.with_name("forgetting_methods.json"), res)
+        return
     alphas = [round(a, 1) for a in np.linspace(0, 1, 11)]
     with tempfile.TemporaryDirectory() as d:
         folder = scaled_copy(args.rows, Path(d) / "copy", image_px=512)
@@ -85,8 +94,40 @@ def main() -> None:
            "sweep_s": round(sweep_s, 2), "sweep_decodes": sweep_decodes, "sweep_timings": sweep.timings,
            "separate_s": round(separate_s, 2), "separate_decodes": separate_decodes,
            "speedup": round(separate_s / sweep_s, 2), "predictions_identical": agree}
+    with tempfile.TemporaryDirectory() as d:
+        res["methods"] = methods_cost(args, Path(d))
     print(res)
     write_json(args.out, res)
+
+
+def methods_cost(args, tmp: Path) -> dict:
+    """One study of four methods against four one-method studies on the same copy (val + test splits)."""
+    from microbench.studies.forgetting import StudySpec, run_study
+
+    folder = scaled_copy(args.rows, tmp / "copy", image_px=512)
+    bb = build_backbone("open_clip", args.model, pretrained=None)
+    base = {k: v.clone() for k, v in bb.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+          for k, v in base.items()}
+
+    def make_dm(split):
+        return dmod.PerceptionDataModule(str(folder), transform=bb.preprocess, batch_size=64, split=split)
+
+    def study(methods, name):
+        DECODES["n"] = 0
+        t0 = time.perf_counter()
+        s = run_study(bb, base, ft, make_dm=make_dm, out_dir=tmp / name, target_datasets=["kather_et_al_2016"],
+                      spec=StudySpec(methods=tuple(methods), n_resamples=args.n_resamples))
+        return {"seconds": round(time.perf_counter() - t0, 2), "decoded_images": DECODES["n"],
+                "models_scored": sum(s["splits"][sp]["sweep"]["models"] for sp in ("val", "test")),
+                "sweep_seconds": round(sum(s["splits"][sp]["sweep"]["seconds"] for sp in ("val", "test")), 2)}
+
+    methods = ["wise_ft", "lines", "ties_trim", "dare"]
+    together = study(methods, "together")
+    alone = {m: study([m], m) for m in methods}
+    return {"methods": methods, "n_resamples": args.n_resamples, "together": together, "alone": alone,
+            "alone_total": {k: round(sum(a[k] for a in alone.values()), 2) for k in together}}
 
 
 if __name__ == "__main__":

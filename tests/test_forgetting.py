@@ -127,9 +127,9 @@ def trained_base():
     return {k: v.detach().clone() for k, v in bb.state_dict().items()}
 
 
-def _destroyed(state, scale=0.5):
+def _destroyed(state, scale=0.5, seed=7):
     """A 'fine-tune' that wrecks the image tower."""
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     return {k: (v + scale * torch.randn(v.shape, generator=g) * v.std()) if k.startswith("model.visual.") and
             v.is_floating_point() and v.ndim > 1 else v.clone() for k, v in state.items()}
 
@@ -185,6 +185,80 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
     assert again["splits"]["test"]["sweep"]["base_from_cache"] and again["splits"]["test"]["sweep"]["models"] == 1
     assert again["splits"]["test"]["models"]["base"]["all/all"]["acc"]["value"] == \
         test["base"]["all/all"]["acc"]["value"]
+
+
+def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations(trained_base, tmp_path):
+    """Issue 20 §2-3: five methods in one study, every image decoded once; WiSE-FT's numbers are the same as in a
+    study of WiSE-FT alone; a LiNeS point equals the separately evaluated LiNeS model; every method gets its
+    normalized accuracies, selection, curve area with a CI, and the change by metadata axis."""
+    import pandas as pd
+
+    from microbench.studies.merging import lines
+    from microbench.studies.tradeoff import select_trade_off
+
+    bb = build_backbone(preset="tiny")
+    ft = _destroyed(trained_base, scale=1.0)
+    torch.save(_destroyed(trained_base, scale=1.0, seed=8), tmp_path / "second_seed.pt")
+    targets = ["kather_et_al_2016", "acevedo_et_al_2020"]
+
+    def make_dm(split):
+        return PerceptionDataModule("sample", transform=bb.preprocess, split=split)
+
+    methods = ("wise_ft", "lines", "ties_trim", "dare", "model_stock")
+    spec = StudySpec(alphas=[0, 0.5, 1], n_resamples=199, methods=methods,
+                     options={"dare": {"seeds": [0, 1]}, "model_stock": {"finetuned": [str(tmp_path / "second_seed.pt")]}})
+    study = write_report(run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "all",
+                                   target_datasets=targets, spec=spec), tmp_path / "all")
+    alone = run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "alone", target_datasets=targets,
+                      spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=199))
+    for split in ("val", "test"):
+        assert study["splits"][split]["models"] == alone["splits"][split]["models"]  # the same numbers
+        sweep = study["splits"][split]["sweep"]
+        # 13 models: base, fine-tune, WiSE-FT 0.5, LiNeS 0 and 0.5, TIES 0.5 and 1, DARE 2 seeds x 2, Model Stock 2
+        assert sweep["models"] == 13 and sweep["decoded_images"] == sweep["images"] == study["splits"][split]["images"]
+    assert study["methods"]["wise_ft"]["selection"] == alone["selection"]
+    # a LiNeS point of the sweep is the LiNeS model evaluated on its own
+    ref_bb = build_backbone(preset="tiny")
+    ref_bb.load_state_dict(lines(trained_base, ft, 0.5, ref_bb.residual_block_depths()))
+    ref = _score(ref_bb)
+    got = pd.read_parquet(tmp_path / "all" / "predictions" / "lines_alpha=0.50.parquet")
+    assert (got["pred_idx"].to_numpy() == ref["pred_idx"].to_numpy()).all()
+    assert np.allclose(np.concatenate(got["scores"].to_list()), np.concatenate(ref["scores"].to_list()), atol=1e-5)
+    test = study["splits"]["test"]["models"]
+    assert test["finetuned"]["normalized"]["target"] == 1.0 and test["base"]["normalized"]["control"] == 1.0
+    for name in methods:
+        m = study["methods"][name]
+        assert set(m["splits"]["test"]) == {"alpha=0.00", "alpha=0.50", "alpha=1.00"}
+        n = m["splits"]["test"]["alpha=0.50"]["normalized"]
+        want = m["splits"]["test"]["alpha=0.50"]["target/fine"]["acc"]["value"] / \
+            test["finetuned"]["target/fine"]["acc"]["value"]
+        assert n["target"] == pytest.approx(want)
+        assert m["chosen_test"] == m["splits"]["test"][f"alpha={m['selection']['alpha']:.2f}"]
+        assert set(m["vs_finetuned"]) == {"target/fine", "supported/all"}
+    dare = study["methods"]["dare"]
+    assert dare["paths"] == ["dare[seed=0]", "dare[seed=1]"]
+    seeds = dare["splits"]["test"]["alpha=1.00"]["seeds"]
+    per_seed = [v["supported/all"] for v in seeds["per_seed"].values()]
+    assert dare["splits"]["test"]["alpha=1.00"]["supported/all"]["acc"]["value"] == pytest.approx(np.mean(per_seed))
+    assert seeds["spread"]["supported/all"]["n_seeds"] == 2
+    areas = study["areas"]
+    if areas["undefined"] is None:
+        assert set(areas["areas"]) == set(methods) and len(areas["pairs"]) == 10
+        for a in areas["areas"].values():
+            assert 0 <= a["low"] <= a["value"] <= a["high"] <= 1
+    assert {"domain", "modality", "institution"} <= set(study["axes"])
+    entry = next(iter(study["axes"]["modality"].values()))
+    assert "finetuned" in entry and f"lines α={study['methods']['lines']['selection']['alpha']:.2f}" in entry
+    md = (tmp_path / "all" / "forgetting.md").read_text()
+    assert "## Merge methods side by side" in md and "## What was forgotten, by μ-Bench's metadata" in md
+    for name in methods:
+        assert f"| {name}" in md
+    # the trade-off rule: argmax of 2 x normalized target + normalized control on val
+    traded = run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "traded", target_datasets=targets,
+                       spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=99, selection="trade_off"))
+    val = {float(k.split("=")[1]): v for k, v in traded["methods"]["wise_ft"]["splits"]["val"].items()}
+    assert traded["selection"]["alpha"] == select_trade_off(val)["alpha"]
+    assert "trade-off" in traded["selection"]["rule"]
 
 
 def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgetting):

@@ -561,7 +561,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             for name in spec.methods:
                 for e in plan[name]["paths"]:
                     for a, point in e["points"].items():
-                        file = alpha_name(a) if name == "wise_ft" else f"{e['label']}_{alpha_name(a)}"
+                        label = e["label"].replace("[seed=", "-seed").replace("]", "")  # plain file names
+                        file = alpha_name(a) if name == "wise_ft" else f"{label}_{alpha_name(a)}"
                         if point in (BASE_POINT, FINETUNED_POINT):
                             file = alpha_name(0.0 if point == BASE_POINT else 1.0)
                         if file not in written:
@@ -583,6 +584,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         else:
             m["selection"] = select_alpha(val, spec.keep_target_gain, target=target_key, finetuned=ft_val)
         m["chosen_test"] = m["splits"]["test"][alpha_name(m["selection"]["alpha"])]
+        if localization is None:  # what the chosen point won back from the fine-tune, paired on the same items
+            m["vs_finetuned"] = _vs_finetuned(test_preds, plan[name], m["selection"]["alpha"], targets, spec)
     study["selection"] = study["methods"][primary]["selection"]
     study["chosen_test"] = study["methods"][primary]["chosen_test"]
     if localization is None:
@@ -590,14 +593,34 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         chosen = {}
         for name in spec.methods:
             a = study["methods"][name]["selection"]["alpha"]
-            entries = plan[name]["paths"]
-            chosen[f"{name} α={a:.2f}"] = (plan[name]["mean_preds"]["test"][a] if len(entries) > 1
-                                          else test_preds[entries[0]["points"][a]])
+            chosen[f"{name} α={a:.2f}"] = _chosen_frame(test_preds, plan[name], a)
         study["axes"] = axis_deltas(test_preds[BASE_POINT], {"finetuned": test_preds[FINETUNED_POINT], **chosen},
                                     test_rows, targets, n_resamples, seed, conf)
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
     return study
+
+
+def _chosen_frame(preds: dict, plan_entry: dict, alpha: float) -> pd.DataFrame:
+    entries = plan_entry["paths"]
+    return plan_entry["mean_preds"]["test"][alpha] if len(entries) > 1 else preds[entries[0]["points"][alpha]]
+
+
+def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str], spec: StudySpec) -> dict:
+    """Δ of a method's chosen test model vs the fine-tune (paired CIs) on the target's fine questions and on the
+    supported datasets: the gain given up and the loss won back."""
+    ft = preds[FINETUNED_POINT]
+    cap = ft[ft["source"] == "captions"]
+    b, chosen = _aligned(cap, _chosen_frame(preds, plan_entry, alpha))
+    ft_correct = b["correct"].to_numpy(dtype=float)
+    is_target = b["dataset"].astype(str).isin(targets).to_numpy()
+    fine = _grain(b["question_type"]) == "fine"
+    out = {}
+    for key, m in (("target/fine", is_target & fine), ("supported/all", ~is_target)):
+        if m.any():
+            out[key] = delta_estimate(ft_correct[m], chosen[m], int(spec.n_resamples), int(spec.seed),
+                                      float(spec.confidence))
+    return out
 
 
 def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudySpec, alphas) -> dict:

@@ -127,6 +127,7 @@ def report_markdown(study: dict) -> str:
             v = s.get(k)
             row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += methods_markdown(study)
     loc = study["splits"]["test"].get("localization")
     if loc:
         keys = [k for k in LOCALIZATION_KEYS if any(v.get(k) is not None for v in loc.values())]
@@ -146,7 +147,127 @@ def report_markdown(study: dict) -> str:
         lines.append(f"| {name} | {grain} | {'yes' if v['target'] else ''} | {_pct(v['base_acc'])} | {_pct(v['acc'])} | "
                      f"{_delta(v['delta'])} | {_pct(c.get('acc'))} | {_delta(c.get('delta'))} |")
     lines += ["", "![per-dataset deltas](dataset_deltas.png)", ""]
+    lines += axes_markdown(study)
     return "\n".join(lines)
+
+
+def _ci(d: dict | None, scale: float = 100, fmt: str = "+.1f") -> str:
+    if not d or d.get("value") is None:
+        return "—"
+    star = "*" if d.get("significant") else ""
+    return f"{scale * d['value']:{fmt}} [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]{star}"
+
+
+def methods_table(study: dict) -> tuple[list[str], list[list]]:
+    """One row per merge method at its α chosen on val, on test: accuracy, Δ vs base and vs the fine-tune with
+    paired CIs, the share of the target gain kept and of the supported loss won back, LiNeS' normalized accuracies,
+    the curve area with its CI (DARE: the mean over seeds, and the spread of the seeds)."""
+    test = study["splits"]["test"]["models"]
+    base, ft = test["base"], test["finetuned"]
+    gain = (ft.get("target/fine") or {}).get("delta", {}).get("value")
+    loss = (ft.get("supported/all") or {}).get("delta", {}).get("value")
+    areas = (study.get("areas") or {}).get("areas", {})
+    columns = ["method", "alpha", "target_fine_acc", "target_delta", "target_delta_low", "target_delta_high",
+               "gain_kept", "supported_acc", "won_back", "won_back_low", "won_back_high", "loss_won_back",
+               "target_norm", "control_norm", "area", "area_low", "area_high", "seed_spread_supported"]
+    rows = []
+    for name, m in (study.get("methods") or {}).items():
+        c = m["chosen_test"]
+        t, sup = c.get("target/fine") or {}, c.get("supported/all") or {}
+        back = (m.get("vs_finetuned") or {}).get("supported/all") or {}
+        td = t.get("delta") or {}
+        area = areas.get(name) or {}
+        spread = ((c.get("seeds") or {}).get("spread") or {}).get("supported/all") or {}
+        rows.append([name, m["selection"]["alpha"], (t.get("acc") or {}).get("value"), td.get("value"), td.get("low"),
+                     td.get("high"), td["value"] / gain if gain and td.get("value") is not None else None,
+                     (sup.get("acc") or {}).get("value"), back.get("value"), back.get("low"), back.get("high"),
+                     back["value"] / -loss if loss and loss < 0 and back.get("value") is not None else None,
+                     (c.get("normalized") or {}).get("target"), (c.get("normalized") or {}).get("control"),
+                     area.get("value"), area.get("low"), area.get("high"), spread.get("std")])
+    del base
+    return columns, rows
+
+
+def methods_markdown(study: dict) -> list[str]:
+    """The methods side by side (one row each at its chosen α), the curve areas' paired tests."""
+    methods = study.get("methods") or {}
+    if not methods or (len(methods) == 1 and "wise_ft" in methods and not study.get("areas")):
+        return []
+    _, rows = methods_table(study)
+    rule = study["selection"]["rule"]
+    out = ["", "## Merge methods side by side (test, each at its α chosen on val)", "",
+           f"Each method's α is chosen on val by the same rule ({rule}). Target: fine-grained accuracy on the "
+           "fine-tuning datasets; Δ vs base and *won back* (Δ vs the fine-tune on the supported datasets) in points "
+           "with paired 95 % CIs (* = excludes 0); *kept* = share of the fine-tune's target gain, *won back %* = "
+           "share of its supported loss; normalized accuracy as LiNeS (target ÷ fine-tuned, control ÷ base); "
+           "*area* = the trade-off curve's area in the base/fine-tune box (0.5 = the straight line between them, "
+           "1 = all of the gain and no forgetting), paired bootstrap 95 % CI.", "",
+           "| method | α | target fine | Δ vs base | kept | supported | won back | won back % | norm. target | "
+           "norm. control | area |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        (name, a, tacc, td, tl, th, kept, sacc, wb, wl, wh, wbp, tn, cn, ar, al, ah, spread) = r
+        label = name + (f" (mean of {len(methods[name]['paths'])} seeds, supported SD {100 * spread:.1f})"
+                        if spread is not None else "")
+        out.append(f"| {label} | {a:.2f} | {_pct(tacc)} | {_ci({'value': td, 'low': tl, 'high': th})} | "
+                   f"{'—' if kept is None else f'{100 * kept:.0f} %'} | {_pct(sacc)} | "
+                   f"{_ci({'value': wb, 'low': wl, 'high': wh, 'significant': wb is not None and (wl > 0 or wh < 0)})} "
+                   f"| {'—' if wbp is None else f'{100 * wbp:.0f} %'} | {'—' if tn is None else f'{tn:.3f}'} | "
+                   f"{'—' if cn is None else f'{cn:.3f}'} | "
+                   f"{'—' if ar is None else f'{ar:.3f} [{al:.3f}, {ah:.3f}]'} |")
+    areas = study.get("areas") or {}
+    if areas.get("undefined"):
+        out += ["", f"Curve areas: undefined ({areas['undefined']})."]
+    elif areas.get("pairs"):
+        out += ["", "Paired comparison of the curve areas (the same bootstrap resamples of the test items for "
+                "every method; p: two-sided bootstrap p-value of ΔAUC = 0):", "",
+                "| methods | Δ area | 95 % CI | p | |", "|---|---|---|---|---|"]
+        for key, d in areas["pairs"].items():
+            verdict = (f"{d['a'] if d['value'] > 0 else d['b']}'s curve dominates" if d["significant"]
+                       else "no significant difference")
+            out.append(f"| {key} | {d['value']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p']:.3f} | "
+                       f"{verdict} |")
+    return out
+
+
+def axes_table(study: dict) -> tuple[list[str], list[list]]:
+    """Per metadata axis and value (supported datasets, test): n, base accuracy, and each model's Δ with its CI."""
+    columns = ["axis", "value", "n", "base_acc", "model", "acc", "delta", "delta_low", "delta_high"]
+    rows = []
+    for axis, table in (study.get("axes") or {}).items():
+        for value, e in table.items():
+            for model, m in e.items():
+                if isinstance(m, dict):
+                    d = m["delta"]
+                    rows.append([axis, value, e["n"], e["base_acc"], model, m["acc"], d["value"], d["low"], d["high"]])
+    return columns, rows
+
+
+def axes_markdown(study: dict) -> list[str]:
+    axes = study.get("axes") or {}
+    if not axes:
+        return []
+    primary = study.get("primary_method", "wise_ft")
+    chosen = f"{primary} α={study['selection']['alpha']:.2f}"
+    out = ["## What was forgotten, by μ-Bench's metadata (supported datasets, test)", "",
+           f"Δ vs base in points with paired 95 % CIs (* = excludes 0), of the fine-tune and of {chosen}; every "
+           "method's chosen model is in `forgetting.json` → `axes`.", ""]
+    sentences = []
+    for axis, table in axes.items():
+        out += [f"**{axis}**", "", f"| {axis} | n | base | fine-tuned Δ | {chosen} Δ |", "|---|---|---|---|---|"]
+        for value, e in sorted(table.items(), key=lambda kv: kv[1]["finetuned"]["delta"]["value"]):
+            out.append(f"| {value} | {e['n']} | {_pct(e['base_acc'])} | {_ci(e['finetuned']['delta'])} | "
+                       f"{_ci((e.get(chosen) or {}).get('delta'))} |")
+        out.append("")
+        if axis in ("modality", "submodality", "domain"):
+            lost = [(v, e["finetuned"]["delta"]) for v, e in table.items() if e["finetuned"]["delta"]["significant"]
+                    and e["finetuned"]["delta"]["value"] < 0]
+            if lost:
+                lost.sort(key=lambda x: x[1]["value"])
+                sentences.append(f"by {axis}, the fine-tune cost " + ", ".join(
+                    f"{-100 * d['value']:.1f} points on {v}" for v, d in lost[:3]))
+    if sentences:
+        out[4:4] = ["**In words:** " + "; ".join(sentences) + ".", ""]
+    return out
 
 
 def plot_study(study: dict, out_dir: Path) -> list[Path]:
@@ -157,24 +278,36 @@ def plot_study(study: dict, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     test = study["splits"]["test"]["models"]
-    sweep = [(float(n.split("=")[1]), s) for n, s in test.items() if n.startswith("alpha=")]
-    sweep.sort()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    xs = [100 * s["target/fine"]["acc"]["value"] for _, s in sweep]
-    ys = [100 * s["supported/all"]["acc"]["value"] for _, s in sweep]
-    ax.plot(xs, ys, "-o", color="#4C72B0", ms=4, label="WiSE-FT θ(α)")
-    for (a, _), x, y in zip(sweep, xs, ys, strict=True):
-        ax.annotate(f"{a:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#4C72B0")
+    methods = study.get("methods") or {"wise_ft": {"splits": {"test": {n: m for n, m in test.items()
+                                                                      if n.startswith("alpha=")}},
+                                                   "selection": study["selection"]}}
+    areas = (study.get("areas") or {}).get("areas", {})
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=120)
+    palette = ["#4C72B0", "#8172B3", "#937860", "#DA8BC3", "#64B5CD", "#CCB974", "#8C8C8C"]
+    for i, (name, m) in enumerate(methods.items()):
+        color = palette[i % len(palette)]
+        sweep = sorted((float(n.split("=")[1]), v) for n, v in m["splits"]["test"].items())
+        xs = [100 * v["target/fine"]["acc"]["value"] for _, v in sweep]
+        ys = [100 * v["supported/all"]["acc"]["value"] for _, v in sweep]
+        area = areas.get(name)
+        label = name + (f" (area {area['value']:.2f} [{area['low']:.2f}, {area['high']:.2f}])" if area else "")
+        style, marker = ["-", "--", "-.", ":"][i % 4], "osv^PX"[i % 6]  # overlapping curves stay visible
+        ax.plot(xs, ys, linestyle=style, marker=marker, color=color, ms=4, lw=1.5, alpha=0.9, label=label)
+        if len(methods) == 1:
+            for (a, _), x, y in zip(sweep, xs, ys, strict=True):
+                ax.annotate(f"{a:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        ch = m["splits"]["test"][alpha_name(m["selection"]["alpha"])]
+        ax.scatter([100 * ch["target/fine"]["acc"]["value"]], [100 * ch["supported/all"]["acc"]["value"]],
+                   marker="*", s=200, color=color, edgecolor="black", linewidth=0.6, zorder=6)
     for name, marker, color in (("base", "s", "#55A868"), ("finetuned", "D", "#C44E52")):
         s = test[name]
         ax.scatter([100 * s["target/fine"]["acc"]["value"]], [100 * s["supported/all"]["acc"]["value"]], marker=marker,
                    s=70, color=color, zorder=5, label="base (α=0)" if name == "base" else "fine-tuned (α=1)")
-    chosen = test[alpha_name(study["selection"]["alpha"])]
-    ax.scatter([100 * chosen["target/fine"]["acc"]["value"]], [100 * chosen["supported/all"]["acc"]["value"]],
-               marker="*", s=220, color="#DD8452", zorder=6, label=f"chosen α={study['selection']['alpha']:.2f} (val)")
+    ax.scatter([], [], marker="*", s=120, color="white", edgecolor="black", label="α chosen on val (per method)")
     ax.set_xlabel("target tasks: fine-grained accuracy (%)")
     ax.set_ylabel("supported tasks (rest of μ-Bench): accuracy (%)")
-    ax.set_title("Gain on the target vs forgetting elsewhere, across α (test)")
+    ax.set_title("Gain on the target vs forgetting elsewhere, across α (test)" if len(methods) == 1 else
+                 "Gain on the target vs forgetting elsewhere: each merge method across α (test)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -272,12 +405,27 @@ def log_to_logger(logger, study: dict, plots: list[Path]) -> None:
     logger.log_table(key="forgetting/alpha_sweep", columns=columns, data=rows)
     columns, rows = dataset_table(study)
     logger.log_table(key="forgetting/datasets", columns=columns, data=rows)
+    if study.get("methods"):  # the methods side by side, the areas' paired tests, the change by metadata axis
+        columns, rows = methods_table(study)
+        logger.log_table(key="forgetting/methods", columns=columns, data=rows)
+        pairs = (study.get("areas") or {}).get("pairs") or {}
+        if pairs:
+            logger.log_table(key="forgetting/area_tests", columns=["a", "b", "delta_area", "low", "high", "p"],
+                             data=[[d["a"], d["b"], d["value"], d["low"], d["high"], d["p"]] for d in pairs.values()])
+    if study.get("axes"):
+        columns, rows = axes_table(study)
+        logger.log_table(key="forgetting/axes", columns=columns, data=rows)
     logger.log_image(key="forgetting/plots", images=[str(p) for p in plots],
                      caption=["target vs supported accuracy across α", "per-dataset Δ vs base"][:len(plots)])
     run = logger.experiment
     for k, v in summary_values(study).items():
         run.summary[k] = v
+    for name, area in ((study.get("areas") or {}).get("areas") or {}).items():
+        run.summary[f"forgetting/{name}/area"] = area["value"]
+    for name, m in (study.get("methods") or {}).items():
+        run.summary[f"forgetting/{name}/chosen_alpha"] = m["selection"]["alpha"]
     run.config.update({"forgetting": {"alphas": study["alphas"], "towers": study["towers"],
+                                      "methods": list(study.get("methods") or ["wise_ft"]),
                                       "target_datasets": study["target_datasets"],
                                       "selection_rule": study["selection"]["rule"],
                                       "base": study["base"], "finetuned": study["finetuned"]}},

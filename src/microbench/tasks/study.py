@@ -30,5 +30,7 @@ def study_spec(cfg: DictConfig) -> StudySpec:
             selection=str(sel.get("rule", "keep_gain")), trade_off_weight=float(sel.get("trade_off_weight", 2.0)),
             extrapolate=bool(st.get("extrapolate", False)), confidence=float(boot.get("confidence", 0.95)),
             seed=int(boot.get("seed", 0)), result_cache=st.get("result_cache"))
-    except (TypeError, ValueError) as err:
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. study.selection.keep_target_gain=abc
         raise UserError(f"study settings: {err}") from None
