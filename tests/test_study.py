@@ -102,10 +102,9 @@ def test_a_plugin_says_its_image_tower_or_towers_image_is_one_line():
 
 
 def test_a_study_on_a_transformers_model_with_towers_image_reports_the_real_change(tmp_path):
-    from test_backbones import _tiny_hf_clip
-
     from microbench.data.datamodule import PerceptionDataModule
     from microbench.studies.forgetting import run_study
+    from test_backbones import _tiny_hf_clip
 
     bb = build_backbone("hf", str(_tiny_hf_clip(tmp_path / "hf")))
     base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
@@ -325,3 +324,22 @@ def test_bootstrap_mean_matches_scipy_on_seed_means():
     ours, ref = bootstrap_mean(values, 9999, seed=0), scipy_bootstrap(values, 9999, seed=0)
     assert ours.value == pytest.approx(ref.value)
     assert ours.low == pytest.approx(ref.low, abs=0.006) and ours.high == pytest.approx(ref.high, abs=0.006)
+
+
+def test_model_stock_refuses_the_same_fine_tune_twice_and_reads_the_depths_of_open_clip(tmp_path):
+    from microbench.studies.forgetting import _sweep_plan
+
+    bb = build_backbone(preset="tiny")
+    base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+    ft = {k: v + 0.1 if v.is_floating_point() else v.clone() for k, v in base.items()}
+    torch.save(ft, tmp_path / "same.pt")
+    spec = StudySpec(alphas=[0, 1], methods=("model_stock",), options={"model_stock": {"finetuned": [
+        str(tmp_path / "same.pt")]}})
+    with pytest.raises(UserError, match="holds the same weights as the fine-tune studied"):
+        _sweep_plan(bb, base, ft, spec, None, [0.0, 1.0])
+    depths = bb.residual_block_depths()
+    visual = {v for k, v in depths.items() if k.startswith("model.visual.")}
+    text = {v for k, v in depths.items() if not k.startswith("model.visual.")}
+    n_visual = len(bb.model.visual.transformer.resblocks)
+    assert visual == {(i, n_visual) for i in range(n_visual)}
+    assert text == {(i, len(bb.model.transformer.resblocks)) for i in range(len(bb.model.transformer.resblocks))}

@@ -187,6 +187,22 @@ def test_demo_experiment_end_to_end(tmp_path, cfg_train):
     assert metrics["forgetting"]["chosen_alpha"] in [round(a / 10, 1) for a in range(11)]
 
 
+def test_the_run_seed_changes_the_fine_tune(tmp_path, cfg_train):
+    """`seed=1` gave weights identical to `seed=0`: the labelled data module (shuffling, augmentation, caption choice)
+    kept its own seed 0. It follows the run's seed now (the demo's seed-0 numbers are unchanged)."""
+    import torch
+
+    def weights(seed, name):
+        metrics, _ = train(cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=1", f"seed={seed}",
+                                      "forgetting.enabled=false", "eval_in_domain=false", "test_after_fit=false",
+                                      f"paths.output_dir={tmp_path / name}", f"checkpoint_dir={tmp_path / name / 'ck'}"]))
+        return torch.load(metrics["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+
+    a, again, b = weights(0, "a"), weights(0, "again"), weights(1, "b")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_freezing_blocks_and_text_tower():
     from microbench.models.finetune import freeze_image_blocks
 

@@ -391,7 +391,14 @@ def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -
     more = []
     if "model_stock" in spec.methods:
         for path in spec.method_options("model_stock").get("finetuned") or []:
-            more.append(load_finetuned_state(path, backbone, key="study.options.model_stock.finetuned")[0])
+            state = load_finetuned_state(path, backbone, key="study.options.model_stock.finetuned")[0]
+            if all(torch.equal(state[k], ft_state[k]) for k in ft_state):
+                from microbench.errors import UserError
+
+                raise UserError(f"study.options.model_stock.finetuned: {path} holds the same weights as the "
+                                "fine-tune studied; Model Stock needs a *different* fine-tune of the same base "
+                                "(another seed)")
+            more.append(state)
     inputs = MergeInputs(base_state, ft_state, keys, depths, more)
     paths = {"wise_ft": (base_state, ft_state)}  # base and fine-tune: α = 0 and 1 of WiSE-FT's line
     plan: dict[str, dict] = {}
@@ -492,7 +499,9 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         "finetuned": {"path": str(finetuned_path)},
         "towers": towers, "alphas": alphas, "target_datasets": sorted(targets), "splits": {},
         "methods": {name: {"summary": METHODS[name].summary, "options": spec.method_options(name),
-                           "paths": [e["label"] for e in plan[name]["paths"]], "splits": {}}
+                           "paths": [e["label"] for e in plan[name]["paths"]], "splits": {},
+                           "starts_at_base": plan[name]["paths"][0]["points"][0.0] == BASE_POINT,
+                           "ends_at_finetuned": plan[name]["paths"][0]["points"][1.0] == FINETUNED_POINT}
                     for name in spec.methods},
         "primary_method": primary,
         "settings": {"selection": spec.selection, "keep_target_gain": spec.keep_target_gain,

@@ -87,7 +87,9 @@ def findings(study: dict) -> list[str]:
     kept = ch[target]["delta"]["value"]
     lost = s["acc"]["value"] - base_sup["value"]
     back = ch["supported/all"]["acc"]["value"] - s["acc"]["value"]
-    rec = f"Interpolating with the base at **α = {a:.2f}** (chosen on val) "
+    primary = study.get("primary_method", "wise_ft")
+    rec = (f"Interpolating with the base at **α = {a:.2f}** (chosen on val) " if primary == "wise_ft" else
+           f"Merging with **{primary}** at **α = {a:.2f}** (chosen on val) ")
     if gain > 0:
         rec += f"keeps {100 * kept:+.1f} of the {100 * gain:+.1f}-point target gain ({100 * kept / gain:.0f} %)"
     else:
@@ -109,6 +111,9 @@ def report_markdown(study: dict) -> str:
         f"Base `{study['base']['name']}` (`{study['base']['fingerprint']}`) vs fine-tuned "
         f"`{study['finetuned']['path']}`; interpolated towers: {study['towers']}. Target tasks (fine-tuning datasets): "
         f"{', '.join(study['target_datasets']) or '—'}; supported tasks: every other dataset of the copy.",
+        *([f"Rows `alpha=…` are the points of **{study['primary_method']}** (the first of study.methods; every "
+           "method's points are in the side-by-side section and `forgetting.json` → `methods`)."]
+          if study.get("primary_method", "wise_ft") != "wise_ft" else []),
         f"Accuracy % on the **test** split (caption sets, both variants), Δ vs base in points with a paired 95 % "
         f"bootstrap CI; * = CI excludes 0. Chosen α = **{chosen:.2f}** ({study['selection']['rule']}).", "",
         "| model | target fine | Δ | target coarse | Δ | supported fine | Δ | supported coarse | Δ | all | Δ |",
@@ -352,7 +357,10 @@ def sweep_table(study: dict, split: str = "test") -> tuple[list[str], list[list]
     rows = []
     for a in study["alphas"]:
         m = models[alpha_name(a)]
-        row = [float(a), "base" if a == 0 else "fine-tuned" if a == 1 else f"θ({a:.2f})", bool(abs(a - chosen) < 1e-9)]
+        info = (study.get("methods") or {}).get(study.get("primary_method", "wise_ft"), {})
+        label = ("base" if a == 0 and info.get("starts_at_base", True) else
+                 "fine-tuned" if a == 1 and info.get("ends_at_finetuned", True) else f"θ({a:.2f})")
+        row = [float(a), label, bool(abs(a - chosen) < 1e-9)]
         for _, key in SWEEP_GROUPS:
             e = m.get(key) or {}
             d = e.get("delta") or {}

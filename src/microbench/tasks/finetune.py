@@ -43,8 +43,9 @@ def labelled_data(cfg: DictConfig, backbone):
     if target != LABELLED_DM:
         raise UserError(f"task=finetune fits labelled images, but data._target_={target}: use data=ubench_labelled "
                         "(every dataset) or data=ubench_pathology, with the same keys (path, datasets, ...)")
+    seed = {} if "seed" in cfg.data else {"seed": int(cfg.get("seed", 0))}  # shuffling, augmentation, captions
     return instantiate(cfg.data, transform=backbone.preprocess, train_transform=backbone.train_transform,
-                       drop_last_train=cfg.module.objective == "contrastive")
+                       drop_last_train=cfg.module.objective == "contrastive", **seed)
 
 
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
