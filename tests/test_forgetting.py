@@ -427,6 +427,19 @@ def _check_study_in_run(path, run, study):
     assert run["summary"]["forgetting/finetuned/supported_all_delta"] == pytest.approx(
         test["finetuned"]["supported/all"]["delta"]["value"])
     assert run["config"]["forgetting"]["alphas"] == study["alphas"]
+    # the methods side by side and the change by metadata axis: the same tables as forgetting.md
+    methods = [f for f in run["files"] if f.startswith("files/media/table/forgetting/methods_")]
+    axes = [f for f in run["files"] if f.startswith("files/media/table/forgetting/axes_")]
+    assert len(methods) == 1 and len(axes) == 1, run["files"]
+    table = json.loads((path / methods[0]).read_text())
+    rows = {r[0]: dict(zip(table["columns"], r, strict=True)) for r in table["data"]}
+    assert list(rows) == list(study["methods"]) == run["config"]["forgetting"]["methods"]
+    for name, r in rows.items():
+        assert r["alpha"] == study["methods"][name]["selection"]["alpha"]
+        area = (study["areas"]["areas"].get(name) or {}).get("value")
+        assert r["area"] == pytest.approx(area) if area is not None else r["area"] is None
+    if study["areas"]["pairs"]:
+        assert any(f.startswith("files/media/table/forgetting/area_tests_") for f in run["files"])
 
 
 def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path, cfg_train, cfg_forgetting):
@@ -445,7 +458,8 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
     # the same study from src/forgetting.py: its own run, in the group of the fit that wrote the checkpoint
     _, objects = forgetting(cfg_forgetting([
         "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", *common, "study.alphas=[0,0.5,1]",
-        "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'study'}", f"paths.root_dir={tmp_path}"]))
+        "study=compare", "study.options.dare.seeds=[0]", "bootstrap.n_resamples=99",
+        f"paths.output_dir={tmp_path / 'study'}", f"paths.root_dir={tmp_path}"]))
     path, run = _one_run(tmp_path / "study")
     assert run["run"]["group"] == "demo" and run["run"]["job_type"] == "forgetting"
     assert run["config"]["finetuned"] == record["last_checkpoint"] and run["config"]["study"]["towers"] == "both"

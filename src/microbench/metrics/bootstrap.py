@@ -32,7 +32,7 @@ class Estimate:
         return asdict(self)
 
 
-def _basic_interval(theta_hat: float, resampled: np.ndarray, confidence: float) -> tuple[float, float]:
+def basic_interval(theta_hat: float, resampled: np.ndarray, confidence: float) -> tuple[float, float]:
     """scipy's ``method='basic'``: reflect the percentile interval of the resampled statistic about theta_hat."""
     alpha = (1 - confidence) / 2
     lo_p, hi_p = np.percentile(resampled, [alpha * 100, (1 - alpha) * 100])
@@ -49,7 +49,7 @@ def bootstrap_accuracy(correct: np.ndarray, n_resamples: int = N_RESAMPLES, conf
     p = float(correct.mean())
     rng = np.random.default_rng(seed)
     resampled = rng.binomial(n, p, size=n_resamples) / n
-    lo, hi = _basic_interval(p, resampled, confidence)
+    lo, hi = basic_interval(p, resampled, confidence)
     return Estimate(p, float(lo), float(hi), float(abs(hi - p)), n)
 
 
@@ -64,7 +64,7 @@ def bootstrap_macro(groups: list[np.ndarray], n_resamples: int = N_RESAMPLES, co
     ns = np.array([g.size for g in groups])
     resampled = (rng.binomial(ns[:, None], ps[:, None], size=(len(groups), n_resamples)) / ns[:, None]).mean(0)
     value = float(ps.mean())
-    lo, hi = _basic_interval(value, resampled, confidence)
+    lo, hi = basic_interval(value, resampled, confidence)
     return Estimate(value, float(lo), float(hi), float(abs(hi - value)), int(ns.sum()))
 
 
@@ -99,7 +99,7 @@ def paired_bootstrap_delta(base_correct: np.ndarray, model_correct: np.ndarray, 
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, [p10, p01, max(0.0, 1.0 - p10 - p01)], size=n_resamples)
     resampled = (counts[:, 1] - counts[:, 0]) / n
-    lo, hi = _basic_interval(delta, resampled, confidence)
+    lo, hi = basic_interval(delta, resampled, confidence)
     return Estimate(float(delta), float(lo), float(hi), float(abs(hi - delta)), n)
 
 
@@ -117,5 +117,5 @@ def bootstrap_mean(values: np.ndarray, n_resamples: int = N_RESAMPLES, confidenc
     value = float(values.mean())
     rng = np.random.default_rng(seed)
     resampled = rng.multinomial(n, counts / n, size=n_resamples) @ levels / n
-    lo, hi = _basic_interval(value, resampled, confidence)
+    lo, hi = basic_interval(value, resampled, confidence)
     return Estimate(value, float(lo), float(hi), float(abs(hi - value)), n)

@@ -50,6 +50,7 @@ class WeightInterpolator:
         self._base = [self._cast(start[k], t) for k, t in zip(self.keys, self._targets, strict=True)]
         self._ft = [self._cast(end[k], t) for k, t in zip(self.keys, self._targets, strict=True)]
         self.exact = all(b.dtype == t.dtype for b, t in zip(self._base, self._targets, strict=True))
+        self._scratch: list[torch.Tensor] | None = None  # float32 work space of low-precision models
 
     def _cast(self, value: torch.Tensor, target: torch.Tensor, device=None) -> torch.Tensor:
         dtype = torch.promote_types(target.dtype, torch.float32)
@@ -61,6 +62,7 @@ class WeightInterpolator:
     def to(self, device: torch.device | str) -> WeightInterpolator:
         self._base = [self._cast(b, t, device) for b, t in zip(self._base, self._targets, strict=True)]
         self._ft = [self._cast(f, t, device) for f, t in zip(self._ft, self._targets, strict=True)]
+        self._scratch = None
         return self
 
     @torch.no_grad()
@@ -68,8 +70,12 @@ class WeightInterpolator:
         if alpha == 0 or alpha == 1:
             torch._foreach_copy_(self._targets, self._base if alpha == 0 else self._ft)
             return
-        if not self.exact:  # low-precision weights: lerp in float32, one rounding
-            torch._foreach_copy_(self._targets, torch._foreach_lerp(self._base, self._ft, alpha))
+        if not self.exact:  # low-precision weights: lerp in float32 (scratch buffers made once), one rounding
+            if self._scratch is None:
+                self._scratch = [b.clone() for b in self._base]
+            torch._foreach_copy_(self._scratch, self._base)
+            torch._foreach_lerp_(self._scratch, self._ft, alpha)
+            torch._foreach_copy_(self._targets, self._scratch)
             return
         torch._foreach_copy_(self._targets, self._base)
         torch._foreach_lerp_(self._targets, [f.to(t.device) for f, t in zip(self._ft, self._targets, strict=True)],

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from microbench.metrics.bootstrap import _basic_interval
+from microbench.metrics.bootstrap import basic_interval
 
 #: keep-gain: best supported accuracy among the α keeping ≥ keep_target_gain of the gain; trade-off: LiNeS' rule
 SELECTION_RULES = ("keep_gain", "trade_off")
@@ -124,7 +124,7 @@ def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, 
     out = {"areas": {}, "pairs": {}, "undefined": None, "resamples": int(n_resamples),
            "degenerate_resamples": int(degenerate)}
     for m, v in point.items():
-        lo, hi = _basic_interval(v, draws[m][ok], confidence)
+        lo, hi = basic_interval(v, draws[m][ok], confidence)
         out["areas"][m] = {"value": v, "low": float(max(lo, 0.0)), "high": float(min(hi, 1.0)),
                            "n_points": len(rows[m])}
     names = list(rows)
@@ -132,7 +132,7 @@ def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, 
         for b in names[i + 1:]:
             d_hat = point[a] - point[b]
             d = draws[a][ok] - draws[b][ok]
-            lo, hi = _basic_interval(d_hat, d, confidence)
+            lo, hi = basic_interval(d_hat, d, confidence)
             p = (1 + int(np.sum(np.abs(d - d_hat) >= abs(d_hat) - 1e-12))) / (1 + d.size)
             out["pairs"][f"{a} vs {b}"] = {"a": a, "b": b, "value": float(d_hat), "low": float(lo),
                                            "high": float(hi), "p": float(min(p, 1.0)),
