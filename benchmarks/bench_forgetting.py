@@ -94,10 +94,12 @@ def main() -> None:
            "sweep_s": round(sweep_s, 2), "sweep_decodes": sweep_decodes, "sweep_timings": sweep.timings,
            "separate_s": round(separate_s, 2), "separate_decodes": separate_decodes,
            "speedup": round(separate_s / sweep_s, 2), "predictions_identical": agree}
-    with tempfile.TemporaryDirectory() as d:
-        res["methods"] = methods_cost(args, Path(d))
     print(res)
     write_json(args.out, res)
+    with tempfile.TemporaryDirectory() as d:
+        methods = {"methods": methods_cost(args, Path(d))}
+    print(methods)
+    write_json(args.out.with_name("forgetting_methods.json"), methods)
 
 
 def methods_cost(args, tmp: Path) -> dict:

@@ -154,7 +154,9 @@ def trim(vector: Mapping[str, torch.Tensor], density: float, per_tensor: bool = 
     """TIES' trim step (Yadav et al., 2023): keep the ``density`` share of the task vector's entries of largest
     magnitude, zero the rest. By default over the *whole* task vector (the paper, FusionBench): exactly
     ⌈density·n⌉ of its n entries are kept, ties at the threshold going to earlier keys (state-dict order), then
-    earlier positions in a tensor. ``per_tensor=True`` trims each tensor on its own (⌈density·n_k⌉ entries of each)."""
+    earlier positions in a tensor. ``per_tensor=True`` trims each tensor on its own (⌈density·n_k⌉ entries of each).
+    FusionBench's ``topk_values_mask`` keeps the entries ≥ the threshold: the same ⌈density·n⌉ entries when
+    density·n is not an integer and there are no ties, one more when it is an integer, every tie at the threshold."""
     if not 0 < density <= 1:
         raise MergeError(f"density must be in (0, 1] (the share of the task vector kept), got {density}")
     keys = list(vector)
