@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.skip_sweep:
         with tempfile.TemporaryDirectory() as d:
-            res = {"methods": methods_cost(args, Path(d))}
+            res = methods_cost(args, Path(d))
         print(res)
         write_json(args.out.with_name("forgetting_methods.json"), res)
         return
@@ -97,7 +97,7 @@ def main() -> None:
     print(res)
     write_json(args.out, res)
     with tempfile.TemporaryDirectory() as d:
-        methods = {"methods": methods_cost(args, Path(d))}
+        methods = methods_cost(args, Path(d))
     print(methods)
     write_json(args.out.with_name("forgetting_methods.json"), methods)
 

@@ -79,7 +79,8 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     subs = {"checkpoints/demo/<run>/last.ckpt": STATE.get("demo_last", "<no demo run>"),
             "checkpoints/detect_nuclei/<time>/best_epoch012.ckpt": STATE.get("detect_best", "<no detector run>"),
             "out/": str(tmp.parent), "logs/": str(tmp.parent), "leaderboard/": str(tmp / "leaderboard"),
-            "cognition.path=/data/ubench_cognition": "cognition.path=sample", "data/ubench": STATE["copy"]}
+            "cognition.path=/data/ubench_cognition": "cognition.path=sample", "data/ubench": STATE["copy"],
+            **{k: v for k, v in STATE.items() if k.startswith("checkpoints/")}}  # a named checkpoint_dir's ckpt
     argv = [next((v if a == k else a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
     if len(argv) > 1 and argv[1] == "-m":
         return argv
@@ -133,8 +134,13 @@ def test_every_readme_command_runs(n, runs, chat_server):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     if "src/" in argv[1]:
         assert (tmp / ".hydra").is_dir(), "the Hydra log must be in the run's own folder"
-    if "experiment=demo" in command and "ckpt_path" not in command and "debug" not in command:
+    named = re.search(r"checkpoint_dir=(checkpoints/\S+)", command)
+    if named:  # a later command names its checkpoint: checkpoints/<name>/last.ckpt
+        STATE[named.group(1).rstrip("/") + "/last.ckpt"] = str(tmp / "ckpt" / "last.ckpt")
+    elif "experiment=demo" in command and "ckpt_path" not in command and "debug" not in command:
         STATE["demo_last"] = next(str(p) for p in (tmp / "ckpt").glob("last.ckpt"))
+    if "experiment=demo" in command and "forgetting.enabled=false" not in command and "ckpt_path" not in command \
+            and "debug" not in command:
         assert "forgetting report:" in res.stdout.splitlines()[-1]
     if "experiment=detect_nuclei" in command:
         STATE["detect_best"] = next(str(p) for p in (tmp / "ckpt").glob("best_epoch*.ckpt"))
