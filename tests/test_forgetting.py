@@ -476,14 +476,16 @@ def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, 
     from microbench.tasks.registry import forgetting, train
 
     fast = ["trainer.max_epochs=3", "eval_in_domain=false", "+trainer.enable_progress_bar=false"]
-    record, _ = train(cfg_train(["experiment=demo", "trainer=ddp_sim", *fast, "study.alphas=[0,0.5,1]",
+    methods = "study.methods=[wise_ft,ties_trim]"  # a second merge method's points are sharded too
+    record, _ = train(cfg_train(["experiment=demo", "trainer=ddp_sim", *fast, methods, "study.alphas=[0,0.5,1]",
                                  "bootstrap.n_resamples=99", "study.result_cache=null",
                                  f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
                                  f"paths.root_dir={tmp_path}"]))
     folders = {"after fit, 2 ranks": tmp_path / "fit" / "forgetting"}
     for trainer in ("cpu", "ddp_sim"):
         forgetting(cfg_forgetting([
-            "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", "study.alphas=[0,0.5,1]",
+            "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", methods,
+            "study.alphas=[0,0.5,1]",
             "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / trainer}",
             f"paths.root_dir={tmp_path}"]))
         folders[f"src/forgetting.py trainer={trainer}"] = tmp_path / trainer
@@ -497,6 +499,10 @@ def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, 
             assert len(sweep["decoded_per_rank"]) == ranks and min(sweep["decoded_per_rank"]) > 0
             assert study["splits"][split]["models"] == one["splits"][split]["models"], (name, split)
         assert study["selection"] == one["selection"] and study["chosen_test"] == one["chosen_test"], name
+        assert study["methods"] == one["methods"] and study["areas"] == one["areas"], name
+        assert study["axes"] == one["axes"], name
+        pd.testing.assert_frame_equal(pd.read_parquet(folders[name] / "predictions" / "ties_trim_alpha=0.50.parquet"),
+                                      pd.read_parquet(tmp_path / "cpu" / "predictions" / "ties_trim_alpha=0.50.parquet"))
         for a in ("0.00", "0.50", "1.00"):
             pd.testing.assert_frame_equal(pd.read_parquet(folders[name] / "predictions" / f"alpha={a}.parquet"),
                                           pd.read_parquet(tmp_path / "cpu" / "predictions" / f"alpha={a}.parquet"))

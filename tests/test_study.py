@@ -343,3 +343,21 @@ def test_model_stock_refuses_the_same_fine_tune_twice_and_reads_the_depths_of_op
     n_visual = len(bb.model.visual.transformer.resblocks)
     assert visual == {(i, n_visual) for i in range(n_visual)}
     assert text == {(i, len(bb.model.transformer.resblocks)) for i in range(len(bb.model.transformer.resblocks))}
+
+
+def test_an_old_name_in_a_config_file_is_one_line_not_ignored(cfg_train, cfg_forgetting):
+    """An experiment YAML written for the old layout (forgetting.alphas: ...) would be merged and silently unused."""
+    from omegaconf import open_dict
+
+    from microbench.tasks.study import study_spec
+
+    cfg = cfg_train(["experiment=demo"])
+    with open_dict(cfg):
+        cfg.forgetting.alphas = [0, 1]
+    with pytest.raises(UserError, match=r"forgetting.alphas in the config has moved to study.alphas"):
+        study_spec(cfg)
+    cfg = cfg_forgetting([])
+    with open_dict(cfg):
+        cfg.towers = "image"
+    with pytest.raises(UserError, match=r"towers in the config has moved to study.towers"):
+        study_spec(cfg)

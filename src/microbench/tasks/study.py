@@ -11,8 +11,26 @@ from microbench.errors import UserError
 from microbench.studies.forgetting import StudySpec, study_alphas
 
 
+def check_moved_keys(cfg: DictConfig) -> None:
+    """A config file (an experiment, a user's YAML) that still sets a study setting under its old name would be
+    silently ignored: one line naming the new key instead (command-line overrides are rewritten by
+    :func:`microbench.entry.rename_overrides`)."""
+    from microbench.entry import RENAMED
+
+    fg = cfg.get("forgetting") or {}
+    moved = {**{f"forgetting.{k}": v for k, v in ((k, RENAMED["train"].get(f"forgetting.{k}")) for k in fg) if v},
+             **{k: v for k, v in RENAMED["forgetting"].items() if "." not in k and k in cfg},
+             **({"selection.keep_target_gain": "study.selection.keep_target_gain"}
+                if "keep_target_gain" in (cfg.get("selection") or {}) else {})}
+    if moved:
+        old, new = next(iter(moved.items()))
+        raise UserError(f"{old} in the config has moved to {new} (the `study` config group, configs/study/): "
+                        f"rename it in your config file{f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''}")
+
+
 def study_spec(cfg: DictConfig) -> StudySpec:
     """``cfg.study`` + ``cfg.bootstrap`` as a checked :class:`StudySpec` (every bad value one line)."""
+    check_moved_keys(cfg)
     st = cfg.get("study")
     if st is None:
         raise UserError("no study settings in the config: add 'study: wise_ft' to its defaults (configs/study/)")
