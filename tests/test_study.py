@@ -361,3 +361,48 @@ def test_an_old_name_in_a_config_file_is_one_line_not_ignored(cfg_train, cfg_for
         cfg.towers = "image"
     with pytest.raises(UserError, match=r"towers in the config has moved to study.towers"):
         study_spec(cfg)
+
+
+def test_a_new_merge_method_is_one_function(tmp_path):
+    """A plug-in method registered at run time is swept, summarised, selected and reported like the built-in ones."""
+    from microbench.data.datamodule import PerceptionDataModule
+    from microbench.studies.forgetting import run_study
+    from microbench.studies.methods import MergePath, merge_method
+    from microbench.studies.report import write_report
+
+    @merge_method("halfway", "to the midpoint of base and fine-tune")
+    def _halfway(inputs, share: float = 0.5):
+        return [MergePath("halfway", "halfway", inputs.base, wise_ft(inputs.base, inputs.finetuned, share))]
+
+    try:
+        bb = build_backbone(preset="tiny")
+        base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+        ft = {k: v * 1.5 if v.is_floating_point() else v.clone() for k, v in base.items()}
+        study = write_report(run_study(bb, base, ft, out_dir=tmp_path, target_datasets=["kather_et_al_2016"],
+                                       make_dm=lambda s: PerceptionDataModule("sample", transform=bb.preprocess,
+                                                                              split=s),
+                                       spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=49,
+                                                      methods=("wise_ft", "halfway"),
+                                                      options={"halfway": {"share": 0.5}})), tmp_path)
+        # halfway at α = 1 is WiSE-FT at α = 0.5: the same predictions
+        import pandas as pd
+
+        h = pd.read_parquet(tmp_path / "predictions" / "halfway_alpha=1.00.parquet")
+        w = pd.read_parquet(tmp_path / "predictions" / "alpha=0.50.parquet")
+        assert (h["pred_idx"].to_numpy() == w["pred_idx"].to_numpy()).all()
+        assert np.allclose(np.concatenate(h["scores"].to_list()), np.concatenate(w["scores"].to_list()), atol=1e-5)
+        assert study["methods"]["halfway"]["options"] == {"share": 0.5}
+        assert study["splits"]["test"]["sweep"]["models"] == 5  # base, fine-tune, WiSE-FT 0.5, halfway 0.5 and 1
+        assert "| halfway" in (tmp_path / "forgetting.md").read_text()
+    finally:
+        METHODS.pop("halfway")
+
+
+def test_a_localization_study_sweeps_wise_ft_only(tmp_path):
+    from microbench.studies.forgetting import run_study
+
+    bb = build_backbone(preset="tiny")
+    state = bb.state_dict()
+    with pytest.raises(UserError, match="a localization head's study sweeps WiSE-FT only"):
+        run_study(bb, state, state, make_dm=None, out_dir=tmp_path, target_datasets=["x"],
+                  spec=StudySpec(methods=("wise_ft", "lines")), localization=lambda *a: {})

@@ -193,6 +193,22 @@ def methods_table(study: dict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
+def methods_sweep_table(study: dict, split: str = "test") -> tuple[list[str], list[list]]:
+    """One row per method and α: target (fine) and supported accuracy, Δ vs base, normalized accuracies."""
+    columns = ["method", "alpha", "chosen", "target_fine_acc", "target_fine_delta", "supported_acc",
+               "supported_delta", "target_norm", "control_norm"]
+    rows = []
+    for name, m in (study.get("methods") or {}).items():
+        for a in study["alphas"]:
+            e = m["splits"][split].get(alpha_name(a)) or {}
+            t, sup, n = e.get("target/fine") or {}, e.get("supported/all") or {}, e.get("normalized") or {}
+            rows.append([name, float(a), bool(abs(m["selection"]["alpha"] - a) < 1e-9),
+                         (t.get("acc") or {}).get("value"), (t.get("delta") or {}).get("value"),
+                         (sup.get("acc") or {}).get("value"), (sup.get("delta") or {}).get("value"),
+                         n.get("target"), n.get("control")])
+    return columns, rows
+
+
 def methods_markdown(study: dict) -> list[str]:
     """The methods side by side (one row each at its chosen α), the curve areas' paired tests."""
     methods = study.get("methods") or {}
@@ -219,6 +235,17 @@ def methods_markdown(study: dict) -> list[str]:
                    f"| {'—' if wbp is None else f'{100 * wbp:.0f} %'} | {'—' if tn is None else f'{tn:.3f}'} | "
                    f"{'—' if cn is None else f'{cn:.3f}'} | "
                    f"{'—' if ar is None else f'{ar:.3f} [{al:.3f}, {ah:.3f}]'} |")
+    out += ["", "Every method across α (test): normalized target / normalized control accuracy (LiNeS: target ÷ "
+            "fine-tuned, control ÷ base; ← = the α chosen on val):", "",
+            "| α | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for a in study["alphas"]:
+        cells = []
+        for m in methods.values():
+            n = (m["splits"]["test"].get(alpha_name(a)) or {}).get("normalized") or {}
+            mark = " ←" if abs(m["selection"]["alpha"] - a) < 1e-9 else ""
+            cells.append("—" if n.get("target") is None or n.get("control") is None
+                         else f"{n['target']:.3f} / {n['control']:.3f}{mark}")
+        out.append(f"| {a:.2f} | " + " | ".join(cells) + " |")
     areas = study.get("areas") or {}
     if areas.get("undefined"):
         out += ["", f"Curve areas: undefined ({areas['undefined']})."]
@@ -416,6 +443,8 @@ def log_to_logger(logger, study: dict, plots: list[Path]) -> None:
     if study.get("methods"):  # the methods side by side, the areas' paired tests, the change by metadata axis
         columns, rows = methods_table(study)
         logger.log_table(key="forgetting/methods", columns=columns, data=rows)
+        columns, rows = methods_sweep_table(study)
+        logger.log_table(key="forgetting/methods_sweep", columns=columns, data=rows)
         pairs = (study.get("areas") or {}).get("pairs") or {}
         if pairs:
             logger.log_table(key="forgetting/area_tests", columns=["a", "b", "delta_area", "low", "high", "p"],
