@@ -428,7 +428,9 @@ def _check_study_in_run(path, run, study):
         test["finetuned"]["supported/all"]["delta"]["value"])
     assert run["config"]["forgetting"]["alphas"] == study["alphas"]
     # the methods side by side and the change by metadata axis: the same tables as forgetting.md
-    methods = [f for f in run["files"] if f.startswith("files/media/table/forgetting/methods_")]
+    methods = [f for f in run["files"] if f.startswith("files/media/table/forgetting/methods_")
+               and not f.startswith("files/media/table/forgetting/methods_sweep_")]
+    assert any(f.startswith("files/media/table/forgetting/methods_sweep_") for f in run["files"])
     axes = [f for f in run["files"] if f.startswith("files/media/table/forgetting/axes_")]
     assert len(methods) == 1 and len(axes) == 1, run["files"]
     table = json.loads((path / methods[0]).read_text())
