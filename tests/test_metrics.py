@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_macro, scipy_bootstrap
+from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_macro, paired_bootstrap_delta, scipy_bootstrap
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 
 
@@ -118,3 +118,66 @@ def test_headline_coverage_says_why_a_headline_shrinks_or_vanishes():
     # no official dataset: n/a, naming what the copy holds
     cov = headline_coverage(p[p["dataset"] == "opencell"])["captions"]
     assert "none of the 20 fine items" in cov["fine"]["note"] and "opencell" in cov["fine"]["note"]
+
+
+# --- image-clustered intervals and exact paired bounds (issue 21 §1) -----------------------------------------------
+
+def test_clustered_interval_widens_by_sqrt_k_when_items_are_duplicated_per_image():
+    from microbench.metrics.bootstrap import bootstrap_accuracy, clustered_bootstrap
+
+    rng = np.random.default_rng(0)
+    per_image = rng.random(400) < 0.6  # one answer per image
+    one = clustered_bootstrap(per_image, np.arange(400), 4000, seed=1)
+    for k in (4, 9):  # every question of an image answered alike, k questions per image
+        values, images = np.repeat(per_image, k), np.repeat(np.arange(400), k)
+        clustered = clustered_bootstrap(values, images, 4000, seed=1)
+        iid = bootstrap_accuracy(values, 4000, seed=1)
+        assert clustered.value == pytest.approx(per_image.mean())
+        width, iid_width, one_width = (e.high - e.low for e in (clustered, iid, one))
+        assert width == pytest.approx(one_width, rel=0.15)  # duplicated answers carry no extra information
+        assert width / iid_width == pytest.approx(np.sqrt(k), rel=0.15)  # ... which the i.i.d. interval ignores
+
+
+def test_a_model_against_itself_is_exactly_zero_and_bounds_stay_in_range():
+    from microbench.metrics.bootstrap import clustered_bootstrap, clustered_paired_delta
+
+    rng = np.random.default_rng(2)
+    correct = rng.random(300) < 0.5
+    images = rng.integers(0, 60, 300)
+    d = clustered_paired_delta(correct, correct, images, 999)
+    assert (d.value, d.low, d.high, d.ci) == (0.0, 0.0, 0.0, 0.0)
+    near_one = np.ones(40, dtype=bool)
+    near_one[0] = False
+    e = clustered_bootstrap(near_one, np.arange(40), 9999)
+    assert 0 <= e.low <= e.value <= e.high <= 1.0  # the official basic bootstrap gives a high above 1 here
+
+
+def _slow_clustered(values, clusters, n_resamples, seed):
+    """The obvious implementation: draw images with replacement, concatenate their items, take the mean."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(clusters)
+    items = {c: values[clusters == c] for c in ids}
+    stats = [np.concatenate([items[c] for c in rng.choice(ids, size=len(ids))]).mean() for _ in range(n_resamples)]
+    return np.percentile(stats, [2.5, 97.5])
+
+
+def test_the_clustered_bootstrap_agrees_with_a_direct_implementation():
+    from microbench.metrics.bootstrap import clustered_bootstrap
+
+    rng = np.random.default_rng(3)
+    clusters = rng.integers(0, 80, 500)
+    values = (rng.random(500) < 0.3 + 0.4 * (clusters % 2)).astype(float)  # images differ in difficulty
+    fast = clustered_bootstrap(values, clusters, 4000, seed=0)
+    lo, hi = _slow_clustered(values, clusters, 4000, seed=5)
+    assert fast.low == pytest.approx(lo, abs=0.012) and fast.high == pytest.approx(hi, abs=0.012)
+
+
+def test_a_paired_bound_that_is_exactly_zero_is_not_significant():
+    """n = 100 items, 7 gained, 1 lost, 999 resamples: the lower bound is exactly 0 (2·6 − 12 counts); computed in
+    fractions it came out +1.4e-17 and the delta was flagged significant."""
+    a, b = np.zeros(100, dtype=bool), np.zeros(100, dtype=bool)
+    b[:7] = True
+    a[7] = True
+    d = paired_bootstrap_delta(a, b, 999, seed=0)
+    assert d.value == pytest.approx(0.06) and d.low == 0.0  # exactly, on the 1/n lattice
+    assert not (d.low > 0 or d.high < 0)
