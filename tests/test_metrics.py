@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_macro, paired_bootstrap_delta, scipy_bootstrap
+from microbench.metrics.bootstrap import (
+    bootstrap_accuracy,
+    bootstrap_macro,
+    paired_bootstrap_delta,
+    scipy_bootstrap,
+)
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 
 

@@ -406,3 +406,24 @@ def test_a_localization_study_sweeps_wise_ft_only(tmp_path):
     with pytest.raises(UserError, match="a localization head's study sweeps WiSE-FT only"):
         run_study(bb, state, state, make_dm=None, out_dir=tmp_path, target_datasets=["x"],
                   spec=StudySpec(methods=("wise_ft", "lines")), localization=lambda *a: {})
+
+
+def test_curve_area_intervals_resample_images_with_all_their_questions():
+    rng = np.random.default_rng(0)
+    n_t, n_s = 300, 400
+    base_t, ft_t = rng.random(n_t) < 0.4, rng.random(n_t) < 0.9
+    base_s, ft_s = rng.random(n_s) < 0.7, rng.random(n_s) < 0.3
+    mid_t, mid_s = np.where(rng.random(n_t) < 0.5, base_t, ft_t), np.where(rng.random(n_s) < 0.5, base_s, ft_s)
+    target = np.stack([base_t, ft_t, mid_t]).astype(float)
+    supported = np.stack([base_s, ft_s, mid_s]).astype(float)
+    one = curve_areas(target, supported, {"m": [2]}, n_resamples=1999, seed=0)["areas"]["m"]
+    k = 4  # every image asked k questions, answered alike
+    dup_t, dup_s = np.repeat(target, k, axis=1), np.repeat(supported, k, axis=1)
+    clustered = curve_areas(dup_t, dup_s, {"m": [2]}, n_resamples=1999, seed=0,
+                            target_clusters=np.repeat(np.arange(n_t), k),
+                            supported_clusters=np.repeat(np.arange(n_s), k))
+    iid = curve_areas(dup_t, dup_s, {"m": [2]}, n_resamples=1999, seed=0)["areas"]["m"]
+    c = clustered["areas"]["m"]
+    assert c["value"] == pytest.approx(one["value"]) and "image-clustered" in clustered["interval"]
+    assert c["high"] - c["low"] == pytest.approx(one["high"] - one["low"], rel=0.2)
+    assert (iid["high"] - iid["low"]) < 0.7 * (c["high"] - c["low"])  # i.i.d. items: too narrow by about √k

@@ -664,5 +664,6 @@ def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudyS
             idx.append(len(rows) - 1)
         curves[name] = idx
     matrix = np.stack(rows)
+    images = cap["image_id"].astype(str).to_numpy()  # resample images with all their questions
     return curve_areas(matrix[:, t_mask], matrix[:, s_mask], curves, int(spec.n_resamples), float(spec.confidence),
-                       int(spec.seed))
+                       int(spec.seed), target_clusters=images[t_mask], supported_clusters=images[s_mask])

@@ -222,7 +222,8 @@ def methods_markdown(study: dict) -> list[str]:
            "with paired 95 % CIs (* = excludes 0); *kept* = share of the fine-tune's target gain, *won back %* = "
            "share of its supported loss; normalized accuracy as LiNeS (target ÷ fine-tuned, control ÷ base); "
            "*area* = the trade-off curve's area in the base/fine-tune box (0.5 = the straight line between them, "
-           "1 = all of the gain and no forgetting), paired bootstrap 95 % CI.", "",
+           "1 = all of the gain and no forgetting), paired image-clustered bootstrap 95 % CI (whole images resampled "
+           "with all their questions).", "",
            "| method | α | target fine | Δ vs base | kept | supported | won back | won back % | norm. target | "
            "norm. control | area |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

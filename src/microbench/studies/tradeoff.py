@@ -8,8 +8,9 @@ loss won back = (s − s_ft)/(s_base − s_ft), both clipped to [0, 1]; the base
 The area under the upper (Pareto) frontier of the points, linear between them and constant left of the first, is
 0.5 for the straight line between the two models, 1 for a point that keeps all of the gain and forgets nothing, 0.5
 or less for a method that does no better than choosing between the two. Its CI resamples the test items with
-replacement (target and supported items separately: a stratified bootstrap), the same resample for every point of
-every method, so the areas of two methods are paired and their difference has a CI and a bootstrap p-value.
+replacement (target and supported items separately: a stratified bootstrap; in a study, whole images with all
+their questions: image-clustered), the same resample for every point of every method, so the areas of two methods
+are paired and their difference has a CI and a bootstrap p-value.
 """
 
 from __future__ import annotations
@@ -77,14 +78,28 @@ def _box(t, s, anchors):
     return x, y
 
 
+def _by_cluster(matrix: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``[models, items]`` → per-cluster sums ``[models, clusters]`` and item counts (each item its own cluster when
+    ``clusters`` is None)."""
+    if clusters is None:
+        return matrix, np.ones(matrix.shape[1])
+    _, codes = np.unique(np.asarray(clusters), return_inverse=True)
+    k = int(codes.max()) + 1 if codes.size else 0
+    sums = np.stack([np.bincount(codes, weights=row, minlength=k) for row in matrix])
+    return sums, np.bincount(codes, minlength=k).astype(float)
+
+
 def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, Sequence[int]],
-                n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0, chunk: int = 256) -> dict:
+                n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0, chunk: int = 256,
+                target_clusters: np.ndarray | None = None, supported_clusters: np.ndarray | None = None) -> dict:
     """The area of each curve, with a paired stratified bootstrap CI, and the paired difference of every pair.
 
     Args:
         target, supported: per-item correctness ``[models, items]`` (fractional allowed: seed means) on the target
             (fine-grained) and the supported items; row 0 is the base, row 1 the fine-tune.
         curves: ``{method: rows of its sweep points}`` (the base and fine-tune rows are added to each).
+        target_clusters, supported_clusters: the image of each item: the images are resampled, each with all of
+            its items (image-clustered); None resamples the items themselves.
     Returns ``{"areas": {method: {value, low, high, n_points}}, "pairs": {"a vs b": {value, low, high, p}},
     "undefined": reason or None}``.
     """
@@ -103,14 +118,17 @@ def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, 
 
     point = areas(t_hat, s_hat)
     rng = np.random.default_rng(seed)
-    n_t, n_s = target.shape[1], supported.shape[1]
+    (t_sums, t_counts), (s_sums, s_counts) = _by_cluster(target, target_clusters), _by_cluster(supported,
+                                                                                              supported_clusters)
+    k_t, k_s = len(t_counts), len(s_counts)
     draws = {m: [] for m in rows}
     degenerate = 0
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
-        ct = rng.multinomial(n_t, np.full(n_t, 1 / n_t), size=size)
-        cs = rng.multinomial(n_s, np.full(n_s, 1 / n_s), size=size)
-        tt, ss = ct @ target.T / n_t, cs @ supported.T / n_s  # [size, models]
+        ct = rng.multinomial(k_t, np.full(k_t, 1 / k_t), size=size).astype(float)
+        cs = rng.multinomial(k_s, np.full(k_s, 1 / k_s), size=size).astype(float)
+        tt = (ct @ t_sums.T) / (ct @ t_counts)[:, None]  # [size, models]
+        ss = (cs @ s_sums.T) / (cs @ s_counts)[:, None]
         for i in range(size):
             if not (tt[i, 1] > tt[i, 0] and ss[i, 0] > ss[i, 1]):
                 degenerate += 1  # this resample has no gain or no loss: the box is empty, the area undefined
@@ -122,7 +140,9 @@ def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, 
     draws = {m: np.array(v) for m, v in draws.items()}
     ok = ~np.isnan(next(iter(draws.values())))
     out = {"areas": {}, "pairs": {}, "undefined": None, "resamples": int(n_resamples),
-           "degenerate_resamples": int(degenerate)}
+           "degenerate_resamples": int(degenerate),
+           "interval": ("image-clustered basic bootstrap, stratified by target/supported images"
+                        if target_clusters is not None else "item-level basic bootstrap, stratified")}
     for m, v in point.items():
         lo, hi = basic_interval(v, draws[m][ok], confidence)
         out["areas"][m] = {"value": v, "low": float(max(lo, 0.0)), "high": float(min(hi, 1.0)),
