@@ -427,3 +427,20 @@ def test_curve_area_intervals_resample_images_with_all_their_questions():
     assert c["value"] == pytest.approx(one["value"]) and "image-clustered" in clustered["interval"]
     assert c["high"] - c["low"] == pytest.approx(one["high"] - one["low"], rel=0.2)
     assert (iid["high"] - iid["low"]) < 0.7 * (c["high"] - c["low"])  # i.i.d. items: too narrow by about √k
+
+
+def test_the_area_p_value_agrees_with_the_interval():
+    rng = np.random.default_rng(4)
+    for trial in range(6):
+        n_t, n_s = 60, 80
+        base_t, ft_t = rng.random(n_t) < 0.4, rng.random(n_t) < 0.9
+        base_s, ft_s = rng.random(n_s) < 0.7, rng.random(n_s) < 0.3
+        a_t, a_s = np.where(rng.random(n_t) < 0.6, ft_t, base_t), np.where(rng.random(n_s) < 0.5 + 0.05 * trial,
+                                                                            base_s, ft_s)
+        b_t, b_s = np.where(rng.random(n_t) < 0.5, ft_t, base_t), np.where(rng.random(n_s) < 0.4, base_s, ft_s)
+        out = curve_areas(np.stack([base_t, ft_t, a_t, b_t]).astype(float),
+                          np.stack([base_s, ft_s, a_s, b_s]).astype(float), {"a": [2], "b": [3]}, 999, seed=trial)
+        if out["undefined"]:
+            continue
+        pair = out["pairs"]["a vs b"]
+        assert pair["significant"] == (pair["p"] < 0.05), pair

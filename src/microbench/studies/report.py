@@ -252,7 +252,8 @@ def methods_markdown(study: dict) -> list[str]:
         out += ["", f"Curve areas: undefined ({areas['undefined']})."]
     elif areas.get("pairs"):
         out += ["", "Paired comparison of the curve areas (the same bootstrap resamples of the test items for "
-                "every method; p: two-sided bootstrap p-value of ΔAUC = 0):", "",
+                "every method; p: two-sided p-value of ΔAUC = 0 from the same basic bootstrap, so p < 0.05 exactly when "
+                "the 95 % CI excludes 0):", "",
                 "| methods | Δ area | 95 % CI | p | |", "|---|---|---|---|---|"]
         for key, d in areas["pairs"].items():
             verdict = (f"{d['a'] if d['value'] > 0 else d['b']}'s curve dominates" if d["significant"]

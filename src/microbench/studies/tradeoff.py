@@ -153,7 +153,9 @@ def curve_areas(target: np.ndarray, supported: np.ndarray, curves: Mapping[str, 
             d_hat = point[a] - point[b]
             d = draws[a][ok] - draws[b][ok]
             lo, hi = basic_interval(d_hat, d, confidence)
-            p = (1 + int(np.sum(np.abs(d - d_hat) >= abs(d_hat) - 1e-12))) / (1 + d.size)
+            # the p-value of the basic interval itself (it excludes 0 at level 1 − p): 2·P*(Δ* beyond 2·Δ̂)
+            beyond = np.sum(d >= 2 * d_hat - 1e-12) if d_hat > 0 else np.sum(d <= 2 * d_hat + 1e-12)
+            p = 1.0 if d_hat == 0 else 2 * (1 + int(beyond)) / (1 + d.size)
             out["pairs"][f"{a} vs {b}"] = {"a": a, "b": b, "value": float(d_hat), "low": float(lo),
                                            "high": float(hi), "p": float(min(p, 1.0)),
                                            "significant": bool(lo > 0 or hi < 0)}
