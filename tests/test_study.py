@@ -444,3 +444,42 @@ def test_the_area_p_value_agrees_with_the_interval():
             continue
         pair = out["pairs"]["a vs b"]
         assert pair["significant"] == (pair["p"] < 0.05), pair
+
+
+def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_path):
+    """Issue 21 §1 in the forgetting study: every group and dataset interval resamples images with all their
+    questions (named in the record), shared by all models; wider than the i.i.d. interval where an image has
+    several questions; the base against itself exactly 0."""
+    import pandas as pd
+
+    from microbench.data.datamodule import PerceptionDataModule
+    from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, clustered_bootstrap
+    from microbench.studies.forgetting import run_study, summarize_model
+
+    bb = build_backbone(preset="tiny")
+    base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    ft = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.ndim > 1
+          else v.clone() for k, v in base.items()}
+    study = run_study(bb, base, ft, out_dir=tmp_path, target_datasets=["kather_et_al_2016"],
+                      make_dm=lambda s: PerceptionDataModule("sample", transform=bb.preprocess, split=s),
+                      spec=StudySpec(alphas=[0, 1], n_resamples=1999))
+    test = study["splits"]["test"]["models"]
+    for key in ("supported/all", "all/coarse", "target/fine"):
+        assert test["finetuned"][key]["delta"]["interval"] == CLUSTERED and test["finetuned"][key]["acc"]["interval"]
+        d = test["base"][key]["delta"]
+        assert (d["value"], d["low"], d["high"], d["significant"]) == (0.0, 0.0, 0.0, False)
+    assert all(0 <= v["acc"]["low"] <= v["acc"]["high"] <= 1 for v in test["finetuned"].values()
+               if isinstance(v, dict) and "acc" in v and isinstance(v["acc"], dict) and "low" in v["acc"])
+    p0 = pd.read_parquet(tmp_path / "predictions" / "alpha=0.00.parquet")
+    p1 = pd.read_parquet(tmp_path / "predictions" / "alpha=1.00.parquet")
+    iid = summarize_model(p0, p1, {"kather_et_al_2016"}, 1999)["all/coarse"]["delta"]  # 5 coarse questions/image
+    clustered = test["finetuned"]["all/coarse"]["delta"]
+    assert clustered["high"] - clustered["low"] > 1.2 * (iid["high"] - iid["low"])
+    # the shared resampler agrees with the one-statistic clustered bootstrap
+    cap = p1[p1["source"] == "captions"]
+    values, images = cap["correct"].to_numpy(float), cap["image_id"].to_numpy()
+    shared = ClusterBootstrap(images, 4000, seed=1).estimates(values, {"all": np.ones(len(cap), bool)})["all"]
+    single = clustered_bootstrap(values, images, 4000, seed=2)
+    assert shared.value == pytest.approx(single.value)
+    assert shared.low == pytest.approx(single.low, abs=0.02) and shared.high == pytest.approx(single.high, abs=0.02)

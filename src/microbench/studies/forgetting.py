@@ -28,7 +28,14 @@ import torch
 
 from microbench import distributed
 from microbench.data.datamodule import PerceptionDataModule
-from microbench.metrics.bootstrap import bootstrap_accuracy, bootstrap_mean, paired_bootstrap_delta
+from microbench.metrics.bootstrap import (
+    CLUSTERED,
+    ClusterBootstrap,
+    Estimate,
+    bootstrap_accuracy,
+    bootstrap_mean,
+    paired_bootstrap_delta,
+)
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
 from microbench.results.io import write_parquet
@@ -183,36 +190,63 @@ def delta_estimate(base_correct: np.ndarray, correct: np.ndarray, n_resamples: i
     return d
 
 
+def _with_interval(e: Estimate, significant: bool = False) -> dict:
+    d = dict(e.to_dict(), interval=CLUSTERED)
+    if significant:
+        d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
+    return d
+
+
 def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], n_resamples: int = 9999,
-                    seed: int = 0, confidence: float = 0.95, headline: bool = True) -> dict:
+                    seed: int = 0, confidence: float = 0.95, headline: bool = True,
+                    resampler: ClusterBootstrap | None = None) -> dict:
     """Accuracy and paired Δ vs base of one model on target/supported/all, coarse/fine, per dataset (its
-    ``correct`` 0/1, or a mean over seeds); ``headline`` adds the official headline table (0/1 only)."""
+    ``correct`` 0/1, or a mean over seeds); ``headline`` adds the official headline table (0/1 only).
+
+    With ``resampler`` (a :class:`ClusterBootstrap` over the base's caption items, in their order) every interval
+    is image-clustered (``interval`` names it) and paired across all models summarised with it; without, the
+    items are resampled i.i.d. (basic bootstrap)."""
     b, correct = _aligned(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
     base_correct = b["correct"].to_numpy(dtype=float)
     grain = _grain(b["question_type"])
     is_target = b["dataset"].astype(str).isin(targets).to_numpy()
     groups = {"target": is_target, "supported": ~is_target, "all": np.ones(len(b), dtype=bool)}
+    masks = {f"{gname}/{g}": gmask & (grain == g if g != "all" else True)
+             for gname, gmask in groups.items() for g in ("coarse", "fine", "all")}
+    ds = b["dataset"].astype(str).to_numpy()
+    ds_masks = {f"{name}/{g}": (ds == name) & (grain == g) for name in sorted(set(ds)) for g in ("coarse", "fine")}
+    ds_masks = {k: m for k, m in ds_masks.items() if m.any()}
+    if resampler is not None:
+        acc = resampler.estimates(correct, masks)
+        delta = resampler.estimates(correct - base_correct, {**masks, **ds_masks})
     out: dict[str, Any] = {}
-    for gname, gmask in groups.items():
-        for g in ("coarse", "fine", "all"):
-            m = gmask & (grain == g if g != "all" else True)
-            if not m.any():
-                continue
-            out[f"{gname}/{g}"] = {"acc": accuracy_estimate(correct[m], n_resamples, seed, confidence),
-                                   "delta": delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)}
+    for key, m in masks.items():
+        if not m.any():
+            continue
+        if resampler is None:
+            out[key] = {"acc": accuracy_estimate(correct[m], n_resamples, seed, confidence),
+                        "delta": delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)}
+        else:
+            out[key] = {"acc": _with_interval(acc[key]), "delta": _with_interval(delta[key], significant=True)}
     per_ds = {}
-    for name in sorted(b["dataset"].astype(str).unique()):
-        for g in ("coarse", "fine"):
-            m = (b["dataset"].astype(str) == name).to_numpy() & (grain == g)
-            if m.any():
-                d = delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)
-                d.pop("significant")
-                per_ds[f"{name}/{g}"] = {"acc": float(correct[m].mean()), "base_acc": float(base_correct[m].mean()),
-                                         "delta": d, "n": int(m.sum()), "target": name in targets}
+    for key, m in ds_masks.items():
+        if resampler is None:
+            d = delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)
+            d.pop("significant")
+        else:
+            d = _with_interval(delta[key])
+        per_ds[key] = {"acc": float(correct[m].mean()), "base_acc": float(base_correct[m].mean()),
+                       "delta": d, "n": int(m.sum()), "target": key.rsplit("/", 1)[0] in targets}
     out["datasets"] = per_ds
     if headline and _binary(correct):
         out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
     return out
+
+
+def caption_resampler(base: pd.DataFrame, n_resamples: int, confidence: float, seed: int) -> ClusterBootstrap:
+    """The shared image resamples of a split: clusters = the image of each of the base's caption items."""
+    return ClusterBootstrap(base.loc[base["source"] == "captions", "image_id"].astype(str).to_numpy(), n_resamples,
+                            confidence, seed)
 
 
 #: μ-Bench's metadata axes the report breaks the change down by (those the copy has)
@@ -220,11 +254,13 @@ AXES = ("domain", "subdomain", "modality", "submodality", "stain", "institution"
 
 
 def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.DataFrame, targets: set[str],
-                n_resamples: int = 9999, seed: int = 0, confidence: float = 0.95) -> dict:
-    """Δ vs base (paired CI) of each model on the *supported* caption items, by every metadata axis of μ-Bench
-    present in ``rows`` (one row per data row: ``row_idx`` and the axis columns): ``{axis: {value: {n, base_acc,
-    <model>: {acc, delta}}}}``."""
-    cap = base[(base["source"] == "captions") & ~base["dataset"].astype(str).isin(targets)]
+                n_resamples: int = 9999, seed: int = 0, confidence: float = 0.95,
+                resampler: ClusterBootstrap | None = None) -> dict:
+    """Δ vs base (paired CI; image-clustered with ``resampler``) of each model on the *supported* caption items, by
+    every metadata axis of μ-Bench present in ``rows`` (one row per data row: ``row_idx`` and the axis columns):
+    ``{axis: {value: {n, base_acc, <model>: {acc, delta}}}}``."""
+    cap = base[base["source"] == "captions"]
+    supported = ~cap["dataset"].astype(str).isin(targets).to_numpy()
     out: dict[str, dict] = {}
     meta = rows.set_index("row_idx")
     aligned = {name: _aligned(cap, p)[1] for name, p in models.items()}
@@ -233,13 +269,15 @@ def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.Da
         if axis not in meta.columns:
             continue
         values = meta[axis].reindex(cap["row_idx"].to_numpy()).astype("string").fillna("(none)").to_numpy()
+        masks = {v: supported & (values == v) for v in sorted(set(values[supported]))}
+        deltas = {name: resampler.estimates(c - b, masks) for name, c in aligned.items()} if resampler else {}
         table = {}
-        for v in sorted(set(values)):
-            m = values == v
+        for v, m in masks.items():
             entry = {"n": int(m.sum()), "base_acc": float(b[m].mean())}
             for name, c in aligned.items():
-                entry[name] = {"acc": float(c[m].mean()),
-                               "delta": delta_estimate(b[m], c[m], n_resamples, seed, confidence)}
+                d = (_with_interval(deltas[name][v], significant=True) if resampler is not None
+                     else delta_estimate(b[m], c[m], n_resamples, seed, confidence))
+                entry[name] = {"acc": float(c[m].mean()), "delta": d}
             table[v] = entry
         out[axis] = table
     return out
@@ -423,10 +461,11 @@ def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -
     return paths, plan, points
 
 
-def _memo_summary(memo: dict, base, preds, targets, n_resamples, seed, conf, point, headline=False) -> dict:
+def _memo_summary(memo: dict, base, preds, targets, n_resamples, seed, conf, resampler, point,
+                  headline=False) -> dict:
     """The summary of one point of the sweep, computed once (points shared by methods: the base, the fine-tune)."""
     if point not in memo:
-        memo[point] = summarize_model(base, preds[point], targets, n_resamples, seed, conf, headline)
+        memo[point] = summarize_model(base, preds[point], targets, n_resamples, seed, conf, headline, resampler)
     return memo[point]
 
 
@@ -511,7 +550,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         **(extra or {}),
     }
     test_preds: dict = {}
-    test_rows = None
+    test_rows, test_resampler = None, None
     for split in ("val", "test"):
         dm = make_dm(split)
         preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp,
@@ -519,7 +558,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
         if distributed.rank() != 0:
             continue
         base = preds[BASE_POINT]
-        summarize = partial(_memo_summary, {}, base, preds, targets, n_resamples, seed, conf)
+        resampler = caption_resampler(base, n_resamples, conf, seed)  # every interval of the split: these images
+        summarize = partial(_memo_summary, {}, base, preds, targets, n_resamples, seed, conf, resampler)
 
         models = {"base": summarize(BASE_POINT, True), "finetuned": summarize(FINETUNED_POINT, True)}
         for name in spec.methods:
@@ -531,7 +571,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
                 else:  # several seeds: the summary of the per-item mean, and the spread of the seeds
                     per_seed = [summarize(e["points"][a]) for e in entries]
                     mean = _mean_over_seeds([preds[e["points"][a]] for e in entries])
-                    s = summarize_model(base, mean, targets, n_resamples, seed, conf, headline=False)
+                    s = summarize_model(base, mean, targets, n_resamples, seed, conf, headline=False,
+                                        resampler=resampler)
                     s["seeds"] = {"spread": _spread(per_seed),
                                   "per_seed": {e["label"]: {k: ps[k]["acc"]["value"] for k in
                                                             ("target/fine", "supported/all") if k in ps}
@@ -564,7 +605,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             models["finetuned"] = models[alpha_name(1.0)]
             models["base"] = models[alpha_name(0.0)]
         if split == "test":
-            test_preds = preds
+            test_preds, test_resampler = preds, resampler
             test_rows = dm.rows  # the metadata axes of every row, for the change by axis
             written = set()
             for name in spec.methods:
@@ -594,7 +635,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             m["selection"] = select_alpha(val, spec.keep_target_gain, target=target_key, finetuned=ft_val)
         m["chosen_test"] = m["splits"]["test"][alpha_name(m["selection"]["alpha"])]
         if localization is None:  # what the chosen point won back from the fine-tune, paired on the same items
-            m["vs_finetuned"] = _vs_finetuned(test_preds, plan[name], m["selection"]["alpha"], targets, spec)
+            m["vs_finetuned"] = _vs_finetuned(test_preds, plan[name], m["selection"]["alpha"], targets, spec,
+                                              test_resampler)
     study["selection"] = study["methods"][primary]["selection"]
     study["chosen_test"] = study["methods"][primary]["chosen_test"]
     if localization is None:
@@ -604,7 +646,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             a = study["methods"][name]["selection"]["alpha"]
             chosen[f"{name} α={a:.2f}"] = _chosen_frame(test_preds, plan[name], a)
         study["axes"] = axis_deltas(test_preds[BASE_POINT], {"finetuned": test_preds[FINETUNED_POINT], **chosen},
-                                    test_rows, targets, n_resamples, seed, conf)
+                                    test_rows, targets, n_resamples, seed, conf, test_resampler)
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
     return study
@@ -615,21 +657,22 @@ def _chosen_frame(preds: dict, plan_entry: dict, alpha: float) -> pd.DataFrame:
     return plan_entry["mean_preds"]["test"][alpha] if len(entries) > 1 else preds[entries[0]["points"][alpha]]
 
 
-def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str], spec: StudySpec) -> dict:
+def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str], spec: StudySpec,
+                  resampler: ClusterBootstrap | None = None) -> dict:
     """Δ of a method's chosen test model vs the fine-tune (paired CIs) on the target's fine questions and on the
     supported datasets: the gain given up and the loss won back."""
-    ft = preds[FINETUNED_POINT]
-    cap = ft[ft["source"] == "captions"]
-    b, chosen = _aligned(cap, _chosen_frame(preds, plan_entry, alpha))
-    ft_correct = b["correct"].to_numpy(dtype=float)
-    is_target = b["dataset"].astype(str).isin(targets).to_numpy()
-    fine = _grain(b["question_type"]) == "fine"
-    out = {}
-    for key, m in (("target/fine", is_target & fine), ("supported/all", ~is_target)):
-        if m.any():
-            out[key] = delta_estimate(ft_correct[m], chosen[m], int(spec.n_resamples), int(spec.seed),
-                                      float(spec.confidence))
-    return out
+    base = preds[BASE_POINT]
+    cap = base[base["source"] == "captions"]
+    ft_correct = _aligned(cap, preds[FINETUNED_POINT])[1]
+    chosen = _aligned(cap, _chosen_frame(preds, plan_entry, alpha))[1]
+    is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
+    fine = _grain(cap["question_type"]) == "fine"
+    masks = {"target/fine": is_target & fine, "supported/all": ~is_target}
+    if resampler is not None:
+        return {k: _with_interval(e, significant=True) for k, e in resampler.estimates(chosen - ft_correct,
+                                                                                         masks).items()}
+    return {k: delta_estimate(ft_correct[m], chosen[m], int(spec.n_resamples), int(spec.seed), float(spec.confidence))
+            for k, m in masks.items() if m.any()}
 
 
 def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudySpec, alphas) -> dict:

@@ -27,6 +27,13 @@ def write_report(study: dict, out_dir: str | Path, logger=None) -> dict:
     return study
 
 
+def _interval_name(study: dict) -> str:
+    """How the study's intervals were drawn (image-clustered since issue 21; older studies: bootstrap)."""
+    ft = ((study.get("splits") or {}).get("test") or {}).get("models", {}).get("finetuned", {})
+    d = (ft.get("supported/all") or ft.get("all/all") or {}).get("delta") or {}
+    return "image-clustered" if "clustered" in str(d.get("interval", "")) else "bootstrap"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None or np.isnan(x) else f"{100 * x:.2f}"
 
@@ -115,7 +122,7 @@ def report_markdown(study: dict) -> str:
            "method's points are in the side-by-side section and `forgetting.json` → `methods`)."]
           if study.get("primary_method", "wise_ft") != "wise_ft" else []),
         f"Accuracy % on the **test** split (caption sets, both variants), Δ vs base in points with a paired 95 % "
-        f"bootstrap CI; * = CI excludes 0. Chosen α = **{chosen:.2f}** ({study['selection']['rule']}).", "",
+        f"{_interval_name(study)} CI; * = CI excludes 0. Chosen α = **{chosen:.2f}** ({study['selection']['rule']}).", "",
         "| model | target fine | Δ | target coarse | Δ | supported fine | Δ | supported coarse | Δ | all | Δ |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -219,7 +226,7 @@ def methods_markdown(study: dict) -> list[str]:
     out = ["", "## Merge methods side by side (test, each at its α chosen on val)", "",
            f"Each method's α is chosen on val by the same rule ({rule}). Target: fine-grained accuracy on the "
            "fine-tuning datasets; Δ vs base and *won back* (Δ vs the fine-tune on the supported datasets) in points "
-           "with paired 95 % CIs (* = excludes 0); *kept* = share of the fine-tune's target gain, *won back %* = "
+           f"with paired {_interval_name(study)} 95 % CIs (* = excludes 0); *kept* = share of the fine-tune's target gain, *won back %* = "
            "share of its supported loss; normalized accuracy as LiNeS (target ÷ fine-tuned, control ÷ base); "
            "*area* = the trade-off curve's area in the base/fine-tune box (0.5 = the straight line between them, "
            "1 = all of the gain and no forgetting), paired image-clustered bootstrap 95 % CI (whole images resampled "
@@ -283,7 +290,7 @@ def axes_markdown(study: dict) -> list[str]:
     primary = study.get("primary_method", "wise_ft")
     chosen = f"{primary} α={study['selection']['alpha']:.2f}"
     out = ["## What was forgotten, by μ-Bench's metadata (supported datasets, test)", "",
-           f"Δ vs base in points with paired 95 % CIs (* = excludes 0), of the fine-tune and of {chosen}; every "
+           f"Δ vs base in points with paired {_interval_name(study)} 95 % CIs (* = excludes 0), of the fine-tune and of {chosen}; every "
            "method's chosen model is in `forgetting.json` → `axes`.", ""]
     sentences = []
     for axis, table in axes.items():
@@ -362,7 +369,8 @@ def plot_study(study: dict, out_dir: Path) -> list[Path]:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [("▶ " if ft[k]["target"] else "") + k.replace("/", " · ") for k in keys], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("Δ accuracy vs base (points, paired 95 % CI); ▶ = target dataset")
+    ax.set_xlabel("Δ accuracy vs base (points, paired image-clustered 95 % CI); ▶ = target dataset"
+                  if _interval_name(study) != "bootstrap" else "Δ accuracy vs base (points, paired 95 % CI); ▶ = target dataset")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
