@@ -186,3 +186,23 @@ def test_a_paired_bound_that_is_exactly_zero_is_not_significant():
     d = paired_bootstrap_delta(a, b, 999, seed=0)
     assert d.value == pytest.approx(0.06) and d.low == 0.0  # exactly, on the 1/n lattice
     assert not (d.low > 0 or d.high < 0)
+
+
+def test_every_metric_carries_an_image_clustered_interval_beside_the_official_one():
+    """The official interval (and every official number) is unchanged; `clustered` is added beside it, wider where
+    an image's questions agree, inside [0, 1]."""
+    p = _frame()
+    p["image_id"] = [f"{r.dataset}-{i % 10}" for i, r in enumerate(p.itertuples())]  # one image: 4 questions
+    with_c = closed_vqa_metrics(p, n_resamples=1999)
+    without = closed_vqa_metrics(p, n_resamples=1999, clustered=False)
+    assert set(with_c) == set(without)
+    for name, e in with_c.items():
+        assert {k: v for k, v in e.items() if k != "clustered"} == without[name], name
+        if "clustered" in e:
+            c = e["clustered"]
+            assert c["interval"] == "image-clustered percentile bootstrap"
+            assert 0 <= c["low"] <= e["value"] <= c["high"] <= 1, name
+    # the same answer to every question of an image: the clustered interval is wider than the official one
+    agree = p.assign(correct=p["image_id"].map(lambda s: int(s.rsplit("-", 1)[1]) % 2 == 0))
+    m = closed_vqa_metrics(agree, n_resamples=1999)["captions/all/all"]
+    assert m["clustered"]["high"] - m["clustered"]["low"] > 1.5 * (m["high"] - m["low"])

@@ -183,26 +183,42 @@ class ClusterBootstrap:
 
     interval = CLUSTERED
 
+    #: weights kept in memory up to this many entries (float32: 200 MB); above, drawn again chunk by chunk per call
+    CACHE_ENTRIES = 50_000_000
+    CHUNK = 1000
+
     def __init__(self, clusters: np.ndarray, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
                  seed: int = 0) -> None:
         _, self.codes = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
         self.k = int(self.codes.max()) + 1 if self.codes.size else 0
-        self.n_resamples, self.confidence = int(n_resamples), float(confidence)
-        rng = np.random.default_rng(seed)
-        self.weights = (rng.multinomial(self.k, np.full(self.k, 1.0 / self.k), size=self.n_resamples)
-                        .astype(np.float32) if self.k else np.zeros((self.n_resamples, 0), np.float32))
+        self.n_resamples, self.confidence, self.seed = int(n_resamples), float(confidence), int(seed)
+        small = self.n_resamples * max(self.k, 1) <= self.CACHE_ENTRIES
+        self._cached = list(self._draw()) if small else None
+
+    def _draw(self):
+        """The weights ``[rows, images]`` chunk by chunk, the same on every call (one seeded stream per chunk)."""
+        for i, start in enumerate(range(0, self.n_resamples, self.CHUNK)):
+            size = min(self.CHUNK, self.n_resamples - start)
+            if not self.k:
+                yield np.zeros((size, 0), np.float32)
+                continue
+            rng = np.random.default_rng([self.seed, i])
+            yield rng.multinomial(self.k, np.full(self.k, 1.0 / self.k), size=size).astype(np.float32)
 
     def estimates(self, values: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Estimate]:
         """The mean of ``values`` on each masked slice of the items, with its clustered percentile interval."""
         values = np.asarray(values, dtype=float)
-        names = [m for m in masks if masks[m].any()]
+        names = [m for m in masks if np.asarray(masks[m]).any()]
         if not names:
             return {}
         sums = np.stack([np.bincount(self.codes[masks[m]], weights=values[masks[m]], minlength=self.k)
                          for m in names], axis=1)
         counts = np.stack([np.bincount(self.codes[masks[m]], minlength=self.k) for m in names], axis=1)
-        num = self.weights @ sums.astype(np.float64)
-        den = self.weights @ counts.astype(np.float64)
+        nums, dens = [], []
+        for w in self._cached if self._cached is not None else self._draw():
+            nums.append(w @ sums)
+            dens.append(w @ counts.astype(np.float64))
+        num, den = np.concatenate(nums), np.concatenate(dens)
         with np.errstate(invalid="ignore", divide="ignore"):
             resampled = num / den
         alpha = (1 - self.confidence) / 2

@@ -28,8 +28,10 @@ import pandas as pd
 
 from microbench.data import schema
 from microbench.metrics.bootstrap import (
+    CLUSTERED,
     CONFIDENCE,
     N_RESAMPLES,
+    ClusterBootstrap,
     Estimate,
     bootstrap_accuracy,
     bootstrap_macro,
@@ -56,52 +58,70 @@ def headline_mask(preds: pd.DataFrame) -> np.ndarray:
 
 
 def closed_vqa_metrics(preds: pd.DataFrame, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                       seed: int = 0) -> dict[str, dict]:
+                       seed: int = 0, clustered: bool = True) -> dict[str, dict]:
     """All accuracy metrics of a predictions frame (columns source, dataset, question_type, key, variant,
-    correct), each as ``{value, low, high, ci, n}``; names as in the module docstring."""
+    correct), each as ``{value, low, high, ci, n}`` with the official interval (scipy's basic bootstrap of the items,
+    as the paper); names as in the module docstring. With ``clustered`` (and an ``image_id`` column) each also gets
+    ``clustered``: ``{low, high, ci, interval}``, the image-clustered percentile interval
+    (:class:`~microbench.metrics.bootstrap.ClusterBootstrap`: images resampled with all their questions, bounds in
+    [0, 1]) — the uncertainty to read when items on one image are not independent."""
     out: dict[str, dict] = {}
-
-    def put(name: str, correct) -> None:
-        est = bootstrap_accuracy(np.asarray(correct), n_resamples, confidence, seed)
-        if est.n:
-            out[name] = est.to_dict()
 
     for source, p in preds.groupby("source", observed=True):
         p = p.assign(grain=_grain(p["question_type"]))
+        correct = p["correct"].to_numpy()
+        masks: dict[str, np.ndarray] = {}
+
+        def put(name: str, mask: np.ndarray, correct=correct, masks=masks) -> None:
+            est = bootstrap_accuracy(correct[mask], n_resamples, confidence, seed)
+            if est.n:
+                out[name] = est.to_dict()
+                masks[name] = mask
+
         dataset = p["dataset"].astype(str)
-        head = headline_mask(p)
+        ds = dataset.to_numpy()
+        head = np.asarray(headline_mask(p))
         official = dataset.isin(schema.OFFICIAL_DATASETS).to_numpy()
         excl = dataset.isin(SLICES["official_excl_eulenberg"]).to_numpy()
+        grains = p["grain"].to_numpy()
         for grain in ("coarse", "fine"):
-            g = (p["grain"] == grain).to_numpy()
-            put(f"{source}/all/{grain}", p.loc[g, "correct"])
-            put(f"{source}/official/{grain}", p.loc[g & head & official, "correct"])
-            put(f"{source}/official_excl_eulenberg/{grain}", p.loc[g & head & excl, "correct"])
+            g = grains == grain
+            put(f"{source}/all/{grain}", g)
+            put(f"{source}/official/{grain}", g & head & official)
+            put(f"{source}/official_excl_eulenberg/{grain}", g & head & excl)
             for slice_name, members in SLICES.items():
                 inside = ~official if members is None else dataset.isin(members).to_numpy()
-                put(f"{source}/slice/{slice_name}/{grain}", p.loc[g & head & inside, "correct"])
-                put(f"{source}/all_variants/slice/{slice_name}/{grain}", p.loc[g & inside, "correct"])
+                put(f"{source}/slice/{slice_name}/{grain}", g & head & inside)
+                put(f"{source}/all_variants/slice/{slice_name}/{grain}", g & inside)
             sel = g & head
             per_ds = [grp["correct"].to_numpy() for _, grp in p[sel].groupby(dataset[sel], observed=True)]
             macro: Estimate = bootstrap_macro(per_ds, n_resamples, confidence, seed)
             if macro.n:
                 out[f"{source}/macro_dataset/{grain}"] = {**macro.to_dict(), "datasets": len(per_ds)}
-        put(f"{source}/all/all", p["correct"])
+        put(f"{source}/all/all", np.ones(len(p), dtype=bool))
         qtype = p["question_type"].astype(str).to_numpy()
         for t in sorted(set(qtype)):
             is_t = qtype == t
-            put(f"{source}/official/type/{t}", p.loc[is_t & head & official, "correct"])
-            put(f"{source}/official_excl_eulenberg/type/{t}", p.loc[is_t & head & excl, "correct"])
-            put(f"{source}/all_variants/type/{t}", p.loc[is_t, "correct"])
-        if (p["variant"] >= 0).any():
-            for key, grp in p.groupby("key", observed=True):
-                put(f"{source}/key/{key}", grp["correct"])
-            for variant, grp in p.groupby("variant", observed=True):
-                put(f"{source}/variant/{variant}", grp["correct"])
-        for (name, grain), grp in p[head].groupby([dataset[head], "grain"], observed=True):
-            put(f"{source}/dataset/{name}/{grain}", grp["correct"])
-        for (name, grain), grp in p.groupby([dataset, "grain"], observed=True):
-            put(f"{source}/all_variants/dataset/{name}/{grain}", grp["correct"])
+            put(f"{source}/official/type/{t}", is_t & head & official)
+            put(f"{source}/official_excl_eulenberg/type/{t}", is_t & head & excl)
+            put(f"{source}/all_variants/type/{t}", is_t)
+        variants = p["variant"].to_numpy()
+        if (variants >= 0).any():
+            keys = p["key"].astype(str).to_numpy()
+            for key in sorted(set(keys)):
+                put(f"{source}/key/{key}", keys == key)
+            for variant in sorted(set(variants.tolist())):
+                put(f"{source}/variant/{variant}", variants == variant)
+        for name in sorted(set(ds[head])):
+            for grain in ("coarse", "fine"):
+                put(f"{source}/dataset/{name}/{grain}", head & (ds == name) & (grains == grain))
+        for name in sorted(set(ds)):
+            for grain in ("coarse", "fine"):
+                put(f"{source}/all_variants/dataset/{name}/{grain}", (ds == name) & (grains == grain))
+        if clustered and "image_id" in p.columns and masks:
+            boot = ClusterBootstrap(p["image_id"].astype(str).to_numpy(), n_resamples, confidence, seed)
+            for name, est in boot.estimates(correct.astype(float), masks).items():
+                out[name]["clustered"] = {"low": est.low, "high": est.high, "ci": est.ci, "interval": CLUSTERED}
     return out
 
 

@@ -73,6 +73,16 @@ def results_markdown(record: dict[str, Any]) -> str:
             pct(m.get(f"{source}/official_excl_eulenberg/fine"))]]))
         out += ["", "Headline: " + ("`_1` caption variants" if source == "captions" else "all questions")
                 + ", pooled over the official datasets (see docs/evaluation.md for the protocol).", ""]
+        clustered = [(g, m.get(f"{source}/official/{g}") or {}) for g in ("coarse", "fine")]
+        if any("clustered" in e for _, e in clustered):
+            out += ["The official ± resamples questions as if independent; μ-Bench asks several questions of each "
+                    "image, so the image-clustered 95 % interval (images resampled with all their questions, "
+                    "`metrics.json` → `clustered`) is the one to compare models by:", "",
+                    _table(["headline", "accuracy", "official 95 % (basic, questions)",
+                            "image-clustered 95 % (percentile, images)"],
+                           [[g, f"{100 * e['value']:.2f}", f"[{100 * e['low']:.2f}, {100 * e['high']:.2f}]",
+                             f"[{100 * e['clustered']['low']:.2f}, {100 * e['clustered']['high']:.2f}]"]
+                            for g, e in clustered if "clustered" in e]), ""]
         notes = [g["note"] for g in (record.get("headline_coverage") or {}).get(source, {}).values() if g["note"]]
         if notes:
             out += ["**Headline coverage:**", "", *[f"- {n}" for n in notes], ""]
