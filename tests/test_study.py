@@ -116,6 +116,8 @@ def test_a_study_on_a_transformers_model_with_towers_image_reports_the_real_chan
                       out_dir=tmp_path / "study", target_datasets=["kather_et_al_2016"],
                       spec=StudySpec(alphas=[0, 1], towers="image", n_resamples=99))
     assert study["settings"]["tower_keys"] == len(bb.image_tower_keys()) > 0
+    # the text tower does not move: its prompts are encoded once per split, not once per model
+    assert study["splits"]["test"]["sweep"]["models"] == 2 and study["splits"]["test"]["sweep"]["text_encodings"] == 1
     import pandas as pd
 
     p0 = pd.read_parquet(tmp_path / "study" / "predictions" / "alpha=0.00.parquet")
@@ -316,13 +318,19 @@ def test_the_trade_off_rule_is_lines_argmax():
     assert select_trade_off(val, weight=10)["alpha"] == 1.0
 
 
-def test_bootstrap_mean_matches_scipy_on_seed_means():
-    from microbench.metrics.bootstrap import bootstrap_mean, scipy_bootstrap
+def test_seed_means_get_scipys_interval_when_every_image_has_one_item():
+    """DARE's seed means (k/S per item) go through the clustered bootstrap: with one item per image it is the
+    ordinary percentile bootstrap, scipy's."""
+    from scipy import stats
+
+    from microbench.metrics.bootstrap import ClusterBootstrap
 
     rng = np.random.default_rng(1)
     values = rng.integers(0, 4, 500) / 3  # per-item correctness averaged over 3 seeds
-    ours, ref = bootstrap_mean(values, 9999, seed=0), scipy_bootstrap(values, 9999, seed=0)
-    assert ours.value == pytest.approx(ref.value)
+    ours = ClusterBootstrap(np.arange(500), 9999, seed=0).estimates(values, {"all": np.ones(500, bool)})["all"]
+    ref = stats.bootstrap((values,), np.mean, n_resamples=9999, method="percentile",
+                          rng=np.random.default_rng(0)).confidence_interval
+    assert ours.value == pytest.approx(values.mean())
     assert ours.low == pytest.approx(ref.low, abs=0.006) and ours.high == pytest.approx(ref.high, abs=0.006)
 
 
@@ -453,7 +461,12 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
     import pandas as pd
 
     from microbench.data.datamodule import PerceptionDataModule
-    from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, clustered_bootstrap
+    from microbench.metrics.bootstrap import (
+        CLUSTERED,
+        ClusterBootstrap,
+        clustered_bootstrap,
+        paired_bootstrap_delta,
+    )
     from microbench.studies.forgetting import run_study, summarize_model
 
     bb = build_backbone(preset="tiny")
@@ -464,6 +477,7 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
     study = run_study(bb, base, ft, out_dir=tmp_path, target_datasets=["kather_et_al_2016"],
                       make_dm=lambda s: PerceptionDataModule("sample", transform=bb.preprocess, split=s),
                       spec=StudySpec(alphas=[0, 1], n_resamples=1999))
+    assert study["splits"]["test"]["sweep"]["text_encodings"] == 2  # towers=both: the text tower moves too
     test = study["splits"]["test"]["models"]
     for key in ("supported/all", "all/coarse", "target/fine"):
         assert test["finetuned"][key]["delta"]["interval"] == CLUSTERED and test["finetuned"][key]["acc"]["interval"]
@@ -473,9 +487,14 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
                if isinstance(v, dict) and "acc" in v and isinstance(v["acc"], dict) and "low" in v["acc"])
     p0 = pd.read_parquet(tmp_path / "predictions" / "alpha=0.00.parquet")
     p1 = pd.read_parquet(tmp_path / "predictions" / "alpha=1.00.parquet")
-    iid = summarize_model(p0, p1, {"kather_et_al_2016"}, 1999)["all/coarse"]["delta"]  # 5 coarse questions/image
+    cap0, cap1 = (p[p["source"] == "captions"] for p in (p0, p1))
+    coarse = (cap0["question_type"] != "classification").to_numpy()  # 5 coarse questions per image
+    iid = paired_bootstrap_delta(cap0["correct"].to_numpy()[coarse], cap1["correct"].to_numpy()[coarse], 1999)
     clustered = test["finetuned"]["all/coarse"]["delta"]
-    assert clustered["high"] - clustered["low"] > 1.2 * (iid["high"] - iid["low"])
+    assert clustered["value"] == pytest.approx(iid.value)
+    assert clustered["high"] - clustered["low"] > 1.2 * (iid.high - iid.low)
+    again = summarize_model(p0, p1, {"kather_et_al_2016"}, 1999)["all/coarse"]["delta"]  # its own resampler
+    assert again["interval"] == CLUSTERED and again["value"] == pytest.approx(iid.value)
     # the shared resampler agrees with the one-statistic clustered bootstrap
     cap = p1[p1["source"] == "captions"]
     values, images = cap["correct"].to_numpy(float), cap["image_id"].to_numpy()
@@ -483,3 +502,50 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
     single = clustered_bootstrap(values, images, 4000, seed=2)
     assert shared.value == pytest.approx(single.value)
     assert shared.low == pytest.approx(single.low, abs=0.02) and shared.high == pytest.approx(single.high, abs=0.02)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"dare": {"p": 1.5}}, "study.options.dare.p must be a drop probability in \\[0, 1\\), got 1.5"),
+    ({"dare": {"seeds": []}}, "study.options.dare.seeds must be one or more integer seeds"),
+    ({"ties_trim": {"density": 0}}, "study.options.ties_trim.density must be a share in \\(0, 1\\]"),
+    ({}, "model_stock needs a second fine-tune"),
+    ({"model_stock": {"finetuned": ["no/such.ckpt"]}}, "finetuned: no/such.ckpt is not a file"),
+])
+def test_bad_method_options_are_one_line_when_the_study_is_configured(options, message):
+    with pytest.raises(UserError, match=message):
+        StudySpec(methods=("wise_ft", "ties_trim", "dare", "model_stock"), options=options)
+
+
+def test_a_study_a_model_cannot_do_stops_the_fit_before_it_starts(tmp_path, cfg_train):
+    """towers=image on a plug-in without an image tower, or a bad option, used to surface after the whole fit."""
+    from microbench.tasks.registry import train
+
+    common = ["experiment=demo", "forgetting.enabled=true", f"paths.output_dir={tmp_path / 'out'}",
+              f"checkpoint_dir={tmp_path / 'ck'}"]
+    with pytest.raises(UserError, match="study.options.dare.p must be"):
+        train(cfg_train([*common, "model=tiny", "study=dare", "study.options.dare.p=2"]))
+    with pytest.raises(BackboneError, match="does not say which of its weights are the image tower"):
+        train(cfg_train([*common, "model=plugin", "model._target_=plugin_backbone.PluginBackbone",
+                         "study.towers=image"]))
+    assert not (tmp_path / "ck").exists()  # nothing was fitted
+
+
+def test_prompts_encoded_once_under_towers_image_give_the_same_predictions():
+    from microbench.data.datamodule import PerceptionDataModule
+    from microbench.studies.sweep import InterpolationScorer
+
+    bb = build_backbone(preset="tiny")
+    base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+    ft = {k: v * 1.3 if v.is_floating_point() else v.clone() for k, v in base.items()}
+    keys = tower_keys(bb, "image")
+    dm = PerceptionDataModule("sample", transform=bb.preprocess, split="test")
+    dm.setup("test")
+    runs = {}
+    for fixed in (False, True):
+        scorer = InterpolationScorer(bb, base, ft, [0.0, 0.5, 1.0], keys=keys, progress=False, texts_fixed=fixed)
+        runs[fixed] = (scorer.sweep(dm), scorer.text_encodings)
+    assert runs[False][1] == 3 and runs[True][1] == 1
+    for a in (0.0, 0.5, 1.0):
+        got, ref = runs[True][0][a], runs[False][0][a]
+        assert (got["pred_idx"].to_numpy() == ref["pred_idx"].to_numpy()).all()
+        assert np.array_equal(np.concatenate(got["scores"].to_list()), np.concatenate(ref["scores"].to_list()))

@@ -102,60 +102,23 @@ def paired_bootstrap_delta(base_correct: np.ndarray, model_correct: np.ndarray, 
     return Estimate(float(d), float(lo) / n, float(hi) / n, float(abs(hi - (c01 - c10))) / n, n)
 
 
-def bootstrap_mean(values: np.ndarray, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                   seed: int = 0) -> Estimate:
-    """Mean of values that take few distinct levels (per-item correctness averaged over seeds, k/S; paired
-    differences of those) with a basic bootstrap CI, drawn exactly: a resample of n items holds each level a
-    Multinomial(n, level frequencies) number of times, so the resampled mean is ``counts · levels / n`` (the
-    ordinary nonparametric bootstrap, :func:`scipy_bootstrap`'s distribution, in O(resamples · levels))."""
-    values = np.asarray(values, dtype=float)
-    n = int(values.size)
-    if n == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
-    levels, counts = np.unique(np.round(values, 12), return_counts=True)
-    value = float(values.mean())
-    rng = np.random.default_rng(seed)
-    resampled = rng.multinomial(n, counts / n, size=n_resamples) @ levels / n
-    lo, hi = basic_interval(value, resampled, confidence)
-    return Estimate(value, float(lo), float(hi), float(abs(hi - value)), n)
-
-
 #: the name every report gives the image-clustered interval
 CLUSTERED = "image-clustered percentile bootstrap"
 
 
-def cluster_sums(values: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per cluster (image): the sum of ``values`` and the number of items, clusters in sorted order."""
-    _, codes = np.unique(np.asarray(clusters), return_inverse=True)
-    values = np.asarray(values, dtype=float)
-    return np.bincount(codes, weights=values), np.bincount(codes).astype(float)
-
-
 def clustered_bootstrap(values: np.ndarray, clusters: np.ndarray, n_resamples: int = N_RESAMPLES,
-                        confidence: float = CONFIDENCE, seed: int = 0, chunk: int = 512) -> Estimate:
+                        confidence: float = CONFIDENCE, seed: int = 0) -> Estimate:
     """Mean of per-item ``values`` with an image-clustered percentile bootstrap CI: the clusters (images) are
     resampled with replacement, each with all of its items (Field & Welsh 2007; lmms-eval's clustered standard
     errors resample the same way), and the statistic is the ratio Σ values / Σ items of the resample. Questions on
     one image agree, so this interval is wider than the i.i.d. one by up to √(items per image). Percentile bounds
     lie inside the range of the values: an accuracy's interval inside [0, 1], a paired difference's inside [−1, 1].
-    ``ci`` is the half-width ``|high − value|`` as elsewhere."""
+    One statistic of :class:`ClusterBootstrap` (which shares the resamples among many)."""
     values = np.asarray(values, dtype=float)
-    n = int(values.size)
-    if n == 0:
+    if values.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0)
-    sums, counts = cluster_sums(values, clusters)
-    k = len(sums)
-    value = float(sums.sum() / counts.sum())
-    rng = np.random.default_rng(seed)
-    stats = []
-    for start in range(0, n_resamples, chunk):
-        w = rng.multinomial(k, np.full(k, 1.0 / k), size=min(chunk, n_resamples - start)).astype(float)
-        stats.append((w @ sums) / (w @ counts))
-    resampled = np.concatenate(stats)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(resampled, [100 * alpha, 100 * (1 - alpha)])
-    lo, hi = min(float(lo), value), max(float(hi), value)  # the estimate inside its interval
-    return Estimate(value, lo, hi, float(abs(hi - value)), n)
+    boot = ClusterBootstrap(clusters, n_resamples, confidence, seed)
+    return boot.estimates(values, {"all": np.ones(values.size, dtype=bool)})["all"]
 
 
 def clustered_paired_delta(base_correct: np.ndarray, model_correct: np.ndarray, clusters: np.ndarray,

@@ -181,6 +181,10 @@ class ZeroShotScorer(L.LightningModule):
         on_scored: callback ``(predictions, skipped, module) -> None`` run on rank 0.
     """
 
+    #: ``{texts: embeddings}`` reused across scorings while the text tower cannot change (a subclass sets it)
+    text_memo: dict | None = None
+    text_encodings = 0  # calls of the text encoder (each over one source's unique texts)
+
     def __init__(self, backbone: Backbone, sources: Sequence[str] = ("captions",), text_batch_size: int = 256,
                  on_scored: Callable | None = None, progress: bool = True) -> None:
         super().__init__()
@@ -274,10 +278,16 @@ class ZeroShotScorer(L.LightningModule):
             texts = candidate_texts(items, source)
 
             def text_emb_of(unique: list[str]) -> torch.Tensor:
+                memo = self.text_memo
+                if memo is not None and tuple(unique) in memo:  # the text tower did not change since
+                    return memo[tuple(unique)]
                 t = time.perf_counter()
                 out = encode_texts(self.backbone, unique, self.text_batch_size, self.device, progress=self.progress)
                 self._text_seconds += time.perf_counter() - t
                 self.unique_texts += len(unique)
+                self.text_encodings += 1
+                if memo is not None:
+                    memo[tuple(unique)] = out
                 return out
 
             frames.append(score_items(items, texts, img, image_emb, text_emb_of))

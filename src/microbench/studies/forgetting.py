@@ -28,14 +28,7 @@ import torch
 
 from microbench import distributed
 from microbench.data.datamodule import PerceptionDataModule
-from microbench.metrics.bootstrap import (
-    CLUSTERED,
-    ClusterBootstrap,
-    Estimate,
-    bootstrap_accuracy,
-    bootstrap_mean,
-    paired_bootstrap_delta,
-)
+from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, Estimate
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
 from microbench.results.io import write_parquet
@@ -108,7 +101,8 @@ BASE_POINT, FINETUNED_POINT = ("wise_ft", 0.0), ("wise_ft", 1.0)
 def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
                 keys: Callable[[str], bool] | None, cache: ResultCache, device: str | torch.device = "cpu",
                 base_fingerprint: str | None = None, paths: dict | None = None,
-                points: Sequence[tuple[str, float]] | None = None) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
+                points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False
+                ) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
     """Predictions of every point ``(path, α)`` on one split (by default WiSE-FT's θ(α) for every α, path
     ``wise_ft``); the base (``("wise_ft", 0.0)``) comes from the cache when it is there.
 
@@ -129,12 +123,14 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     info: dict[str, Any] = {"base_from_cache": bool(from_cache)}
     if todo:
         scorer = InterpolationScorer(backbone, base, finetuned, keys=keys, progress=False, paths=paths, points=todo,
+                                     texts_fixed=texts_fixed,
                                      progress_label=f"forgetting study, {dm.split} split: {len(todo)} models")
         t = time.perf_counter()
         scorer.sweep(dm, device)
         info.update({"seconds": round(time.perf_counter() - t, 3), "timings": scorer.timings,
                      "images": len(dm.images()), "models": len(todo), "decoded_images": scorer.decoded,
-                     "ranks": len(scorer.decoded_per_rank), "decoded_per_rank": scorer.decoded_per_rank, "skipped": {
+                     "ranks": len(scorer.decoded_per_rank), "decoded_per_rank": scorer.decoded_per_rank,
+                     "text_encodings": scorer.text_encodings, "skipped": {
                          k: v for k, v in scorer.skipped.items() if k != "problems"}})
         out.update(scorer.predictions_by_point)
         if "wise_ft" in scorer.paths:
@@ -166,30 +162,6 @@ def _aligned(base: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, np.
     return b.reset_index(), o["correct"].to_numpy(dtype=float)
 
 
-def _binary(x: np.ndarray) -> bool:
-    return bool(np.all((x == 0) | (x == 1)))
-
-
-def accuracy_estimate(correct: np.ndarray, n_resamples: int, seed: int = 0, confidence: float = 0.95) -> dict:
-    """Accuracy with its bootstrap CI: exact binomial resampling for 0/1 correctness, the multinomial-levels
-    bootstrap for seed means."""
-    if _binary(correct):
-        return bootstrap_accuracy(correct.astype(bool), n_resamples, confidence, seed=seed).to_dict()
-    return bootstrap_mean(correct, n_resamples, confidence, seed=seed).to_dict()
-
-
-def delta_estimate(base_correct: np.ndarray, correct: np.ndarray, n_resamples: int, seed: int = 0,
-                   confidence: float = 0.95) -> dict:
-    """Δ = acc − base acc on the same items with a paired bootstrap CI (``significant``: the CI excludes 0)."""
-    if _binary(correct):
-        d = paired_bootstrap_delta(base_correct.astype(bool), correct.astype(bool), n_resamples, confidence,
-                                   seed=seed).to_dict()
-    else:
-        d = bootstrap_mean(correct - base_correct, n_resamples, confidence, seed=seed).to_dict()
-    d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
-    return d
-
-
 def _with_interval(e: Estimate, significant: bool = False) -> dict:
     d = dict(e.to_dict(), interval=CLUSTERED)
     if significant:
@@ -201,12 +173,13 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
                     seed: int = 0, confidence: float = 0.95, headline: bool = True,
                     resampler: ClusterBootstrap | None = None) -> dict:
     """Accuracy and paired Δ vs base of one model on target/supported/all, coarse/fine, per dataset (its
-    ``correct`` 0/1, or a mean over seeds); ``headline`` adds the official headline table (0/1 only).
+    ``correct`` 0/1, or a mean over seeds), every interval image-clustered (``interval`` names it); ``headline``
+    adds the official headline table (0/1 only; its official intervals).
 
-    With ``resampler`` (a :class:`ClusterBootstrap` over the base's caption items, in their order) every interval
-    is image-clustered (``interval`` names it) and paired across all models summarised with it; without, the
-    items are resampled i.i.d. (basic bootstrap)."""
+    ``resampler``: the split's shared :class:`ClusterBootstrap` over the base's caption items, in their order, so
+    that the intervals of every model summarised with it are paired (default: one built for this call)."""
     b, correct = _aligned(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
+    resampler = resampler or caption_resampler(base, n_resamples, confidence, seed)
     base_correct = b["correct"].to_numpy(dtype=float)
     grain = _grain(b["question_type"])
     is_target = b["dataset"].astype(str).isin(targets).to_numpy()
@@ -215,31 +188,17 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
              for gname, gmask in groups.items() for g in ("coarse", "fine", "all")}
     ds = b["dataset"].astype(str).to_numpy()
     ds_masks = {f"{name}/{g}": (ds == name) & (grain == g) for name in sorted(set(ds)) for g in ("coarse", "fine")}
-    ds_masks = {k: m for k, m in ds_masks.items() if m.any()}
-    if resampler is not None:
-        acc = resampler.estimates(correct, masks)
-        delta = resampler.estimates(correct - base_correct, {**masks, **ds_masks})
-    out: dict[str, Any] = {}
-    for key, m in masks.items():
-        if not m.any():
-            continue
-        if resampler is None:
-            out[key] = {"acc": accuracy_estimate(correct[m], n_resamples, seed, confidence),
-                        "delta": delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)}
-        else:
-            out[key] = {"acc": _with_interval(acc[key]), "delta": _with_interval(delta[key], significant=True)}
-    per_ds = {}
-    for key, m in ds_masks.items():
-        if resampler is None:
-            d = delta_estimate(base_correct[m], correct[m], n_resamples, seed, confidence)
-            d.pop("significant")
-        else:
-            d = _with_interval(delta[key])
-        per_ds[key] = {"acc": float(correct[m].mean()), "base_acc": float(base_correct[m].mean()),
-                       "delta": d, "n": int(m.sum()), "target": key.rsplit("/", 1)[0] in targets}
-    out["datasets"] = per_ds
-    if headline and _binary(correct):
-        out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed))
+    acc = resampler.estimates(correct, masks)
+    delta = resampler.estimates(correct - base_correct, {**masks, **ds_masks})
+    out: dict[str, Any] = {key: {"acc": _with_interval(acc[key]), "delta": _with_interval(delta[key], significant=True)}
+                           for key in masks if key in acc}
+    out["datasets"] = {key: {"acc": float(correct[m].mean()), "base_acc": float(base_correct[m].mean()),
+                             "delta": _with_interval(delta[key]), "n": int(m.sum()),
+                             "target": key.rsplit("/", 1)[0] in targets}
+                       for key, m in ds_masks.items() if key in delta}
+    if headline and np.all((correct == 0) | (correct == 1)):  # the official Table-1 numbers, official intervals
+        out["headline"] = headline_table(closed_vqa_metrics(preds, n_resamples=n_resamples, seed=seed,
+                                                            clustered=False))
     return out
 
 
@@ -254,9 +213,8 @@ AXES = ("domain", "subdomain", "modality", "submodality", "stain", "institution"
 
 
 def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.DataFrame, targets: set[str],
-                n_resamples: int = 9999, seed: int = 0, confidence: float = 0.95,
-                resampler: ClusterBootstrap | None = None) -> dict:
-    """Δ vs base (paired CI; image-clustered with ``resampler``) of each model on the *supported* caption items, by
+                resampler: ClusterBootstrap) -> dict:
+    """Δ vs base (paired, image-clustered CI from the split's ``resampler``) of each model on the *supported* caption items, by
     every metadata axis of μ-Bench present in ``rows`` (one row per data row: ``row_idx`` and the axis columns):
     ``{axis: {value: {n, base_acc, <model>: {acc, delta}}}}``."""
     cap = base[base["source"] == "captions"]
@@ -270,14 +228,12 @@ def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.Da
             continue
         values = meta[axis].reindex(cap["row_idx"].to_numpy()).astype("string").fillna("(none)").to_numpy()
         masks = {v: supported & (values == v) for v in sorted(set(values[supported]))}
-        deltas = {name: resampler.estimates(c - b, masks) for name, c in aligned.items()} if resampler else {}
+        deltas = {name: resampler.estimates(c - b, masks) for name, c in aligned.items()}
         table = {}
         for v, m in masks.items():
             entry = {"n": int(m.sum()), "base_acc": float(b[m].mean())}
             for name, c in aligned.items():
-                d = (_with_interval(deltas[name][v], significant=True) if resampler is not None
-                     else delta_estimate(b[m], c[m], n_resamples, seed, confidence))
-                entry[name] = {"acc": float(c[m].mean()), "delta": d}
+                entry[name] = {"acc": float(c[m].mean()), "delta": _with_interval(deltas[name][v], significant=True)}
             table[v] = entry
         out[axis] = table
     return out
@@ -419,6 +375,23 @@ def tower_keys(backbone: Backbone, towers: str) -> Callable[[str], bool] | None:
     return keys.__contains__
 
 
+def check_study_model(spec: StudySpec, backbone: Backbone, localization: bool = False
+                      ) -> Callable[[str], bool] | None:
+    """What a study needs of the model, checked before any work (in a fit: before fitting): the tower selection
+    (:func:`tower_keys`, returned), residual blocks for LiNeS, WiSE-FT only for a localization head; one line each."""
+    from microbench.errors import UserError
+
+    if localization and list(spec.methods) != ["wise_ft"]:
+        raise UserError(f"study.methods={list(spec.methods)}: a localization head's study sweeps WiSE-FT only; use "
+                        "study=wise_ft")
+    keys = tower_keys(backbone, spec.towers)
+    if "lines" in spec.methods and not any(keys is None or keys(k) for k in backbone.residual_block_depths()):
+        raise UserError(f"lines: no residual blocks found in the {'image tower' if keys else 'weights'} of "
+                        f"{backbone.name!r} (keys like '...resblocks.<i>.', '...layers.<i>.', '...blocks.<i>.'): LiNeS "
+                        "needs a layered model; drop it from study.methods")
+    return keys
+
+
 def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -> tuple[dict, dict, list]:
     """The paths of every method, their points and which study name each point answers for."""
     from microbench.studies.methods import MergeInputs, method_paths
@@ -519,13 +492,8 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     alphas = sorted(set(study_alphas(spec.alphas, extrapolate=True)) | {0.0, 1.0})  # numbers (callers check the range)
-    if localization is not None and list(spec.methods) != ["wise_ft"]:
-        from microbench.errors import UserError
-
-        raise UserError(f"study.methods={list(spec.methods)}: a localization head's study sweeps WiSE-FT only; use "
-                        "study=wise_ft")
+    keys = check_study_model(spec, backbone, localization is not None)
     towers, n_resamples, conf, seed = spec.towers, int(spec.n_resamples), float(spec.confidence), int(spec.seed)
-    keys = tower_keys(backbone, towers)
     backbone.load_state_dict(base_state)
     base_fp = backbone.fingerprint(refresh=True)
     paths, plan, points = _sweep_plan(backbone, base_state, ft_state, spec, keys, alphas)
@@ -554,7 +522,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
     for split in ("val", "test"):
         dm = make_dm(split)
         preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp,
-                                  paths=paths, points=points)
+                                  paths=paths, points=points, texts_fixed=towers == "image")
         if distributed.rank() != 0:
             continue
         base = preds[BASE_POINT]
@@ -635,7 +603,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             m["selection"] = select_alpha(val, spec.keep_target_gain, target=target_key, finetuned=ft_val)
         m["chosen_test"] = m["splits"]["test"][alpha_name(m["selection"]["alpha"])]
         if localization is None:  # what the chosen point won back from the fine-tune, paired on the same items
-            m["vs_finetuned"] = _vs_finetuned(test_preds, plan[name], m["selection"]["alpha"], targets, spec,
+            m["vs_finetuned"] = _vs_finetuned(test_preds, plan[name], m["selection"]["alpha"], targets,
                                               test_resampler)
     study["selection"] = study["methods"][primary]["selection"]
     study["chosen_test"] = study["methods"][primary]["chosen_test"]
@@ -646,7 +614,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             a = study["methods"][name]["selection"]["alpha"]
             chosen[f"{name} α={a:.2f}"] = _chosen_frame(test_preds, plan[name], a)
         study["axes"] = axis_deltas(test_preds[BASE_POINT], {"finetuned": test_preds[FINETUNED_POINT], **chosen},
-                                    test_rows, targets, n_resamples, seed, conf, test_resampler)
+                                    test_rows, targets, test_resampler)
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
     return study
@@ -657,10 +625,10 @@ def _chosen_frame(preds: dict, plan_entry: dict, alpha: float) -> pd.DataFrame:
     return plan_entry["mean_preds"]["test"][alpha] if len(entries) > 1 else preds[entries[0]["points"][alpha]]
 
 
-def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str], spec: StudySpec,
-                  resampler: ClusterBootstrap | None = None) -> dict:
-    """Δ of a method's chosen test model vs the fine-tune (paired CIs) on the target's fine questions and on the
-    supported datasets: the gain given up and the loss won back."""
+def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str],
+                  resampler: ClusterBootstrap) -> dict:
+    """Δ of a method's chosen test model vs the fine-tune (paired, image-clustered CIs) on the target's fine
+    questions and on the supported datasets: the gain given up and the loss won back."""
     base = preds[BASE_POINT]
     cap = base[base["source"] == "captions"]
     ft_correct = _aligned(cap, preds[FINETUNED_POINT])[1]
@@ -668,11 +636,7 @@ def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str]
     is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
     fine = _grain(cap["question_type"]) == "fine"
     masks = {"target/fine": is_target & fine, "supported/all": ~is_target}
-    if resampler is not None:
-        return {k: _with_interval(e, significant=True) for k, e in resampler.estimates(chosen - ft_correct,
-                                                                                         masks).items()}
-    return {k: delta_estimate(ft_correct[m], chosen[m], int(spec.n_resamples), int(spec.seed), float(spec.confidence))
-            for k, m in masks.items() if m.any()}
+    return {k: _with_interval(e, significant=True) for k, e in resampler.estimates(chosen - ft_correct, masks).items()}
 
 
 def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudySpec, alphas) -> dict:

@@ -64,19 +64,21 @@ class MergeMethod:
     paths: Callable[..., list[MergePath]]
     defaults: dict
     summary: str
+    check: Callable[..., None] | None = None  # (**options) -> None, raising UserError: before any work is done
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, summary: str) -> Callable:
+def merge_method(name: str, summary: str, check: Callable[..., None] | None = None) -> Callable:
     """Register ``fn(inputs: MergeInputs, **options) -> list[MergePath]`` as the study method ``name``; its keyword
-    defaults are the method's options (``study.options.<name>`` in the config)."""
+    defaults are the method's options (``study.options.<name>`` in the config). ``check(**options)`` refuses bad
+    option values in one line when the study is configured (before a fit, not after it)."""
 
     def register(fn: Callable) -> Callable:
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                     if p.default is not inspect.Parameter.empty}
-        METHODS[name] = MergeMethod(name, fn, defaults, summary)
+        METHODS[name] = MergeMethod(name, fn, defaults, summary, check)
         return fn
 
     return register
@@ -103,6 +105,9 @@ def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = 
         if unknown:
             raise UserError(f"study.options.{n}.{unknown[0]} is not an option of {n}; its options: "
                             f"{', '.join(METHODS[n].defaults) or 'none'}")
+    for n in names:
+        if METHODS[n].check is not None:
+            METHODS[n].check(**{**METHODS[n].defaults, **dict((options or {}).get(n) or {})})
     return names
 
 
@@ -128,25 +133,52 @@ def _lines(inputs: MergeInputs) -> list[MergePath]:
     return [MergePath("lines", "lines", start, inputs.finetuned, starts_at_base=False, ends_at_finetuned=True)]
 
 
-@merge_method("ties_trim", "TIES trim: the top-k share of the task vector's magnitudes, × α (Yadav et al., 2023)")
+def _check_ties(density: float = 0.2, per_tensor: bool = False) -> None:
+    if not isinstance(density, int | float) or not 0 < float(density) <= 1:
+        raise UserError(f"study.options.ties_trim.density must be a share in (0, 1] of the task vector kept, got "
+                        f"{density!r}")
+
+
+def _check_dare(p: float = 0.5, seeds: Sequence[int] = (0, 1, 2)) -> None:
+    if not isinstance(p, int | float) or not 0 <= float(p) < 1:
+        raise UserError(f"study.options.dare.p must be a drop probability in [0, 1), got {p!r}")
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise UserError(f"study.options.dare.seeds must be one or more integer seeds, e.g. [0,1,2]; got {seeds!r}")
+
+
+def _check_model_stock(finetuned: Sequence[str] = ()) -> None:
+    from pathlib import Path
+
+    files = [finetuned] if isinstance(finetuned, str) else list(finetuned or [])
+    if not files:
+        raise UserError("model_stock needs a second fine-tune of the same base (e.g. another seed): pass "
+                        "'study.options.model_stock.finetuned=[<its .ckpt>]'")
+    missing = [f for f in files if not Path(str(f)).is_file()]
+    if missing:
+        raise UserError(f"study.options.model_stock.finetuned: {missing[0]} is not a file: pass the .ckpt of another "
+                        "fine-tune of the same base")
+
+
+@merge_method("ties_trim", "TIES trim: the top-k share of the task vector's magnitudes, × α (Yadav et al., 2023)",
+              check=_check_ties)
 def _ties_trim(inputs: MergeInputs, density: float = 0.2, per_tensor: bool = False) -> list[MergePath]:
     end = ties_merge(inputs.base, [inputs.finetuned], density=float(density), keys=inputs.keys,
                      per_tensor=bool(per_tensor))
     return [MergePath("ties_trim", "ties_trim", inputs.base, end)]
 
 
-@merge_method("dare", "DARE: drop delta entries with probability p, rescale by 1/(1 − p), × α (Yu et al., 2024)")
+@merge_method("dare", "DARE: drop delta entries with probability p, rescale by 1/(1 − p), × α (Yu et al., 2024)",
+              check=_check_dare)
 def _dare(inputs: MergeInputs, p: float = 0.5, seeds: Sequence[int] = (0, 1, 2)) -> list[MergePath]:
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
-    if not seeds:
-        raise UserError("study.options.dare.seeds=[] draws no mask: give one or more seeds, e.g. [0,1,2]")
     vector = task_vector(inputs.base, inputs.finetuned, inputs.keys)
     return [MergePath("dare", f"dare[seed={s}]", inputs.base, add_vector(inputs.base, dare(vector, float(p), s)),
                       seed=s) for s in seeds]
 
 
 @merge_method("model_stock", "Model Stock: t·mean(θ_ft) + (1 − t)·θ_base per tensor, t from the angle between two "
-              "fine-tunes' task vectors (Jang et al., 2024), × α")
+              "fine-tunes' task vectors (Jang et al., 2024), × α", check=_check_model_stock)
 def _model_stock(inputs: MergeInputs, finetuned: Sequence[str] = ()) -> list[MergePath]:
     if not inputs.more_finetuned:
         raise UserError("model_stock needs a second fine-tune of the same base (e.g. another seed): pass "

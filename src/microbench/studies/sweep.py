@@ -92,14 +92,17 @@ class InterpolationScorer(ZeroShotScorer):
         alphas: interpolation weights (0 = base, 1 = fine-tuned) of the WiSE-FT line, when ``paths`` is None.
         keys: predicate selecting the interpolated tensors (e.g. the image tower); others stay at the base.
         paths: ``{name: (θ_start, θ_end)}``; with ``points``, the ``(name, α)`` scored (``predictions_by_point``).
+        texts_fixed: the selected keys leave the text tower as it is (``towers=image``): encode the texts once.
         on_done: ``(predictions_by_alpha, skipped, module)`` on global rank 0.
     """
 
     def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float] = (),
                  keys: Callable[[str], bool] | None = None, on_done: Callable | None = None,
                  progress_label: str | None = None, paths: dict[str, tuple[StateDict, StateDict]] | None = None,
-                 points: Sequence[tuple[str, float]] | None = None, **kwargs) -> None:
+                 points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
+        # only image-tower weights move (towers=image): the prompts are encoded once for every point, not per point
+        self.text_memo: dict | None = {} if texts_fixed else None
         self.progress_label = progress_label  # a bar over images x models (Lightning's own is off inside a fit)
         self._bar = None
         if paths is None:

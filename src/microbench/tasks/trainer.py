@@ -169,14 +169,16 @@ def forgetting_callback(cfg: DictConfig, backbone, out_dir: Path, **extra) -> Fo
     copy ``cfg.data`` reads, with the ``study`` group's settings (:func:`microbench.tasks.study.study_spec`);
     ``extra`` (a localization fit's targets and head sweep) goes to
     :class:`~microbench.studies.callback.ForgettingCallback`."""
+    from microbench.studies.forgetting import check_study_model
     from microbench.tasks.study import study_spec
 
     fg = cfg.get("forgetting") or {}
     if not fg.get("enabled"):
         return None
+    spec = study_spec(cfg)
+    check_study_model(spec, backbone, extra.get("localization") is not None)  # before the fit, not after it
     return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
-                              Path(out_dir) / "forgetting", study_spec(cfg), make_base=partial(build_model, cfg.model),
-                              **extra)
+                              Path(out_dir) / "forgetting", spec, make_base=partial(build_model, cfg.model), **extra)
 
 
 def forgetting_summary(study: dict, out_dir: Path) -> tuple[dict, str]:
