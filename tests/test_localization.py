@@ -54,6 +54,65 @@ def test_grit_metric_groups_macro_and_pooled():
 
 # --- COCO -------------------------------------------------------------------------------------------------------
 
+def _random_world(n_images: int, seed: int = 0):
+    """Images of 1-7 boxes of two classes and noisy, partly mislabelled predictions."""
+    rng = np.random.default_rng(seed)
+    images, preds = [], {}
+    for i in range(n_images):
+        k = int(rng.integers(1, 8))
+        xy, wh = rng.uniform(0, 800, (k, 2)), rng.uniform(20, 150, (k, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        classes = [str(c) for c in rng.choice(["cell", "nucleus"], k)]
+        images.append(LocImage(row=i, image_id=f"im{i}", dataset="d" if i % 3 else "e", split="test", width=1000,
+                               height=1000, classes=classes, boxes=boxes, polygons=None))
+        labels = np.array([1 if c == "cell" else 2 for c in classes])
+        flip = rng.uniform(size=k) < 0.2
+        labels[flip] = 3 - labels[flip]
+        preds[i] = {"boxes": boxes + rng.normal(0, 10, boxes.shape), "scores": rng.uniform(0.3, 1, k),
+                    "labels": labels}
+    return images, preds
+
+
+def test_coco_image_bootstrap_scores_each_resample_as_the_duplicated_dataset():
+    """The fast image bootstrap of COCO AP (one evaluate, accumulate per resample) equals pycocotools run on a
+    dataset made of the resampled images, duplicates included; its interval holds the AP and widens as images go."""
+    from microbench.metrics.coco import evaluated, image_bootstrap, resampled_ap, summarize
+    from microbench.metrics.localization import coco_detections
+
+    images, preds = _random_world(60)
+    classes = ["cell", "nucleus"]
+    ev = evaluated(coco_ground_truth(images, classes), coco_detections(preds, len(images), False))
+    picks = np.random.default_rng(1).integers(0, len(images), (3, len(images)))
+    fast = resampled_ap(ev, picks)
+    for r, pick in enumerate(picks):
+        im2, pr2 = [images[j] for j in pick], {i: preds[j] for i, j in enumerate(pick)}
+        direct = summarize(evaluated(coco_ground_truth(im2, classes), coco_detections(pr2, len(im2), False)))
+        for name in ("AP", "AP50", "AP75"):
+            assert fast[name][r] == pytest.approx(direct[name], abs=1e-12)
+    point = summarize(ev)
+    wide = image_bootstrap(ev, 200)
+    assert all(0 <= wide[k]["low"] <= point[k] <= wide[k]["high"] <= 1 for k in wide)
+    ev_small = evaluated(coco_ground_truth(images[:15], classes), coco_detections(preds, 15, False))
+    small = image_bootstrap(ev_small, 200)
+    assert small["AP50"]["high"] - small["AP50"]["low"] > wide["AP50"]["high"] - wide["AP50"]["low"]
+
+
+def test_grit_intervals_are_image_clustered_and_macro_is_the_mean_of_groups():
+    from microbench.metrics.bootstrap import clustered_bootstrap
+    from microbench.metrics.localization import grit_intervals, grit_metrics, grit_table
+
+    images, preds = _random_world(80, seed=2)
+    table = grit_table(images, ["cell", "nucleus"], preds)
+    boot = {"n_resamples": 999, "confidence": 0.95, "seed": 0}
+    iv = grit_intervals(table, boot)
+    pooled = clustered_bootstrap(table["grit"].to_numpy(), table["index"].astype(str).to_numpy(), 999, 0.95, 0)
+    assert (iv["grit/pooled"]["low"], iv["grit/pooled"]["high"]) == pytest.approx((pooled.low, pooled.high))
+    values = grit_metrics(table)
+    for key in ("grit/macro", "grit/pooled", "grit/d/cell", "grit/e/nucleus"):
+        assert 0 <= iv[key]["low"] <= values[key] <= iv[key]["high"] <= 1
+    # two questions per image (two classes) agree with each other: clustering them matters
+    assert iv["grit/pooled"]["high"] - iv["grit/pooled"]["low"] > 0
+
 def _image(boxes, classes=None, size=1000, polygons=None):
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     return LocImage(row=0, image_id="img", dataset="d", split="test", width=size, height=size,
@@ -281,6 +340,10 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
     for name in ("predictions.parquet", "detections.json", "ground_truth_coco.json", "results.md"):
         assert (tmp_path / "train" / name).exists()
     assert "GRIT per dataset and class" in (tmp_path / "train" / "results.md").read_text()
+    for key in ("loc/bbox/AP", "loc/bbox/AP50", "loc/grit/macro", "loc/grit/pooled"):  # image-clustered intervals
+        c, v = rec["metrics"][key]["clustered"], rec["metrics"][key]["value"]
+        assert 0 <= c["low"] <= v <= c["high"] <= 1 and c["interval"] == "image-clustered percentile bootstrap"
+    assert "image-clustered 95 %" in (tmp_path / "train" / "results.md").read_text()
 
     # python src/eval.py task=localization checkpoint=... reproduces the test numbers from the checkpoint alone
     best = metrics["best_checkpoint"]

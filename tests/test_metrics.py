@@ -206,3 +206,27 @@ def test_every_metric_carries_an_image_clustered_interval_beside_the_official_on
     agree = p.assign(correct=p["image_id"].map(lambda s: int(s.rsplit("-", 1)[1]) % 2 == 0))
     m = closed_vqa_metrics(agree, n_resamples=1999)["captions/all/all"]
     assert m["clustered"]["high"] - m["clustered"]["low"] > 1.5 * (m["high"] - m["low"])
+
+
+def test_cognition_metrics_carry_the_image_clustered_interval_wider_when_questions_share_images():
+    """Cognition keeps its official (basic) interval and gets the clustered one beside it; questions asked k times
+    of one image (all answered alike) leave it that of the images, √k wider than the i.i.d. one, which shrinks."""
+    from microbench.metrics.cognition import cognition_metrics
+
+    rng = np.random.default_rng(0)
+    n_img = 200
+    right = rng.uniform(size=n_img) < 0.6
+    boot = {"n_resamples": 1999, "confidence": 0.95, "seed": 0}
+    widths = {}
+    for k in (1, 4):
+        items = pd.DataFrame({"row_idx": np.arange(n_img * k), "image_id": np.repeat([f"im{i}" for i in range(n_img)], k),
+                              "subdomain": "s", "modality": "m", "domain": "d", "scale": "x"})
+        preds = pd.DataFrame({"row_idx": items["row_idx"], "dataset": "ds", "correct": np.repeat(right, k)})
+        m = cognition_metrics(preds, items, boot)
+        e = m["cognition/all"]
+        assert e["value"] == pytest.approx(right.mean()) and 0 <= e["clustered"]["low"] <= e["value"] <= e[
+            "clustered"]["high"] <= 1
+        assert m["cognition/dataset/ds"]["clustered"] == e["clustered"]
+        widths[k] = (e["clustered"]["high"] - e["clustered"]["low"], e["high"] - e["low"])
+    assert widths[4][0] == pytest.approx(widths[1][0], rel=0.15)  # the same 200 independent images ...
+    assert widths[4][1] == pytest.approx(widths[1][1] / 2, rel=0.15)  # ... which the i.i.d. interval counts as 800

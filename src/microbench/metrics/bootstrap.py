@@ -168,12 +168,14 @@ class ClusterBootstrap:
             rng = np.random.default_rng([self.seed, i])
             yield rng.multinomial(self.k, np.full(self.k, 1.0 / self.k), size=size).astype(np.float32)
 
-    def estimates(self, values: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Estimate]:
-        """The mean of ``values`` on each masked slice of the items, with its clustered percentile interval."""
+    def resampled(self, values: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray,
+                                                                                  np.ndarray, np.ndarray]:
+        """The slices that have items, their values (Σ values / Σ items), their item counts and their resampled
+        statistics ``[n_resamples, slices]`` (NaN where a resample drew none of a slice's images)."""
         values = np.asarray(values, dtype=float)
         names = [m for m in masks if np.asarray(masks[m]).any()]
         if not names:
-            return {}
+            return [], np.zeros(0), np.zeros(0, int), np.zeros((self.n_resamples, 0))
         sums = np.stack([np.bincount(self.codes[masks[m]], weights=values[masks[m]], minlength=self.k)
                          for m in names], axis=1)
         counts = np.stack([np.bincount(self.codes[masks[m]], minlength=self.k) for m in names], axis=1)
@@ -183,13 +185,30 @@ class ClusterBootstrap:
             dens.append(w @ counts.astype(np.float64))
         num, den = np.concatenate(nums), np.concatenate(dens)
         with np.errstate(invalid="ignore", divide="ignore"):
-            resampled = num / den
+            resampled = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+        return names, sums.sum(0) / counts.sum(0), counts.sum(0), resampled
+
+    def percentile_interval(self, value: float, resampled: np.ndarray, n: int) -> Estimate:
+        """The percentile interval of one statistic from its resampled values (NaNs left out), widened to hold
+        the value itself."""
         alpha = (1 - self.confidence) / 2
-        out = {}
-        for j, m in enumerate(names):
-            value = float(sums[:, j].sum() / counts[:, j].sum())
-            r = resampled[:, j][den[:, j] > 0]
-            lo, hi = np.percentile(r, [100 * alpha, 100 * (1 - alpha)]) if r.size else (np.nan, np.nan)
-            lo, hi = min(float(lo), value), max(float(hi), value)
-            out[m] = Estimate(value, lo, hi, float(abs(hi - value)), int(counts[:, j].sum()))
-        return out
+        r = resampled[~np.isnan(resampled)]
+        lo, hi = np.percentile(r, [100 * alpha, 100 * (1 - alpha)]) if r.size else (np.nan, np.nan)
+        lo, hi = min(float(lo), value), max(float(hi), value)
+        return Estimate(float(value), lo, hi, float(abs(hi - value)), int(n))
+
+    def estimates(self, values: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Estimate]:
+        """The mean of ``values`` on each masked slice of the items, with its clustered percentile interval."""
+        names, point, n, resampled = self.resampled(values, masks)
+        return {m: self.percentile_interval(float(point[j]), resampled[:, j], int(n[j]))
+                for j, m in enumerate(names)}
+
+def attach_clustered(out: dict[str, dict], values: np.ndarray, masks: dict[str, np.ndarray], clusters: np.ndarray,
+                     n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """Add ``clustered: {low, high, ci, interval}`` (the image-clustered percentile interval, one
+    :class:`ClusterBootstrap` shared by every slice) beside the interval each entry ``out[name]`` already has, for
+    every slice ``masks[name]`` of the items; returns ``out``."""
+    boot = ClusterBootstrap(clusters, n_resamples, confidence, seed)
+    for name, est in boot.estimates(np.asarray(values, dtype=float), masks).items():
+        out[name]["clustered"] = {"low": est.low, "high": est.high, "ci": est.ci, "interval": CLUSTERED}
+    return out

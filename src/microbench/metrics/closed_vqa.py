@@ -28,11 +28,10 @@ import pandas as pd
 
 from microbench.data import schema
 from microbench.metrics.bootstrap import (
-    CLUSTERED,
     CONFIDENCE,
     N_RESAMPLES,
-    ClusterBootstrap,
     Estimate,
+    attach_clustered,
     bootstrap_accuracy,
     bootstrap_macro,
 )
@@ -119,9 +118,8 @@ def closed_vqa_metrics(preds: pd.DataFrame, n_resamples: int = N_RESAMPLES, conf
             for grain in ("coarse", "fine"):
                 put(f"{source}/all_variants/dataset/{name}/{grain}", (ds == name) & (grains == grain))
         if clustered and "image_id" in p.columns and masks:
-            boot = ClusterBootstrap(p["image_id"].astype(str).to_numpy(), n_resamples, confidence, seed)
-            for name, est in boot.estimates(correct.astype(float), masks).items():
-                out[name]["clustered"] = {"low": est.low, "high": est.high, "ci": est.ci, "interval": CLUSTERED}
+            attach_clustered(out, correct, masks, p["image_id"].astype(str).to_numpy(), n_resamples, confidence,
+                             seed)
     return out
 
 

@@ -97,3 +97,48 @@ def score_localization(images: Sequence[LocImage], class_names: Sequence[str], p
               "grit_score_threshold": float(grit_score_threshold),
               "max_ground_truth_per_image": int(max((im.n for im in images), default=0))}
     return {"metrics": metrics, "per_image": table, "counts": counts}
+
+
+#: COCO AP's image bootstrap re-accumulates per resample (about 5 ms for 200 images): at most this many resamples
+AP_RESAMPLES = 1000
+
+
+def grit_intervals(table: pd.DataFrame, boot: dict) -> dict[str, dict]:
+    """Image-clustered percentile intervals of the GRIT numbers of a per-(image, class) table: ``grit/pooled``,
+    every ``grit/<dataset>/<class>`` and ``grit/macro`` (the mean of the group means, groups absent from a
+    resample left out), the images resampled with all their questions."""
+    from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap
+
+    if not len(table):
+        return {}
+    cluster = table["index"] if "index" in table else table["image_id"]
+    bs = ClusterBootstrap(cluster.astype(str).to_numpy(), int(boot["n_resamples"]), float(boot["confidence"]),
+                          int(boot["seed"]))
+    groups = (table["dataset"].astype(str) + "/" + table["class"].astype(str)).to_numpy()
+    masks = {f"grit/{g}": groups == g for g in sorted(set(groups))}
+    names, point, n, resampled = bs.resampled(table["grit"].to_numpy(dtype=float), {
+        "grit/pooled": np.ones(len(table), dtype=bool), **masks})
+    out = {m: bs.percentile_interval(float(point[j]), resampled[:, j], int(n[j])) for j, m in enumerate(names)}
+    group_cols = [j for j, m in enumerate(names) if m != "grit/pooled"]
+    with np.errstate(all="ignore"):
+        macro = np.nanmean(resampled[:, group_cols], axis=1)
+    out["grit/macro"] = bs.percentile_interval(float(point[group_cols].mean()), macro, len(table))
+    return {k: {"low": e.low, "high": e.high, "ci": e.ci, "interval": CLUSTERED} for k, e in out.items()}
+
+
+def localization_intervals(ground_truth: dict, detections: list[dict] | None, per_image: pd.DataFrame,
+                           iou_types, max_dets: int, boot: dict) -> dict[str, dict]:
+    """The image-clustered interval of every localization headline (names without ``loc/``): COCO AP, AP50 and AP75
+    of each IoU type (:func:`~microbench.metrics.coco.image_bootstrap`, at most :data:`AP_RESAMPLES` resamples) and
+    the GRIT numbers (:func:`grit_intervals`)."""
+    from microbench.metrics.coco import coco_evaluate
+
+    out = grit_intervals(per_image, boot)
+    n_ap = min(int(boot["n_resamples"]), AP_RESAMPLES)
+    for iou_type in iou_types if detections is not None else ():
+        dets = detections if iou_type == "segm" else [{k: v for k, v in d.items() if k != "segmentation"}
+                                                      for d in detections]
+        res = coco_evaluate(ground_truth, dets, iou_type, max_dets, per_class=False, bootstrap={
+            "n_resamples": n_ap, "confidence": float(boot["confidence"]), "seed": int(boot["seed"])})
+        out.update({f"{iou_type}/{k}": v for k, v in res["intervals"].items()})
+    return out

@@ -19,6 +19,12 @@ def pct(m: dict | None) -> str:
     return f"{100 * m['value']:.2f} ± {100 * ci:.2f}"
 
 
+def clustered_cell(m: dict | None) -> str:
+    """``[45.10, 50.02]``: the image-clustered 95 % interval of a metric entry in %, or an em dash."""
+    c = (m or {}).get("clustered")
+    return "—" if not c or c.get("low") is None else f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}]"
+
+
 def fmt_value(entry: dict | None) -> str:
     """``47.57`` (percent, no CI) or an em dash."""
     return "—" if not entry or entry.get("value") is None else f"{100 * entry['value']:.2f}"
@@ -144,7 +150,9 @@ def cognition_markdown(record: dict) -> str:
              f"`{record['data']['location']}` ({record['data']['kind']}, {n_q} questions{scored}), "
              f"prompt: {record['prompt']}. Accuracy % ± 95 % bootstrap half-width "
              f"({record['bootstrap']['n_resamples']} resamples).", "",
-             f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']})", ""]
+             f"**All questions: {pct(m['cognition/all'])}** (n = {m['cognition/all']['n']}; image-clustered 95 % "
+             f"{clustered_cell(m['cognition/all'])}: questions on one image resampled together, the interval to "
+             "compare models by)", ""]
     if "cognition_strict/all" in m:
         lines += ["Random model: the figure above uses the official rule (correct iff the gold answer is a substring "
                   "of `question + ' ' + drawn option`, so a question that names its answer is always right); "
@@ -154,8 +162,9 @@ def cognition_markdown(record: dict) -> str:
     for col in breakdowns:  # in the order metrics.cognition.BREAKDOWNS wrote them
         keys = [k for k in m if k.startswith(f"cognition/{col}/")]
         if keys:
-            lines += [f"## Per {col}", "", f"| {col} | accuracy | n |", "|---|---|---|"]
-            lines += [f"| {k.split('/', 2)[2]} | {pct(m[k])} | {m[k]['n']} |" for k in sorted(keys)]
+            lines += [f"## Per {col}", "", f"| {col} | accuracy | image-clustered 95 % | n |", "|---|---|---|---|"]
+            lines += [f"| {k.split('/', 2)[2]} | {pct(m[k])} | {clustered_cell(m[k])} | {m[k]['n']} |"
+                      for k in sorted(keys)]
             lines.append("")
     st = record.get("backend_stats") or {}
     if st.get("requests_sent") is not None:
@@ -188,21 +197,24 @@ def localization_markdown(record: dict, per_image) -> str:
              f"COCO metrics (pycocotools) at up to {record['counts']['max_dets']} detections per image; GRIT "
              f"localization score (official μ-Bench protocol) on detections with score ≥ "
              f"{record['counts']['grit_score_threshold']}, one question per (image, class present). All in %.", "",
-             "| metric | value |", "|---|---|"]
+             "Intervals: image-clustered 95 % percentile bootstrap (images resampled with all their objects and "
+             "questions; COCO AP re-accumulated per resample).", "",
+             "| metric | value | image-clustered 95 % |", "|---|---|---|"]
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/AR_max", "segm/AP", "segm/AP50", "segm/AP75",
                 "segm/AR_max", "grit/macro", "grit/pooled"):
         if f"loc/{key}" in m:
-            lines.append(f"| {key} | {fmt_value(m[f'loc/{key}'])} |")
+            lines.append(f"| {key} | {fmt_value(m[f'loc/{key}'])} | {clustered_cell(m[f'loc/{key}'])} |")
     classes = record["data"]["class_names"]
     lines += ["", "## Per class (AP)", "", "| class | bbox AP | segm AP |", "|---|---|---|"]
     for c in classes:
         lines.append(f"| {c} | {fmt_value(m.get(f'loc/bbox/per_class/{c}'))} | {fmt_value(m.get(f'loc/segm/per_class/{c}'))} |")
-    lines += ["", "## GRIT per dataset and class", "", "| dataset | class | GRIT | images | mean #pred | mean #gt |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## GRIT per dataset and class", "",
+              "| dataset | class | GRIT | image-clustered 95 % | images | mean #pred | mean #gt |",
+              "|---|---|---|---|---|---|---|"]
     if len(per_image):
         for (d, c), g in per_image.groupby(["dataset", "class"]):
-            lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {g['n_pred'].mean():.1f} | "
-                         f"{g['n_gt'].mean():.1f} |")
+            lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {clustered_cell(m.get(f'loc/grit/{d}/{c}'))} "
+                         f"| {len(g)} | {g['n_pred'].mean():.1f} | {g['n_gt'].mean():.1f} |")
     sk = record["skipped"]
     lines += ["", "## Not scored", "", f"- images that failed to decode: {len(sk.get('failed_images', []))}",
               *[f"- {k.replace('_', ' ')}: {v}" for k, v in sk.items() if k != "failed_images"], ""]

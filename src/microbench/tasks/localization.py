@@ -28,10 +28,11 @@ from microbench.data.config import (
     localization_dm_factory,
 )
 from microbench.errors import UserError
+from microbench.metrics.localization import grit_intervals
 from microbench.models.localization import LocalizationModule, detector_from_checkpoint
 from microbench.results.io import this_runs_record
 from microbench.results.record import RunRecord
-from microbench.results.report import fmt_value
+from microbench.results.report import clustered_cell, fmt_value
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.records import (
     LocalizationRecordWriter,
@@ -41,6 +42,7 @@ from microbench.tasks.records import (
     write_run,
 )
 from microbench.tasks.trainer import (
+    bootstrap_settings,
     build_model,
     close_loggers,
     container,
@@ -76,7 +78,7 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
                   "targets": dm.targets, "split": dm.split_spec.to_dict(),
                   "microbench_version": microbench.__version__,
                   "datasets": sorted({im.dataset for im in dm.images("all")})}
-    context = run_context(cfg, t0, out_dir)
+    context = run_context(cfg, t0, out_dir, bootstrap=bootstrap_settings(cfg))
     module = instantiate(cfg.module)(backbone=backbone, class_names=dm.class_names, record=fit_record,
                                      on_scored=LocalizationRecordWriter(context), seed=int(cfg.seed))
     ckpt_dir = Path(cfg.checkpoint_dir)  # resolved once (its ${now:...}), the callbacks' dirpath
@@ -167,7 +169,7 @@ def evaluate_head(cfg: DictConfig) -> tuple[RunRecord, dict]:
                                      targets=(hp.get("record") or {}).get("targets", "boxes"),
                                      classes=list(hp["class_names"]), strict_filters=False))
     dm.setup("test")
-    context = run_context(cfg, t0, out_dir, checkpoint=str(cfg.checkpoint))
+    context = run_context(cfg, t0, out_dir, checkpoint=str(cfg.checkpoint), bootstrap=bootstrap_settings(cfg))
     module.on_scored = LocalizationRecordWriter(context)
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.test(module, datamodule=dm, verbose=False)
@@ -215,19 +217,24 @@ def evaluate_generative(cfg: DictConfig) -> tuple[RunRecord, dict]:
         "response": [r.text for r in results], "error": [r.error for r in results]})
     table, grit = score_box_answers(answers, fmt)
     metrics = {f"loc/{k}": metric_entry(v, len(table)) for k, v in grit.items() if k != "unparsed_answers"}
+    boot = bootstrap_settings(cfg)
+    for name, interval in grit_intervals(table, boot).items():
+        if f"loc/{name}" in metrics:
+            metrics[f"loc/{name}"]["clustered"] = interval
     record = new_record(
         run_context(cfg, t0, out_dir), task="localization", model=backend.describe(),
         data={**dm.source.to_dict(), "targets": "boxes", "filters": dm.filters, "class_names": dm.class_names},
         split={"name": dm.split, **dm.split_spec.to_dict(), "images": len(images)},
         headline={"grit": metrics.get("loc/grit/macro")}, metrics=metrics, skipped=dict(dm.table.skipped),
-        head=f"generative ({fmt} boxes)",
+        head=f"generative ({fmt} boxes)", bootstrap=boot,
         counts={"images": len(images), "questions": len(table), "unparsed_answers": grit["unparsed_answers"],
                 "failed_requests": int(answers["error"].notna().sum())}, backend_stats=stats)
     lines = [f"# μ-Bench localization (generative, {fmt} boxes): {record.model['name']}", "",
              f"{len(images)} images, {len(table)} (image, class) questions, {grit['unparsed_answers']} answers without a "
              "parseable box (scored as no prediction). GRIT localization score in %.", "",
-             f"**GRIT macro: {fmt_value(metrics.get('loc/grit/macro'))}**, pooled "
-             f"{fmt_value(metrics.get('loc/grit/pooled'))}", "", "| dataset | class | GRIT | questions | unparsed |",
+             f"**GRIT macro: {fmt_value(metrics.get('loc/grit/macro'))}** (image-clustered 95 % "
+             f"{clustered_cell(metrics.get('loc/grit/macro'))}), pooled {fmt_value(metrics.get('loc/grit/pooled'))} "
+             f"({clustered_cell(metrics.get('loc/grit/pooled'))})", "", "| dataset | class | GRIT | questions | unparsed |",
              "|---|---|---|---|---|"]
     for (d, c), g in table.groupby(["dataset", "class"]):
         lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {int((~g['parsed']).sum())} |")

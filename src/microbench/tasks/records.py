@@ -27,6 +27,9 @@ from microbench.tasks.trainer import container
 
 log = logging.getLogger(__name__)
 
+#: the bootstrap of a record whose run gave none (configs/eval.yaml's defaults)
+DEFAULT_BOOTSTRAP = {"n_resamples": 9999, "confidence": 0.95, "seed": 0}
+
 
 def run_context(cfg: DictConfig, t0: float, out_dir: Path, **more) -> dict:
     """What a run's record needs from its config and its start (picklable: spawned workers write records)."""
@@ -153,7 +156,7 @@ def metric_entry(value: float | None, n: int) -> dict:
 def write_localization_run(result: dict, module, *, context: dict) -> RunRecord:
     """Write the record of one scored localization split (called on global rank 0)."""
     from microbench.data.localization import coco_ground_truth
-    from microbench.metrics.localization import coco_detections
+    from microbench.metrics.localization import coco_detections, localization_intervals
 
     out_dir = Path(context["output_dir"])
     dm = context.get("datamodule") or module.trainer.datamodule
@@ -161,6 +164,18 @@ def write_localization_run(result: dict, module, *, context: dict) -> RunRecord:
     per_image = result["per_image"]
     metrics = {f"loc/{k}": metric_entry(v, len(per_image) if k.startswith("grit/") else counts["images"])
                for k, v in m.items()}
+    images = dm.images(dm.split)
+    preds = module.last_predictions
+    segm = "loc/segm/AP" in metrics
+    side = {} if preds is None else {"detections.json": coco_detections(preds, len(images), segm)}
+    side["ground_truth_coco.json"] = coco_ground_truth(images, dm.class_names)
+    boot = context.get("bootstrap") or DEFAULT_BOOTSTRAP
+    t_boot = time.perf_counter()
+    for name, interval in localization_intervals(side["ground_truth_coco.json"], side.get("detections.json"),
+                                                 per_image, ("bbox", "segm") if segm else ("bbox",),
+                                                 counts["max_dets"], boot).items():
+        if f"loc/{name}" in metrics:
+            metrics[f"loc/{name}"]["clustered"] = interval
     record = new_record(
         context, task="localization",
         model={**module.backbone.describe(), "head_fingerprint": state_fingerprint(module.head_state_dict()),
@@ -170,12 +185,8 @@ def write_localization_run(result: dict, module, *, context: dict) -> RunRecord:
         split={"name": dm.split, **dm.split_spec.to_dict(), "images": counts["images"]},
         headline={k: metrics[f"loc/{v}"] for k, v in LOCALIZATION_HEADLINE.items() if f"loc/{v}" in metrics},
         metrics=metrics, skipped={"failed_images": result.get("failed_images", []), **dm.table.skipped},
-        timings=module.timings, head=module.hparams.head, counts=counts)
-    images = dm.images(dm.split)
-    preds = module.last_predictions
-    side = {} if preds is None else {"detections.json": coco_detections(
-        preds, len(images), module.hparams.head == "segmentation")}
-    side["ground_truth_coco.json"] = coco_ground_truth(images, dm.class_names)
+        timings={**module.timings, "intervals": round(time.perf_counter() - t_boot, 3)}, head=module.hparams.head,
+        counts=counts, bootstrap=boot)
     write_run(out_dir, record, tables={"predictions.parquet": per_image}, files=side,
               texts={"results.md": localization_markdown(record.to_dict(), per_image)})
     logger = getattr(module, "logger", None)
