@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import REPO, write_raw_hub_copy
+from microbench.errors import UserError
 from microbench.results.leaderboard import build_leaderboard
 from microbench.tasks.registry import evaluate
 
@@ -79,11 +81,84 @@ def test_leaderboard(tiny_run, tmp_path, cfg_eval):
     csv = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
     assert {"coarse", "coarse_ci", "coarse_n", "fine", "pathology_fine", "stain"} <= set(csv.columns)
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert md.count("\n| ") == 3 and "| model | kind |" in md  # header + 2 models
+    first_table = md.split("\n\n## ")[0]
+    assert first_table.count("\n| ") == 3 and "| model | kind |" in md  # header + 2 models
+    assert {"coarse_se", "coarse_low", "coarse_high", "coarse_top", "mean_rank"} <= set(csv.columns)
+    assert (tmp_path / "lb" / "leaderboard.png").stat().st_size > 0
     from microbench.errors import UserError
 
     with pytest.raises(UserError, match="no metrics.json"):
         build_leaderboard([tmp_path / "nothing"], tmp_path / "lb2")
+
+
+def test_leaderboard_pairs_models_on_the_same_questions_and_says_what_is_significant(tiny_run, tmp_path, cfg_eval):
+    """--baseline: paired image-clustered deltas equal to a direct computation on the merged predictions, Holm over
+    the models; the model against itself is exactly 0; a run of another copy is never paired (one line why); the
+    paper's Table 1 beside ours; significance groups and mean ranks."""
+    import shutil
+
+    from microbench.metrics.bootstrap import clustered_paired_delta
+    from microbench.metrics.closed_vqa import metric_masks
+
+    out, _, _ = tiny_run
+    evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'random'}", "model=random", "bootstrap.n_resamples=199"]))
+    other = tmp_path / "other_copy"  # the same model's run on "another copy": its fingerprint differs
+    shutil.copytree(out, other)
+    rec = json.loads((other / "metrics.json").read_text())
+    rec["model"]["name"], rec["data"]["fingerprint"] = "tiny-elsewhere", "another-copy"
+    (other / "metrics.json").write_text(json.dumps(rec))
+    boot = {"n_resamples": 999, "confidence": 0.95, "seed": 0}
+    frame = build_leaderboard([out, tmp_path / "random", other], tmp_path / "lb", baseline="random", paper=True,
+                              boot=boot).set_index("model")
+    a = pd.read_parquet(tmp_path / "random" / "predictions.parquet")
+    b = pd.read_parquet(out / "predictions.parquet")
+    merged = a.merge(b[["source", "row_idx", "key", "correct"]], on=["source", "row_idx", "key"], suffixes=("", "_m"))
+    merged = merged[merged["source"] == "captions"].reset_index(drop=True)
+    for col in ("coarse", "fine"):
+        mask = metric_masks(merged, "captions")[f"captions/official/{col}"]
+        direct = clustered_paired_delta(merged["correct"][mask].to_numpy(), merged["correct_m"][mask].to_numpy(),
+                                        merged["image_id"][mask].to_numpy(), 999, 0.95, 0)
+        row = frame.loc["microbench-tiny"]
+        assert row[f"{col}_delta"] == pytest.approx(direct.value) == pytest.approx(row[col] - frame.loc[
+            "random", col])
+        # the same resample weights over the images of the whole split, so the bounds agree up to Monte Carlo
+        assert row[f"{col}_delta_low"] == pytest.approx(direct.low, abs=0.01)
+        assert row[f"{col}_delta_high"] == pytest.approx(direct.high, abs=0.01)
+        assert (row[f"{col}_p"] < 0.05) == (row[f"{col}_delta_high"] < 0 or row[f"{col}_delta_low"] > 0)
+        assert row[f"{col}_p_holm"] == pytest.approx(row[f"{col}_p"])  # one comparison: Holm changes nothing
+        assert pd.isna(frame.loc["tiny-elsewhere", f"{col}_delta"])  # another copy: never paired
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "tiny-elsewhere (coarse) not paired with random: scored a different copy" in md
+    assert "## Paired against random" in md and "## Paper Table 1 side by side" in md
+    assert frame.loc["random", "paper_model"] == "Random" and frame.loc["random", "paper_coarse"] == 18.34
+    assert frame.loc["random", "paper_coarse_diff"] == pytest.approx(100 * frame.loc["random", "coarse"] - 18.34)
+    assert pd.isna(frame.loc["microbench-tiny", "paper_coarse"])  # not a paper model
+    # the best of each column is in its own group; the run of another copy is in no group
+    for col in ("coarse", "fine"):
+        assert frame[f"{col}_top"][frame[col].idxmax()] is True or frame.loc[frame[col].idxmax(), f"{col}_top"]
+    assert frame.loc["tiny-elsewhere", "coarse_top"] is None or pd.isna(frame.loc["tiny-elsewhere", "coarse_top"])
+    assert frame["mean_rank"].notna().all() and (frame["ranked_slices"] > 0).all()
+    with pytest.raises(UserError, match="--baseline 'nobody' is not a model"):
+        build_leaderboard([out], tmp_path / "lb3", baseline="nobody")
+
+
+def test_a_model_paired_with_itself_is_exactly_zero_and_holm_matches_statsmodels(tiny_run):
+    from microbench.results.compare import bootstrap_p, holm, mean_ranks, paired_deltas
+
+    out, _, _ = tiny_run
+    p = pd.read_parquet(out / "predictions.parquet")
+    p = p[p["source"] == "captions"]
+    d = paired_deltas(p, p, "perception", {"coarse": "captions/official/coarse"}, {"n_resamples": 999,
+                                                                                   "confidence": 0.95, "seed": 0})
+    assert d["coarse"]["value"] == d["coarse"]["low"] == d["coarse"]["high"] == 0.0 and d["coarse"]["p"] == 1.0
+    assert d["_unpaired"] == 0
+    assert bootstrap_p(np.array([0.1, 0.2, -0.05, 0.3])) == pytest.approx(0.5)
+    # statsmodels.stats.multitest.multipletests(p, method="holm")[1] (statsmodels 0.14), not imported here
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.2, 0.001, 0.049, 0.0125, 0.5]) == pytest.approx([0.4, 0.005, 0.147, 0.05, 0.5])
+    assert holm([0.04, 0.04]) == pytest.approx([0.08, 0.08])
+    r = mean_ranks(pd.DataFrame({"a": [0.9, 0.5, 0.5], "b": [0.1, 0.2, np.nan]}, index=["x", "y", "z"]))
+    assert r["mean_rank"].tolist() == [1.5, 1.75, 2.5] and r["slices"].tolist() == [2, 2, 1]
 
 
 def test_wandb_offline_logging(tmp_path, cfg_eval):

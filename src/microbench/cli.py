@@ -77,9 +77,12 @@ def _print_info(r: dict) -> None:
 def _leaderboard(args: argparse.Namespace) -> int:
     from microbench.results.leaderboard import build_leaderboard
 
-    frame = build_leaderboard(args.runs, args.out, source=args.source)
-    print((args.out / "leaderboard.md").read_text() if hasattr(args.out, "read_text") else "")
-    print(f"{len(frame)} run(s) -> {args.out}/leaderboard.csv, {args.out}/leaderboard.md")
+    frame = build_leaderboard(args.runs, args.out, source=args.source, baseline=args.baseline, paper=args.paper,
+                              boot={"n_resamples": args.resamples, "confidence": args.confidence, "seed": args.seed},
+                              plot=not args.no_plot)
+    print((args.out / "leaderboard.md").read_text())
+    png = "" if args.no_plot or not (args.out / "leaderboard.png").exists() else f", {args.out}/leaderboard.png"
+    print(f"{len(frame)} row(s) -> {args.out}/leaderboard.csv, {args.out}/leaderboard.md{png}")
     return 0
 
 
@@ -124,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("runs", nargs="+", help="run folders (searched recursively for metrics.json) or files")
     lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="output folder (default: leaderboard/)")
     lb.add_argument("--source", default="captions", choices=["captions", "questions"])
+    lb.add_argument("--baseline", default=None, metavar="MODEL",
+                    help="paired, image-clustered deltas of every model against this one (p-values, Holm)")
+    lb.add_argument("--paper", action="store_true", help="the paper's Table 1 value beside each of ours")
+    lb.add_argument("--resamples", type=int, default=9999, help="bootstrap resamples of the pairings (default 9999)")
+    lb.add_argument("--confidence", type=float, default=0.95)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--no-plot", action="store_true", help="do not write leaderboard.png")
     lb.add_argument("-v", "--verbose", action="store_true")
     gr = sub.add_parser("grit", help="score generative box answers (Qwen-VL / PaliGemma) with the GRIT metric")
     gr.add_argument("answers", help="JSONL or CSV: response, width, height, gt_boxes, dataset, class per row")

@@ -20,16 +20,18 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class Estimate:
-    """A metric value with its bootstrap interval; ``ci`` is the official half-width ``|high − value|``."""
+    """A metric value with its bootstrap interval; ``ci`` is the official half-width ``|high − value|``; ``se`` the
+    bootstrap standard error where one is kept (the clustered intervals)."""
 
     value: float
     low: float
     high: float
     ci: float
     n: int
+    se: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "se" or v is not None}
 
 
 def basic_interval(theta_hat: float, resampled: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -195,7 +197,8 @@ class ClusterBootstrap:
         r = resampled[~np.isnan(resampled)]
         lo, hi = np.percentile(r, [100 * alpha, 100 * (1 - alpha)]) if r.size else (np.nan, np.nan)
         lo, hi = min(float(lo), value), max(float(hi), value)
-        return Estimate(float(value), lo, hi, float(abs(hi - value)), int(n))
+        se = float(np.std(r, ddof=1)) if r.size > 1 else float("nan")
+        return Estimate(float(value), lo, hi, float(abs(hi - value)), int(n), se)
 
     def estimates(self, values: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Estimate]:
         """The mean of ``values`` on each masked slice of the items, with its clustered percentile interval."""
@@ -210,5 +213,5 @@ def attach_clustered(out: dict[str, dict], values: np.ndarray, masks: dict[str, 
     every slice ``masks[name]`` of the items; returns ``out``."""
     boot = ClusterBootstrap(clusters, n_resamples, confidence, seed)
     for name, est in boot.estimates(np.asarray(values, dtype=float), masks).items():
-        out[name]["clustered"] = {"low": est.low, "high": est.high, "ci": est.ci, "interval": CLUSTERED}
+        out[name]["clustered"] = {"low": est.low, "high": est.high, "ci": est.ci, "se": est.se, "interval": CLUSTERED}
     return out

@@ -56,6 +56,55 @@ def headline_mask(preds: pd.DataFrame) -> np.ndarray:
     return (variant == HEADLINE_VARIANT) | (variant < 0)
 
 
+def metric_masks(p: pd.DataFrame, source: str) -> dict[str, np.ndarray]:
+    """Every metric of one source's predictions as a boolean mask over its rows, names as in the module docstring
+    and in the order ``metrics.json`` lists them (``<source>/macro_dataset/<grain>``: the items the macro mean is
+    taken over, by dataset). Masks may be empty; the pairing of the leaderboard and rescoring use them too."""
+    grains = _grain(p["question_type"])
+    dataset = p["dataset"].astype(str)
+    ds = dataset.to_numpy()
+    head = np.asarray(headline_mask(p))
+    official = dataset.isin(schema.OFFICIAL_DATASETS).to_numpy()
+    excl = dataset.isin(SLICES["official_excl_eulenberg"]).to_numpy()
+    masks: dict[str, np.ndarray] = {}
+    for grain in ("coarse", "fine"):
+        g = grains == grain
+        masks[f"{source}/all/{grain}"] = g
+        masks[f"{source}/official/{grain}"] = g & head & official
+        masks[f"{source}/official_excl_eulenberg/{grain}"] = g & head & excl
+        for slice_name, members in SLICES.items():
+            inside = ~official if members is None else dataset.isin(members).to_numpy()
+            masks[f"{source}/slice/{slice_name}/{grain}"] = g & head & inside
+            masks[f"{source}/all_variants/slice/{slice_name}/{grain}"] = g & inside
+        masks[f"{source}/macro_dataset/{grain}"] = g & head
+    masks[f"{source}/all/all"] = np.ones(len(p), dtype=bool)
+    qtype = p["question_type"].astype(str).to_numpy()
+    for t in sorted(set(qtype)):
+        is_t = qtype == t
+        masks[f"{source}/official/type/{t}"] = is_t & head & official
+        masks[f"{source}/official_excl_eulenberg/type/{t}"] = is_t & head & excl
+        masks[f"{source}/all_variants/type/{t}"] = is_t
+    variants = p["variant"].to_numpy()
+    if (variants >= 0).any():
+        keys = p["key"].astype(str).to_numpy()
+        for key in sorted(set(keys)):
+            masks[f"{source}/key/{key}"] = keys == key
+        for variant in sorted(set(variants.tolist())):
+            masks[f"{source}/variant/{variant}"] = variants == variant
+    for name in sorted(set(ds[head])):
+        for grain in ("coarse", "fine"):
+            masks[f"{source}/dataset/{name}/{grain}"] = head & (ds == name) & (grains == grain)
+    for name in sorted(set(ds)):
+        for grain in ("coarse", "fine"):
+            masks[f"{source}/all_variants/dataset/{name}/{grain}"] = (ds == name) & (grains == grain)
+    return masks
+
+
+def is_macro(name: str) -> bool:
+    """The macro mean over datasets (not a mean over items: no item mask, no clustered interval)."""
+    return "/macro_dataset/" in name
+
+
 def closed_vqa_metrics(preds: pd.DataFrame, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
                        seed: int = 0, clustered: bool = True) -> dict[str, dict]:
     """All accuracy metrics of a predictions frame (columns source, dataset, question_type, key, variant,
@@ -65,60 +114,24 @@ def closed_vqa_metrics(preds: pd.DataFrame, n_resamples: int = N_RESAMPLES, conf
     (:class:`~microbench.metrics.bootstrap.ClusterBootstrap`: images resampled with all their questions, bounds in
     [0, 1]) — the uncertainty to read when items on one image are not independent."""
     out: dict[str, dict] = {}
-
     for source, p in preds.groupby("source", observed=True):
-        p = p.assign(grain=_grain(p["question_type"]))
         correct = p["correct"].to_numpy()
-        masks: dict[str, np.ndarray] = {}
-
-        def put(name: str, mask: np.ndarray, correct=correct, masks=masks) -> None:
+        ds = p["dataset"].astype(str).to_numpy()
+        scored: dict[str, np.ndarray] = {}
+        for name, mask in metric_masks(p, str(source)).items():
+            if is_macro(name):
+                sel = ds[mask]
+                per_ds = [correct[mask][sel == d] for d in sorted(set(sel))]
+                macro: Estimate = bootstrap_macro(per_ds, n_resamples, confidence, seed)
+                if macro.n:
+                    out[name] = {**macro.to_dict(), "datasets": len(per_ds)}
+                continue
             est = bootstrap_accuracy(correct[mask], n_resamples, confidence, seed)
             if est.n:
                 out[name] = est.to_dict()
-                masks[name] = mask
-
-        dataset = p["dataset"].astype(str)
-        ds = dataset.to_numpy()
-        head = np.asarray(headline_mask(p))
-        official = dataset.isin(schema.OFFICIAL_DATASETS).to_numpy()
-        excl = dataset.isin(SLICES["official_excl_eulenberg"]).to_numpy()
-        grains = p["grain"].to_numpy()
-        for grain in ("coarse", "fine"):
-            g = grains == grain
-            put(f"{source}/all/{grain}", g)
-            put(f"{source}/official/{grain}", g & head & official)
-            put(f"{source}/official_excl_eulenberg/{grain}", g & head & excl)
-            for slice_name, members in SLICES.items():
-                inside = ~official if members is None else dataset.isin(members).to_numpy()
-                put(f"{source}/slice/{slice_name}/{grain}", g & head & inside)
-                put(f"{source}/all_variants/slice/{slice_name}/{grain}", g & inside)
-            sel = g & head
-            per_ds = [grp["correct"].to_numpy() for _, grp in p[sel].groupby(dataset[sel], observed=True)]
-            macro: Estimate = bootstrap_macro(per_ds, n_resamples, confidence, seed)
-            if macro.n:
-                out[f"{source}/macro_dataset/{grain}"] = {**macro.to_dict(), "datasets": len(per_ds)}
-        put(f"{source}/all/all", np.ones(len(p), dtype=bool))
-        qtype = p["question_type"].astype(str).to_numpy()
-        for t in sorted(set(qtype)):
-            is_t = qtype == t
-            put(f"{source}/official/type/{t}", is_t & head & official)
-            put(f"{source}/official_excl_eulenberg/type/{t}", is_t & head & excl)
-            put(f"{source}/all_variants/type/{t}", is_t)
-        variants = p["variant"].to_numpy()
-        if (variants >= 0).any():
-            keys = p["key"].astype(str).to_numpy()
-            for key in sorted(set(keys)):
-                put(f"{source}/key/{key}", keys == key)
-            for variant in sorted(set(variants.tolist())):
-                put(f"{source}/variant/{variant}", variants == variant)
-        for name in sorted(set(ds[head])):
-            for grain in ("coarse", "fine"):
-                put(f"{source}/dataset/{name}/{grain}", head & (ds == name) & (grains == grain))
-        for name in sorted(set(ds)):
-            for grain in ("coarse", "fine"):
-                put(f"{source}/all_variants/dataset/{name}/{grain}", (ds == name) & (grains == grain))
-        if clustered and "image_id" in p.columns and masks:
-            attach_clustered(out, correct, masks, p["image_id"].astype(str).to_numpy(), n_resamples, confidence,
+                scored[name] = mask
+        if clustered and "image_id" in p.columns and scored:
+            attach_clustered(out, correct, scored, p["image_id"].astype(str).to_numpy(), n_resamples, confidence,
                              seed)
     return out
 

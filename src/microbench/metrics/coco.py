@@ -161,6 +161,7 @@ def image_bootstrap(ev, n_resamples: int = 1000, confidence: float = 0.95, seed:
         r = r[~np.isnan(r)]
         lo, hi = np.percentile(r, [100 * alpha, 100 * (1 - alpha)]) if r.size else (np.nan, np.nan)
         lo, hi = min(float(lo), point[name]), max(float(hi), point[name])
-        out[name] = {"low": lo, "high": hi, "ci": abs(hi - point[name]), "interval": CLUSTERED,
+        out[name] = {"low": lo, "high": hi, "ci": abs(hi - point[name]),
+                     "se": float(np.std(r, ddof=1)) if r.size > 1 else float("nan"), "interval": CLUSTERED,
                      "resamples": int(r.size)}
     return out

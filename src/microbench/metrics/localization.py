@@ -123,7 +123,7 @@ def grit_intervals(table: pd.DataFrame, boot: dict) -> dict[str, dict]:
     with np.errstate(all="ignore"):
         macro = np.nanmean(resampled[:, group_cols], axis=1)
     out["grit/macro"] = bs.percentile_interval(float(point[group_cols].mean()), macro, len(table))
-    return {k: {"low": e.low, "high": e.high, "ci": e.ci, "interval": CLUSTERED} for k, e in out.items()}
+    return {k: {"low": e.low, "high": e.high, "ci": e.ci, "se": e.se, "interval": CLUSTERED} for k, e in out.items()}
 
 
 def localization_intervals(ground_truth: dict, detections: list[dict] | None, per_image: pd.DataFrame,

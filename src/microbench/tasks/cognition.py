@@ -100,7 +100,10 @@ def _finish(cfg: DictConfig, t0: float, out_dir: Path, dm: CognitionDataModule, 
                  "problems": invalid[["qid", "problem"]].astype(str).to_dict("records")},
         prompt=prompt, bootstrap=boot, n_predictions=int(len(preds)), backend_stats=backend_stats or {},
         data_problems={"duplicate_ids": dm.items.duplicate_ids})
-    preds = preds.join(items.set_index("row_idx")[["qid", "question", "answer"]], on="row_idx")
+    # what rescoring needs without the data: the breakdowns and the image (the cluster) of every question
+    keep = [c for c in ("qid", "question", "answer", "image_id", "subdomain", "modality", "domain", "scale")
+            if c in items and c not in preds]
+    preds = preds.join(items.set_index("row_idx")[keep], on="row_idx")
     write_run(out_dir, record, tables={"predictions.parquet": preds},
               texts={"results.md": cognition_markdown(record.to_dict())})
     log.info("%s cognition: %s -> %s", info["name"], pct(metrics["cognition/all"]), out_dir)
