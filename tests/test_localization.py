@@ -449,6 +449,12 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
     assert record["counts"]["unparsed_answers"] == 12 and record["headline"]["grit"]["value"] == pytest.approx(
         np.mean([np.mean(v) for v in expected.values()]), rel=1e-6)
     assert record["model"]["kind"] == "generative" and (tmp_path / "results.md").exists()
+    macro = record["metrics"]["loc/grit/macro"]
+    assert macro["clustered"]["low"] <= macro["value"] <= macro["clustered"]["high"]
+    from microbench.results.rescore import rescore
+
+    again = rescore(tmp_path, "record")  # GRIT and its intervals again from predictions.parquet alone
+    assert again.ok and again.kind == "localization" and again.compared > 10, again.line()
 
 
 def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_path, cfg_eval, cfg_train):
@@ -462,6 +468,10 @@ def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_pa
     assert rec["head"] == "segmentation" and {"loc/segm/AP", "loc/segm/AR_max", "loc/bbox/AP"} <= set(rec["metrics"])
     dets = json.loads((tmp_path / "train" / "detections.json").read_text())
     assert dets and all("segmentation" in d and "counts" in d["segmentation"] for d in dets[:5])
+    from microbench.results.rescore import rescore
+
+    again = rescore(tmp_path / "train", "record")  # mask AP from the RLEs of detections.json alone
+    assert again.ok and "clustered" in rec["metrics"]["loc/segm/AP"], again.line()
     record, _ = evaluate(cfg_eval(["task=localization", f"checkpoint={metrics['best_checkpoint']}",
                                    f"paths.output_dir={tmp_path / 'eval'}", "+trainer.enable_progress_bar=false"]))
     assert record["data"]["targets"] == "masks"

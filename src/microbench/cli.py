@@ -3,7 +3,8 @@
 ``info PATH`` summarises any copy of the benchmark (Hub id, Hub-layout folder, save_to_disk folder, parquet, or
 ``sample``) as a table, or as JSON with ``--json``. ``leaderboard RUN_DIR... --out DIR`` aggregates evaluation runs
 (folders holding ``metrics.json``) into ``leaderboard.csv`` and ``leaderboard.md``. ``grit ANSWERS.jsonl --format
-qwen|paligemma`` scores a file of generative box answers with the official GRIT localization metric.
+qwen|paligemma`` scores a file of generative box answers with the official GRIT localization metric. ``rescore
+RUN_DIR...`` recomputes every metric of runs from their predictions and checks them against their records.
 """
 
 from __future__ import annotations
@@ -86,6 +87,21 @@ def _leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rescore(args: argparse.Namespace) -> int:
+    """Recompute every metric of each run from its own files; 1 when any run disagrees with its record."""
+    from microbench.results.rescore import find_rescorable, parse_slices, rescore
+
+    slices = parse_slices(args.slice)
+    bad = 0
+    for run, kind in find_rescorable(args.runs):
+        result = rescore(run, kind, clustered=args.clustered, slices=slices)
+        print("\n".join(result.lines()))
+        if result.extra:
+            print(f"  new numbers ({len(result.extra)}) -> {run / 'rescored.json'}, {run / 'rescored.md'}")
+        bad += not result.ok
+    return 1 if bad else 0
+
+
 def _grit(args: argparse.Namespace) -> int:
     """Score generative box answers from a file with GRIT."""
     import pandas as pd
@@ -135,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--no-plot", action="store_true", help="do not write leaderboard.png")
     lb.add_argument("-v", "--verbose", action="store_true")
+    rs = sub.add_parser("rescore", help="recompute every metric of runs from their predictions, checked against "
+                        "their records")
+    rs.add_argument("runs", nargs="+", help="run folders (searched for metrics.json and forgetting.json)")
+    rs.add_argument("--clustered", action="store_true",
+                    help="add image-clustered intervals to a record written without them (-> rescored.json)")
+    rs.add_argument("--slice", action="append", metavar="NAME=DATASET,...",
+                    help="score a slice of your own (perception; repeatable; -> rescored.json)")
+    rs.add_argument("-v", "--verbose", action="store_true")
     gr = sub.add_parser("grit", help="score generative box answers (Qwen-VL / PaliGemma) with the GRIT metric")
     gr.add_argument("answers", help="JSONL or CSV: response, width, height, gt_boxes, dataset, class per row")
     gr.add_argument("--format", default="qwen", choices=["qwen", "qwen_lenient", "paligemma"])
@@ -143,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"info": _info, "leaderboard": _leaderboard, "grit": _grit}[args.command](args)
+        return {"info": _info, "leaderboard": _leaderboard, "rescore": _rescore, "grit": _grit}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -113,3 +113,8 @@ def clean_stale_temporaries(out_dir: Path) -> list[str]:
         logging.getLogger(__name__).warning("removed %d temporary file(s) an interrupted run left in %s: %s",
                                             len(removed), out_dir, ", ".join(sorted(removed)[:5]))
     return removed
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as it reads back from its JSON file (numpy scalars and arrays, paths made plain; NaN kept)."""
+    return json.loads(json.dumps(obj, default=_json_default))
