@@ -161,6 +161,7 @@ def test_only_the_task_layer_reads_hydra_configs():
 THIRD_PARTY_PRIVATE = {"_fingerprint",  # datasets.Dataset's content hash (data/cognition.py)
                        "_version",  # torch.Tensor's in-place version counter (models/backbones/base.py)
                        "_foreach_copy_", "_foreach_lerp_",  # torch's fused list ops (studies/sweep.py)
+                       "_paramsEval",  # pycocotools COCOeval: the parameters accumulate() reads (metrics/coco.py)
                        "_target_"}  # a Hydra config key
 
 

@@ -74,7 +74,9 @@ def test_rescoring_cognition_localization_and_a_study_reproduces_their_records(t
                      "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "study.result_cache=null",
                      "+trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'demo'}",
                      f"checkpoint_dir={tmp_path / 'demo' / 'ckpt'}"]))
-    runs = dict((str(p.relative_to(tmp_path)), k) for p, k in find_rescorable([tmp_path]))
+    found, skipped = find_rescorable([tmp_path])
+    runs = {str(p.relative_to(tmp_path)): k for p, k in found}
+    assert skipped == []  # the fits' own records are train_metrics.json
     assert runs == {"cog": "record", "loc": "record", "demo/forgetting": "study"}
     results = {name: _one(tmp_path / name, kind) for name, kind in runs.items()}
     for r in results.values():
@@ -103,3 +105,40 @@ def test_rescore_says_in_one_line_what_it_cannot_read(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"task": "linear_probe"}))
     with pytest.raises(UserError, match="task 'linear_probe' has no predictions to rescore"):
         _one(tmp_path)
+
+
+def test_the_table1_script_runs_every_paper_preset_and_each_maps_to_its_paper_row():
+    """scripts/reproduce_table1.sh (it needs GPUs and Hub weights, so only its dry run here): every command
+    composes with the real configs, and every model it evaluates is matched to its row of Table 1 by the name its
+    runs record, so ``--paper`` can put the paper's number beside ours."""
+    import os
+    import shlex
+    import subprocess
+
+    from conftest import REPO, compose_config
+    from microbench.results.paper import TABLE1, paper_name
+
+    env = {**os.environ, "DRY_RUN": "1", "COGNITION": "/data/cognition", "PY": "python"}
+    res = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_table1.sh"), "all"], capture_output=True,
+                         text=True, env=env, timeout=60, check=True)
+    lines = res.stdout.strip().splitlines()
+    assert lines[-1].endswith("--paper --baseline random")
+    matched = set()
+    for line in lines[:-1]:
+        argv = shlex.split(line)
+        assert argv[:2] == ["python", "src/eval.py"]
+        cfg = compose_config("eval", argv[2:])
+        m = cfg.model
+        if "cognition" in cfg.paths.output_dir.rsplit("/", 1)[-1]:
+            assert cfg.task == "cognition" and cfg.cognition.path == "/data/cognition"
+            continue
+        name = paper_name({"name": m.get("name") or m.get("model"), "pretrained": m.get("pretrained"),
+                           "model": m.get("model"), "blind": m.get("blind", False)})
+        if m.get("_target_", "").endswith("RandomBaseline"):
+            name = paper_name({"name": "random"})
+        assert name in TABLE1, line
+        matched.add(name)
+    assert matched == set(TABLE1) - {"CONCH"}  # CONCH is a plug-in (gated weights, its own package)
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_table1.sh"), "everything"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: say contrastive, generative or all")

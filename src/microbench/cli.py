@@ -93,7 +93,10 @@ def _rescore(args: argparse.Namespace) -> int:
 
     slices = parse_slices(args.slice)
     bad = 0
-    for run, kind in find_rescorable(args.runs):
+    found, skipped = find_rescorable(args.runs)
+    for line in skipped:
+        print(line)
+    for run, kind in found:
         result = rescore(run, kind, clustered=args.clustered, slices=slices)
         print("\n".join(result.lines()))
         if result.extra:

@@ -16,6 +16,8 @@ from scipy import stats
 
 N_RESAMPLES = 9_999
 CONFIDENCE = 0.95
+#: the bootstrap of a record whose run gave none (configs/eval.yaml's defaults)
+DEFAULT_BOOTSTRAP = {"n_resamples": N_RESAMPLES, "confidence": CONFIDENCE, "seed": 0}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from microbench.errors import UserError
+from microbench.metrics.bootstrap import DEFAULT_BOOTSTRAP
 from microbench.results.compare import holm, mean_ranks, paired_deltas, read_predictions
 from microbench.results.io import read_json, write_text
 from microbench.results.paper import SOURCE as PAPER_SOURCE
@@ -116,7 +117,7 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
     coarse and fine accuracy. ``baseline``: paired deltas of every model against that one (``<col>_delta``,
     ``_delta_low``, ``_delta_high``, ``_p``, ``_p_holm``). ``paper``: Table 1 of the paper beside ours
     (``paper_<col>``, ``paper_<col>_diff``, ``paper_<col>_inside``). ``plot``: ``leaderboard.png``."""
-    boot = {**DEFAULT_BOOT, **(boot or {})}
+    boot = {**DEFAULT_BOOTSTRAP, **(boot or {})}
     runs = find_runs(paths)
     if not runs:
         raise UserError(f"no metrics.json found under {', '.join(map(str, paths))}")
@@ -189,11 +190,11 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
     frame["ranked_slices"] = ranks["slices"]
     predictions: dict[Path, pd.DataFrame] = {}
 
-    def preds(path: Path, task: str) -> pd.DataFrame:
-        if path not in predictions:
+    def preds(path: Path, task: str, src: str) -> pd.DataFrame:
+        if (path, src) not in predictions:
             p = read_predictions(path)
-            predictions[path] = p[p["source"] == source] if task == "perception" and "source" in p else p
-        return predictions[path]
+            predictions[path, src] = p[p["source"] == src] if task == "perception" and "source" in p else p
+        return predictions[path, src]
 
     for col, task, name in PAIRED:
         _top_group(frame, private, col, task, name, preds, boot, notes)
@@ -212,8 +213,6 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
     return frame
 
 
-#: the bootstrap of the pairings (configs/eval.yaml's defaults)
-DEFAULT_BOOT = {"n_resamples": 9999, "confidence": 0.95, "seed": 0}
 #: the columns that get significance groups and baseline deltas: (column, task, metric name)
 PAIRED = (("coarse", "perception", "official/coarse"), ("fine", "perception", "official/fine"),
           ("cognition", "cognition", "cognition/all"))
@@ -238,8 +237,8 @@ def _delta(private, i, j, task, col, name, preds, boot) -> dict | None:
     """Δ of row j against row i on one column (paired items), or None without runs."""
     a, b = private[i]["_pair"][task][1], private[j]["_pair"][task][1]
     src = private[i].get("_source", "captions")
-    res = paired_deltas(preds(a, task), preds(b, task), task, {col: _metric_name(task, name, src)}, boot)
-    return res.get(col)
+    res = paired_deltas(preds(a, task, src), preds(b, task, src), task, {col: _metric_name(task, name, src)}, boot)
+    return res.get(col)  # None: no shared item (e.g. a generative model answered the question form only)
 
 
 def _top_group(frame, private, col, task, name, preds, boot, notes) -> None:
@@ -251,14 +250,16 @@ def _top_group(frame, private, col, task, name, preds, boot, notes) -> None:
     if len(full) < 2:
         return
     best = max(full, key=lambda i: frame.at[i, col])
-    others = [i for i in full if i != best and _pairable(private, best, i, task) is None]
-    p = [(_delta(private, best, i, task, col, name, preds, boot) or {}).get("p", np.nan) for i in others]
+    deltas = {i: _delta(private, best, i, task, col, name, preds, boot) for i in full
+              if i != best and _pairable(private, best, i, task) is None}
+    others = [i for i, d in deltas.items() if d is not None]
     frame.at[best, f"{col}_top"] = True
-    for i, q in zip(others, holm(p), strict=True):
+    for i, q in zip(others, holm([deltas[i]["p"] for i in others]), strict=True):
         frame.at[i, f"{col}_top"] = bool(q >= 1 - boot["confidence"])
     if len(others) < len(full) - 1:
-        notes.append(f"{col}: {len(full) - 1 - len(others)} model(s) scored other questions than the best "
-                     f"({frame.at[best, 'model']}) and are outside its significance group")
+        notes.append(f"{col}: {len(full) - 1 - len(others)} model(s) share no scored question with the best "
+                     f"({frame.at[best, 'model']}: another copy, split, filter set or question form) and are in no "
+                     "significance group")
 
 
 def _against_baseline(frame, private, baseline, preds, boot) -> list[str]:
@@ -281,6 +282,8 @@ def _against_baseline(frame, private, baseline, preds, boot) -> list[str]:
                 continue
             d = _delta(private, base, i, task, col, name, preds, boot)
             if d is None:
+                notes.append(f"{frame.at[i, 'model']} ({col}) not paired with {baseline}: no question scored by "
+                             "both (another question form)")
                 continue
             frame.at[i, f"{col}_delta"], frame.at[i, f"{col}_p"] = d["value"], d["p"]
             frame.at[i, f"{col}_delta_low"], frame.at[i, f"{col}_delta_high"] = d["low"], d["high"]

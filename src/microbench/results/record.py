@@ -16,6 +16,11 @@ CORE = ("microbench_version", "run_id", "task", "model", "data", "split", "headl
 TAIL = ("timings_s", "environment", "config")
 
 
+def metric_entry(value: float | None, n: int) -> dict:
+    """Metric entries share the perception shape (value, ci, n); COCO/GRIT have no official bootstrap CI."""
+    return {"value": None if value is None or value != value else float(value), "ci": None, "n": int(n)}
+
+
 def is_metric(value: Any) -> bool:
     """A metric entry: ``{"value": float | None, "ci": float | None, "n": int | None}``."""
     return isinstance(value, dict) and "value" in value

@@ -189,9 +189,10 @@ def _cognition(run: Path, rec: dict, clustered: bool, slices: dict[str, set[str]
 # --- localization ---------------------------------------------------------------------------------------------
 
 def _localization(run: Path, rec: dict, clustered: bool, slices: dict[str, set[str]]) -> Rescored:
+    from microbench.metrics.bootstrap import DEFAULT_BOOTSTRAP
     from microbench.metrics.coco import STAT_NAMES, coco_evaluate
     from microbench.metrics.localization import grit_intervals, grit_metrics, localization_intervals
-    from microbench.tasks.records import DEFAULT_BOOTSTRAP, metric_entry
+    from microbench.results.record import metric_entry
 
     if slices:
         raise UserError("--slice defines perception slices; a localization run reports per dataset and class")
@@ -315,22 +316,26 @@ RESCORERS: dict[str, Callable[..., Rescored]] = {
 }
 
 
-def find_rescorable(paths: list[str | Path]) -> list[tuple[Path, str]]:
-    """(folder, "record" | "study") of every run under the given folders: a ``metrics.json`` of a scored task, a
-    ``forgetting.json``."""
-    found = []
+def find_rescorable(paths: list[str | Path]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(folder, "record" | "study") of every run under the given folders (a ``metrics.json`` of a scored task, a
+    ``forgetting.json``), and one line for each record found that keeps nothing to rescore (a fit's record)."""
+    found, skipped = [], []
     for p in map(Path, paths):
         if not p.exists():
             raise UserError(f"{p} does not exist")
         files = [p] if p.is_file() else sorted([*p.rglob("metrics.json"), *p.rglob("forgetting.json")])
         for f in files:
-            if f.name == "metrics.json":
-                found.append((f.parent, "record"))
-            elif f.name == "forgetting.json":
+            if f.name == "forgetting.json":
                 found.append((f.parent, "study"))
-    if not found:
+            elif f.name == "metrics.json":
+                task = read_json(f).get("task", "zero_shot_perception")
+                if task in RESCORERS or p.is_file():
+                    found.append((f.parent, "record"))
+                else:
+                    skipped.append(f"{f.parent}: a {task} record keeps no predictions to rescore (skipped)")
+    if not found and not skipped:
         raise UserError(f"no metrics.json or forgetting.json under {', '.join(map(str, paths))}: give run folders")
-    return found
+    return found, skipped
 
 
 def rescore(run: Path, kind: str, clustered: bool = False, slices: dict[str, set[str]] | None = None) -> Rescored:

@@ -31,12 +31,11 @@ from microbench.errors import UserError
 from microbench.metrics.localization import grit_intervals
 from microbench.models.localization import LocalizationModule, detector_from_checkpoint
 from microbench.results.io import this_runs_record
-from microbench.results.record import RunRecord
+from microbench.results.record import RunRecord, metric_entry
 from microbench.results.report import clustered_cell, fmt_value
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.records import (
     LocalizationRecordWriter,
-    metric_entry,
     new_record,
     run_context,
     write_run,

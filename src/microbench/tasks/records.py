@@ -12,23 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 import microbench
+from microbench.metrics.bootstrap import DEFAULT_BOOTSTRAP
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_coverage, headline_table
 from microbench.models.backbones.base import state_fingerprint
 from microbench.results.io import write_json, write_parquet, write_text
-from microbench.results.record import RunRecord
+from microbench.results.record import RunRecord, metric_entry
 from microbench.results.report import fmt_value, localization_markdown, pct, results_markdown
 from microbench.tasks.trainer import container
 
 log = logging.getLogger(__name__)
-
-#: the bootstrap of a record whose run gave none (configs/eval.yaml's defaults)
-DEFAULT_BOOTSTRAP = {"n_resamples": 9999, "confidence": 0.95, "seed": 0}
 
 
 def run_context(cfg: DictConfig, t0: float, out_dir: Path, **more) -> dict:
@@ -146,11 +143,6 @@ class PerceptionRecordWriter:
 
 #: headline name → metric of the localization record
 LOCALIZATION_HEADLINE = {"bbox_AP": "bbox/AP", "bbox_AP50": "bbox/AP50", "segm_AP": "segm/AP", "grit": "grit/macro"}
-
-
-def metric_entry(value: float | None, n: int) -> dict:
-    """Metric entries share the perception shape (value, ci, n); COCO/GRIT have no bootstrap CI."""
-    return {"value": None if value is None or np.isnan(value) else float(value), "ci": None, "n": int(n)}
 
 
 def write_localization_run(result: dict, module, *, context: dict) -> RunRecord:
