@@ -36,10 +36,15 @@ def perception_view(data_cfg: DictConfig, **overrides) -> DictConfig:
     return data_module_cfg(data_cfg, PERCEPTION_DM, **overrides)
 
 
+#: the row filters of a perception config: a specialist's selection, dropped for the whole benchmark
+ROW_FILTERS = ("datasets", "domains", "modalities", "subdomains")
+
+
 def whole_benchmark_cfg(data_cfg: DictConfig) -> DictConfig:
-    """The whole perception benchmark of the copy ``data_cfg`` reads (its dataset selection dropped): what a
-    forgetting study scores, after a fine-tune and after a localization fit alike."""
-    return perception_view(data_cfg, datasets=None)
+    """The whole perception benchmark of the copy ``data_cfg`` reads (every row filter of the training selection
+    dropped: datasets, domains, modalities, subdomains; ``exclude_datasets`` kept, it removes data the user does not
+    trust): what a forgetting study scores, after a fine-tune and after a localization fit alike."""
+    return perception_view(data_cfg, **dict.fromkeys(ROW_FILTERS))
 
 
 def make_eval_dm(data_cfg: DictConfig, transform, split: str):

@@ -16,6 +16,7 @@ accumulation and mixed precision come from the Trainer; ``compile=True`` wraps t
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any
@@ -31,7 +32,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone, BackboneError
 
+log = logging.getLogger(__name__)
 OBJECTIVES = ("ce", "contrastive")
+#: the contrastive temperature of a backbone without a learnable one: CLIP's initial scale 1/0.07 (Radford et al.
+#: 2021), unless the backbone's own ``logit_scale`` says otherwise
+FIXED_LOGIT_SCALE = 1 / 0.07
 
 
 @torch.no_grad()
@@ -175,10 +180,24 @@ class FineTuneModule(L.LightningModule):
             tok = self.backbone.tokenize(batch["text"])
             tok = {k: v.to(self.device) for k, v in tok.items()} if isinstance(tok, dict) else tok.to(self.device)
             text = F.normalize(self.backbone.encode_text(tok).float(), dim=-1)
-            scale = self.backbone.logit_scale_parameter().exp().clamp(max=100)
-            loss = self.loss_fn(feats, text, scale)
+            loss = self.loss_fn(feats, text, self.contrastive_scale())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
+
+    def contrastive_scale(self) -> torch.Tensor:
+        """exp of the backbone's learnable log scale (trained with the rest, clamped at 100 as CLIP), or, for a
+        backbone without one (allowed for plug-ins), a fixed scale: its ``logit_scale`` if it defines one, else
+        :data:`FIXED_LOGIT_SCALE` (logged once)."""
+        param = self.backbone.logit_scale_parameter()
+        if param is not None:
+            return param.exp().clamp(max=100)
+        fixed = float(self.backbone.logit_scale)
+        fixed = FIXED_LOGIT_SCALE if fixed == 1.0 else fixed  # 1.0: the base class's "no scale"
+        if not getattr(self, "_fixed_scale_logged", False):
+            self._fixed_scale_logged = True
+            log.info("%s has no learnable logit scale: contrastive fine-tuning uses a fixed scale of %.2f",
+                     self.backbone.name, fixed)
+        return torch.tensor(fixed, device=self.device)
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def _refresh_classifier(self) -> None:

@@ -251,13 +251,18 @@ def base_initialization(backbone: Backbone) -> str:
     return "pretrained"
 
 
-def chance_levels(preds: pd.DataFrame, targets: set[str]) -> dict[str, float]:
-    """The accuracy of guessing, ``mean(1 / number of options)``, on the target and the supported caption items."""
+def chance_levels(preds: pd.DataFrame, targets: set[str]) -> dict[str, float | None]:
+    """The accuracy of guessing, ``mean(1 / number of options)``, on the target and the supported caption items;
+    None (undefined, never NaN) for a group without items, named in ``undefined``."""
     cap = preds[preds["source"] == "captions"]
     inv = 1.0 / cap["scores"].map(len).clip(lower=1).to_numpy(dtype=float)
     is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
-    return {name: float(inv[m].mean()) if m.any() else float("nan")
-            for name, m in (("target", is_target), ("supported", ~is_target))}
+    out: dict = {name: float(inv[m].mean()) if m.any() else None
+                 for name, m in (("target", is_target), ("supported", ~is_target))}
+    empty = [k for k, v in out.items() if v is None]
+    if empty:
+        out["undefined"] = {k: f"no {k} caption items on this split" for k in empty}
+    return out
 
 
 def study_alphas(alphas, extrapolate: bool = False) -> list[float]:

@@ -19,12 +19,31 @@ log = logging.getLogger(__name__)
 def write_report(study: dict, out_dir: str | Path, logger=None) -> dict:
     """Write the study's files to ``out_dir`` (each atomic) and send it to ``logger``; returns the study."""
     out_dir = Path(out_dir)
+    undefined = undefined_numbers(study)
+    if undefined:  # never NaN in JSON: undefined, with where and why
+        study["undefined"] = {**study.get("undefined", {}), **undefined}
+        log.warning("%d number(s) of the study are undefined (forgetting.json -> undefined), e.g. %s", len(undefined),
+                    next(iter(undefined)))
     write_json(out_dir / "forgetting.json", study)
     plots = plot_study(study, out_dir)
     write_text(out_dir / "forgetting.md", report_markdown(study))
     if logger is not None:
         log_to_logger(logger, study, plots)
     return study
+
+
+def undefined_numbers(obj, path: str = "") -> dict[str, str]:
+    """Replace every NaN / infinite float of a JSON-like study in place by None; returns {path: reason}."""
+    found: dict[str, str] = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in list(items):
+        sub = f"{path}/{k}" if path else str(k)
+        if isinstance(v, float) and not np.isfinite(v):
+            obj[k] = None
+            found[sub] = "undefined: computed over no items (a group, slice or dataset empty on this split)"
+        elif isinstance(v, dict | list):
+            found.update(undefined_numbers(v, sub))
+    return found
 
 
 def _interval_name(study: dict) -> str:
