@@ -72,3 +72,81 @@ def test_a_plugin_backbone_without_a_learnable_temperature_fine_tunes_contrastiv
     assert module.backbone.logit_scale_parameter() is None and module.objective == "contrastive"
     assert float(module.contrastive_scale()) == pytest.approx(FIXED_LOGIT_SCALE)
     assert record["best_checkpoint"] and 0 <= record["test"]["test/acc"] <= 1
+
+
+# --- §1: specialists by μ-Bench's own taxonomy ------------------------------------------------------------------
+
+def test_a_specialty_resolves_to_the_datasets_of_its_group_on_the_copy():
+    from microbench.data import schema
+    from microbench.data.specialty import metadata_rows, resolve_specialty
+    from microbench.errors import UserError
+
+    rows = metadata_rows("sample")
+    path = resolve_specialty(rows, "pathology", "domain", "pathology")
+    assert set(path.datasets) == set(rows.loc[rows["domain"] == "pathology", "dataset"])
+    assert set(path.datasets) & schema.PATHOLOGY_DATASETS and not path.split_datasets
+    fluo = resolve_specialty(rows, "fluorescence", "modality", "fluorescence microscopy")
+    assert "held_et_al_2010_h2b" in fluo.datasets and not set(fluo.datasets) & set(path.datasets)
+    he = resolve_specialty(rows, "he", "stain", "H&E")
+    assert set(rows["dataset"]) & schema.HE_DATASETS <= set(he.datasets)  # the paper's H&E table, and GlaS
+    assert resolve_specialty(rows, "x", datasets=["kather_et_al_2016"]).datasets == ["kather_et_al_2016"]
+    with pytest.raises(UserError, match=r"no row of this copy has modality='x-ray'; its modality values: "
+                                        r"'fluorescence microscopy' \(154 rows\)"):
+        resolve_specialty(rows, "custom", "modality", "x-ray")
+    with pytest.raises(UserError, match="axis 'colour' is not a μ-Bench metadata axis; use one of domain"):
+        resolve_specialty(rows, "custom", "colour", "red")
+    with pytest.raises(UserError, match="dataset.s. nope are not on this copy"):
+        resolve_specialty(rows, "x", datasets=["nope"])
+    # a dataset split across values belongs to the group its majority is in, and is named
+    mixed = rows.copy()
+    kather = mixed.index[mixed["dataset"] == "kather_et_al_2016"]
+    mixed.loc[kather[: len(kather) // 3], "domain"] = "biology"
+    bio = resolve_specialty(mixed, "biology", "domain", "biology")
+    assert "kather_et_al_2016" not in bio.datasets and 0.3 < bio.split_datasets["kather_et_al_2016"] < 0.4
+
+
+def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_path, cfg_train):
+    from microbench.data.specialty import metadata_rows
+    from microbench.tasks.registry import train
+
+    out = tmp_path / "em"
+    record, _ = train(cfg_train(["experiment=specialist", "specialty=electron", "trainer.max_epochs=1",
+                                 "eval_in_domain=false", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99",
+                                 "study.result_cache=null", "+trainer.enable_progress_bar=false",
+                                 f"paths.output_dir={out}", f"checkpoint_dir={out / 'ckpt'}"]))
+    rows = metadata_rows("sample")
+    em = sorted(set(rows.loc[rows["modality"] == "electron microscopy", "dataset"]))
+    assert record["specialty"]["datasets"] == em and record["specialty"]["axis"] == "modality"
+    assert record["class_space"]["datasets"] == em
+    study = json.loads((out / "forgetting" / "forgetting.json").read_text())
+    assert study["target_datasets"] == em
+    supported = {k.rsplit("/", 1)[0] for k in study["splits"]["test"]["models"]["finetuned"]["datasets"]} - set(em)
+    assert "kather_et_al_2016" in supported  # the rest of the benchmark
+    with pytest.raises(Exception, match="specialty=electron and data.datasets both choose the training data"):
+        train(cfg_train(["experiment=specialist", "specialty=electron", "data.datasets=[kather_et_al_2016]",
+                         f"paths.output_dir={tmp_path / 'both'}"]))
+
+
+def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+            "specialty=pathology,electron", "trainer.max_epochs=1", "forgetting.enabled=false", "eval_in_domain=false",
+            f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    names = {}
+    for sub in sorted(sweep.iterdir()):
+        if (sub / "train_metrics.json").exists():
+            names[sub.name] = json.loads((sub / "train_metrics.json").read_text())["specialty"]["name"]
+    assert names == {"pathology": "pathology", "electron": "electron"}
+    bad = subprocess.run([*args[:3], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")

@@ -17,6 +17,7 @@ def set_project_root(script: str) -> Path:
     os.environ.setdefault("PROJECT_ROOT", str(root))
     normalize_overrides(sys.argv)
     rename_overrides(sys.argv, Path(script).stem)
+    check_specialty_overrides(sys.argv, root / "configs")
     register_resolvers()
     preflight_output_dir(sys.argv)
     return root
@@ -129,6 +130,22 @@ def rename_overrides(argv: list[str], script: str) -> list[str]:
             print(f"note: {name}= is now {table[name]}= (the study's settings are the `study` config group, "
                   f"configs/study/); using {table[name]}{eq}{value}", file=sys.stderr)
     return argv
+
+
+def check_specialty_overrides(argv: list[str], configs: Path) -> None:
+    """``specialty=<name>`` (also a multirun's ``a,b,c``) names presets of ``configs/specialty/``: an unknown one is
+    one ``error:`` line naming the presets and the custom form (exit 2), before Hydra composes anything."""
+    presets = sorted(p.stem for p in (configs / "specialty").glob("*.yaml"))
+    for arg in argv[1:]:
+        name, eq, value = arg.lstrip("+~").partition("=")
+        if name != "specialty" or not eq:
+            continue
+        unknown = [v for v in value.split(",") if v and v not in presets and v not in ("null", "none")]
+        if unknown:
+            print(f"error: specialty={unknown[0]} is not a preset; presets: {', '.join(presets)}; any other group: "
+                  "specialty=custom specialty.axis=<domain|subdomain|modality|submodality|stain|institution> "
+                  "'specialty.value=<value>'", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def normalize_overrides(argv: list[str]) -> list[str]:

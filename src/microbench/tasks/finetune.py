@@ -8,6 +8,7 @@ forgetting summary), ``in_domain/`` (a perception run record) and ``forgetting/`
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import microbench
-from microbench.data.config import LABELLED_DM, perception_view
+from microbench.data.config import LABELLED_DM, ROW_FILTERS, perception_view
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
@@ -36,6 +37,8 @@ from microbench.tasks.trainer import (
     trainer_for,
 )
 
+log = logging.getLogger(__name__)
+
 
 def labelled_data(cfg: DictConfig, backbone):
     """The fitting data ``cfg.data`` names (a LabelledDataModule: data=ubench_labelled, data=ubench_pathology)."""
@@ -48,9 +51,42 @@ def labelled_data(cfg: DictConfig, backbone):
                        drop_last_train=cfg.module.objective == "contrastive", **seed)
 
 
+def apply_specialty(cfg: DictConfig) -> dict | None:
+    """With ``specialty`` (configs/specialty/): resolve it on the copy ``cfg.data`` reads and make its datasets
+    the training selection (``data.datasets``; the other row filters cleared); returns what the record keeps."""
+    from omegaconf import OmegaConf, open_dict
+
+    from microbench.data.specialty import metadata_rows, resolve_specialty
+
+    sp = cfg.get("specialty")
+    if not sp:
+        return None
+    chosen = [k for k in ROW_FILTERS if cfg.data.get(k)]
+    if chosen:
+        raise UserError(f"specialty={sp.get('name')} and data.{chosen[0]} both choose the training data: give one "
+                        "(specialty=custom 'specialty.datasets=[...]' for a list of datasets)")
+    datasets = None if OmegaConf.is_missing(sp, "datasets") else sp.get("datasets")
+    axis = None if datasets or OmegaConf.is_missing(sp, "axis") else sp.get("axis")
+    value = None if datasets or OmegaConf.is_missing(sp, "value") else sp.get("value")
+    if not datasets and (axis is None or value is None):
+        raise UserError("specialty=custom needs specialty.axis and specialty.value (e.g. specialty.axis=modality "
+                        "'specialty.value=fluorescence microscopy') or 'specialty.datasets=[a,b]'")
+    rows = metadata_rows(cfg.data.path, cfg.data.get("revision"))
+    spec = resolve_specialty(rows, str(sp.get("name")), axis, value, list(datasets) if datasets else None)
+    with open_dict(cfg):
+        cfg.data.datasets = list(spec.datasets)
+    what = f"{spec.axis}={spec.value}" if spec.axis else "datasets"
+    log.info("specialty %s (%s): %d dataset(s): %s", spec.name, what, len(spec.datasets), ", ".join(spec.datasets))
+    for d, share in spec.split_datasets.items():
+        log.warning("specialty %s: dataset %s has %.0f %% of its rows with %s (%s)", spec.name, d, 100 * share,
+                    what, "in the group" if share >= 0.5 else "left out")
+    return spec.to_dict()
+
+
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     """Fit, test on the held-out split of the training datasets, then run the official zero-shot protocol there."""
     t0, out_dir = start_run(cfg)
+    specialty = apply_specialty(cfg)
     backbone = build_model(cfg.model)
     dm = labelled_data(cfg, backbone)
     dm.setup("fit")
@@ -98,7 +134,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     record = new_record(run_context(cfg, t0, out_dir), task="finetune", model=backbone.describe(),
                         data={**dm.source.to_dict(), "filters": dm.filters},
                         split={"name": "test", **dm.split_spec.to_dict()}, headline=headline, metrics={},
-                        world_size=trainer.world_size, **fit)
+                        world_size=trainer.world_size, specialty=specialty, **fit)
     if trainer.is_global_zero:
         write_run(out_dir, record, name="train_metrics.json")
     record.outputs = outputs
