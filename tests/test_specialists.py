@@ -150,3 +150,70 @@ def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")
+
+
+# --- §2 (core): one study of many models ----------------------------------------------------------------------
+
+def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_path):
+    """Two specialists of the tiny model (weights moved along two random directions): one sweep per split decodes
+    each image once for every model; the soup is the specialists' mean; each cell's Δ is the model's accuracy minus the
+    base's on the same items; normalized accuracy follows its definition."""
+    from functools import partial
+
+    import torch
+
+    from conftest import compose_config
+    from microbench.data.config import make_eval_dm, whole_benchmark_cfg
+    from microbench.studies.specialists import (
+        Specialist,
+        plan_models,
+        run_specialists,
+        write_specialists_report,
+    )
+    from microbench.tasks.trainer import build_model
+
+    cfg = compose_config("train", ["experiment=specialist"])
+    bb = build_model(cfg.model)
+    base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def moved(scale):
+        return {k: v + scale * torch.randn(v.shape, generator=gen) * v.std() if v.is_floating_point() and v.ndim > 1
+                else v.clone() for k, v in base.items()}
+
+    sps = [Specialist("pathology", moved(0.3), ["kather_et_al_2016", "acevedo_et_al_2020"]),
+           Specialist("electron", moved(0.3), ["empiar_sbfsem"])]
+    paths, points, families = plan_models(base, sps, lambdas=(0.5, 1.0), densities=(0.2,))
+    soup = paths["uniform_soup"][1]
+    k = next(k for k, v in base.items() if v.is_floating_point() and v.ndim > 1)
+    assert torch.allclose(soup[k], (sps[0].state[k] + sps[1].state[k]) / 2, atol=1e-6)
+    assert families["ties"] == [("ties[k=0.2]", 0.5), ("ties[k=0.2]", 1.0)] and len(points) == 1 + 2 + 1 + 2 + 2
+    study = run_specialists(bb, base, sps, make_dm=partial(make_eval_dm, whole_benchmark_cfg(cfg.data), bb.preprocess),
+                            n_resamples=199, lambdas=(0.5, 1.0), densities=(0.2,))
+    test = study["splits"]["test"]
+    assert test["sweep"]["decoded_images"] == test["images"] and test["sweep"]["models"] == len(points)
+    assert set(test["models"]) == {"base", "specialist:pathology", "specialist:electron", "uniform_soup",
+                                   "task_arithmetic", "ties"}
+    assert study["chosen"]["task_arithmetic"]["scale"] in (0.5, 1.0)
+    base_cell = test["models"]["base"]["pathology/fine"]
+    assert base_cell["delta"]["value"] == base_cell["delta"]["low"] == base_cell["delta"]["high"] == 0.0
+    for model, cells in test["models"].items():
+        for name, cell in cells.items():
+            assert cell["delta"]["value"] == pytest.approx(
+                cell["acc"]["value"] - test["models"]["base"][name]["acc"]["value"], abs=1e-12), (model, name)
+    gain = test["scalars"]["specialists"]["pathology"]["gain"]
+    assert gain == test["models"]["specialist:pathology"]["pathology/fine"]["delta"]
+    forgetting = test["scalars"]["specialists"]["electron"]["forgetting"]
+    elsewhere = test["models"]["specialist:electron"]["elsewhere:electron/all"]["delta"]
+    assert forgetting["value"] == -elsewhere["value"] and forgetting["low"] == -elsewhere["high"]
+    norm = test["scalars"]["merges"]["uniform_soup"]["normalized_accuracy"]
+    for g in ("pathology", "electron"):
+        acc = test["models"]["uniform_soup"][f"{g}/all"]["acc"]["value"]
+        own = test["models"][f"specialist:{g}"][f"{g}/all"]["acc"]["value"]
+        assert norm[g] == pytest.approx(acc / own)
+    out = tmp_path / "study"
+    write_specialists_report(study, out)
+    md = (out / "specialists.md").read_text()
+    assert md.startswith("# Specialists study\n\n**What happened.**") and "## Accuracy matrix (fine)" in md
+    assert (out / "specialists_matrix.png").stat().st_size > 0
+    assert "NaN" not in (out / "specialists.json").read_text()

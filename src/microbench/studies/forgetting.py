@@ -148,11 +148,11 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
 
 # --- summaries ----------------------------------------------------------------------------------------------------
 
-def _grain(qtype: pd.Series) -> np.ndarray:
+def caption_grain(qtype: pd.Series) -> np.ndarray:
     return np.where(qtype.astype(str) == "classification", "fine", "coarse")
 
 
-def _aligned(base: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+def aligned_correct(base: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """``base``'s items and ``other``'s correctness on them, in base's order (a float: 0/1, or a seed mean)."""
     key = ["source", "row_idx", "key"]
     b = base.set_index(key)
@@ -178,10 +178,10 @@ def summarize_model(base: pd.DataFrame, preds: pd.DataFrame, targets: set[str], 
 
     ``resampler``: the split's shared :class:`ClusterBootstrap` over the base's caption items, in their order, so
     that the intervals of every model summarised with it are paired (default: one built for this call)."""
-    b, correct = _aligned(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
+    b, correct = aligned_correct(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
     resampler = resampler or caption_resampler(base, n_resamples, confidence, seed)
     base_correct = b["correct"].to_numpy(dtype=float)
-    grain = _grain(b["question_type"])
+    grain = caption_grain(b["question_type"])
     is_target = b["dataset"].astype(str).isin(targets).to_numpy()
     groups = {"target": is_target, "supported": ~is_target, "all": np.ones(len(b), dtype=bool)}
     masks = {f"{gname}/{g}": gmask & (grain == g if g != "all" else True)
@@ -221,7 +221,7 @@ def axis_deltas(base: pd.DataFrame, models: dict[str, pd.DataFrame], rows: pd.Da
     supported = ~cap["dataset"].astype(str).isin(targets).to_numpy()
     out: dict[str, dict] = {}
     meta = rows.set_index("row_idx")
-    aligned = {name: _aligned(cap, p)[1] for name, p in models.items()}
+    aligned = {name: aligned_correct(cap, p)[1] for name, p in models.items()}
     b = cap["correct"].to_numpy(dtype=float)
     for axis in AXES:
         if axis not in meta.columns:
@@ -636,10 +636,10 @@ def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str]
     questions and on the supported datasets: the gain given up and the loss won back."""
     base = preds[BASE_POINT]
     cap = base[base["source"] == "captions"]
-    ft_correct = _aligned(cap, preds[FINETUNED_POINT])[1]
-    chosen = _aligned(cap, _chosen_frame(preds, plan_entry, alpha))[1]
+    ft_correct = aligned_correct(cap, preds[FINETUNED_POINT])[1]
+    chosen = aligned_correct(cap, _chosen_frame(preds, plan_entry, alpha))[1]
     is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
-    fine = _grain(cap["question_type"]) == "fine"
+    fine = caption_grain(cap["question_type"]) == "fine"
     masks = {"target/fine": is_target & fine, "supported/all": ~is_target}
     return {k: _with_interval(e, significant=True) for k, e in resampler.estimates(chosen - ft_correct, masks).items()}
 
@@ -651,11 +651,11 @@ def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudyS
     base = preds[BASE_POINT]
     cap = base[base["source"] == "captions"]
     is_target = cap["dataset"].astype(str).isin(targets).to_numpy()
-    fine = _grain(cap["question_type"]) == "fine"
+    fine = caption_grain(cap["question_type"]) == "fine"
     t_mask, s_mask = is_target & fine, ~is_target
     if not t_mask.any() or not s_mask.any():
         return {"areas": {}, "pairs": {}, "undefined": "no target fine-grained or no supported items on test"}
-    rows = [_aligned(cap, base)[1], _aligned(cap, preds[FINETUNED_POINT])[1]]
+    rows = [aligned_correct(cap, base)[1], aligned_correct(cap, preds[FINETUNED_POINT])[1]]
     curves = {}
     for name in spec.methods:
         entries = plan[name]["paths"]
@@ -672,7 +672,7 @@ def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudyS
                 frame = preds[point]
             else:
                 frame = plan[name]["mean_preds"]["test"][a]
-            rows.append(_aligned(cap, frame)[1])
+            rows.append(aligned_correct(cap, frame)[1])
             idx.append(len(rows) - 1)
         curves[name] = idx
     matrix = np.stack(rows)

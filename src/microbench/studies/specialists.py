@@ -1,0 +1,300 @@
+"""The study of many specialists: the base, every specialist (fine-tuned from the same base on one group of μ-Bench)
+and merged models of all of them, scored in one pass over each split, as one accuracy matrix.
+
+Models (all points of one sweep, :func:`~microbench.studies.forgetting.sweep_split`: each image decoded once):
+
+- ``base``; ``specialist:<name>`` for each specialist;
+- ``uniform_soup``: the mean of the specialists (Wortsman et al., 2022);
+- ``task_arithmetic``: θ_base + λ·Σ_i τ_i (Ilharco et al., 2023), λ from :data:`LAMBDAS` chosen on val;
+- ``ties``: θ_base + λ·TIES(τ_1..τ_n; k) (Yadav et al., 2023), k from :data:`TIES_DENSITIES` and λ chosen on val.
+
+λ and k are chosen on val by the mean accuracy over the specialty groups (FusionBench's criterion: the average of the
+tasks' accuracies). The matrix (rows: models; columns: each specialty group, ``outside`` = every dataset in no
+group, ``all``; coarse, fine and both) gives every cell's accuracy and Δ vs base with a paired, image-clustered 95 %
+interval (one :class:`~microbench.metrics.bootstrap.ClusterBootstrap` per split shared by every cell). Scalars:
+
+- each specialist's ``gain`` on its own group (fine-grained, the classification it was trained on) and its
+  ``forgetting`` elsewhere (−Δ on every other dataset, both grains);
+- each merge's ``normalized accuracy`` per group, acc(merge, group_i) / acc(specialist_i, group_i) (the TIES and
+  FusionBench definition), and its mean;
+- for each specialist and each merge, Δ(merge − specialist) outside the specialist's group with a paired CI, and
+  whether the merge beats the specialist there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap
+from microbench.studies.forgetting import (
+    BASE_POINT,
+    ResultCache,
+    aligned_correct,
+    caption_grain,
+    caption_resampler,
+    sweep_split,
+)
+from microbench.studies.merging import task_arithmetic, ties_merge, uniform_soup
+
+#: the task-arithmetic / TIES scales chosen among on val
+LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)
+#: the TIES densities (share of each task vector's entries kept; the paper's default is 0.2)
+TIES_DENSITIES = (0.1, 0.2)
+GRAINS = ("coarse", "fine", "all")
+
+
+@dataclass
+class Specialist:
+    """One fine-tune of the base: its name, weights and the datasets it was trained on (its group)."""
+
+    name: str
+    state: dict[str, torch.Tensor]
+    datasets: Sequence[str]
+    source: str = ""
+
+
+def plan_models(base: dict, specialists: Sequence[Specialist], keys: Callable[[str], bool] | None = None,
+                lambdas: Sequence[float] = LAMBDAS, densities: Sequence[float] = TIES_DENSITIES
+                ) -> tuple[dict, list[tuple[str, float]], dict[str, list[tuple[str, float]]]]:
+    """The sweep's paths (name → (start, end)), its points, and each model family's candidate points."""
+    states = [s.state for s in specialists]
+    paths: dict = {"wise_ft": (base, states[0])}
+    families: dict[str, list[tuple[str, float]]] = {"base": [BASE_POINT]}
+    for s in specialists:
+        paths[f"specialist:{s.name}"] = (base, s.state)
+        families[f"specialist:{s.name}"] = [(f"specialist:{s.name}", 1.0)]
+    if len(specialists) > 1:
+        paths["uniform_soup"] = (base, {**base, **uniform_soup(states, keys)})
+        families["uniform_soup"] = [("uniform_soup", 1.0)]
+        paths["task_arithmetic"] = (base, task_arithmetic(base, states, 1.0, keys))
+        families["task_arithmetic"] = [("task_arithmetic", float(lam)) for lam in lambdas]
+        families["ties"] = []
+        for k in densities:
+            paths[f"ties[k={k}]"] = (base, ties_merge(base, states, float(k), 1.0, keys))
+            families["ties"] += [(f"ties[k={k}]", float(lam)) for lam in lambdas]
+    points = list(dict.fromkeys(p for fam in families.values() for p in fam))
+    return paths, points, families
+
+
+def group_masks(base: pd.DataFrame, groups: dict[str, set[str]]) -> dict[str, np.ndarray]:
+    """``<group>/<grain>`` masks over the base's caption items: every specialty group, ``outside`` (datasets in no
+    group), ``all``; and ``elsewhere:<group>`` (every item outside that group), both grains."""
+    cap = base[base["source"] == "captions"]
+    ds = cap["dataset"].astype(str).to_numpy()
+    grain = caption_grain(cap["question_type"])
+    inside = {g: np.isin(ds, sorted(members)) for g, members in groups.items()}
+    any_group = np.logical_or.reduce(list(inside.values())) if inside else np.zeros(len(ds), bool)
+    sets = {**inside, "outside": ~any_group, "all": np.ones(len(ds), bool)}
+    masks = {f"{g}/{gr}": m & (grain == gr if gr != "all" else True) for g, m in sets.items() for gr in GRAINS}
+    masks.update({f"elsewhere:{g}/all": ~m for g, m in inside.items()})
+    return {k: v for k, v in masks.items() if v.any()}
+
+
+def _interval(e) -> dict:
+    return {"value": e.value, "low": e.low, "high": e.high, "n": e.n, "interval": CLUSTERED,
+            "significant": bool(e.low > 0 or e.high < 0)}
+
+
+def summarize(base: pd.DataFrame, preds: pd.DataFrame, masks: dict, resampler: ClusterBootstrap) -> dict:
+    """Accuracy and Δ vs base (paired, image-clustered) of one model on every mask."""
+    b, correct = aligned_correct(base[base["source"] == "captions"], preds[preds["source"] == "captions"])
+    acc = resampler.estimates(correct, masks)
+    delta = resampler.estimates(correct - b["correct"].to_numpy(dtype=float), masks)
+    return {k: {"acc": _interval(acc[k]), "delta": _interval(delta[k])} for k in masks if k in acc}
+
+
+def _correct(base: pd.DataFrame, preds: pd.DataFrame) -> np.ndarray:
+    return aligned_correct(base[base["source"] == "captions"], preds[preds["source"] == "captions"])[1]
+
+
+def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist], *,
+                    make_dm: Callable[[str], object], keys: Callable[[str], bool] | None = None,
+                    n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0,
+                    device: str | torch.device = "cpu", lambdas: Sequence[float] = LAMBDAS,
+                    densities: Sequence[float] = TIES_DENSITIES) -> dict | None:
+    """Score every model on val and test in one sweep per split, choose the merges' λ (and TIES' k) on val,
+    summarise test as the accuracy matrix with its scalars; returns the study (rank 0; other ranks None)."""
+    from microbench import distributed
+
+    if not specialists:
+        raise ValueError("a specialists study needs at least one specialist")
+    t0 = time.perf_counter()
+    names = [s.name for s in specialists]
+    if len(set(names)) != len(names):
+        raise ValueError(f"specialist names must differ: {names}")
+    groups = {s.name: set(s.datasets) for s in specialists}
+    paths, points, families = plan_models(base_state, specialists, keys, lambdas, densities)
+    cache = ResultCache(None)
+    splits: dict[str, dict] = {}
+    chosen: dict[str, tuple[str, float]] = {}
+    for split in ("val", "test"):
+        dm = make_dm(split)
+        preds, info = sweep_split(backbone, base_state, specialists[0].state, [], dm, keys, cache, device,
+                                  paths=paths, points=points)
+        if distributed.rank() != 0:
+            continue
+        base = preds[BASE_POINT]
+        masks = group_masks(base, groups)
+        resampler = caption_resampler(base, n_resamples, confidence, seed)
+        if split == "val":  # λ (and k) of each merge family: the mean accuracy over the groups
+            for fam, cands in families.items():
+                if len(cands) == 1:
+                    chosen[fam] = cands[0]
+                    continue
+                score = {p: np.mean([_correct(base, preds[p])[masks[f"{g}/all"]].mean() for g in groups
+                                     if f"{g}/all" in masks]) for p in cands}
+                chosen[fam] = max(cands, key=lambda p: (score[p], -cands.index(p)))
+            splits[split] = {"sweep": info, "selection_scores": {
+                fam: {f"{n}@{a:.2f}": float(np.mean([_correct(base, preds[(n, a)])[masks[f"{g}/all"]].mean()
+                                                     for g in groups if f"{g}/all" in masks])) for n, a in cands}
+                for fam, cands in families.items() if len(cands) > 1}}
+            continue
+        models = {fam: summarize(base, preds[chosen[fam]], masks, resampler) for fam in families}
+        splits[split] = {"sweep": info, "models": models, "items": int((base["source"] == "captions").sum()),
+                         "images": len(dm.images())}
+        splits[split]["scalars"] = scalars(base, preds, chosen, specialists, masks, resampler, models)
+    if distributed.rank() != 0:
+        return None
+    return {"kind": "specialists", "specialists": [{"name": s.name, "datasets": sorted(s.datasets),
+                                                    "source": s.source} for s in specialists],
+            "groups": {g: sorted(m) for g, m in groups.items()},
+            "chosen": {fam: {"path": p[0], "scale": p[1]} for fam, p in chosen.items()},
+            "candidates": {"lambdas": list(lambdas), "ties_densities": list(densities)},
+            "settings": {"n_resamples": n_resamples, "confidence": confidence, "seed": seed,
+                         "interval": CLUSTERED},
+            "splits": splits, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def scalars(base, preds, chosen, specialists, masks, resampler, models) -> dict:
+    """Gain and forgetting of each specialist; normalized accuracy of each merge; merge vs specialist outside the
+    specialist's group (paired)."""
+    out: dict = {"specialists": {}, "merges": {}}
+    merges = [f for f in chosen if f not in ("base",) and not f.startswith("specialist:")]
+    for s in specialists:
+        m = models[f"specialist:{s.name}"]
+        out["specialists"][s.name] = {"gain": m.get(f"{s.name}/fine", {}).get("delta"),
+                                      "forgetting": _negated(m.get(f"elsewhere:{s.name}/all", {}).get("delta"))}
+    for fam in merges:
+        mine = _correct(base, preds[chosen[fam]])
+        norm, versus = {}, {}
+        for s in specialists:
+            own = masks.get(f"{s.name}/all")
+            spec = _correct(base, preds[(f"specialist:{s.name}", 1.0)])
+            if own is not None and spec[own].mean() > 0:
+                norm[s.name] = float(mine[own].mean() / spec[own].mean())
+            where = masks.get(f"elsewhere:{s.name}/all")
+            if where is not None:
+                e = resampler.estimates(mine - spec, {"x": where})["x"]
+                versus[s.name] = {**_interval(e), "beats": bool(e.low > 0)}
+        out["merges"][fam] = {"normalized_accuracy": norm,
+                              "mean_normalized_accuracy": float(np.mean(list(norm.values()))) if norm else None,
+                              "versus_specialist_elsewhere": versus}
+    return out
+
+
+def _negated(d: dict | None) -> dict | None:
+    if not d:
+        return None
+    return {**d, "value": -d["value"], "low": -d["high"], "high": -d["low"]}
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def _pp(d: dict | None) -> str:
+    if not d or d.get("value") is None:
+        return "—"
+    return (f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            + ("*" if d.get("significant") else ""))
+
+
+def report_markdown(study: dict) -> str:
+    test = study["splits"]["test"]
+    groups = list(study["groups"])
+    lines = ["# Specialists study", "", "**What happened.**"]
+    for name, s in test["scalars"]["specialists"].items():
+        lines.append(f"- The **{name}** specialist changed its own group's fine-grained accuracy by {_pp(s['gain'])} "
+                     f"points and every other dataset's by {_pp(_negated(s['forgetting']))} (paired, image-clustered "
+                     "95 % CI; * excludes 0).")
+    for fam, m in test["scalars"]["merges"].items():
+        beats = [n for n, v in m["versus_specialist_elsewhere"].items() if v["beats"]]
+        c = study["chosen"][fam]
+        lines.append(f"- **{fam}** ({c['path']}, λ = {c['scale']:.2f}, chosen on val): mean normalized accuracy "
+                     + ("—" if m["mean_normalized_accuracy"] is None else f"{m['mean_normalized_accuracy']:.2f}")
+                     + "; outside their groups it beats " + (", ".join(beats) if beats else "no specialist")
+                     + " significantly.")
+    lines += ["", f"Test split: {test['images']} images, {test['items']} caption items; one pass scored "
+              f"{test['sweep'].get('models', '?')} models with {test['sweep'].get('decoded_images', '?')} image "
+              "decodes in all. Δ vs base in points, paired image-clustered 95 % CI; * = excludes 0.", ""]
+    cols = [*groups, "outside", "all"]
+    for grain in ("fine", "coarse", "all"):
+        lines += [f"## Accuracy matrix ({grain})", "", "| model | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for model, cells in test["models"].items():
+            row = []
+            for c in cols:
+                cell = cells.get(f"{c}/{grain}")
+                row.append("—" if cell is None else f"{100 * cell['acc']['value']:.1f} ({_pp(cell['delta'])})")
+            lines.append(f"| {model} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Groups", "", *[f"- {g}: {', '.join(d)}" for g, d in study["groups"].items()], ""]
+    return "\n".join(lines)
+
+
+def plot_matrix(study: dict, path: Path, grain: str = "all") -> Path | None:
+    """Heatmap of Δ vs base (points) of every model on every group, * where the CI excludes 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = study["splits"]["test"]
+    cols = [*study["groups"], "outside", "all"]
+    models = list(test["models"])
+    grid = np.full((len(models), len(cols)), np.nan)
+    sig = np.zeros_like(grid, dtype=bool)
+    for i, m in enumerate(models):
+        for j, c in enumerate(cols):
+            cell = test["models"][m].get(f"{c}/{grain}")
+            if cell:
+                grid[i, j] = 100 * cell["delta"]["value"]
+                sig[i, j] = cell["delta"]["significant"]
+    lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2.5, 0.5 * len(models) + 1.5))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(cols)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:+.1f}{'*' if sig[i, j] else ''}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.set_title(f"Δ accuracy vs base ({grain}, points; * = 95 % CI excludes 0)", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_specialists_report(study: dict, out_dir: str | Path) -> dict:
+    """``specialists.json``, ``specialists.md`` and ``specialists_matrix.png`` (each atomic)."""
+    from microbench.results.io import write_json, write_text
+    from microbench.studies.report import undefined_numbers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    undefined = undefined_numbers(study)
+    if undefined:
+        study["undefined"] = undefined
+    write_json(out_dir / "specialists.json", study)
+    write_text(out_dir / "specialists.md", report_markdown(study))
+    plot_matrix(study, out_dir / "specialists_matrix.png")
+    return study
