@@ -88,7 +88,7 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     argv += FAST.get(script, [])
     if "model.name=ViT-B-32" in command:  # the real architecture, random init: one dataset keeps it quick
         argv += ["data.datasets=[kather_et_al_2016]"]
-    if "-m" in argv:  # a multirun: one folder per job under the sweep folder of paths.log_dir
+    if "-m" in argv[2:]:  # a multirun: one folder per job under the sweep folder of paths.log_dir
         return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "forgetting.enabled=false"]
     argv += [f"paths.output_dir={tmp}"]
     if script == "src/train.py":
@@ -134,7 +134,7 @@ def test_every_readme_command_runs(n, runs, chat_server):
     res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, f"README command {n} failed: {command}\n{' '.join(argv)}\n{res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    if "-m" in argv:
+    if "-m" in argv[2:]:  # a Hydra multirun (not ``python -m microbench ...``)
         jobs = [p for p in tmp.rglob("train_metrics.json")]
         assert len(jobs) == command.split("specialty=", 1)[1].split()[0].count(",") + 1, jobs
         assert all((p.parent / ".hydra").is_dir() for p in jobs), "each job's Hydra log in its own folder"

@@ -217,3 +217,38 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
     assert md.startswith("# Specialists study\n\n**What happened.**") and "## Accuracy matrix (fine)" in md
     assert (out / "specialists_matrix.png").stat().st_size > 0
     assert "NaN" not in (out / "specialists.json").read_text()
+
+
+def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path, capsys):
+    """`python src/specialists.py runs=<multirun folder>`: one process and two DDP ranks give the same study."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    train = [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+             "specialty=pathology,electron", "trainer.max_epochs=2", "forgetting.enabled=false", "eval_in_domain=false",
+             f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
+    assert subprocess.run(train, cwd=REPO, capture_output=True, text=True, env=env, timeout=600).returncode == 0
+    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    studies = {}
+    for name, extra in (("one", []), ("ddp", ["trainer=ddp_sim"])):
+        res = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}",
+                              "bootstrap.n_resamples=199", "lambdas=[0.5,1.0]", "ties_densities=[0.2]",
+                              f"paths.output_dir={tmp_path / name}", *extra], cwd=REPO, capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip().splitlines()[-1].startswith("report: ")
+        studies[name] = json.loads((tmp_path / name / "specialists.json").read_text())
+    one, ddp = studies["one"], studies["ddp"]
+    assert one["splits"]["test"]["models"] == ddp["splits"]["test"]["models"]
+    assert one["splits"]["test"]["scalars"] == ddp["splits"]["test"]["scalars"] and one["chosen"] == ddp["chosen"]
+    assert ddp["splits"]["test"]["sweep"]["ranks"] == 2
+    assert ddp["splits"]["test"]["sweep"]["decoded_images"] == one["splits"]["test"]["images"]
+    assert {s["name"] for s in one["specialists"]} == {"pathology", "electron"}
+    bad = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={tmp_path / 'nowhere'}",
+                          f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: runs: ")

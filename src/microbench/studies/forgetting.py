@@ -101,8 +101,8 @@ BASE_POINT, FINETUNED_POINT = ("wise_ft", 0.0), ("wise_ft", 1.0)
 def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
                 keys: Callable[[str], bool] | None, cache: ResultCache, device: str | torch.device = "cpu",
                 base_fingerprint: str | None = None, paths: dict | None = None,
-                points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False
-                ) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
+                points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False,
+                label: str = "forgetting study") -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
     """Predictions of every point ``(path, α)`` on one split (by default WiSE-FT's θ(α) for every α, path
     ``wise_ft``); the base (``("wise_ft", 0.0)``) comes from the cache when it is there.
 
@@ -124,7 +124,7 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     if todo:
         scorer = InterpolationScorer(backbone, base, finetuned, keys=keys, progress=False, paths=paths, points=todo,
                                      texts_fixed=texts_fixed,
-                                     progress_label=f"forgetting study, {dm.split} split: {len(todo)} models")
+                                     progress_label=f"{label}, {dm.split} split: {len(todo)} models")
         t = time.perf_counter()
         scorer.sweep(dm, device)
         info.update({"seconds": round(time.perf_counter() - t, 3), "timings": scorer.timings,

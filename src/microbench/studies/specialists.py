@@ -137,7 +137,7 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
     for split in ("val", "test"):
         dm = make_dm(split)
         preds, info = sweep_split(backbone, base_state, specialists[0].state, [], dm, keys, cache, device,
-                                  paths=paths, points=points)
+                                  paths=paths, points=points, label="specialists study")
         if distributed.rank() != 0:
             continue
         base = preds[BASE_POINT]

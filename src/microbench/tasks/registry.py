@@ -17,6 +17,7 @@ from microbench.errors import UserError
 from microbench.results.record import RunRecord
 from microbench.tasks import cognition, finetune, linear_probe, localization, perception
 from microbench.tasks import forgetting as forgetting_task
+from microbench.tasks import specialists as specialists_task
 from microbench.tasks.trainer import model_family
 
 Task = Callable[[DictConfig], tuple[RunRecord, dict]]
@@ -42,6 +43,8 @@ TRAIN: dict[tuple[str, str], Task] = {
 
 #: ``python src/forgetting.py``
 FORGETTING: dict[tuple[str, str], Task] = {("forgetting", "contrastive"): forgetting_task.run}
+#: ``python src/specialists.py``
+SPECIALISTS: dict[tuple[str, str], Task] = {("specialists", "contrastive"): specialists_task.run}
 
 
 def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[], str], entry: str) -> Task:
@@ -71,3 +74,7 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
 def forgetting(cfg: DictConfig) -> tuple[RunRecord, dict]:
     return lookup(FORGETTING, "forgetting", lambda: model_family(forgetting_task.base_model_config(cfg.base)),
                   "src/forgetting.py")(cfg)
+
+
+def specialists(cfg: DictConfig) -> tuple[RunRecord, dict]:
+    return lookup(SPECIALISTS, "specialists", lambda: "contrastive", "src/specialists.py")(cfg)

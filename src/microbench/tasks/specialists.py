@@ -1,0 +1,90 @@
+"""``python src/specialists.py runs=<folder>``: the specialists of a multirun of ``experiment=specialist`` (or any
+list of specialist runs of one base) scored together with their merges, in one pass per split
+(:func:`microbench.studies.specialists.run_specialists`), written as ``specialists.json``, ``specialists.md`` and
+``specialists_matrix.png`` in ``paths.output_dir``."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from microbench.data.config import make_eval_dm, whole_benchmark_cfg
+from microbench.errors import UserError
+from microbench.results.io import read_json
+from microbench.results.record import RunRecord
+from microbench.studies.forgetting import load_finetuned_state
+from microbench.studies.specialists import Specialist, run_specialists, write_specialists_report
+from microbench.tasks.forgetting import StudyInProcessGroup
+from microbench.tasks.records import new_record, run_context
+from microbench.tasks.trainer import build_model, start_run, trainer_for
+
+
+def find_specialists(runs) -> list[tuple[dict, str]]:
+    """(fit record, checkpoint) of every specialist under ``runs`` (a folder searched for ``train_metrics.json``,
+    or a list of folders / record files); one line when there is none or one lacks its specialty or checkpoint."""
+    items = [runs] if isinstance(runs, str) else list(runs or [])
+    if not items:
+        raise UserError("no specialists: pass runs=<multirun folder of experiment=specialist> (or a list of runs)")
+    records = []
+    for item in map(Path, items):
+        if not item.exists():
+            raise UserError(f"runs: {item} does not exist")
+        records += [item] if item.is_file() else sorted(item.rglob("train_metrics.json"))
+    found = []
+    for f in records:
+        rec = read_json(f)
+        if not rec.get("specialty"):
+            raise UserError(f"{f} is not a specialist's run (no specialty: train it with experiment=specialist)")
+        ckpt = rec.get("best_checkpoint") or rec.get("last_checkpoint")
+        if not ckpt or not Path(ckpt).is_file():
+            raise UserError(f"{f}: its checkpoint {ckpt} does not exist (moved or deleted?)")
+        found.append((rec, ckpt))
+    if not found:
+        raise UserError(f"no train_metrics.json of a specialist under {', '.join(map(str, items))}")
+    bases = {(r["config"]["model"].get("name"), r["model"].get("fingerprint")) for r, _ in found}
+    if len({b[0] for b in bases}) > 1:
+        raise UserError(f"the specialists have different base models ({sorted(b[0] for b in bases)}): a study "
+                        "merges fine-tunes of one base")
+    return found
+
+
+def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
+    t0, out_dir = start_run(cfg)
+    found = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
+                             else cfg.runs)
+    first = found[0][0]
+    backbone = build_model(OmegaConf.create(first["config"]["model"]))
+    base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    specialists = []
+    for rec, ckpt in found:
+        state, _ = load_finetuned_state(ckpt, backbone)
+        specialists.append(Specialist(rec["specialty"]["name"], state, rec["specialty"]["datasets"], ckpt))
+    data = cfg.data
+    with open_dict(data):
+        data.path = cfg.get("data_path") or first["config"]["data"]["path"]
+    boot = cfg.bootstrap
+    study_fn = partial(run_specialists, backbone, base_state, specialists,
+                       make_dm=partial(make_eval_dm, whole_benchmark_cfg(data), backbone.preprocess),
+                       n_resamples=int(boot.n_resamples), confidence=float(boot.confidence), seed=int(boot.seed),
+                       lambdas=[float(x) for x in cfg.lambdas], densities=[float(x) for x in cfg.ties_densities])
+    context = run_context(cfg, t0, out_dir)
+    trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                          enable_progress_bar=False)
+    if trainer.world_size > 1:  # every process of trainer=ddp|ddp_sim takes its shard of the images
+        runner = StudyInProcessGroup(study_fn, out_dir / f".study-{context['run_id']}.json")
+        trainer.test(runner, verbose=False)
+        study = runner.read_back()
+    else:
+        study = study_fn(device=trainer.strategy.root_device)
+    if trainer.is_global_zero:
+        write_specialists_report(study, out_dir)
+    test = study["splits"]["test"]["scalars"]
+    headline = {f"{n}/gain on its group": s["gain"] for n, s in test["specialists"].items()}
+    record = new_record(context, task="specialists", model={"name": backbone.name,
+                                                            "fingerprint": backbone.fingerprint()},
+                        data={"location": str(data.path)}, split={"name": "test"}, headline=headline, metrics={},
+                        specialists=[s["name"] for s in study["specialists"]])
+    record.outputs = {"report": f"{(out_dir / 'specialists.md').resolve()} (matrix: specialists_matrix.png)"}
+    return record, {"study": study, "backbone": backbone}
