@@ -252,3 +252,117 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
                           f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: runs: ")
+
+
+# --- §2: chains of specialists and the continual-learning scalars ------------------------------------------------
+
+def test_continual_scalars_follow_mammoth_and_zscl():
+    """Pinned to the definitions: GEM/mammoth backward transfer and forgetting (the max over every row, the final one
+    included), GEM's forward transfer (reference: the base), ZSCL's MTIL transfer / avg / last (its results notebook:
+    ``transfer = mean_j mean_{i<j} R[i, j]``, ``avg = R.mean(axis=0).mean()``, ``last = R[-1].mean()``)."""
+    import numpy as np
+
+    from microbench.studies.continual import chain_scalars, merged_as_last
+
+    R = [[0.9, 0.2, 0.1], [0.7, 0.8, 0.3], [0.6, 0.5, 0.85]]
+    got = chain_scalars(R, base=[0.3, 0.25, 0.2])
+    assert got["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+    assert got["average_forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+    assert got["forward_transfer_vs_base"] == pytest.approx(((0.2 - 0.25) + (0.3 - 0.2)) / 2)
+    assert got["transfer"] == pytest.approx((0.2 + (0.1 + 0.3) / 2) / 2)
+    assert got["avg"] == pytest.approx(np.mean([(0.9 + 0.7 + 0.6) / 3, 1.5 / 3, 1.25 / 3]))
+    assert got["last"] == pytest.approx((0.6 + 0.5 + 0.85) / 3)
+    # a task the final step does best on forgets 0 (mammoth), not a negative number (Chaudhry's max over l < T−1)
+    rising = chain_scalars([[0.5, 0.1], [0.9, 0.8]], base=[0.0, 0.0])
+    assert rising["average_forgetting"] == 0.0 and rising["backward_transfer"] == pytest.approx(0.4)
+    # against a direct transcription of the definitions on random matrices
+    rng = np.random.default_rng(0)
+    for T in (2, 3, 5):
+        M = rng.random((T, T))
+        s = chain_scalars(M, base=rng.random(T))
+        bwt = sum(M[T - 1][i] - M[i][i] for i in range(T - 1)) / (T - 1)
+        fgt = sum(max(M[step][j] for step in range(T)) - M[T - 1][j] for j in range(T - 1)) / (T - 1)
+        transfer = sum(sum(M[i][j] for i in range(j)) / j for j in range(1, T)) / (T - 1)
+        assert (s["backward_transfer"], s["average_forgetting"], s["transfer"]) == pytest.approx((bwt, fgt, transfer))
+    assert chain_scalars([[0.7]], base=[0.5])["backward_transfer"] is None  # one step has no backward transfer
+    merge = merged_as_last([[0.9, 0.2], [0.3, 0.8]], merged=[0.7, 0.85])
+    assert merge["backward_transfer"] == pytest.approx(((0.7 - 0.9) + (0.85 - 0.8)) / 2)
+    assert merge["average_forgetting"] == pytest.approx((0.9 - 0.7 + 0.0) / 2)
+    with pytest.raises(ValueError, match="T×T"):
+        chain_scalars([[0.1, 0.2]], base=[0, 0])
+
+
+def test_init_from_starts_the_fit_from_another_fit_and_the_study_base_stays_the_preset(tmp_path, cfg_train):
+    """B fine-tuned from A: with lr = 0, B's weights are A's exactly; B's record names A; its forgetting study's
+    base is the preset (the generalist), not A; chain=true outside a multirun is one line."""
+    import torch
+
+    from microbench.studies.forgetting import load_finetuned_state
+    from microbench.tasks.registry import train
+    from microbench.tasks.trainer import build_model
+
+    common = ["experiment=specialist", "trainer.max_epochs=1", "eval_in_domain=false", "test_after_fit=false",
+              "+trainer.enable_progress_bar=false", "forgetting.enabled=false"]
+    a, _ = train(cfg_train([*common, "specialty=electron", f"paths.output_dir={tmp_path / 'a'}",
+                            f"checkpoint_dir={tmp_path / 'a' / 'ckpt'}"]))
+    b, _ = train(cfg_train([*common, "specialty=pathology", f"init_from={tmp_path / 'a'}", "module.lr=0",
+                            "module.weight_decay=0", "forgetting.enabled=true", "study.alphas=[0,1]",
+                            "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / 'b'}",
+                            f"checkpoint_dir={tmp_path / 'b' / 'ckpt'}"]))
+    a_ckpt = a["best_checkpoint"] or a["last_checkpoint"]
+    assert b["chain"] == {"job": None, "init_from": a_ckpt, "after": ["electron"]}
+    bb = build_model(cfg_train(["experiment=specialist"]).model)
+    sa, _ = load_finetuned_state(a_ckpt, bb)
+    sb, _ = load_finetuned_state(b["best_checkpoint"] or b["last_checkpoint"], bb)
+    base = bb.state_dict()
+    moved = [k for k, v in sa.items() if v.is_floating_point() and not torch.equal(v, base[k])]
+    assert moved and all(torch.equal(sa[k], sb[k]) for k in moved)
+    study = json.loads((tmp_path / "b" / "forgetting" / "forgetting.json").read_text())
+    assert study["base"]["fingerprint"] == bb.fingerprint(refresh=True)  # the preset, not A
+    with pytest.raises(Exception, match="chain=true chains the jobs of a multirun"):
+        train(cfg_train([*common, "chain=true", f"paths.output_dir={tmp_path / 'c'}"]))
+    with pytest.raises(Exception, match="init_from=.*nowhere: no such run folder"):
+        train(cfg_train([*common, f"init_from={tmp_path / 'nowhere'}", f"paths.output_dir={tmp_path / 'd'}"]))
+
+
+def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
+    """`-m ... chain=true`: job 1 starts from job 0's checkpoint; the study with chain=true orders the runs, scores
+    base + each step (no merges) and reports the chain's scalars from its own matrix; chain=false refuses it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from microbench.studies.continual import chain_scalars
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+                          "specialty=electron,pathology", "chain=true", "trainer.max_epochs=1",
+                          "forgetting.enabled=false", "eval_in_domain=false", "test_after_fit=false",
+                          f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
+                          "+trainer.enable_progress_bar=false"], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    em = json.loads((sweep / "electron" / "train_metrics.json").read_text())
+    path = json.loads((sweep / "pathology" / "train_metrics.json").read_text())
+    assert em["chain"] == {"job": 0, "init_from": None, "after": []}
+    assert path["chain"]["init_from"] == (em["best_checkpoint"] or em["last_checkpoint"])
+    assert path["chain"]["after"] == ["electron"] and path["chain"]["job"] == 1
+    study_cmd = [sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}", "bootstrap.n_resamples=99"]
+    refused = subprocess.run([*study_cmd, f"paths.output_dir={tmp_path / 'no'}"], cwd=REPO, capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "study the runs as one chain with chain=true" in refused.stderr
+    ok = subprocess.run([*study_cmd, "chain=true", f"paths.output_dir={tmp_path / 'study'}"], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    study = json.loads((tmp_path / "study" / "specialists.json").read_text())
+    test = study["splits"]["test"]
+    assert study["chain"] is True and set(test["models"]) == {"base", "specialist:electron", "specialist:pathology"}
+    cont = test["scalars"]["continual"]
+    assert cont["kind"] == "chain" and cont["order"] == ["electron", "pathology"]
+    R = [[test["models"][f"specialist:{r}"][f"{c}/fine"]["acc"]["value"] for c in cont["order"]] for r in cont["order"]]
+    base = [test["models"]["base"][f"{c}/fine"]["acc"]["value"] for c in cont["order"]]
+    assert cont["fine"] == chain_scalars(R, base)
+    md = (tmp_path / "study" / "specialists.md").read_text()
+    assert "As one chain (electron → pathology)" in md

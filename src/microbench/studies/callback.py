@@ -31,8 +31,9 @@ class ForgettingCallback(L.Callback):
 
     def __init__(self, make_dm: Callable, out_dir: str | Path, spec: StudySpec | None = None,
                  target_datasets: Sequence[str] | None = None, localization: Callable | None = None,
-                 make_base: Callable | None = None) -> None:
+                 make_base: Callable | None = None, base_state: dict | None = None) -> None:
         self.make_dm, self.out_dir, self.spec = make_dm, Path(out_dir), spec or StudySpec()
+        self.initial_base = base_state  # the base when the fit starts from other weights (init_from, a chain)
         self.make_base = make_base  # () -> the base backbone rebuilt from the model config (resumed fits)
         self.base_fingerprint: str | None = None  # saved in every checkpoint of the fit
         self.run_id = uuid.uuid4().hex  # recorded in forgetting.json: read back only as this run's study
@@ -58,8 +59,9 @@ class ForgettingCallback(L.Callback):
         self.base_fingerprint = state_dict.get("base_fingerprint")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.ckpt_path:  # a fresh fit: the base is the backbone as it is now
-            self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.backbone.state_dict().items()}
+        if not trainer.ckpt_path:  # a fresh fit: the base is the backbone as it is now (or the model it started from)
+            self.base_state = self.initial_base or {k: v.detach().to("cpu", copy=True)
+                                                    for k, v in pl_module.backbone.state_dict().items()}
             self.base_fingerprint = state_fingerprint(self.base_state)
             return
         # resumed: the weights are already fine-tuned; the base is the model the checkpoint records, rebuilt

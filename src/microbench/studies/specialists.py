@@ -61,16 +61,17 @@ class Specialist:
 
 
 def plan_models(base: dict, specialists: Sequence[Specialist], keys: Callable[[str], bool] | None = None,
-                lambdas: Sequence[float] = LAMBDAS, densities: Sequence[float] = TIES_DENSITIES
-                ) -> tuple[dict, list[tuple[str, float]], dict[str, list[tuple[str, float]]]]:
-    """The sweep's paths (name → (start, end)), its points, and each model family's candidate points."""
+                lambdas: Sequence[float] = LAMBDAS, densities: Sequence[float] = TIES_DENSITIES,
+                merges: bool = True) -> tuple[dict, list[tuple[str, float]], dict[str, list[tuple[str, float]]]]:
+    """The sweep's paths (name → (start, end)), its points, and each model family's candidate points (no merges
+    with ``merges=False``: a chain's steps are not independent fine-tunes of the base)."""
     states = [s.state for s in specialists]
     paths: dict = {"wise_ft": (base, states[0])}
     families: dict[str, list[tuple[str, float]]] = {"base": [BASE_POINT]}
     for s in specialists:
         paths[f"specialist:{s.name}"] = (base, s.state)
         families[f"specialist:{s.name}"] = [(f"specialist:{s.name}", 1.0)]
-    if len(specialists) > 1:
+    if merges and len(specialists) > 1:
         paths["uniform_soup"] = (base, {**base, **uniform_soup(states, keys)})
         families["uniform_soup"] = [("uniform_soup", 1.0)]
         paths["task_arithmetic"] = (base, task_arithmetic(base, states, 1.0, keys))
@@ -118,9 +119,11 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
                     make_dm: Callable[[str], object], keys: Callable[[str], bool] | None = None,
                     n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0,
                     device: str | torch.device = "cpu", lambdas: Sequence[float] = LAMBDAS,
-                    densities: Sequence[float] = TIES_DENSITIES) -> dict | None:
+                    densities: Sequence[float] = TIES_DENSITIES, chain: bool = False) -> dict | None:
     """Score every model on val and test in one sweep per split, choose the merges' λ (and TIES' k) on val,
-    summarise test as the accuracy matrix with its scalars; returns the study (rank 0; other ranks None)."""
+    summarise test as the accuracy matrix with its scalars; returns the study (rank 0; other ranks None).
+    ``chain``: the specialists are one sequence (each fine-tuned from the one before, in this order): no merges,
+    and the chain's continual-learning scalars (:func:`microbench.studies.continual.chain_scalars`)."""
     from microbench import distributed
 
     if not specialists:
@@ -130,7 +133,7 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
     if len(set(names)) != len(names):
         raise ValueError(f"specialist names must differ: {names}")
     groups = {s.name: set(s.datasets) for s in specialists}
-    paths, points, families = plan_models(base_state, specialists, keys, lambdas, densities)
+    paths, points, families = plan_models(base_state, specialists, keys, lambdas, densities, merges=not chain)
     cache = ResultCache(None)
     splits: dict[str, dict] = {}
     chosen: dict[str, tuple[str, float]] = {}
@@ -160,9 +163,10 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
         splits[split] = {"sweep": info, "models": models, "items": int((base["source"] == "captions").sum()),
                          "images": len(dm.images())}
         splits[split]["scalars"] = scalars(base, preds, chosen, specialists, masks, resampler, models)
+        splits[split]["scalars"]["continual"] = continual(models, [s.name for s in specialists], chain)
     if distributed.rank() != 0:
         return None
-    return {"kind": "specialists", "specialists": [{"name": s.name, "datasets": sorted(s.datasets),
+    return {"kind": "specialists", "chain": bool(chain), "specialists": [{"name": s.name, "datasets": sorted(s.datasets),
                                                     "source": s.source} for s in specialists],
             "groups": {g: sorted(m) for g, m in groups.items()},
             "chosen": {fam: {"path": p[0], "scale": p[1]} for fam, p in chosen.items()},
@@ -199,6 +203,30 @@ def scalars(base, preds, chosen, specialists, masks, resampler, models) -> dict:
     return out
 
 
+def continual(models: dict, names: Sequence[str], chain: bool) -> dict:
+    """The continual-learning scalars per grain (fine: the classification the specialists learn; all): a chain's
+    (:func:`~microbench.studies.continual.chain_scalars`, rows in chain order), or each merge's read as the step after
+    every specialist (:func:`~microbench.studies.continual.merged_as_last`); None with the reason when a group lacks
+    items of a grain."""
+    from microbench.studies.continual import chain_scalars, merged_as_last
+
+    out: dict = {}
+    for grain in ("fine", "all"):
+        cells = [f"{g}/{grain}" for g in names]
+        missing = [c for c in cells if c not in models["base"]]
+        if missing:
+            out[grain] = {"value": None, "reason": f"no {grain} items in {', '.join(missing)}"}
+            continue
+        R = [[models[f"specialist:{r}"][c]["acc"]["value"] for c in cells] for r in names]
+        base = [models["base"][c]["acc"]["value"] for c in cells]
+        if chain:
+            out[grain] = chain_scalars(R, base)
+        else:
+            out[grain] = {m: merged_as_last(R, [models[m][c]["acc"]["value"] for c in cells])
+                          for m in models if m != "base" and not m.startswith("specialist:")}
+    return {"kind": "chain" if chain else "merges", "order": list(names), **out}
+
+
 def _negated(d: dict | None) -> dict | None:
     if not d:
         return None
@@ -229,6 +257,19 @@ def report_markdown(study: dict) -> str:
                      + ("—" if m["mean_normalized_accuracy"] is None else f"{m['mean_normalized_accuracy']:.2f}")
                      + "; outside their groups it beats " + (", ".join(beats) if beats else "no specialist")
                      + " significantly.")
+    cont = test["scalars"].get("continual") or {}
+    fine = cont.get("fine") or {}
+    if cont.get("kind") == "chain" and fine.get("backward_transfer") is not None:
+        lines.append(f"- As one chain ({' → '.join(cont['order'])}), fine-grained: backward transfer "
+                     f"{100 * fine['backward_transfer']:+.1f}, average forgetting {100 * fine['average_forgetting']:.1f}"
+                     f" points (mammoth); ZSCL transfer {100 * fine['transfer']:.1f}, avg {100 * fine['avg']:.1f}, "
+                     f"last {100 * fine['last']:.1f} %.")
+    elif cont.get("kind") == "merges":
+        for m, v in fine.items():
+            if isinstance(v, dict) and "backward_transfer" in v:
+                lines.append(f"- **{m}** read as the step after every specialist, fine-grained: backward transfer "
+                             f"{100 * v['backward_transfer']:+.1f}, average forgetting "
+                             f"{100 * v['average_forgetting']:.1f} points.")
     lines += ["", f"Test split: {test['images']} images, {test['items']} caption items; one pass scored "
               f"{test['sweep'].get('models', '?')} models with {test['sweep'].get('decoded_images', '?')} image "
               "decodes in all. Δ vs base in points, paired image-clustered 95 % CI; * = excludes 0.", ""]

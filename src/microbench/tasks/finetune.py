@@ -83,11 +83,76 @@ def apply_specialty(cfg: DictConfig) -> dict | None:
     return spec.to_dict()
 
 
+def run_checkpoint(run: str | Path, key: str) -> tuple[str, dict]:
+    """The checkpoint of a fit (its folder, its ``train_metrics.json`` or the ``.ckpt`` itself; a folder or record
+    gives the best checkpoint, else the last) and the fit's record ({} for a bare checkpoint)."""
+    from microbench.results.io import read_json
+
+    path = Path(run)
+    if path.is_dir():
+        path = path / "train_metrics.json"
+    if not path.exists():
+        raise UserError(f"{key}={run}: no such run folder, train_metrics.json or checkpoint")
+    if path.suffix != ".json":
+        return str(path), {}
+    record = read_json(path)
+    ckpt = record.get("best_checkpoint") or record.get("last_checkpoint")
+    if not ckpt or not Path(ckpt).is_file():
+        raise UserError(f"{key}={run}: its checkpoint {ckpt} does not exist (moved or deleted?)")
+    return str(ckpt), record
+
+
+def chain_start(cfg: DictConfig) -> dict | None:
+    """Where this fit starts when not from the model preset: ``init_from=<run>`` (a specialist fine-tuned further,
+    B from A), or ``chain=true`` in a multirun, each job from the previous job's weights (job 0 from the preset).
+    Returns the record's ``chain`` field {job, init_from, after} (None for a plain fit)."""
+    job = None
+    if cfg.get("chain"):
+        if cfg.get("init_from"):
+            raise UserError("chain=true and init_from both say where the fit starts: give one")
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        if hc is None or hc.mode != RunMode.MULTIRUN:
+            raise UserError("chain=true chains the jobs of a multirun: python src/train.py -m experiment=specialist "
+                            "specialty=a,b,c chain=true (or init_from=<run folder> for one step)")
+        job = int(hc.job.num)
+        if job == 0:
+            return {"job": 0, "init_from": None, "after": []}
+        sweep = Path(hc.sweep.dir)
+        from microbench.results.io import read_json
+
+        prev = [f for f in sorted(sweep.rglob("train_metrics.json"))
+                if (read_json(f).get("chain") or {}).get("job") == job - 1]
+        if not prev:
+            raise UserError(f"chain=true: job {job - 1}'s train_metrics.json is not in {sweep} (a chain runs its jobs "
+                            "one after another, with Hydra's basic launcher, and each must succeed)")
+        source = prev[0]
+    elif cfg.get("init_from"):
+        source = cfg.init_from
+    else:
+        return None
+    ckpt, record = run_checkpoint(source, "init_from")
+    before = (record.get("chain") or {}).get("after", [])
+    name = (record.get("specialty") or {}).get("name") or record.get("task_name") or Path(ckpt).stem
+    return {"job": job, "init_from": ckpt, "after": [*before, name]}
+
+
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     """Fit, test on the held-out split of the training datasets, then run the official zero-shot protocol there."""
     t0, out_dir = start_run(cfg)
     specialty = apply_specialty(cfg)
+    chain = chain_start(cfg)
     backbone = build_model(cfg.model)
+    base_state = None
+    if chain and chain["init_from"]:  # the study's base stays the model preset; the fit starts from the run's weights
+        from microbench.studies.forgetting import load_finetuned_state
+
+        base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
+        state, _ = load_finetuned_state(chain["init_from"], backbone, key="init_from")
+        backbone.load_state_dict(state)
+        log.info("fine-tuning from %s (after %s)", chain["init_from"], " → ".join(chain["after"]))
     dm = labelled_data(cfg, backbone)
     dm.setup("fit")
     fit_record = {"model_config": container(cfg.model), "data": dm.source.to_dict(),
@@ -101,7 +166,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     ckpt_dir = Path(cfg.checkpoint_dir)
     named = instantiate_callbacks(cfg)
     callbacks = list(named.values())
-    study_cb = forgetting_callback(cfg, backbone, out_dir)
+    study_cb = forgetting_callback(cfg, backbone, out_dir, base_state=base_state)
     if study_cb is not None:
         callbacks.append(study_cb)
     trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
@@ -134,7 +199,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     record = new_record(run_context(cfg, t0, out_dir), task="finetune", model=backbone.describe(),
                         data={**dm.source.to_dict(), "filters": dm.filters},
                         split={"name": "test", **dm.split_spec.to_dict()}, headline=headline, metrics={},
-                        world_size=trainer.world_size, specialty=specialty, **fit)
+                        world_size=trainer.world_size, specialty=specialty, chain=chain, **fit)
     if trainer.is_global_zero:
         write_run(out_dir, record, name="train_metrics.json")
     record.outputs = outputs

@@ -50,10 +50,40 @@ def find_specialists(runs) -> list[tuple[dict, str]]:
     return found
 
 
+def order_chain(found: list[tuple[dict, str]], chain: bool) -> list[tuple[dict, str]]:
+    """The specialists in chain order (``chain=true``: the one that starts from the base first, then each that
+    starts from the one before); one line when they are not one chain, or are a chain studied with chain=false."""
+    starts = {ckpt: (rec.get("chain") or {}).get("init_from") for rec, ckpt in found}
+    if not chain:
+        chained = [rec["specialty"]["name"] for rec, ckpt in found if starts[ckpt]]
+        if chained:
+            raise UserError(f"{', '.join(chained)} started from another specialist (init_from / chain=true): study "
+                            "the runs as one chain with chain=true, or pass only fine-tunes of the base")
+        return found
+    by_start = {}
+    for rec, ckpt in found:
+        key = str(Path(starts[ckpt]).resolve()) if starts[ckpt] else None
+        if key in by_start:
+            raise UserError(f"chain=true: {rec['specialty']['name']} and {by_start[key][0]['specialty']['name']} "
+                            f"both start from {key or 'the base'}: the runs are not one chain")
+        by_start[key] = (rec, ckpt)
+    ordered, at = [], None
+    while at in by_start:
+        ordered.append(by_start[at])
+        at = str(Path(by_start[at][1]).resolve())
+    if len(ordered) != len(found):
+        left = sorted({r["specialty"]["name"] for r, _ in found} - {r["specialty"]["name"] for r, _ in ordered})
+        raise UserError(f"chain=true: {', '.join(left)} do not continue the chain "
+                        f"{' → '.join(r['specialty']['name'] for r, _ in ordered) or '(no run starts from the base)'}")
+    return ordered
+
+
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
     found = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
                              else cfg.runs)
+    chain = bool(cfg.get("chain", False))
+    found = order_chain(found, chain)
     first = found[0][0]
     backbone = build_model(OmegaConf.create(first["config"]["model"]))
     base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
@@ -68,7 +98,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     study_fn = partial(run_specialists, backbone, base_state, specialists,
                        make_dm=partial(make_eval_dm, whole_benchmark_cfg(data), backbone.preprocess),
                        n_resamples=int(boot.n_resamples), confidence=float(boot.confidence), seed=int(boot.seed),
-                       lambdas=[float(x) for x in cfg.lambdas], densities=[float(x) for x in cfg.ties_densities])
+                       lambdas=[float(x) for x in cfg.lambdas], densities=[float(x) for x in cfg.ties_densities], chain=chain)
     context = run_context(cfg, t0, out_dir)
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=False)
@@ -82,6 +112,10 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         write_specialists_report(study, out_dir)
     test = study["splits"]["test"]["scalars"]
     headline = {f"{n}/gain on its group": s["gain"] for n, s in test["specialists"].items()}
+    fine = test["continual"].get("fine") or {}
+    if chain and fine.get("backward_transfer") is not None:
+        headline.update({f"chain/{k}": {"value": fine[k], "ci": None, "n": len(found)}
+                         for k in ("backward_transfer", "average_forgetting", "transfer", "avg", "last")})
     record = new_record(context, task="specialists", model={"name": backbone.name,
                                                             "fingerprint": backbone.fingerprint()},
                         data={"location": str(data.path)}, split={"name": "test"}, headline=headline, metrics={},
