@@ -41,6 +41,7 @@ FAST = {
     "src/train.py": ["trainer.max_epochs=2", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99",
                      "probe.seeds=[0]", "probe.shots=[full,1]", "+trainer.enable_progress_bar=false"],
     "src/forgetting.py": ["study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99"],
+    "src/specialists.py": ["bootstrap.n_resamples=99", "lambdas=[0.5,1]", "merge_options.ties.densities=[0.2]"],
 }
 
 
@@ -76,7 +77,8 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     argv = shlex.split(command)
     assert argv[0] == ".venv/bin/python", f"unexpected README command form: {command}"
     argv[0] = sys.executable
-    subs = {"checkpoints/demo/<run>/last.ckpt": STATE.get("demo_last", "<no demo run>"),
+    subs = {"logs/specialists/multiruns/<time>": STATE.get("multirun", "<no multirun>"),
+            "checkpoints/demo/<run>/last.ckpt": STATE.get("demo_last", "<no demo run>"),
             "checkpoints/detect_nuclei/<time>/best_epoch012.ckpt": STATE.get("detect_best", "<no detector run>"),
             "out/": str(tmp.parent), "logs/": str(tmp.parent), "leaderboard/": str(tmp / "leaderboard"),
             "cognition.path=/data/ubench_cognition": "cognition.path=sample", "data/ubench": STATE["copy"],
@@ -89,7 +91,8 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     if "model.name=ViT-B-32" in command:  # the real architecture, random init: one dataset keeps it quick
         argv += ["data.datasets=[kather_et_al_2016]"]
     if "-m" in argv[2:]:  # a multirun: one folder per job under the sweep folder of paths.log_dir
-        return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "forgetting.enabled=false"]
+        return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "forgetting.enabled=false",
+                "eval_in_domain=false", "specialists_overrides=['bootstrap.n_resamples=99']"]
     argv += [f"paths.output_dir={tmp}"]
     if script == "src/train.py":
         argv += [f"checkpoint_dir={tmp / 'ckpt'}", f"probe.cache_dir={tmp / 'cache'}",
@@ -138,6 +141,14 @@ def test_every_readme_command_runs(n, runs, chat_server):
         jobs = [p for p in tmp.rglob("train_metrics.json")]
         assert len(jobs) == command.split("specialty=", 1)[1].split()[0].count(",") + 1, jobs
         assert all((p.parent / ".hydra").is_dir() for p in jobs), "each job's Hydra log in its own folder"
+        (STATE["multirun"],) = map(str, (tmp / "specialists" / "multiruns").iterdir())
+        if "study_specialists=true" in command:  # the study ran when every job was done, into <sweep>/study/
+            study = Path(STATE["multirun"]) / "study" / "specialists.json"
+            assert study.is_file(), res.stdout[-2000:]
+            if "chain=true" in command:
+                import json
+
+                assert json.loads(study.read_text())["chain"] is True
     elif "src/" in argv[1]:
         assert (tmp / ".hydra").is_dir(), "the Hydra log must be in the run's own folder"
     named = re.search(r"checkpoint_dir=(checkpoints/\S+)", command)
@@ -152,6 +163,8 @@ def test_every_readme_command_runs(n, runs, chat_server):
         STATE["detect_best"] = next(str(p) for p in (tmp / "ckpt").glob("best_epoch*.ckpt"))
     if "leaderboard" in command:
         assert (tmp / "leaderboard" / "leaderboard.md").exists()
+    if argv[1].endswith("src/specialists.py"):
+        assert (tmp / "specialists.md").read_text().startswith("# Specialists study")
 
 
 def test_every_readme_command_is_classified():

@@ -183,13 +183,14 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
 
     sps = [Specialist("pathology", moved(0.3), ["kather_et_al_2016", "acevedo_et_al_2020"]),
            Specialist("electron", moved(0.3), ["empiar_sbfsem"])]
-    paths, points, families = plan_models(base, sps, lambdas=(0.5, 1.0), densities=(0.2,))
+    paths, points, families = plan_models(base, sps, lambdas=(0.5, 1.0),
+                                          merge_options={"ties": {"densities": [0.2]}})
     soup = paths["uniform_soup"][1]
     k = next(k for k, v in base.items() if v.is_floating_point() and v.ndim > 1)
     assert torch.allclose(soup[k], (sps[0].state[k] + sps[1].state[k]) / 2, atol=1e-6)
     assert families["ties"] == [("ties[k=0.2]", 0.5), ("ties[k=0.2]", 1.0)] and len(points) == 1 + 2 + 1 + 2 + 2
     study = run_specialists(bb, base, sps, make_dm=partial(make_eval_dm, whole_benchmark_cfg(cfg.data), bb.preprocess),
-                            n_resamples=199, lambdas=(0.5, 1.0), densities=(0.2,))
+                            n_resamples=199, lambdas=(0.5, 1.0), merge_options={"ties": {"densities": [0.2]}})
     test = study["splits"]["test"]
     assert test["sweep"]["decoded_images"] == test["images"] and test["sweep"]["models"] == len(points)
     assert set(test["models"]) == {"base", "specialist:pathology", "specialist:electron", "uniform_soup",
@@ -236,7 +237,8 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     studies = {}
     for name, extra in (("one", []), ("ddp", ["trainer=ddp_sim"])):
         res = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}",
-                              "bootstrap.n_resamples=199", "lambdas=[0.5,1.0]", "ties_densities=[0.2]",
+                              "bootstrap.n_resamples=199", "lambdas=[0.5,1.0]", "merge_options.ties.densities=[0.2]",
+                              "merges=[uniform_soup,task_arithmetic,ties,dare,model_stock]",
                               f"paths.output_dir={tmp_path / name}", *extra], cwd=REPO, capture_output=True, text=True,
                              env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
@@ -248,6 +250,8 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     assert ddp["splits"]["test"]["sweep"]["ranks"] == 2
     assert ddp["splits"]["test"]["sweep"]["decoded_images"] == one["splits"]["test"]["images"]
     assert {s["name"] for s in one["specialists"]} == {"pathology", "electron"}
+    assert set(one["splits"]["test"]["models"]) == {"base", "specialist:pathology", "specialist:electron",
+                                                   "uniform_soup", "task_arithmetic", "ties", "dare", "model_stock"}
     bad = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={tmp_path / 'nowhere'}",
                           f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
                          timeout=120)
@@ -366,3 +370,64 @@ def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
     assert cont["fine"] == chain_scalars(R, base)
     md = (tmp_path / "study" / "specialists.md").read_text()
     assert "As one chain (electron → pathology)" in md
+
+
+def test_specialists_merges_are_plugins_pinned_to_the_merging_functions(tmp_path, monkeypatch):
+    """DARE (+ task arithmetic) and Model Stock of every specialist are the toolkit's functions; a new merge is one
+    registered function, imported with plugins=[module]; a wrong name or option is one line."""
+    import sys
+
+    import torch
+
+    from microbench.errors import UserError
+    from microbench.studies import methods
+    from microbench.studies.merging import add_vector, dare, model_stock, task_vector
+    from microbench.studies.specialists import Specialist, plan_models
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 4, generator=gen), "b": torch.randn(4, generator=gen), "n": torch.tensor(3)}
+    sps = [Specialist(f"s{i}", {**base, "w": base["w"] + torch.randn(6, 4, generator=gen),
+                                "b": base["b"] + torch.randn(4, generator=gen)}, [f"d{i}"]) for i in range(3)]
+    paths, points, families = plan_models(base, sps, lambdas=(0.5, 1.0), merges=["dare", "model_stock"],
+                                          merge_options={"dare": {"p": 0.3, "seeds": [0, 1]}})
+    for s in (0, 1):
+        vec = [dare(task_vector(base, sp.state), 0.3, 1000 * s + i) for i, sp in enumerate(sps)]
+        want = add_vector(base, {k: sum(v[k] for v in vec) for k in vec[0]})
+        assert all(torch.equal(paths[f"dare[seed={s}]"][1][k], want[k]) for k in base)
+    assert families["dare"] == [("dare[seed=0]", 0.5), ("dare[seed=0]", 1.0), ("dare[seed=1]", 0.5),
+                                ("dare[seed=1]", 1.0)]
+    stock = model_stock(base, [sp.state for sp in sps])
+    assert all(torch.equal(paths["model_stock"][1][k], stock[k]) for k in base)
+    assert families["model_stock"] == [("model_stock", 1.0)]  # not scaled: the merged point alone
+    # a plug-in, as a user's module registers it
+    plugin = tmp_path / "my_merges.py"
+    plugin.write_text(
+        "from microbench.studies.methods import MergePath, specialists_merge\n"
+        "@specialists_merge('first_half', 'halfway to the first specialist', scaled=False)\n"
+        "def first_half(inputs, share=0.5):\n"
+        "    end = {k: v + share * (inputs.finetuned[0][k] - v) if v.is_floating_point() else v\n"
+        "           for k, v in inputs.base.items()}\n"
+        "    return [MergePath('first_half', 'first_half', inputs.base, end)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from omegaconf import OmegaConf
+
+    from microbench.tasks.specialists import merges_of
+
+    cfg = OmegaConf.create({"plugins": ["my_merges"], "merges": ["first_half", "ties"],
+                            "merge_options": {"first_half": {"share": 0.25}, "dare": {"p": 0.5}}})
+    try:
+        names, options = merges_of(cfg)
+        assert names == ["first_half", "ties"] and options == {"first_half": {"share": 0.25}}
+        paths, _, families = plan_models(base, sps, merges=names, merge_options=options)
+        assert torch.allclose(paths["first_half"][1]["w"], base["w"] + 0.25 * (sps[0].state["w"] - base["w"]))
+        with pytest.raises(UserError, match="merges: unknown merge 'nope'; known: uniform_soup"):
+            merges_of(OmegaConf.create({"merges": ["nope"]}))
+        with pytest.raises(UserError, match=r"merge_options.ties.k is not an option of ties; its options: densities"):
+            merges_of(OmegaConf.create({"merges": ["ties"], "merge_options": {"ties": {"k": 0.2}}}))
+        with pytest.raises(UserError, match=r"merge_options.ties.densities must be one or more shares"):
+            merges_of(OmegaConf.create({"merges": ["ties"], "merge_options": {"ties": {"densities": [2]}}}))
+        with pytest.raises(UserError, match="plugins: cannot import not_a_module"):
+            merges_of(OmegaConf.create({"plugins": ["not_a_module"], "merges": ["ties"]}))
+    finally:
+        methods.SPECIALIST_MERGES.pop("first_half", None)
+        sys.modules.pop("my_merges", None)

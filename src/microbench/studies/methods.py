@@ -13,6 +13,16 @@ decoded images (one decode per image for every method). Each method's end points
 - ``ties_trim``: base → base + trim_k(τ) (TIES' trim on the one task vector; Yadav et al., 2023);
 - ``dare``: base → base + DARE_p(τ), one path per seed (Yu et al., 2024);
 - ``model_stock``: base → θ_H = t·θ̄_ft + (1 − t)·base from two or more fine-tunes (Jang et al., 2024).
+
+The specialists study merges *many* fine-tunes of one base into one model; its merges are plug-ins too, registered
+with :func:`specialists_merge` (:data:`SPECIALIST_MERGES`): given the base and every specialist, each returns the
+path(s) base → θ_merge whose scale λ the study chooses on val (``scaled=True``), or the merged point alone:
+
+- ``uniform_soup``: the specialists' mean (Wortsman et al., 2022), not scaled;
+- ``task_arithmetic``: base + λ·Σ_i τ_i (Ilharco et al., 2023);
+- ``ties``: base + λ·TIES(τ_1..τ_n; k), one path per density k (Yadav et al., 2023);
+- ``dare``: base + λ·Σ_i DARE_p(τ_i), DARE then task arithmetic, one path per seed (Yu et al., 2024);
+- ``model_stock``: t·θ̄ + (1 − t)·base over the specialists (Jang et al., 2024), not scaled.
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ from microbench.studies.merging import (
     dare,
     lines,
     model_stock,
+    task_arithmetic,
     task_vector,
     ties_merge,
+    uniform_soup,
 )
 
 
@@ -65,9 +77,22 @@ class MergeMethod:
     defaults: dict
     summary: str
     check: Callable[..., None] | None = None  # (**options) -> None, raising UserError: before any work is done
+    scaled: bool = True  # specialists merges: the study scans λ along each path (else it scores θ_end alone)
 
 
 METHODS: dict[str, MergeMethod] = {}
+#: merges of many fine-tunes (the specialists study), ``fn(inputs: SpecialistsInputs, **options) -> [MergePath]``
+SPECIALIST_MERGES: dict[str, MergeMethod] = {}
+
+
+@dataclass(frozen=True)
+class SpecialistsInputs:
+    """What a specialists merge may read: the base, every specialist (fine-tunes of that base, in order) and the
+    selected keys (None: every float tensor)."""
+
+    base: StateDict
+    finetuned: Sequence[StateDict]
+    keys: Callable[[str], bool] | None = None
 
 
 def merge_method(name: str, summary: str, check: Callable[..., None] | None = None) -> Callable:
@@ -82,6 +107,49 @@ def merge_method(name: str, summary: str, check: Callable[..., None] | None = No
         return fn
 
     return register
+
+
+def specialists_merge(name: str, summary: str, check: Callable[..., None] | None = None,
+                      scaled: bool = True) -> Callable:
+    """Register ``fn(inputs: SpecialistsInputs, **options) -> list[MergePath]`` as the specialists-study merge
+    ``name`` (``merges=[..., name]``; options ``merge_options.<name>.<key>``). Each path runs base → θ_merge;
+    ``scaled``: the study scores it at every λ of ``lambdas`` and chooses λ on val, else at θ_merge alone."""
+
+    def register(fn: Callable) -> Callable:
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        SPECIALIST_MERGES[name] = MergeMethod(name, fn, defaults, summary, check, scaled)
+        return fn
+
+    return register
+
+
+def check_specialists_merges(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The specialists study's merges, checked in one line each (unknown names, repeats, unknown options)."""
+    names = [names] if isinstance(names, str) else [str(n) for n in names or []]
+    known = ", ".join(SPECIALIST_MERGES)
+    for n in [*names, *(options or {})]:
+        if n not in SPECIALIST_MERGES:
+            raise UserError(f"merges: unknown merge {n!r}; known: {known} (a new one is a function registered with "
+                            "microbench.studies.methods.specialists_merge, imported with plugins=[<module>])")
+    if len(set(names)) != len(names):
+        raise UserError(f"merges={names} names a merge twice")
+    for n, opts in (options or {}).items():
+        unknown = sorted(set(opts or {}) - set(SPECIALIST_MERGES[n].defaults))
+        if unknown:
+            raise UserError(f"merge_options.{n}.{unknown[0]} is not an option of {n}; its options: "
+                            f"{', '.join(SPECIALIST_MERGES[n].defaults) or 'none'}")
+    for n in names:
+        m = SPECIALIST_MERGES[n]
+        if m.check is not None:
+            m.check(**{**m.defaults, **dict((options or {}).get(n) or {})})
+    return names
+
+
+def specialists_merge_paths(name: str, inputs: SpecialistsInputs, options: Mapping | None = None) -> list[MergePath]:
+    """The paths of specialists merge ``name`` with ``options`` over its defaults (labels unique per merge)."""
+    method = SPECIALIST_MERGES[name]
+    return method.paths(inputs, **{**method.defaults, **dict(options or {})})
 
 
 def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
@@ -185,3 +253,63 @@ def _model_stock(inputs: MergeInputs, finetuned: Sequence[str] = ()) -> list[Mer
                         "'study.options.model_stock.finetuned=[<its .ckpt>]'")
     end = model_stock(inputs.base, [inputs.finetuned, *inputs.more_finetuned], inputs.keys)
     return [MergePath("model_stock", "model_stock", inputs.base, end)]
+
+
+# --- merges of many specialists (the specialists study) ----------------------------------------------------------
+
+def _as_list(x) -> list:
+    return [x] if isinstance(x, int | float | str) else list(x or [])
+
+
+def _check_densities(densities: Sequence[float] = (0.1, 0.2)) -> None:
+    ks = _as_list(densities)
+    if not ks or not all(isinstance(k, int | float) and 0 < float(k) <= 1 for k in ks):
+        raise UserError(f"merge_options.ties.densities must be one or more shares in (0, 1], e.g. [0.1,0.2]; got "
+                        f"{densities!r}")
+
+
+def _check_dare_merge(p: float = 0.5, seeds: Sequence[int] = (0,)) -> None:
+    if not isinstance(p, int | float) or not 0 <= float(p) < 1:
+        raise UserError(f"merge_options.dare.p must be a drop probability in [0, 1), got {p!r}")
+    if not _as_list(seeds) or not all(isinstance(x, int) and not isinstance(x, bool) for x in _as_list(seeds)):
+        raise UserError(f"merge_options.dare.seeds must be one or more integer seeds, e.g. [0]; got {seeds!r}")
+
+
+@specialists_merge("uniform_soup", "uniform soup: the specialists' mean (Wortsman et al., 2022)", scaled=False)
+def _soup(inputs: SpecialistsInputs) -> list[MergePath]:
+    return [MergePath("uniform_soup", "uniform_soup", inputs.base,
+                      {**inputs.base, **uniform_soup(inputs.finetuned, inputs.keys)})]
+
+
+@specialists_merge("task_arithmetic", "task arithmetic: base + λ·Σ τ_i, λ on val (Ilharco et al., 2023)")
+def _task_arithmetic(inputs: SpecialistsInputs) -> list[MergePath]:
+    return [MergePath("task_arithmetic", "task_arithmetic", inputs.base,
+                      task_arithmetic(inputs.base, inputs.finetuned, 1.0, inputs.keys))]
+
+
+@specialists_merge("ties", "TIES: base + λ·TIES(τ_1..τ_n; k), k and λ on val (Yadav et al., 2023)",
+                   check=_check_densities)
+def _ties(inputs: SpecialistsInputs, densities: Sequence[float] = (0.1, 0.2)) -> list[MergePath]:
+    return [MergePath("ties", f"ties[k={float(k):g}]", inputs.base,
+                      ties_merge(inputs.base, inputs.finetuned, float(k), 1.0, inputs.keys))
+            for k in _as_list(densities)]
+
+
+@specialists_merge("dare", "DARE + task arithmetic: base + λ·Σ DARE_p(τ_i), λ on val (Yu et al., 2024)",
+                   check=_check_dare_merge)
+def _dare_merge(inputs: SpecialistsInputs, p: float = 0.5, seeds: Sequence[int] = (0,)) -> list[MergePath]:
+    out = []
+    for s in (int(x) for x in _as_list(seeds)):  # specialist i's mask: seed 1000·s + i (independent per model)
+        vector: dict = {}
+        for i, ft in enumerate(inputs.finetuned):
+            for k, v in dare(task_vector(inputs.base, ft, inputs.keys), float(p), 1000 * s + i).items():
+                vector[k] = vector[k] + v if k in vector else v
+        out.append(MergePath("dare", f"dare[seed={s}]", inputs.base, add_vector(inputs.base, vector), seed=s))
+    return out
+
+
+@specialists_merge("model_stock", "Model Stock over the specialists: t·θ̄ + (1 − t)·base (Jang et al., 2024)",
+                   scaled=False)
+def _model_stock_merge(inputs: SpecialistsInputs) -> list[MergePath]:
+    return [MergePath("model_stock", "model_stock", inputs.base,
+                      model_stock(inputs.base, list(inputs.finetuned), inputs.keys))]

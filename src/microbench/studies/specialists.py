@@ -4,9 +4,11 @@ and merged models of all of them, scored in one pass over each split, as one acc
 Models (all points of one sweep, :func:`~microbench.studies.forgetting.sweep_split`: each image decoded once):
 
 - ``base``; ``specialist:<name>`` for each specialist;
-- ``uniform_soup``: the mean of the specialists (Wortsman et al., 2022);
-- ``task_arithmetic``: θ_base + λ·Σ_i τ_i (Ilharco et al., 2023), λ from :data:`LAMBDAS` chosen on val;
-- ``ties``: θ_base + λ·TIES(τ_1..τ_n; k) (Yadav et al., 2023), k from :data:`TIES_DENSITIES` and λ chosen on val.
+- each merge of :data:`MERGES` (or any of :data:`microbench.studies.methods.SPECIALIST_MERGES`, plug-ins
+  included): ``uniform_soup`` (the specialists' mean; Wortsman et al., 2022), ``task_arithmetic`` (θ_base +
+  λ·Σ_i τ_i; Ilharco et al., 2023), ``ties`` (θ_base + λ·TIES(τ_1..τ_n; k); Yadav et al., 2023), ``dare`` (DARE then
+  task arithmetic; Yu et al., 2024), ``model_stock`` (Jang et al., 2024); λ from :data:`LAMBDAS` (and TIES' k)
+  chosen on val.
 
 λ and k are chosen on val by the mean accuracy over the specialty groups (FusionBench's criterion: the average of the
 tasks' accuracies). The matrix (rows: models; columns: each specialty group, ``outside`` = every dataset in no
@@ -24,7 +26,7 @@ interval (one :class:`~microbench.metrics.bootstrap.ClusterBootstrap` per split 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +43,11 @@ from microbench.studies.forgetting import (
     caption_resampler,
     sweep_split,
 )
-from microbench.studies.merging import task_arithmetic, ties_merge, uniform_soup
 
 #: the task-arithmetic / TIES scales chosen among on val
 LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)
-#: the TIES densities (share of each task vector's entries kept; the paper's default is 0.2)
-TIES_DENSITIES = (0.1, 0.2)
+#: the merges of every study by default (``microbench.studies.methods.SPECIALIST_MERGES``)
+MERGES = ("uniform_soup", "task_arithmetic", "ties")
 GRAINS = ("coarse", "fine", "all")
 
 
@@ -61,25 +62,31 @@ class Specialist:
 
 
 def plan_models(base: dict, specialists: Sequence[Specialist], keys: Callable[[str], bool] | None = None,
-                lambdas: Sequence[float] = LAMBDAS, densities: Sequence[float] = TIES_DENSITIES,
-                merges: bool = True) -> tuple[dict, list[tuple[str, float]], dict[str, list[tuple[str, float]]]]:
-    """The sweep's paths (name → (start, end)), its points, and each model family's candidate points (no merges
-    with ``merges=False``: a chain's steps are not independent fine-tunes of the base)."""
+                lambdas: Sequence[float] = LAMBDAS, merges: Sequence[str] = MERGES,
+                merge_options: Mapping[str, Mapping] | None = None
+                ) -> tuple[dict, list[tuple[str, float]], dict[str, list[tuple[str, float]]]]:
+    """The sweep's paths (name → (start, end)), its points, and each model family's candidate points: the base,
+    every specialist, and each merge of :data:`~microbench.studies.methods.SPECIALIST_MERGES` named in ``merges``
+    (none with one specialist, or ``merges=()`` for a chain, whose steps are not independent fine-tunes)."""
+    from microbench.studies.methods import SPECIALIST_MERGES, SpecialistsInputs, specialists_merge_paths
+
     states = [s.state for s in specialists]
     paths: dict = {"wise_ft": (base, states[0])}
     families: dict[str, list[tuple[str, float]]] = {"base": [BASE_POINT]}
     for s in specialists:
         paths[f"specialist:{s.name}"] = (base, s.state)
         families[f"specialist:{s.name}"] = [(f"specialist:{s.name}", 1.0)]
-    if merges and len(specialists) > 1:
-        paths["uniform_soup"] = (base, {**base, **uniform_soup(states, keys)})
-        families["uniform_soup"] = [("uniform_soup", 1.0)]
-        paths["task_arithmetic"] = (base, task_arithmetic(base, states, 1.0, keys))
-        families["task_arithmetic"] = [("task_arithmetic", float(lam)) for lam in lambdas]
-        families["ties"] = []
-        for k in densities:
-            paths[f"ties[k={k}]"] = (base, ties_merge(base, states, float(k), 1.0, keys))
-            families["ties"] += [(f"ties[k={k}]", float(lam)) for lam in lambdas]
+    if len(specialists) > 1:
+        inputs = SpecialistsInputs(base, states, keys)
+        for name in merges:
+            method = SPECIALIST_MERGES[name]
+            families[name] = []
+            for path in specialists_merge_paths(name, inputs, (merge_options or {}).get(name)):
+                if path.label in paths:
+                    raise ValueError(f"merge {name}: path label {path.label!r} is taken")
+                paths[path.label] = (path.start, path.end)
+                families[name] += ([(path.label, float(lam)) for lam in lambdas] if method.scaled
+                                   else [(path.label, 1.0)])
     points = list(dict.fromkeys(p for fam in families.values() for p in fam))
     return paths, points, families
 
@@ -119,7 +126,8 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
                     make_dm: Callable[[str], object], keys: Callable[[str], bool] | None = None,
                     n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0,
                     device: str | torch.device = "cpu", lambdas: Sequence[float] = LAMBDAS,
-                    densities: Sequence[float] = TIES_DENSITIES, chain: bool = False) -> dict | None:
+                    merges: Sequence[str] = MERGES, merge_options: Mapping[str, Mapping] | None = None,
+                    chain: bool = False) -> dict | None:
     """Score every model on val and test in one sweep per split, choose the merges' λ (and TIES' k) on val,
     summarise test as the accuracy matrix with its scalars; returns the study (rank 0; other ranks None).
     ``chain``: the specialists are one sequence (each fine-tuned from the one before, in this order): no merges,
@@ -133,7 +141,8 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
     if len(set(names)) != len(names):
         raise ValueError(f"specialist names must differ: {names}")
     groups = {s.name: set(s.datasets) for s in specialists}
-    paths, points, families = plan_models(base_state, specialists, keys, lambdas, densities, merges=not chain)
+    paths, points, families = plan_models(base_state, specialists, keys, lambdas, () if chain else merges,
+                                          merge_options)
     cache = ResultCache(None)
     splits: dict[str, dict] = {}
     chosen: dict[str, tuple[str, float]] = {}
@@ -170,7 +179,8 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
                                                     "source": s.source} for s in specialists],
             "groups": {g: sorted(m) for g, m in groups.items()},
             "chosen": {fam: {"path": p[0], "scale": p[1]} for fam, p in chosen.items()},
-            "candidates": {"lambdas": list(lambdas), "ties_densities": list(densities)},
+            "candidates": {"lambdas": list(lambdas), "merges": [] if chain else list(merges),
+                           "merge_options": {k: dict(v or {}) for k, v in (merge_options or {}).items()}},
             "settings": {"n_resamples": n_resamples, "confidence": confidence, "seed": seed,
                          "interval": CLUSTERED},
             "splits": splits, "seconds": round(time.perf_counter() - t0, 2)}

@@ -78,8 +78,28 @@ def order_chain(found: list[tuple[dict, str]], chain: bool) -> list[tuple[dict, 
     return ordered
 
 
+def merges_of(cfg: DictConfig) -> tuple[list[str], dict]:
+    """``merges`` and ``merge_options``, checked after importing ``plugins`` (modules that register merges)."""
+    import importlib
+
+    for module in list(cfg.get("plugins") or []):
+        try:
+            importlib.import_module(str(module))
+        except ImportError as err:
+            raise UserError(f"plugins: cannot import {module} ({err}); is its folder on PYTHONPATH?") from None
+    from microbench.studies.methods import check_specialists_merges
+
+    given = cfg.get("merge_options")
+    options = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given or {})
+    merges = cfg.get("merges")
+    merges = [merges] if isinstance(merges, str) else list(merges or [])
+    options = {k: v for k, v in options.items() if k in merges}  # the options of merges not run are not read
+    return check_specialists_merges(merges, options), options
+
+
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
+    merges, options = merges_of(cfg)
     found = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
                              else cfg.runs)
     chain = bool(cfg.get("chain", False))
@@ -98,7 +118,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     study_fn = partial(run_specialists, backbone, base_state, specialists,
                        make_dm=partial(make_eval_dm, whole_benchmark_cfg(data), backbone.preprocess),
                        n_resamples=int(boot.n_resamples), confidence=float(boot.confidence), seed=int(boot.seed),
-                       lambdas=[float(x) for x in cfg.lambdas], densities=[float(x) for x in cfg.ties_densities], chain=chain)
+                       lambdas=[float(x) for x in cfg.lambdas], merges=merges, merge_options=options, chain=chain)
     context = run_context(cfg, t0, out_dir)
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=False)
