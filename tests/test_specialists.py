@@ -235,7 +235,7 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     assert subprocess.run(train, cwd=REPO, capture_output=True, text=True, env=env, timeout=600).returncode == 0
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
     studies = {}
-    for name, extra in (("one", []), ("ddp", ["trainer=ddp_sim"])):
+    for name, extra in (("one", ["logger=wandb", "logger.wandb.offline=true"]), ("ddp", ["trainer=ddp_sim"])):
         res = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}",
                               "bootstrap.n_resamples=199", "lambdas=[0.5,1.0]", "merge_options.ties.densities=[0.2]",
                               "merges=[uniform_soup,task_arithmetic,ties,dare,model_stock]",
@@ -252,6 +252,26 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     assert {s["name"] for s in one["specialists"]} == {"pathology", "electron"}
     assert set(one["splits"]["test"]["models"]) == {"base", "specialist:pathology", "specialist:electron",
                                                    "uniform_soup", "task_arithmetic", "ties", "dare", "model_stock"}
+    # W&B: the matrix and merges tables, the heatmap, the scalars as summary values (read from the offline run)
+    from wandb_files import offline_run
+
+    (path,) = sorted((tmp_path / "one" / "wandb").glob("offline-run-*"))
+    run = offline_run(path)
+    tables = {k: [f for f in run["files"] if f.startswith(f"files/media/table/specialists/{k}_")]
+              for k in ("matrix", "merges")}
+    assert len(tables["matrix"]) == 1 and len(tables["merges"]) == 1, run["files"]
+    assert any(f.startswith("files/media/images/specialists/matrix_plot_") for f in run["files"])
+    matrix = json.loads((path / tables["matrix"][0]).read_text())
+    cells = {(r[0], r[1], r[2]): dict(zip(matrix["columns"], r, strict=True)) for r in matrix["data"]}
+    cell = cells[("specialist:pathology", "pathology", "fine")]
+    want = one["splits"]["test"]["models"]["specialist:pathology"]["pathology/fine"]
+    assert cell["acc"] == pytest.approx(want["acc"]["value"]) and cell["delta_low"] == pytest.approx(
+        want["delta"]["low"])
+    merges = json.loads((path / tables["merges"][0]).read_text())
+    assert [r[0] for r in merges["data"]] == list(one["splits"]["test"]["scalars"]["merges"])
+    gain = one["splits"]["test"]["scalars"]["specialists"]["electron"]["gain"]["value"]
+    assert run["summary"]["specialists/electron/gain"] == pytest.approx(gain)
+    assert run["config"]["specialists"]["groups"] == one["groups"]
     bad = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={tmp_path / 'nowhere'}",
                           f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
                          timeout=120)
@@ -313,11 +333,11 @@ def test_init_from_starts_the_fit_from_another_fit_and_the_study_base_stays_the_
                             "module.weight_decay=0", "forgetting.enabled=true", "study.alphas=[0,1]",
                             "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / 'b'}",
                             f"checkpoint_dir={tmp_path / 'b' / 'ckpt'}"]))
-    a_ckpt = a["best_checkpoint"] or a["last_checkpoint"]
+    a_ckpt = a["last_checkpoint"]
     assert b["chain"] == {"job": None, "init_from": a_ckpt, "after": ["electron"]}
     bb = build_model(cfg_train(["experiment=specialist"]).model)
     sa, _ = load_finetuned_state(a_ckpt, bb)
-    sb, _ = load_finetuned_state(b["best_checkpoint"] or b["last_checkpoint"], bb)
+    sb, _ = load_finetuned_state(b["last_checkpoint"], bb)
     base = bb.state_dict()
     moved = [k for k, v in sa.items() if v.is_floating_point() and not torch.equal(v, base[k])]
     assert moved and all(torch.equal(sa[k], sb[k]) for k in moved)
@@ -351,7 +371,7 @@ def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
     em = json.loads((sweep / "electron" / "train_metrics.json").read_text())
     path = json.loads((sweep / "pathology" / "train_metrics.json").read_text())
     assert em["chain"] == {"job": 0, "init_from": None, "after": []}
-    assert path["chain"]["init_from"] == (em["best_checkpoint"] or em["last_checkpoint"])
+    assert path["chain"]["init_from"] == em["last_checkpoint"]
     assert path["chain"]["after"] == ["electron"] and path["chain"]["job"] == 1
     study_cmd = [sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}", "bootstrap.n_resamples=99"]
     refused = subprocess.run([*study_cmd, f"paths.output_dir={tmp_path / 'no'}"], cwd=REPO, capture_output=True,
@@ -431,3 +451,41 @@ def test_specialists_merges_are_plugins_pinned_to_the_merging_functions(tmp_path
     finally:
         methods.SPECIALIST_MERGES.pop("first_half", None)
         sys.modules.pop("my_merges", None)
+
+
+# --- §3: it shows something on the embedded default -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_three_specialists_on_the_sample_gain_on_their_group_and_the_report_names_the_merges_that_beat_them(
+        tmp_path):
+    """The README's multirun as a user runs it (30 epochs each, the tiny generalist base, the sample), with the study
+    at its end: a specialist gains on its own group with a paired CI above 0, and the report states, for each
+    specialist, which merged models beat it outside its group (exactly those whose paired CI is above 0)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+                          "specialty=pathology,fluorescence,electron", "study_specialists=true",
+                          "forgetting.enabled=false", "eval_in_domain=false", f"paths.log_dir={tmp_path}",
+                          f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    study = json.loads((sweep / "study" / "specialists.json").read_text())
+    test = study["splits"]["test"]["scalars"]
+    gains = {n: s["gain"] for n, s in test["specialists"].items()}
+    assert any(g["low"] > 0 for g in gains.values()), gains
+    md = (sweep / "study" / "specialists.md").read_text()
+    head = md.split("## Accuracy matrix")[0]
+    for name in gains:
+        line = next(x for x in head.splitlines() if x.startswith(f"- Outside the **{name}** group, "))
+        winners = {fam for fam, m in test["merges"].items() if m["versus_specialist_elsewhere"][name]["beats"]}
+        named = set(re.findall(r"(\w+) \([+-]", line))
+        assert named == winners, (line, winners)
+        assert ("no merged model beats" in line) == (not winners)
+    assert (sweep / "study" / "specialists_matrix.png").stat().st_size > 0

@@ -260,7 +260,16 @@ def report_markdown(study: dict) -> str:
         lines.append(f"- The **{name}** specialist changed its own group's fine-grained accuracy by {_pp(s['gain'])} "
                      f"points and every other dataset's by {_pp(_negated(s['forgetting']))} (paired, image-clustered "
                      "95 % CI; * excludes 0).")
-    for fam, m in test["scalars"]["merges"].items():
+    merges = test["scalars"]["merges"]
+    for name in test["scalars"]["specialists"]:
+        winners = [f"{fam} ({_pp(m['versus_specialist_elsewhere'][name])})" for fam, m in merges.items()
+                   if m["versus_specialist_elsewhere"].get(name, {}).get("beats")]
+        if merges:
+            lines.append(f"- Outside the **{name}** group, " + (
+                f"{' and '.join(winners)} beat{'s' if len(winners) == 1 else ''} the {name} specialist (Δ merge − "
+                "specialist, paired CI above 0)." if winners else
+                f"no merged model beats the {name} specialist significantly."))
+    for fam, m in merges.items():
         beats = [n for n, v in m["versus_specialist_elsewhere"].items() if v["beats"]]
         c = study["chosen"][fam]
         lines.append(f"- **{fam}** ({c['path']}, λ = {c['scale']:.2f}, chosen on val): mean normalized accuracy "
@@ -335,8 +344,76 @@ def plot_matrix(study: dict, path: Path, grain: str = "all") -> Path | None:
     return path
 
 
-def write_specialists_report(study: dict, out_dir: str | Path) -> dict:
-    """``specialists.json``, ``specialists.md`` and ``specialists_matrix.png`` (each atomic)."""
+def matrix_table(study: dict) -> tuple[list[str], list[list]]:
+    """Every cell of the test matrix: model, column, grain, accuracy, Δ vs base with its CI and significance."""
+    test = study["splits"]["test"]
+    columns = ["model", "column", "grain", "acc", "delta", "delta_low", "delta_high", "significant", "n"]
+    rows = []
+    for model, cells in test["models"].items():
+        for key, cell in cells.items():
+            if key.startswith("elsewhere:"):
+                continue
+            col, grain = key.rsplit("/", 1)
+            d = cell["delta"]
+            rows.append([model, col, grain, cell["acc"]["value"], d["value"], d["low"], d["high"], d["significant"],
+                         d["n"]])
+    return columns, rows
+
+
+def merges_table(study: dict) -> tuple[list[str], list[list]]:
+    """Each merge: its chosen path and λ, mean normalized accuracy, the specialists it beats outside their groups,
+    and its backward transfer / average forgetting (fine, read as the step after every specialist)."""
+    test = study["splits"]["test"]["scalars"]
+    fine = (test.get("continual") or {}).get("fine") or {}
+    columns = ["merge", "path", "scale", "mean_normalized_accuracy", "beats", "backward_transfer",
+               "average_forgetting"]
+    rows = []
+    for fam, m in test["merges"].items():
+        c, cont = study["chosen"][fam], fine.get(fam) if isinstance(fine.get(fam), dict) else {}
+        rows.append([fam, c["path"], c["scale"], m["mean_normalized_accuracy"],
+                     ", ".join(n for n, v in m["versus_specialist_elsewhere"].items() if v["beats"]),
+                     (cont or {}).get("backward_transfer"), (cont or {}).get("average_forgetting")])
+    return columns, rows
+
+
+def log_specialists(logger, study: dict, plot: Path | None) -> None:
+    """Scalars for every logger (each specialist's gain and forgetting, each merge's mean normalized accuracy, a
+    chain's scalars); with W&B also the matrix and merges tables, the heatmap, summary values and the settings."""
+    test = study["splits"]["test"]["scalars"]
+    scalars = {}
+    for name, s in test["specialists"].items():
+        for k in ("gain", "forgetting"):
+            if s.get(k):
+                scalars[f"specialists/{name}/{k}"] = s[k]["value"]
+    for fam, m in test["merges"].items():
+        if m["mean_normalized_accuracy"] is not None:
+            scalars[f"specialists/{fam}/mean_normalized_accuracy"] = m["mean_normalized_accuracy"]
+    fine = (test.get("continual") or {}).get("fine") or {}
+    if study.get("chain"):
+        scalars.update({f"specialists/chain/{k}": fine[k] for k in ("backward_transfer", "average_forgetting",
+                                                                      "transfer", "avg", "last")
+                        if fine.get(k) is not None})
+    logger.log_metrics(scalars)
+    if not (hasattr(logger, "log_table") and hasattr(logger, "log_image")):
+        return
+    columns, rows = matrix_table(study)
+    logger.log_table(key="specialists/matrix", columns=columns, data=rows)
+    if test["merges"]:
+        columns, rows = merges_table(study)
+        logger.log_table(key="specialists/merges", columns=columns, data=rows)
+    if plot is not None:
+        logger.log_image(key="specialists/matrix_plot", images=[str(plot)],
+                         caption=["Δ accuracy vs base per model and group (* = CI excludes 0)"])
+    run = logger.experiment
+    for k, v in scalars.items():
+        run.summary[k] = v
+    run.config.update({"specialists": {"groups": study["groups"], "chain": study.get("chain", False),
+                                       "chosen": study["chosen"], "candidates": study["candidates"]}},
+                      allow_val_change=True)
+
+
+def write_specialists_report(study: dict, out_dir: str | Path, logger=None) -> dict:
+    """``specialists.json``, ``specialists.md`` and ``specialists_matrix.png`` (each atomic); then the logger's."""
     from microbench.results.io import write_json, write_text
     from microbench.studies.report import undefined_numbers
 
@@ -347,5 +424,7 @@ def write_specialists_report(study: dict, out_dir: str | Path) -> dict:
         study["undefined"] = undefined
     write_json(out_dir / "specialists.json", study)
     write_text(out_dir / "specialists.md", report_markdown(study))
-    plot_matrix(study, out_dir / "specialists_matrix.png")
+    plot = plot_matrix(study, out_dir / "specialists_matrix.png")
+    if logger is not None:
+        log_specialists(logger, study, plot)
     return study

@@ -85,7 +85,8 @@ def apply_specialty(cfg: DictConfig) -> dict | None:
 
 def run_checkpoint(run: str | Path, key: str) -> tuple[str, dict]:
     """The checkpoint of a fit (its folder, its ``train_metrics.json`` or the ``.ckpt`` itself; a folder or record
-    gives the best checkpoint, else the last) and the fit's record ({} for a bare checkpoint)."""
+    gives the last checkpoint, the weights the fit ended with, as a chain continues training) and the fit's record
+    ({} for a bare checkpoint)."""
     from microbench.results.io import read_json
 
     path = Path(run)
@@ -96,7 +97,7 @@ def run_checkpoint(run: str | Path, key: str) -> tuple[str, dict]:
     if path.suffix != ".json":
         return str(path), {}
     record = read_json(path)
-    ckpt = record.get("best_checkpoint") or record.get("last_checkpoint")
+    ckpt = record.get("last_checkpoint") or record.get("best_checkpoint")
     if not ckpt or not Path(ckpt).is_file():
         raise UserError(f"{key}={run}: its checkpoint {ckpt} does not exist (moved or deleted?)")
     return str(ckpt), record

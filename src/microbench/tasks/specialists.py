@@ -18,12 +18,23 @@ from microbench.studies.forgetting import load_finetuned_state
 from microbench.studies.specialists import Specialist, run_specialists, write_specialists_report
 from microbench.tasks.forgetting import StudyInProcessGroup
 from microbench.tasks.records import new_record, run_context
-from microbench.tasks.trainer import build_model, start_run, trainer_for
+from microbench.tasks.trainer import (
+    build_model,
+    close_loggers,
+    container,
+    instantiate_loggers,
+    start_run,
+    trainer_for,
+)
 
 
-def find_specialists(runs) -> list[tuple[dict, str]]:
+def find_specialists(runs, checkpoint: str = "last") -> list[tuple[dict, str]]:
     """(fit record, checkpoint) of every specialist under ``runs`` (a folder searched for ``train_metrics.json``,
-    or a list of folders / record files); one line when there is none or one lacks its specialty or checkpoint."""
+    or a list of folders / record files); ``checkpoint``: ``last`` (the weights the fit ended with, as the fit's own
+    forgetting study scores them) or ``best`` (by val); one line when there is none or one lacks its specialty or
+    checkpoint."""
+    if checkpoint not in ("last", "best"):
+        raise UserError(f"checkpoint={checkpoint}: choose last (the weights each fit ended with) or best (by val)")
     items = [runs] if isinstance(runs, str) else list(runs or [])
     if not items:
         raise UserError("no specialists: pass runs=<multirun folder of experiment=specialist> (or a list of runs)")
@@ -37,7 +48,7 @@ def find_specialists(runs) -> list[tuple[dict, str]]:
         rec = read_json(f)
         if not rec.get("specialty"):
             raise UserError(f"{f} is not a specialist's run (no specialty: train it with experiment=specialist)")
-        ckpt = rec.get("best_checkpoint") or rec.get("last_checkpoint")
+        ckpt = rec.get(f"{checkpoint}_checkpoint") or rec.get("last_checkpoint") or rec.get("best_checkpoint")
         if not ckpt or not Path(ckpt).is_file():
             raise UserError(f"{f}: its checkpoint {ckpt} does not exist (moved or deleted?)")
         found.append((rec, ckpt))
@@ -67,10 +78,11 @@ def order_chain(found: list[tuple[dict, str]], chain: bool) -> list[tuple[dict, 
             raise UserError(f"chain=true: {rec['specialty']['name']} and {by_start[key][0]['specialty']['name']} "
                             f"both start from {key or 'the base'}: the runs are not one chain")
         by_start[key] = (rec, ckpt)
-    ordered, at = [], None
-    while at in by_start:
-        ordered.append(by_start[at])
-        at = str(Path(by_start[at][1]).resolve())
+    ordered, at = [], [None]
+    while any(a in by_start for a in at):
+        rec, ckpt = by_start[next(a for a in at if a in by_start)]
+        ordered.append((rec, ckpt))
+        at = [str(Path(c).resolve()) for c in (rec.get("last_checkpoint"), rec.get("best_checkpoint"), ckpt) if c]
     if len(ordered) != len(found):
         left = sorted({r["specialty"]["name"] for r, _ in found} - {r["specialty"]["name"] for r, _ in ordered})
         raise UserError(f"chain=true: {', '.join(left)} do not continue the chain "
@@ -101,7 +113,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
     merges, options = merges_of(cfg)
     found = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
-                             else cfg.runs)
+                             else cfg.runs, str(cfg.get("checkpoint", "last")))
     chain = bool(cfg.get("chain", False))
     found = order_chain(found, chain)
     first = found[0][0]
@@ -120,6 +132,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
                        n_resamples=int(boot.n_resamples), confidence=float(boot.confidence), seed=int(boot.seed),
                        lambdas=[float(x) for x in cfg.lambdas], merges=merges, merge_options=options, chain=chain)
     context = run_context(cfg, t0, out_dir)
+    loggers = instantiate_loggers(cfg)
+    for lg in loggers:
+        lg.log_hyperparams(container(cfg))
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=False)
     if trainer.world_size > 1:  # every process of trainer=ddp|ddp_sim takes its shard of the images
@@ -129,7 +144,8 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     else:
         study = study_fn(device=trainer.strategy.root_device)
     if trainer.is_global_zero:
-        write_specialists_report(study, out_dir)
+        write_specialists_report(study, out_dir, loggers[0] if loggers else None)
+    close_loggers(loggers)
     test = study["splits"]["test"]["scalars"]
     headline = {f"{n}/gain on its group": s["gain"] for n, s in test["specialists"].items()}
     fine = test["continual"].get("fine") or {}
