@@ -234,6 +234,9 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
              f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
     assert subprocess.run(train, cwd=REPO, capture_output=True, text=True, env=env, timeout=600).returncode == 0
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    import shutil
+
+    shutil.copytree(sweep / "electron" / ".hydra", sweep / "crashed" / ".hydra")  # a job that died before its record
     studies = {}
     for name, extra in (("one", ["logger=wandb", "logger.wandb.offline=true"]), ("ddp", ["trainer=ddp_sim"])):
         res = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}",
@@ -245,6 +248,8 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
         assert res.stdout.strip().splitlines()[-1].startswith("report: ")
         studies[name] = json.loads((tmp_path / name / "specialists.json").read_text())
     one, ddp = studies["one"], studies["ddp"]
+    assert one["left_out"] == {"jobs_without_a_record": [str(sweep / "crashed")]}
+    assert "Left out: 1 job folder(s)" in (tmp_path / "one" / "specialists.md").read_text()
     assert one["splits"]["test"]["models"] == ddp["splits"]["test"]["models"]
     assert one["splits"]["test"]["scalars"] == ddp["splits"]["test"]["scalars"] and one["chosen"] == ddp["chosen"]
     assert ddp["splits"]["test"]["sweep"]["ranks"] == 2
@@ -276,6 +281,11 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
                           f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: runs: ")
+    twice = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"),
+                            f"runs=[{sweep / 'pathology'},{sweep / 'pathology'}]", f"paths.output_dir={tmp_path / 'tw'}"],
+                           cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert twice.returncode == 2, twice.stderr[-1000:]
+    assert twice.stderr.strip().splitlines()[-1].startswith("error: runs: pathology is there 2 times")
 
 
 # --- §2: chains of specialists and the continual-learning scalars ------------------------------------------------

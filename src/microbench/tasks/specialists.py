@@ -5,6 +5,7 @@ list of specialist runs of one base) scored together with their merges, in one p
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -27,22 +28,44 @@ from microbench.tasks.trainer import (
     trainer_for,
 )
 
+log = logging.getLogger(__name__)
 
-def find_specialists(runs, checkpoint: str = "last") -> list[tuple[dict, str]]:
+
+def unfinished_jobs(folder: Path) -> list[Path]:
+    """Job folders of a fit (``.hydra/config.yaml`` with ``task: finetune``) that have no ``train_metrics.json``."""
+    out = []
+    for cfg_file in sorted(folder.rglob(".hydra/config.yaml")):
+        job = cfg_file.parent.parent
+        if (job / "train_metrics.json").exists():
+            continue
+        try:
+            task = OmegaConf.load(cfg_file).get("task")
+        except Exception:  # noqa: BLE001 - an unreadable Hydra log is not a job to count
+            continue
+        if task == "finetune":
+            out.append(job)
+    return out
+
+
+def find_specialists(runs, checkpoint: str = "last") -> tuple[list[tuple[dict, str]], list[str]]:
     """(fit record, checkpoint) of every specialist under ``runs`` (a folder searched for ``train_metrics.json``,
     or a list of folders / record files); ``checkpoint``: ``last`` (the weights the fit ended with, as the fit's own
     forgetting study scores them) or ``best`` (by val); one line when there is none or one lacks its specialty or
-    checkpoint."""
+    checkpoint. Also returns the multirun's job folders without a record (failed or running: left out, named)."""
     if checkpoint not in ("last", "best"):
         raise UserError(f"checkpoint={checkpoint}: choose last (the weights each fit ended with) or best (by val)")
     items = [runs] if isinstance(runs, str) else list(runs or [])
     if not items:
         raise UserError("no specialists: pass runs=<multirun folder of experiment=specialist> (or a list of runs)")
-    records = []
+    records, unfinished = [], []
     for item in map(Path, items):
         if not item.exists():
             raise UserError(f"runs: {item} does not exist")
         records += [item] if item.is_file() else sorted(item.rglob("train_metrics.json"))
+        unfinished += [] if item.is_file() else unfinished_jobs(item)
+    if unfinished:  # a job of the multirun that failed or is still running: counted and named, never silent
+        log.warning("specialists study: %d job folder(s) without a train_metrics.json (failed or still running), "
+                    "left out: %s", len(unfinished), ", ".join(map(str, unfinished)))
     found = []
     for f in records:
         rec = read_json(f)
@@ -54,11 +77,20 @@ def find_specialists(runs, checkpoint: str = "last") -> list[tuple[dict, str]]:
         found.append((rec, ckpt))
     if not found:
         raise UserError(f"no train_metrics.json of a specialist under {', '.join(map(str, items))}")
+    names = [r["specialty"]["name"] for r, _ in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"runs: {twice[0]} is there {names.count(twice[0])} times (e.g. two seeds): a study compares "
+                        "one specialist per group; pass the runs to study as a list, runs=[<run>,<run>]")
+    copies = {str((r.get("data") or {}).get("location") or r["config"]["data"].get("path")) for r, _ in found}
+    if len(copies) > 1:
+        log.warning("specialists study: the specialists were trained on different copies (%s); the study scores %s",
+                    ", ".join(sorted(copies)), "data_path if given, else the first's")
     bases = {(r["config"]["model"].get("name"), r["model"].get("fingerprint")) for r, _ in found}
     if len({b[0] for b in bases}) > 1:
         raise UserError(f"the specialists have different base models ({sorted(b[0] for b in bases)}): a study "
                         "merges fine-tunes of one base")
-    return found
+    return found, [str(j) for j in unfinished]
 
 
 def order_chain(found: list[tuple[dict, str]], chain: bool) -> list[tuple[dict, str]]:
@@ -112,7 +144,7 @@ def merges_of(cfg: DictConfig) -> tuple[list[str], dict]:
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
     merges, options = merges_of(cfg)
-    found = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
+    found, left_out = find_specialists(OmegaConf.to_container(cfg.runs, resolve=True) if OmegaConf.is_config(cfg.runs)
                              else cfg.runs, str(cfg.get("checkpoint", "last")))
     chain = bool(cfg.get("chain", False))
     found = order_chain(found, chain)
@@ -144,6 +176,8 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     else:
         study = study_fn(device=trainer.strategy.root_device)
     if trainer.is_global_zero:
+        if left_out:
+            study["left_out"] = {"jobs_without_a_record": left_out}
         write_specialists_report(study, out_dir, loggers[0] if loggers else None)
     close_loggers(loggers)
     test = study["splits"]["test"]["scalars"]
