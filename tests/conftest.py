@@ -17,6 +17,8 @@ os.environ.update({
     "HF_DATASETS_CACHE": os.path.join(_HERMETIC, "hf", "datasets"),
     "TOKENIZERS_PARALLELISM": "false",
 })
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers on the machine's cores: one thread each, so the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers (and the CLIs they start) do not oversubscribe them
 
 import io  # noqa: E402
 import json  # noqa: E402

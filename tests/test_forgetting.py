@@ -399,12 +399,21 @@ def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
 
 # --- issue 15 §3: W&B-tracked, read back from what the offline run wrote ------------------------------------------
 
-def _one_run(folder):
+def _one_run(folder, wait_for: str = "forgetting/finetuned/supported_all_delta"):
+    """The offline run and what it holds; W&B's service process may still be flushing its last summary record
+    when ``finish()`` returns on a loaded machine, so the log is read again (up to 20 s) until ``wait_for`` is in."""
+    import time
+
     from wandb_files import offline_run
 
     runs = sorted((folder / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
-    return runs[0], offline_run(runs[0])
+    deadline = time.monotonic() + 20
+    run = offline_run(runs[0])
+    while wait_for not in run["summary"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = offline_run(runs[0])
+    return runs[0], run
 
 
 def _check_study_in_run(path, run, study):
