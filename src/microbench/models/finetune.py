@@ -101,10 +101,13 @@ class FineTuneModule(L.LightningModule):
                  warmup_steps: int | None = None, warmup_frac: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, head_lr_mult: float = 10.0, lock_text: bool = False, freeze_blocks: int = 0,
                  label_smoothing: float = 0.0, compile: bool = False, seed: int = 0,
-                 record: dict[str, Any] | None = None) -> None:
+                 record: dict[str, Any] | None = None, adapter: str | None = None,
+                 lora: dict[str, Any] | None = None) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise UserError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
+        if adapter not in (None, "lora"):
+            raise UserError(f"module.adapter must be null (train the weights themselves) or lora, got {adapter!r}")
         if not backbone.has_text:
             raise backbone.no_text_error()
         self.save_hyperparameters(ignore=["backbone"])
@@ -116,6 +119,10 @@ class FineTuneModule(L.LightningModule):
         self.class_space = None
         self.loss_fn = None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.adapter_spec: dict | None = None
+        self._adapters_checked = False
+        if adapter:  # a checkpoint holds the adapter alone: the base's weights come from the model config
+            self.strict_loading = False
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -150,6 +157,13 @@ class FineTuneModule(L.LightningModule):
                     p.requires_grad_(False)
         if self.hparams.freeze_blocks:
             freeze_image_blocks(self.backbone, self.hparams.freeze_blocks)
+        if self.hparams.adapter == "lora":  # peft LoRA on the towers; every other backbone weight frozen
+            from microbench.models.adapters import add_lora
+
+            opts = {k: v for k, v in dict(self.hparams.lora or {}).items() if v is not None}
+            self.adapter_spec = add_lora(self.backbone, **opts)
+            log.info("LoRA (r=%d, alpha=%g) on %d module(s); %d trainable parameters", self.adapter_spec["r"],
+                     self.adapter_spec["alpha"], len(self.adapter_spec["targets"]), self.trainable_parameters())
         if self.objective == "contrastive":
             from open_clip.loss import ClipLoss
 
@@ -181,8 +195,31 @@ class FineTuneModule(L.LightningModule):
             tok = {k: v.to(self.device) for k, v in tok.items()} if isinstance(tok, dict) else tok.to(self.device)
             text = F.normalize(self.backbone.encode_text(tok).float(), dim=-1)
             loss = self.loss_fn(feats, text, self.contrastive_scale())
+        if self.adapter_spec is not None and not loss.requires_grad:  # nothing trainable reaches the loss
+            from microbench.models.adapters import adapter_modules
+
+            self._no_gradient(list(adapter_modules(self.backbone)))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _no_gradient(self, silent: list[str]) -> None:
+        raise UserError(f"module.adapter=lora: {len(silent)} adapted module(s) got no gradient in the first step and "
+                        f"would not train: {', '.join(silent[:4])}{' ...' if len(silent) > 4 else ''} (off the loss's path, "
+                        "e.g. the text tower under objective=ce, or used through its weight alone, as open_clip's "
+                        "attn.out_proj: target the attention module itself, module.lora.target_modules=null)")
+
+    def on_after_backward(self) -> None:
+        if self.adapter_spec is None or self._adapters_checked:
+            return
+        from microbench.models.adapters import silent_adapters
+
+        self._adapters_checked = True  # the first step: every adapter must receive a gradient
+        silent = silent_adapters(self.backbone)
+        if silent:
+            self._no_gradient(silent)
 
     def contrastive_scale(self) -> torch.Tensor:
         """exp of the backbone's learnable log scale (trained with the rest, clamped at 100 as CLIP), or, for a
@@ -266,8 +303,25 @@ class FineTuneModule(L.LightningModule):
         }
         if self.head is not None:
             checkpoint["microbench"]["head_shape"] = list(self.head.weight.shape)
+        if self.adapter_spec is not None:  # the adapter (and head) alone; loaders merge it into the base
+            checkpoint["microbench"]["adapter"] = self.adapter_spec
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if "lora_" in k or not k.startswith("backbone.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("microbench") or {}).get("adapter")
+        if self.adapter_spec is not None or saved:  # the adapter-only state loads non-strictly: check it fits
+            mine = {k: (self.adapter_spec or {}).get(k) for k in ("kind", "r", "alpha", "text", "targets")}
+            theirs = {k: (saved or {}).get(k) for k in mine}
+            if mine != theirs:
+                diff = next(k for k in mine if mine[k] != theirs[k])
+                raise UserError(f"the checkpoint's adapter differs from this run's ({diff}: {theirs[diff]!r} vs "
+                                f"{mine[diff]!r}): resume with the module.adapter / module.lora settings it was "
+                                "trained with")
+            want = {k for k in self.state_dict() if "lora_" in k}
+            if want - set(checkpoint["state_dict"]):
+                raise UserError(f"the checkpoint lacks {len(want - set(checkpoint['state_dict']))} adapter tensor(s) "
+                                f"of this run (e.g. {sorted(want - set(checkpoint['state_dict']))[0]})")
         space = (checkpoint.get("microbench") or {}).get("class_space")
         if self.objective == "ce" and self.head is None and space:  # build the head before weights load
             n, d = len(space["classes"]), self.backbone.embed_dim

@@ -60,8 +60,12 @@ class ForgettingCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.ckpt_path:  # a fresh fit: the base is the backbone as it is now (or the model it started from)
+            from microbench.models.adapters import is_adapted, merged_copy
+
+            now = pl_module.backbone  # with LoRA (injected in setup, B = 0): the base's own weights and key names
+            now = merged_copy(now) if is_adapted(now) else now
             self.base_state = self.initial_base or {k: v.detach().to("cpu", copy=True)
-                                                    for k, v in pl_module.backbone.state_dict().items()}
+                                                    for k, v in now.state_dict().items()}
             self.base_fingerprint = state_fingerprint(self.base_state)
             return
         # resumed: the weights are already fine-tuned; the base is the model the checkpoint records, rebuilt
@@ -91,6 +95,10 @@ class ForgettingCallback(L.Callback):
         if self.base_state is None or trainer.fast_dev_run:
             return
         backbone = pl_module.backbone
+        from microbench.models.adapters import is_adapted, merged_copy
+
+        if is_adapted(backbone):  # LoRA: the study interpolates full weights, the adapter merged into a copy
+            backbone = merged_copy(backbone)
         ft_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
         targets = self.target_datasets or pl_module.class_space.datasets
         logger = trainer.logger if trainer.logger else None

@@ -62,6 +62,11 @@ def load_finetuned_state(path: str | Path, backbone: Backbone, key: str = "finet
         record["hyper_parameters"] = blob["hyper_parameters"]  # e.g. a localization head's class names
         record["checkpoint"] = blob
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if record.get("adapter"):  # a LoRA fine-tune: the adapter merged into this base (its fingerprint checked)
+        from microbench.models.adapters import merged_state
+
+        adapter = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        state = merged_state(backbone, record["adapter"], adapter, source=f"{key}={path}")
     for prefix in ("backbone.", LOCALIZATION_PREFIX):  # fine-tune / linear-probe, or localization checkpoints
         if any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

@@ -177,7 +177,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     best, last = fitted_checkpoints(trainer, named, ckpt_dir)
     fit: dict[str, Any] = {"fit_seconds": round(fit_s, 2), "best_checkpoint": best or None,
                            "last_checkpoint": last or None, "checkpoint_dir": str(ckpt_dir) if (best or last) else None,
-                           "class_space": dm.class_space.to_dict()}
+                           "class_space": dm.class_space.to_dict(),
+                           "trainable_parameters": module.trainable_parameters(),
+                           "adapter": module.adapter_spec}
     headline: dict = {}
     if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
         results = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)  # the path itself:

@@ -142,7 +142,8 @@ class Backbone(nn.Module):
     def _weights_signature(self) -> tuple:
         """Cheap identity of the current weights: every in-place update (optimizer step, load_state_dict) bumps a
         tensor's version counter, so a cached fingerprint is reused only while no weight has changed."""
-        return tuple((k, t.data_ptr(), t._version) for k, t in self.state_dict(keep_vars=True).items())
+        return tuple((k, t.data_ptr(), None if t.is_inference() else t._version)  # an inference tensor (e.g. a
+                     for k, t in self.state_dict(keep_vars=True).items())  # weight peft re-binds) cannot change
 
     def fingerprint(self, refresh: bool = False) -> str:
         """Hash of the weights (names, shapes, values): equal fingerprints mean identical models."""
