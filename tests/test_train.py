@@ -279,3 +279,44 @@ def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
     assert [line.split(":")[0] for line in lines] == ["linear probe 1/2 acevedo_et_al_2020",
                                                      "linear probe 2/2 kather_et_al_2016"]
     assert all("full " in line and "1-shot " in line and line.endswith(" s)") for line in lines)
+
+
+def test_the_probe_reaches_the_optimum_of_its_objective_against_scipy():
+    """Issue 23 §2: the 200-iteration L-BFGS stopped above the optimum (measured here: 6e-5 relative at wd = 1e-6).
+    Along the weight-decay path the probe now reaches scipy's L-BFGS-B optimum of the same objective (mean cross
+    entropy + wd/2·‖W‖², bias free, float64, gtol 1e-12) within 1e-6 relative, converged on the gradient."""
+    import numpy as np
+    import scipy.optimize as so
+    import torch.nn.functional as F
+
+    from microbench.models.linear_probe import WEIGHT_DECAYS, fit_logistic
+
+    def reference(X, Y, C, wd):
+        n, d = X.shape
+
+        def f(v):
+            W, b = v[:C * d].reshape(C, d), v[C * d:]
+            z = X @ W.T + b
+            z = z - z.max(1, keepdims=True)
+            lse = np.log(np.exp(z).sum(1))
+            p = np.exp(z - lse[:, None])
+            p[np.arange(n), Y] -= 1
+            return (lse - z[np.arange(n), Y]).mean() + 0.5 * wd * (W ** 2).sum(), np.concatenate(
+                [(p.T @ X / n + wd * W).ravel(), p.sum(0) / n])
+
+        return so.minimize(f, np.zeros(C * d + C), jac=True, method="L-BFGS-B",
+                           options={"maxiter": 50_000, "gtol": 1e-12, "ftol": 1e-16, "maxcor": 50}).fun
+
+    gen = torch.Generator().manual_seed(0)
+    n, d, C = 120, 64, 6
+    centres = torch.randn(C, d, generator=gen)
+    y = torch.randint(0, C, (n,), generator=gen)
+    x = F.normalize(torch.randn(n, d, generator=gen) + centres[torch.randint(0, C, (n,), generator=gen)], dim=1)
+    start = None
+    for wd in sorted(WEIGHT_DECAYS, reverse=True):
+        head = fit_logistic(x, y, C, wd, start)
+        start = (head.weight.detach(), head.bias.detach())
+        w, b = head.weight.detach().double(), head.bias.detach().double()
+        ours = float(F.cross_entropy(x.double() @ w.T + b, y) + 0.5 * wd * w.pow(2).sum())
+        ref = reference(x.double().numpy(), y.numpy(), C, wd)
+        assert head.converged and ours - ref <= 1e-6 * ref, (wd, ours, ref)

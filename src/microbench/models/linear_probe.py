@@ -1,7 +1,9 @@
 """Linear probes on frozen image features: full data and k-shot, weight decay chosen on val only, several seeds.
 
 The sweep path fits a multinomial logistic regression on L2-normalised features with full-batch L-BFGS (the
-CLIP-benchmark recipe), which takes milliseconds per fit on cached features. :class:`LinearProbeModule` is the same
+CLIP-benchmark recipe) run to convergence (:func:`fit_logistic`: float64 for small problems, stopping on the
+gradient, warm-started along the weight-decay path from the strongest decay down; pinned to scipy's L-BFGS-B on
+the same objective in ``tests/test_train.py``). :class:`LinearProbeModule` is the same
 head as a LightningModule that runs either on a frozen backbone or directly on cached embeddings, for datasets
 that do not fit in memory or for GPU training.
 """
@@ -52,23 +54,56 @@ def threads_for(n_values: int):
             torch.set_num_threads(before)
 
 
+#: the probe's stopping rule: L-BFGS runs until the largest gradient entry is below ``PROBE_TOLERANCE`` (or the
+#: objective stops changing), up to ``PROBE_MAX_ITER`` iterations; small problems are solved in float64
+PROBE_TOLERANCE = 1e-7
+PROBE_MAX_ITER = 2000
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float,
-                 init: torch.Tensor | None = None, max_iter: int = 200) -> nn.Linear:
-    """Multinomial logistic regression, L2 penalty ``weight_decay/2·‖W‖²``, full-batch L-BFGS."""
-    head = nn.Linear(x.shape[1], n_classes)
-    with torch.no_grad():
-        head.weight.copy_(init if init is not None else torch.zeros(n_classes, x.shape[1]))
-        head.bias.zero_()
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+                 init: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+                 max_iter: int = PROBE_MAX_ITER, tolerance: float = PROBE_TOLERANCE) -> nn.Linear:
+    """Multinomial logistic regression, L2 penalty ``weight_decay/2·‖W‖²`` (bias unpenalised), full-batch L-BFGS
+    run to convergence: repeated L-BFGS steps until the largest gradient entry is ≤ ``tolerance`` or the objective
+    no longer changes, at most ``max_iter`` iterations (the head records ``converged`` and ``iterations``). Problems
+    below :data:`SMALL_FIT` feature values are solved in float64. ``init``: the weight, or (weight, bias) of a warm
+    start (e.g. the previous fit along a weight-decay path)."""
+    dtype = torch.float64 if x.numel() < SMALL_FIT else torch.float32
+    xs = x.to(dtype)
+    w = torch.zeros(n_classes, x.shape[1], dtype=dtype)
+    b = torch.zeros(n_classes, dtype=dtype)
+    if init is not None:
+        w0, b0 = init if isinstance(init, tuple) else (init, None)
+        w = w0.detach().to(dtype).clone()
+        b = b0.detach().to(dtype).clone() if b0 is not None else b
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=min(100, max_iter), history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=tolerance, tolerance_change=1e-15)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss = F.cross_entropy(xs @ w.T + b, y) + 0.5 * weight_decay * w.pow(2).sum()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    converged, previous = False, None
+    while True:
+        opt.step(closure)
+        iterations = int(opt.state[w]["n_iter"]) if w in opt.state else 0
+        loss = float(closure().detach())
+        grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
+        if grad <= tolerance or (previous is not None and abs(previous - loss) <= 1e-15 * max(1.0, abs(loss))):
+            converged = grad <= tolerance or previous is not None
+            break
+        if iterations >= max_iter:
+            break
+        previous = loss
+    head = nn.Linear(x.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(w.detach().to(head.weight.dtype))
+        head.bias.copy_(b.detach().to(head.bias.dtype))
+    head.converged, head.iterations, head.gradient = bool(converged), iterations, grad
     return head
 
 
@@ -111,9 +146,13 @@ def _sweep(data: ProbeData, shots, seeds, weight_decays, zs_init: bool, zs_scale
     for seed in seeds:
         idx = np.arange(len(data.y_train)) if shots == "full" else kshot_indices(data.y_train, int(shots), seed)
         x, y = data.x_train[idx], torch.as_tensor(np.asarray(data.y_train)[idx], dtype=torch.long)
+        heads, start = {}, init
+        for wd in sorted(weight_decays, reverse=True):  # along the path: each fit warm-starts from the last one
+            heads[wd] = fit_logistic(x, y, data.n_classes, wd, start)
+            start = (heads[wd].weight.detach(), heads[wd].bias.detach())
         best = None
-        for wd in weight_decays:
-            head = fit_logistic(x, y, data.n_classes, wd, init)
+        for wd in weight_decays:  # chosen on val in the given order (the first of equal accuracies)
+            head = heads[wd]
             with torch.no_grad():
                 val = probe_metrics(head(data.x_val), y_val, data.n_classes)["acc"] if len(y_val) else 0.0
             if best is None or val > best[0] + 1e-12:
