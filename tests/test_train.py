@@ -320,3 +320,36 @@ def test_the_probe_reaches_the_optimum_of_its_objective_against_scipy():
         ours = float(F.cross_entropy(x.double() @ w.T + b, y) + 0.5 * wd * w.pow(2).sum())
         ref = reference(x.double().numpy(), y.numpy(), C, wd)
         assert head.converged and ours - ref <= 1e-6 * ref, (wd, ours, ref)
+
+
+def test_lp_ft_initialises_the_head_from_a_converged_probe_chosen_on_val(tmp_path, cfg_train):
+    """module.head_init=probe (LP-FT, Kumar et al. 2022): before any step the head is the probe fitted on the
+    backbone's train features (weight decay chosen on val), so validating the untouched module scores at least the
+    probe's val accuracy (predictions within each image's own dataset can only help); the fit records it; the
+    contrastive objective has no head to initialise (one line)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from microbench.errors import UserError
+    from microbench.models.linear_probe import WEIGHT_DECAYS
+    from microbench.tasks.finetune import labelled_data
+    from microbench.tasks.registry import train
+    from microbench.tasks.trainer import build_model
+
+    over = ["experiment=demo", "module.objective=ce", "module.head_init=probe", "trainer.max_epochs=1",
+            "forgetting.enabled=false", "eval_in_domain=false", "+trainer.enable_progress_bar=false",
+            f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}"]
+    record, _ = train(cfg_train(over))
+    init = record["head_init"]
+    assert init["kind"] == "probe" and init["weight_decay"] in WEIGHT_DECAYS and init["converged"]
+    assert init["n_train"] > 0 and init["n_val"] > 0
+    cfg = cfg_train(over)
+    backbone = build_model(cfg.model)
+    dm = labelled_data(cfg, backbone)
+    module = instantiate(cfg.module)(backbone=backbone, seed=0, record={})
+    (val,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).validate(module, datamodule=dm, verbose=False)
+    assert module.probe_init == init  # the same probe, fitted again from the same base
+    assert val["val/acc"] >= init["val_acc"] - 1e-9
+    with pytest.raises(UserError, match="module.head_init=probe \\(LP-FT\\) initialises the cross-entropy head"):
+        train(cfg_train(["experiment=demo", "module.head_init=probe", f"paths.output_dir={tmp_path / 'x'}"]))

@@ -182,6 +182,14 @@ class LabelledDataModule(PerceptionDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_labelled,
                           drop_last=train and self.drop_last_train and len(ds) >= self.batch_size)
 
+    def unsharded_loader(self, split: str) -> DataLoader:
+        """Every row of ``split`` in order, the evaluation transform, on every rank (e.g. the features an LP-FT
+        probe is fitted on: each rank fits the same probe)."""
+        d = self.labelled(split)
+        ds = LabelledRowDataset(self.hf, d["rows"], d["classes"], d["dataset_ids"], d["texts"], self.transform,
+                                seed=self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_labelled)
+
     def train_dataloader(self) -> DataLoader:
         return self._labelled_loader("train", train=True)
 

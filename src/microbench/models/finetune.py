@@ -102,10 +102,16 @@ class FineTuneModule(L.LightningModule):
                  eps: float = 1e-6, head_lr_mult: float = 10.0, lock_text: bool = False, freeze_blocks: int = 0,
                  label_smoothing: float = 0.0, compile: bool = False, seed: int = 0,
                  record: dict[str, Any] | None = None, adapter: str | None = None,
-                 lora: dict[str, Any] | None = None) -> None:
+                 lora: dict[str, Any] | None = None, head_init: str = "zero_shot") -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise UserError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
+        if head_init not in ("zero_shot", "probe"):
+            raise UserError(f"module.head_init must be zero_shot (the class prompts' text embeddings) or probe "
+                            f"(LP-FT: a linear probe fitted first), got {head_init!r}")
+        if head_init == "probe" and objective != "ce":
+            raise UserError("module.head_init=probe (LP-FT) initialises the cross-entropy head: use it with "
+                            "module.objective=ce")
         if adapter not in (None, "lora"):
             raise UserError(f"module.adapter must be null (train the weights themselves) or lora, got {adapter!r}")
         if not backbone.has_text:
@@ -120,6 +126,7 @@ class FineTuneModule(L.LightningModule):
         self.loss_fn = None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.adapter_spec: dict | None = None
+        self.probe_init: dict | None = None
         self._adapters_checked = False
         if adapter:  # a checkpoint holds the adapter alone: the base's weights come from the model config
             self.strict_loading = False
@@ -141,12 +148,17 @@ class FineTuneModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         if self.objective == "ce":
-            zs = class_text_embeddings(self.backbone, space.prompts)
-            scale = float(self.backbone.logit_scale)
-            self.head = nn.Linear(zs.shape[1], n_classes, bias=True)
-            with torch.no_grad():
-                self.head.weight.copy_(zs * scale)
-                self.head.bias.zero_()
+            self.head = nn.Linear(self.backbone.embed_dim, n_classes, bias=True)
+            probe = self.fit_probe_head(dm) if self.hparams.head_init == "probe" else None  # LP-FT (Kumar et
+            with torch.no_grad():  # al., 2022): the probe first, then the fine-tune from it
+                if probe is not None:
+                    self.head.weight.copy_(probe[0])
+                    self.head.bias.copy_(probe[1])
+                    self.probe_init = probe[2]
+                else:
+                    zs = class_text_embeddings(self.backbone, space.prompts)
+                    self.head.weight.copy_(zs * float(self.backbone.logit_scale))
+                    self.head.bias.zero_()
             self.head.to(self.device)
         if self.hparams.lock_text or self.objective == "ce":
             self.backbone.freeze_text_tower()
@@ -171,6 +183,46 @@ class FineTuneModule(L.LightningModule):
                                     rank=self.global_rank, world_size=self.trainer.world_size)
         if self.hparams.compile:
             self.backbone.model = torch.compile(self.backbone.model)
+
+    def fit_probe_head(self, dm) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """LP-FT's first stage: a linear probe on the backbone's L2-normalised features of every train image
+        (evaluation transform, the same on every rank), weight decay chosen on val along the probe's path
+        (:func:`microbench.models.linear_probe.fit_logistic`, run to convergence)."""
+        from microbench.models.linear_probe import WEIGHT_DECAYS, fit_logistic, probe_metrics, threads_for
+
+        was = self.backbone.training
+        self.backbone.eval()
+        feats = {}
+        for split in ("train", "val"):
+            xs, ys = [], []
+            for batch in dm.unsharded_loader(split) if len(dm.labelled(split)["rows"]) else []:
+                if batch["pixel_values"] is None:
+                    continue
+                with torch.no_grad():
+                    xs.append(self.image_features(batch["pixel_values"].to(self.device)).cpu())
+                ys.append(batch["label"])
+            feats[split] = (torch.cat(xs), torch.cat(ys)) if xs else (None, None)
+        self.backbone.train(was)
+        x, y = feats["train"]
+        if x is None:
+            raise UserError("module.head_init=probe: no train images to fit the probe on")
+        n_classes = self.class_space.num_classes
+        heads, start = {}, None
+        with threads_for(int(x.numel())), torch.enable_grad():
+            for wd in sorted(WEIGHT_DECAYS, reverse=True):
+                heads[wd] = fit_logistic(x, y, n_classes, wd, start)
+                start = (heads[wd].weight, heads[wd].bias)
+        xv, yv = feats["val"]
+        with torch.no_grad():
+            scores = {wd: probe_metrics(h(xv), yv, n_classes)["acc"] if xv is not None else 0.0
+                      for wd, h in heads.items()}
+        wd = max(WEIGHT_DECAYS, key=lambda w: (scores[w], -WEIGHT_DECAYS.index(w)))
+        head = heads[wd]
+        info = {"kind": "probe", "weight_decay": wd, "val_acc": scores[wd], "n_train": len(y),
+                "n_val": 0 if yv is None else len(yv), "converged": bool(head.converged)}
+        log.info("LP-FT: probe head fitted on %d train images (weight decay %.0e chosen on val, val acc %.3f)",
+                 len(y), wd, scores[wd])
+        return head.weight.detach().clone(), head.bias.detach().clone(), info
 
     # --- forward ----------------------------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -303,6 +355,7 @@ class FineTuneModule(L.LightningModule):
         }
         if self.head is not None:
             checkpoint["microbench"]["head_shape"] = list(self.head.weight.shape)
+            checkpoint["microbench"]["head_init"] = self.probe_init or {"kind": self.hparams.head_init}
         if self.adapter_spec is not None:  # the adapter (and head) alone; loaders merge it into the base
             checkpoint["microbench"]["adapter"] = self.adapter_spec
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()

@@ -179,7 +179,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
                            "last_checkpoint": last or None, "checkpoint_dir": str(ckpt_dir) if (best or last) else None,
                            "class_space": dm.class_space.to_dict(),
                            "trainable_parameters": module.trainable_parameters(),
-                           "adapter": module.adapter_spec}
+                           "adapter": module.adapter_spec,
+                           "head_init": module.probe_init or ({"kind": module.hparams.head_init}
+                                                              if module.objective == "ce" else None)}
     headline: dict = {}
     if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
         results = trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)  # the path itself:
