@@ -154,7 +154,8 @@ def test_every_readme_command_runs(n, runs, chat_server):
     named = re.search(r"checkpoint_dir=(checkpoints/\S+)", command)
     if named:  # a later command names its checkpoint: checkpoints/<name>/last.ckpt
         STATE[named.group(1).rstrip("/") + "/last.ckpt"] = str(tmp / "ckpt" / "last.ckpt")
-    elif "experiment=demo" in command and "ckpt_path" not in command and "debug" not in command:
+    elif "experiment=demo" in command and "ckpt_path" not in command and "debug" not in command \
+            and "module." not in command:  # the demo's own recipe (not its LoRA / LP-FT variants)
         STATE["demo_last"] = next(str(p) for p in (tmp / "ckpt").glob("last.ckpt"))
     if "experiment=demo" in command and "forgetting.enabled=false" not in command and "ckpt_path" not in command \
             and "debug" not in command:

@@ -133,6 +133,19 @@ def _grit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """A fine-tune's checkpoint as safetensors + config + model card (microbench.tasks.export)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base is rebuilt from the checkpoint's record, never fetched
+    from microbench.tasks.export import export
+
+    res = export(args.ckpt, args.out, adapter_only=args.adapter_only)
+    print(f"exported {res['what']} -> {res['out']} ({', '.join(res['files'])}, README.md"
+          f"{' with the run results' if res['results_in_card'] else ''}); load: {res['load']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--format", default="qwen", choices=["qwen", "qwen_lenient", "paligemma"])
     gr.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     gr.add_argument("-v", "--verbose", action="store_true")
+    ex = sub.add_parser("export", help="a fine-tune's checkpoint as safetensors, config and a model card")
+    ex.add_argument("ckpt", help="a .ckpt written by python src/train.py (task=finetune; LoRA merged)")
+    ex.add_argument("--out", type=Path, required=True, help="the folder to write")
+    ex.add_argument("--adapter-only", action="store_true", help="a LoRA fine-tune's adapter alone (peft layout)")
+    ex.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"info": _info, "leaderboard": _leaderboard, "rescore": _rescore, "grit": _grit}[args.command](args)
+        return {"info": _info, "leaderboard": _leaderboard, "rescore": _rescore, "grit": _grit,
+                "export": _export}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
