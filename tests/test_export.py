@@ -73,8 +73,8 @@ def test_export_round_trips_a_full_and_a_lora_fine_tune_with_their_model_cards(t
 
             tensors = load_file(str(adapter / "adapter_model.safetensors"))
             blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-            assert len(tensors) == len(blob["state_dict"]) and all(k.startswith("base_model.model.visual.")
-                                                                   for k in tensors)
+            assert len(tensors) == len(blob["state_dict"]) and all(k.startswith("base_model.model.") and
+                                                                   "lora_" in k for k in tensors)
             cfg = json.loads((adapter / "adapter_config.json").read_text())
             assert cfg["r"] == 4 and set(cfg["target_modules"]) == set(blob["microbench"]["adapter"]["targets"])
             assert (adapter / "adapter_model.safetensors").stat().st_size < 0.05 * weights

@@ -78,6 +78,7 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     assert argv[0] == ".venv/bin/python", f"unexpected README command form: {command}"
     argv[0] = sys.executable
     subs = {"logs/specialists/multiruns/<time>": STATE.get("multirun", "<no multirun>"),
+            "logs/compare_recipes/multiruns/<time>": STATE.get("recipes_multirun", "<no recipes multirun>"),
             "checkpoints/demo/<run>/last.ckpt": STATE.get("demo_last", "<no demo run>"),
             "checkpoints/detect_nuclei/<time>/best_epoch012.ckpt": STATE.get("detect_best", "<no detector run>"),
             "out/": str(tmp.parent), "logs/": str(tmp.parent), "leaderboard/": str(tmp / "leaderboard"),
@@ -91,8 +92,11 @@ def _prepare(command: str, tmp: Path, n: int) -> list[str]:
     if "model.name=ViT-B-32" in command:  # the real architecture, random init: one dataset keeps it quick
         argv += ["data.datasets=[kather_et_al_2016]"]
     if "-m" in argv[2:]:  # a multirun: one folder per job under the sweep folder of paths.log_dir
-        return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "forgetting.enabled=false",
-                "eval_in_domain=false", "specialists_overrides=['bootstrap.n_resamples=99']"]
+        if "experiment=specialist" in command:
+            return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "forgetting.enabled=false",
+                    "eval_in_domain=false", "specialists_overrides=['bootstrap.n_resamples=99']"]
+        return [*argv, f"paths.log_dir={tmp}", f"paths.checkpoint_dir={tmp / 'ckpt'}", "eval_in_domain=false",
+                f"study.result_cache={tmp / 'cache'}"]
     argv += [f"paths.output_dir={tmp}"]
     if script == "src/train.py":
         argv += [f"checkpoint_dir={tmp / 'ckpt'}", f"probe.cache_dir={tmp / 'cache'}",
@@ -139,8 +143,15 @@ def test_every_readme_command_runs(n, runs, chat_server):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     if "-m" in argv[2:]:  # a Hydra multirun (not ``python -m microbench ...``)
         jobs = [p for p in tmp.rglob("train_metrics.json")]
-        assert len(jobs) == command.split("specialty=", 1)[1].split()[0].count(",") + 1, jobs
+        swept = next(a for a in shlex.split(command) if "=" in a and "," in a.split("=", 1)[1]
+                     and not a.split("=", 1)[1].startswith("["))
+        assert len(jobs) == swept.split("=", 1)[1].count(",") + 1, jobs
         assert all((p.parent / ".hydra").is_dir() for p in jobs), "each job's Hydra log in its own folder"
+        if "experiment=compare_recipes" in command:  # the recipes table when every job was done
+            (sweep,) = (tmp / "compare_recipes" / "multiruns").iterdir()
+            assert (sweep / "recipes" / "recipes.md").is_file(), res.stdout[-2000:]
+            STATE["recipes_multirun"] = str(sweep)
+            return
         (STATE["multirun"],) = map(str, (tmp / "specialists" / "multiruns").iterdir())
         if "study_specialists=true" in command:  # the study ran when every job was done, into <sweep>/study/
             study = Path(STATE["multirun"]) / "study" / "specialists.json"

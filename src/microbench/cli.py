@@ -146,6 +146,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    """Fine-tuning recipes side by side from their fits and forgetting studies (microbench.results.recipes)."""
+    from microbench.results.recipes import compare
+
+    out = args.out or Path(args.runs) / "recipes"
+    result = compare(args.runs, out)
+    for line in result["left_out"]:
+        print(f"left out: {line}")
+    print(f"{len(result['recipes'])} recipes -> {out}/recipes.md, {out}/recipes.json, {out}/recipes.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", type=Path, required=True, help="the folder to write")
     ex.add_argument("--adapter-only", action="store_true", help="a LoRA fine-tune's adapter alone (peft layout)")
     ex.add_argument("-v", "--verbose", action="store_true")
+    rc = sub.add_parser("recipes", help="fine-tuning recipes side by side (gain vs forgetting with CIs)")
+    rc.add_argument("runs", type=Path, help="a multirun folder of experiment=compare_recipes (or any fits of one base)")
+    rc.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/recipes)")
+    rc.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return {"info": _info, "leaderboard": _leaderboard, "rescore": _rescore, "grit": _grit,
-                "export": _export}[args.command](args)
+                "export": _export, "recipes": _recipes}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -173,6 +173,8 @@ class FineTuneModule(L.LightningModule):
             from microbench.models.adapters import add_lora
 
             opts = {k: v for k, v in dict(self.hparams.lora or {}).items() if v is not None}
+            # the text tower is adapted when the objective trains it (contrastive, not lock_text), as in full FT
+            opts.setdefault("text", self.objective == "contrastive" and not self.hparams.lock_text)
             self.adapter_spec = add_lora(self.backbone, **opts)
             log.info("LoRA (r=%d, alpha=%g) on %d module(s); %d trainable parameters", self.adapter_spec["r"],
                      self.adapter_spec["alpha"], len(self.adapter_spec["targets"]), self.trainable_parameters())

@@ -42,3 +42,23 @@ class SpecialistsStudyAtEnd(Callback):
             print(f"error: the specialists study after the multirun failed (exit {res.returncode}); the specialists "
                   f"are trained: rerun it with {' '.join(argv[1:])}", file=sys.stderr, flush=True)
             raise SystemExit(res.returncode)
+
+
+class RecipesTableAtEnd(Callback):
+    """With ``compare_recipes=true`` (``experiment=compare_recipes``): when every recipe's job has returned, the
+    recipes table of the multirun (:func:`microbench.results.recipes.compare`, ``<sweep>/recipes/``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("compare_recipes"):
+            return
+        from microbench.errors import UserError
+        from microbench.results.recipes import compare
+
+        sweep = Path(str(config.hydra.sweep.dir))
+        try:
+            result = compare(sweep, sweep / "recipes")
+        except UserError as err:
+            print(f"error: recipes table of {sweep}: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        print(f"recipes: {sweep / 'recipes' / 'recipes.md'} ({len(result['recipes'])} recipes; plot recipes.png)",
+              flush=True)
