@@ -54,7 +54,7 @@ def lora_targets(backbone, text: bool = False, target_modules: Sequence[str] | N
     return names
 
 
-def _config(spec: dict):
+def lora_config(spec: dict):
     from peft import LoraConfig
 
     return LoraConfig(r=int(spec["r"]), lora_alpha=float(spec["alpha"]), lora_dropout=float(spec["dropout"]),
@@ -64,7 +64,7 @@ def _config(spec: dict):
 def _inject(backbone, spec: dict) -> None:
     from peft.tuners.lora import LoraModel
 
-    backbone.__dict__[WRAPPER] = LoraModel(backbone.model, _config(spec), "default")
+    backbone.__dict__[WRAPPER] = LoraModel(backbone.model, lora_config(spec), "default")
 
 
 def add_lora(backbone, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -56,6 +56,17 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
     return _atomic(Path(path), lambda p: frame.to_parquet(p, index=False))
 
 
+def write_figure(path: str | Path, fig, dpi: int = 120) -> Path:
+    """A matplotlib figure, atomically (the format from the file's suffix), then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        return _atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

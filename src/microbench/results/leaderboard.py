@@ -418,7 +418,6 @@ def _bar_chart(frame: pd.DataFrame, path: Path, source: str) -> None:
     ax.set_title(f"μ-Bench headline ({source}), image-clustered 95 % CI", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    from microbench.results.io import write_figure
+
+    write_figure(path, fig)

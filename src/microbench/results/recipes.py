@@ -127,8 +127,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title("Recipes vs the base (95 % CIs; filled: α = 1, open: chosen α)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    from microbench.results.io import write_figure
+
+    write_figure(path, fig)
     return path

@@ -341,10 +341,9 @@ def plot_matrix(study: dict, path: Path, grain: str = "all") -> Path | None:
     ax.set_title(f"Δ accuracy vs base ({grain}, points; * = 95 % CI excludes 0)", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    from microbench.results.io import write_figure
+
+    write_figure(path, fig)
     return path
 
 

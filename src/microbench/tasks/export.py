@@ -154,7 +154,7 @@ def _export_full(backbone, out: Path) -> dict:
 def _export_adapter(blob: dict, record: dict, out: Path) -> dict:
     from safetensors.torch import save_file
 
-    from microbench.models.adapters import _config
+    from microbench.models.adapters import lora_config
 
     spec = record.get("adapter")
     if not spec:
@@ -166,7 +166,7 @@ def _export_adapter(blob: dict, record: dict, out: Path) -> dict:
             name = "base_model.model." + k.removeprefix("backbone.model.").replace(".default.", ".")
             tensors[name] = v.detach().contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    cfg = _config(spec).to_dict()
+    cfg = lora_config(spec).to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else None
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
     from microbench.models.backbones.base import state_fingerprint

@@ -51,6 +51,16 @@ def base_model_config(base) -> DictConfig:
     return cfg
 
 
+def study_on_every_rank(trainer, study_fn, out_dir: Path, run_id: str):
+    """``study_fn(device=...)`` in this process, or under trainer=ddp|ddp_sim on every rank (each takes its shard of
+    the images; :class:`StudyInProcessGroup`), the study read back on every rank."""
+    if trainer.world_size > 1:
+        runner = StudyInProcessGroup(study_fn, Path(out_dir) / f".study-{run_id}.json")
+        trainer.test(runner, verbose=False)
+        return runner.read_back()
+    return study_fn(device=trainer.strategy.root_device)
+
+
 def study_group(cfg: DictConfig, fit_task: str | None) -> dict:
     """A study of a checkpoint joins the W&B group of the fit that wrote it (the fit's task name), unless the
     config names another group (``logger.wandb.group=...``)."""
@@ -105,12 +115,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         localization=localization)
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=False)
-    if trainer.world_size > 1:  # every process of trainer=ddp|ddp_sim takes its shard of the images
-        runner = StudyInProcessGroup(study_fn, out_dir / f".study-{context['run_id']}.json")
-        trainer.test(runner, verbose=False)
-        study = runner.read_back()
-    else:
-        study = study_fn(device=trainer.strategy.root_device)
+    study = study_on_every_rank(trainer, study_fn, out_dir, context["run_id"])
     if not trainer.is_global_zero:  # another process of a torchrun/SLURM launch: rank 0 writes and logs
         return study_record(context, study, out_dir), {"backbone": backbone, "study": study}
     write_report(study, out_dir, loggers[0] if loggers else None)

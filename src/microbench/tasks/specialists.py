@@ -17,7 +17,7 @@ from microbench.results.io import read_json
 from microbench.results.record import RunRecord
 from microbench.studies.forgetting import load_finetuned_state
 from microbench.studies.specialists import Specialist, run_specialists, write_specialists_report
-from microbench.tasks.forgetting import StudyInProcessGroup
+from microbench.tasks.forgetting import study_on_every_rank
 from microbench.tasks.records import new_record, run_context
 from microbench.tasks.trainer import (
     build_model,
@@ -169,12 +169,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         lg.log_hyperparams(container(cfg))
     trainer = trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False,
                           enable_progress_bar=False)
-    if trainer.world_size > 1:  # every process of trainer=ddp|ddp_sim takes its shard of the images
-        runner = StudyInProcessGroup(study_fn, out_dir / f".study-{context['run_id']}.json")
-        trainer.test(runner, verbose=False)
-        study = runner.read_back()
-    else:
-        study = study_fn(device=trainer.strategy.root_device)
+    study = study_on_every_rank(trainer, study_fn, out_dir, context["run_id"])
     if trainer.is_global_zero:
         if left_out:
             study["left_out"] = {"jobs_without_a_record": left_out}
