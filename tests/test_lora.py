@@ -157,15 +157,13 @@ def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base
     """Issue 23 §3: `-m experiment=compare_recipes recipe=...` fine-tunes each recipe from the same base on the same
     target, studies each, and tabulates target gain vs supported loss with each study's paired CIs, trainable
     parameters and checkpoint sizes; `python -m microbench recipes <sweep>` rebuilds the same table."""
+    import os
     import subprocess
     import sys
 
     from conftest import REPO
 
-    env = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    import os
-
-    env = {**os.environ, **env}
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=compare_recipes",
                           "recipe=full,lora_r4,lp_ft", "trainer.max_epochs=2", "study.alphas=[0,0.5,1]",
                           "bootstrap.n_resamples=99", "eval_in_domain=false", "study.result_cache=null",
