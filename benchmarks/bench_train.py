@@ -122,9 +122,10 @@ def probe_sweep_seconds() -> dict:
     big = ProbeData(xs[:1400], y[:1400].numpy(), xs[1400:1600], y[1400:1600].numpy(), xs[1600:], y[1600:].numpy(), c)
     out = {"sample_dataset": "acevedo_et_al_2020", "sweep_values": 11, "seeds": 3, "synthetic_n_train": 1400,
            "synthetic_dim": d, "torch_threads": torch.get_num_threads()}
-    small_fit = lp.SMALL_FIT
-    for label, limit in (("one_thread_small_fits", small_fit), ("all_threads", 0)):  # the fix, and without it
-        lp.SMALL_FIT = limit
+    small_fit, newton = lp.SMALL_FIT, lp.NEWTON_MAX_PARAMS
+    for label, limit, newton_max in (("one_thread_small_fits", small_fit, newton), ("all_threads", 0, newton),
+                                     ("lbfgs_only", small_fit, 0)):  # the fixes, and without each
+        lp.SMALL_FIT, lp.NEWTON_MAX_PARAMS = limit, newton_max
         t0 = time.perf_counter()
         r = sweep(data, shots="full", seeds=(0, 1, 2))
         t1 = time.perf_counter()
@@ -132,7 +133,7 @@ def probe_sweep_seconds() -> dict:
         out[label] = {"n_train": r["n_train"], "sweep_s": round(t1 - t0, 3),
                       "synthetic_sweep_s": round(time.perf_counter() - t1, 3), "acc": r["acc"]["mean"],
                       "synthetic_acc": rb["acc"]["mean"]}
-    lp.SMALL_FIT = small_fit
+    lp.SMALL_FIT, lp.NEWTON_MAX_PARAMS = small_fit, newton
     return out
 
 

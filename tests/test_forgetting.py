@@ -270,7 +270,8 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
         f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"]))
     record, objects = forgetting(cfg_forgetting([
         f"finetuned={metrics['last_checkpoint']}", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=199",
-        f"paths.output_dir={tmp_path / 'study'}", f"study.result_cache={tmp_path / 'cache'}"]))
+        f"paths.output_dir={tmp_path / 'study'}", f"study.result_cache={tmp_path / 'cache'}",
+        "study.feature_probe=true"]))
     study = objects["study"]
     assert study["target_datasets"] == ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
     assert record.task == "forgetting" and record["chosen_alpha"] == study["selection"]["alpha"]
@@ -279,6 +280,10 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
     assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "contrastive"
     assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()
+    # study.feature_probe=true (issue 23 §2): the probes of base, fine-tune and chosen model, with the verdicts
+    fp = rec["feature_probe"]
+    assert fp["models"][0] == "base" and "finetuned" in fp["verdicts"] and set(fp["pooled"]) == {"target", "supported"}
+    assert "## Features or alignment?" in (tmp_path / "study" / "forgetting.md").read_text()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -529,3 +534,65 @@ def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, overri
     with pytest.raises(UserError, match=message):
         train(cfg_train(["experiment=demo", override, f"paths.output_dir={tmp_path}", f"paths.root_dir={tmp_path}"]))
     assert not (tmp_path / ".cache" / "bases").exists()  # nothing built, nothing cached
+
+
+# --- issue 23 §2: feature forgetting beside zero-shot forgetting -------------------------------------------------
+
+def test_feature_probes_tell_lost_alignment_from_damaged_features(trained_base, tmp_path):
+    """study.feature_probe=true re-fits every dataset's linear probe on the base's, the fine-tune's and the chosen
+    model's frozen image features. A 'fine-tune' that scrambles the text tower alone forgets zero-shot but leaves the
+    image features bit-identical: every probe Δ is exactly 0 and the verdict is lost alignment. One that zeroes the
+    image tower's weights damages the features: the probe drops, CI below 0. The probes are the linear-probe task's
+    own full-data probes on the same features (pinned), the pooled Δ the mean of the paired per-row changes."""
+    from microbench.models.features import compute_image_features
+    from microbench.models.linear_probe import dataset_probe_data, row_to_image_index, sweep
+    from microbench.studies.feature_probe import feature_forgetting
+
+    bb = build_backbone(preset="tiny")
+    g = torch.Generator().manual_seed(3)
+    text_only = {k: (torch.randn(v.shape, generator=g) * v.std() if not k.startswith("model.visual.") and
+                     v.is_floating_point() and v.ndim > 1 else v.clone()) for k, v in trained_base.items()}
+    targets = ["kather_et_al_2016"]
+
+    def make_dm(split):
+        return PerceptionDataModule("sample", transform=bb.preprocess, split=split)
+
+    study = write_report(run_study(bb, trained_base, text_only, make_dm=make_dm, out_dir=tmp_path / "study",
+                                   target_datasets=targets, spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=999,
+                                                                           feature_probe=True),
+                                   finetuned_path="text-scrambled"), tmp_path / "study")
+    fp = study["feature_probe"]
+    assert fp["models"][:2] == ["base", "finetuned"] and not fp["skipped"]
+    for name, e in fp["datasets"].items():
+        for m in fp["models"][1:]:
+            assert e[m]["delta"]["value"] == 0.0 and e[m]["acc"]["value"] == e["base"]["acc"]["value"], (name, m)
+    v = fp["verdicts"]["finetuned"]
+    assert v["zero_shot_delta"]["high"] < 0 and v["probe_delta"]["value"] == 0.0, v
+    assert v["verdict"] == "alignment lost, features intact"
+    md = (tmp_path / "study" / "forgetting.md").read_text()
+    assert "## Features or alignment?" in md and "**alignment lost, features intact**" in md
+    assert "**Features or alignment.**" in md.split("| model |")[0]  # said at the top too
+    # the probes are the linear-probe task's full-data probes (one seed) on the same features
+    bb.load_state_dict(trained_base)
+    dm = make_dm("all")
+    dm.setup()
+    feats = compute_image_features(bb, dm, progress=False)[0]
+    r2i = row_to_image_index(dm)
+    for name, e in fp["datasets"].items():
+        data, _ = dataset_probe_data(dm, feats, name, r2i)
+        ref = sweep(data, shots="full", seeds=[0])
+        assert e["base"]["acc"]["value"] == pytest.approx(ref["acc"]["mean"], abs=1e-6), name  # torchmetrics: float32
+        assert e["models"]["base"]["weight_decay"] == ref["weight_decay"][0]
+
+    zeroed = {k: (torch.zeros_like(v) if k.startswith("model.visual.") and v.is_floating_point() and v.ndim > 1
+                  else v.clone()) for k, v in trained_base.items()}
+    out = feature_forgetting(bb, {"base": lambda: bb.load_state_dict(trained_base),
+                                  "zeroed": lambda: bb.load_state_dict(zeroed)}, make_dm("all"), set(targets),
+                             n_resamples=999)
+    d = out["pooled"]["supported"]["zeroed"]["delta"]
+    assert d["high"] < 0 and d["significant"], d
+    n = {k: e["n_test"] for k, e in out["datasets"].items() if not e["target"]}
+    per_ds = {k: out["datasets"][k]["zeroed"]["delta"]["value"] for k in n}
+    assert d["value"] == pytest.approx(sum(per_ds[k] * n[k] for k in n) / sum(n.values()), abs=1e-12)
+    from microbench.studies.feature_probe import verdict
+    assert verdict(d, None) == "features damaged"

@@ -186,7 +186,10 @@ def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base
         assert r["finetuned"]["target"]["value"] == ft["target/fine"]["delta"]["value"]
         assert r["finetuned"]["supported"]["low"] == ft["supported/all"]["delta"]["low"]
         assert r["chosen_alpha"] == study["selection"]["alpha"]
+        probe = study["feature_probe"]["verdicts"]["finetuned"]  # the experiment re-fits probes (issue 23 §2)
+        assert r["features"]["value"] == probe["probe_delta"]["value"] and r["features"]["verdict"] == probe["verdict"]
     md = (sweep / "recipes" / "recipes.md").read_text()
+    assert "features Δ, probe (α=1) | verdict |" in md
     assert all(f"| {n} |" in md for n in rows) and (sweep / "recipes" / "recipes.png").stat().st_size > 0
     again = subprocess.run([sys.executable, "-m", "microbench", "recipes", str(sweep), "--out", str(tmp_path / "t")],
                            cwd=REPO, capture_output=True, text=True, env=env, timeout=120)

@@ -308,18 +308,26 @@ def test_the_probe_reaches_the_optimum_of_its_objective_against_scipy():
                            options={"maxiter": 50_000, "gtol": 1e-12, "ftol": 1e-16, "maxcor": 50}).fun
 
     gen = torch.Generator().manual_seed(0)
-    n, d, C = 120, 64, 6
-    centres = torch.randn(C, d, generator=gen)
-    y = torch.randint(0, C, (n,), generator=gen)
-    x = F.normalize(torch.randn(n, d, generator=gen) + centres[torch.randint(0, C, (n,), generator=gen)], dim=1)
-    start = None
-    for wd in sorted(WEIGHT_DECAYS, reverse=True):
-        head = fit_logistic(x, y, C, wd, start)
-        start = (head.weight.detach(), head.bias.detach())
-        w, b = head.weight.detach().double(), head.bias.detach().double()
-        ours = float(F.cross_entropy(x.double() @ w.T + b, y) + 0.5 * wd * w.pow(2).sum())
-        ref = reference(x.double().numpy(), y.numpy(), C, wd)
-        assert head.converged and ours - ref <= 1e-6 * ref, (wd, ours, ref)
+    # a noisy problem, and a small separable one like a sample dataset's (12 rows, 64 dims: ill-conditioned at a
+    # small weight decay, where L-BFGS needed 2,040 iterations and Newton needs 4)
+    for n, d, C in ((120, 64, 6), (12, 64, 3)):
+        centres = torch.randn(C, d, generator=gen)
+        y = torch.randint(0, C, (n,), generator=gen)
+        x = F.normalize(torch.randn(n, d, generator=gen) + centres[torch.randint(0, C, (n,), generator=gen)], dim=1)
+        refs = {wd: reference(x.double().numpy(), y.numpy(), C, wd) for wd in WEIGHT_DECAYS}
+        for solver in ("auto", "lbfgs"):  # auto: Newton on the exact Hessian for a problem this small
+            start = None
+            for wd in sorted(WEIGHT_DECAYS, reverse=True):
+                head = fit_logistic(x, y, C, wd, start, solver=solver)
+                assert head.solver == ("newton" if solver == "auto" else "lbfgs")
+                start = (head.weight.detach(), head.bias.detach())
+                w, b = head.weight.detach().double(), head.bias.detach().double()
+                ours = float(F.cross_entropy(x.double() @ w.T + b, y) + 0.5 * wd * w.pow(2).sum())
+                ref = refs[wd]
+                if solver == "auto" or n == 120:  # L-BFGS on the separable one may stop at its iteration cap
+                    assert head.converged and ours - ref <= 1e-6 * ref, (n, solver, wd, ours, ref)
+                if solver == "auto":
+                    assert head.iterations <= 50, (n, wd, head.iterations)
 
 
 def test_lp_ft_initialises_the_head_from_a_converged_probe_chosen_on_val(tmp_path, cfg_train):

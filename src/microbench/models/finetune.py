@@ -189,8 +189,8 @@ class FineTuneModule(L.LightningModule):
     def fit_probe_head(self, dm) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """LP-FT's first stage: a linear probe on the backbone's L2-normalised features of every train image
         (evaluation transform, the same on every rank), weight decay chosen on val along the probe's path
-        (:func:`microbench.models.linear_probe.fit_logistic`, run to convergence)."""
-        from microbench.models.linear_probe import WEIGHT_DECAYS, fit_logistic, probe_metrics, threads_for
+        (:func:`microbench.models.linear_probe.choose_head`, each fit run to convergence)."""
+        from microbench.models.linear_probe import WEIGHT_DECAYS, choose_head
 
         was = self.backbone.training
         self.backbone.eval()
@@ -209,17 +209,8 @@ class FineTuneModule(L.LightningModule):
         if x is None:
             raise UserError("module.head_init=probe: no train images to fit the probe on")
         n_classes = self.class_space.num_classes
-        heads, start = {}, None
-        with threads_for(int(x.numel())), torch.enable_grad():
-            for wd in sorted(WEIGHT_DECAYS, reverse=True):
-                heads[wd] = fit_logistic(x, y, n_classes, wd, start)
-                start = (heads[wd].weight, heads[wd].bias)
         xv, yv = feats["val"]
-        with torch.no_grad():
-            scores = {wd: probe_metrics(h(xv), yv, n_classes)["acc"] if xv is not None else 0.0
-                      for wd, h in heads.items()}
-        wd = max(WEIGHT_DECAYS, key=lambda w: (scores[w], -WEIGHT_DECAYS.index(w)))
-        head = heads[wd]
+        wd, head, scores = choose_head(x, y, n_classes, xv, yv, WEIGHT_DECAYS)
         info = {"kind": "probe", "weight_decay": wd, "val_acc": scores[wd], "n_train": len(y),
                 "n_val": 0 if yv is None else len(yv), "converged": bool(head.converged)}
         log.info("LP-FT: probe head fitted on %d train images (weight decay %.0e chosen on val, val acc %.3f)",

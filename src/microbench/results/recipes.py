@@ -23,6 +23,14 @@ def _cells(model: dict) -> dict:
             for key, short in KEYS}
 
 
+def _features(study: dict) -> dict | None:
+    """The fine-tune's supported probe Δ and verdict (a study with study.feature_probe=true), else None."""
+    v = ((study.get("feature_probe") or {}).get("verdicts") or {}).get("finetuned") or {}
+    if not v.get("probe_delta"):
+        return None
+    return {k: v["probe_delta"][k] for k in ("value", "low", "high")} | {"verdict": v["verdict"]}
+
+
 def collect(runs: Path) -> tuple[list[dict], list[str]]:
     """One row per fit under ``runs`` with a forgetting study; the lines saying what was left out and why."""
     rows, left = [], []
@@ -46,7 +54,8 @@ def collect(runs: Path) -> tuple[list[dict], list[str]]:
             "checkpoint_bytes": Path(ckpt).stat().st_size if ckpt and Path(ckpt).is_file() else None,
             "base": study["base"]["fingerprint"], "target_datasets": study["target_datasets"],
             "finetuned": _cells(test["finetuned"]), "chosen_alpha": study["selection"]["alpha"],
-            "chosen": _cells(study["chosen_test"]), "test_acc": (fit.get("test") or {}).get("test/acc")})
+            "chosen": _cells(study["chosen_test"]), "test_acc": (fit.get("test") or {}).get("test/acc"),
+            "features": _features(study)})
     return rows, left
 
 
@@ -87,12 +96,22 @@ def markdown(result: dict) -> str:
              "every other dataset (supported), at α = 1 (the fine-tune) and at each study's chosen α.", "",
              "| recipe | objective | adapter | head | trainable params | checkpoint | target Δ (α=1) | supported Δ "
              "(α=1) | chosen α | target Δ (chosen) | supported Δ (chosen) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    features = any(r.get("features") for r in result["recipes"])
+    if features:  # the studies re-fitted probes on the frozen features: damaged features vs lost alignment
+        lines[-2] += " features Δ, probe (α=1) | verdict |"
+        lines[-1] += "---|---|"
+        lines[2] += (" Features Δ: a linear probe re-fitted on the fine-tune's frozen image features vs the base's, "
+                     "on the supported datasets (study.feature_probe=true).")
     for r in result["recipes"]:
         size = f"{r['checkpoint_bytes'] / 1e6:.2f} MB" if r["checkpoint_bytes"] else "—"
-        lines.append(f"| {r['recipe']} | {r['objective']} | {r['adapter']} | {r['head_init'] or '—'} | "
-                     f"{r['trainable_parameters']:,} | {size} | {_pp(r['finetuned']['target'])} | "
-                     f"{_pp(r['finetuned']['supported'])} | {r['chosen_alpha']:.2f} | {_pp(r['chosen']['target'])} | "
-                     f"{_pp(r['chosen']['supported'])} |")
+        row = (f"| {r['recipe']} | {r['objective']} | {r['adapter']} | {r['head_init'] or '—'} | "
+               f"{r['trainable_parameters']:,} | {size} | {_pp(r['finetuned']['target'])} | "
+               f"{_pp(r['finetuned']['supported'])} | {r['chosen_alpha']:.2f} | {_pp(r['chosen']['target'])} | "
+               f"{_pp(r['chosen']['supported'])} |")
+        if features:
+            f = r.get("features")
+            row += f" {_pp(f)} | {f['verdict']} |" if f else " — | — |"
+        lines.append(row)
     best = max(result["recipes"], key=lambda r: r["finetuned"]["target"]["value"])
     least = max(result["recipes"], key=lambda r: r["finetuned"]["supported"]["value"])
     lines += ["", f"Largest target gain at α = 1: **{best['recipe']}** ({_pp(best['finetuned']['target'])}); least "

@@ -33,7 +33,7 @@ from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
 from microbench.results.io import write_parquet
 from microbench.studies.merging import MergeError, check_compatible
-from microbench.studies.sweep import InterpolationScorer, alpha_name
+from microbench.studies.sweep import InterpolationScorer, WeightInterpolator, alpha_name
 
 log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
@@ -329,7 +329,9 @@ class StudySpec:
       ``options``: ``{method: {option: value}}`` over each method's defaults;
     - ``selection``: ``keep_gain`` (best supported accuracy keeping ≥ ``keep_target_gain`` of the target gain) or
       ``trade_off`` (max ``trade_off_weight``·normalized target + normalized control), each on val;
-    - ``n_resamples``, ``confidence``, ``seed``: the bootstrap of every CI (paired deltas, areas, axes).
+    - ``n_resamples``, ``confidence``, ``seed``: the bootstrap of every CI (paired deltas, areas, axes);
+    - ``feature_probe``: also re-fit the linear probe of every dataset on the base's, the fine-tune's and the chosen
+      model's frozen image features (:mod:`microbench.studies.feature_probe`): damaged features vs lost alignment.
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -344,6 +346,7 @@ class StudySpec:
     confidence: float = 0.95
     seed: int = 0
     result_cache: str | None = None  # base-model predictions reused across studies (None: no cache)
+    feature_probe: bool = False  # re-fit linear probes on base / fine-tuned / chosen features (features vs alignment)
 
     def __post_init__(self) -> None:
         from microbench.errors import UserError
@@ -625,9 +628,49 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
             chosen[f"{name} α={a:.2f}"] = _chosen_frame(test_preds, plan[name], a)
         study["axes"] = axis_deltas(test_preds[BASE_POINT], {"finetuned": test_preds[FINETUNED_POINT], **chosen},
                                     test_rows, targets, test_resampler)
+    if spec.feature_probe:
+        study["feature_probe"] = _feature_probe(backbone, base_state, ft_state, paths, plan[primary], study, keys,
+                                                make_dm, targets, spec, device)
     study["seconds"] = round(time.perf_counter() - t0, 2)
     backbone.load_state_dict(ft_state)  # leave the caller's model fine-tuned
     return study
+
+
+def _feature_probe(backbone, base_state, ft_state, paths, plan_entry, study, keys, make_dm, targets, spec, device
+                   ) -> dict:
+    """The linear probes of :func:`~microbench.studies.feature_probe.feature_forgetting` on the base, the fine-tune
+    and the primary method's chosen model (its first seed's path when it has several), rank 0 alone; each model's
+    zero-shot Δ on the supported datasets beside its probe Δ, with the verdict."""
+    from microbench.studies.feature_probe import feature_forgetting, verdict
+
+    alpha = study["selection"]["alpha"]
+    point = plan_entry["paths"][0]["points"][alpha]
+
+    def load(state):
+        return lambda: backbone.load_state_dict(state)
+
+    def chosen():
+        backbone.load_state_dict(base_state)  # tensors outside the study's keys stay at the base, as in the sweep
+        start, end = paths[point[0]]
+        WeightInterpolator(backbone, start, end, keys).set_alpha(point[1])
+
+    models = {"base": load(base_state), "finetuned": load(ft_state)}
+    chosen_name = None
+    if point not in (BASE_POINT, FINETUNED_POINT):
+        chosen_name = f"chosen α={alpha:.2f}"
+        models[chosen_name] = chosen
+    with distributed.local_only():
+        out = feature_forgetting(backbone, models, make_dm("all"), targets, n_resamples=int(spec.n_resamples),
+                                 confidence=float(spec.confidence), seed=int(spec.seed), device=device)
+    out["chosen"] = chosen_name or ("base" if point == BASE_POINT else "finetuned")
+    zero_shot = {"finetuned": study["splits"]["test"]["models"]["finetuned"], chosen_name: study["chosen_test"]}
+    sup = out["pooled"].get("supported") or {}
+    out["verdicts"] = {}
+    for name in out["models"][1:]:
+        zs_delta = (zero_shot[name].get("supported/all") or {}).get("delta")
+        out["verdicts"][name] = {"zero_shot_delta": zs_delta, "probe_delta": (sup.get(name) or {}).get("delta"),
+                                 "verdict": verdict((sup.get(name) or {}).get("delta"), zs_delta)}
+    return out
 
 
 def _chosen_frame(preds: dict, plan_entry: dict, alpha: float) -> pd.DataFrame:

@@ -126,6 +126,11 @@ def findings(study: dict) -> list[str]:
     else:
         rec += f" with supported accuracy {100 * ch['supported/all']['acc']['value']:.1f} %."
     lines.append(rec)
+    verdict = ((study.get("feature_probe") or {}).get("verdicts") or {}).get("finetuned")
+    if verdict and verdict.get("probe_delta"):
+        lines.append(f"**Features or alignment.** A linear probe on the fine-tune's frozen features changes the "
+                     f"supported datasets by {_points(verdict['probe_delta'])} vs the base's probe: "
+                     f"**{verdict['verdict']}** (section below).")
     return lines
 
 
@@ -179,6 +184,7 @@ def report_markdown(study: dict) -> str:
                      f"{_delta(v['delta'])} | {_pct(c.get('acc'))} | {_delta(c.get('delta'))} |")
     lines += ["", "![per-dataset deltas](dataset_deltas.png)", ""]
     lines += axes_markdown(study)
+    lines += feature_probe_markdown(study)
     return "\n".join(lines)
 
 
@@ -330,6 +336,60 @@ def axes_markdown(study: dict) -> list[str]:
     return out
 
 
+def feature_probe_table(study: dict) -> tuple[list[str], list[list]]:
+    """Per dataset (and pooled over the target and the supported datasets): each model's probe accuracy on test and
+    its Δ vs the base's probe with the paired CI (study.feature_probe=true)."""
+    fp = study.get("feature_probe") or {}
+    columns = ["dataset", "target", "n_test", "model", "probe_acc", "delta", "delta_low", "delta_high"]
+    rows = []
+    entries = [(f"(pooled {g})", g == "target", e) for g, e in (fp.get("pooled") or {}).items()]
+    entries += [(name, e["target"], e) for name, e in (fp.get("datasets") or {}).items()]
+    for name, target, e in entries:
+        for model in fp.get("models", []):
+            m = e.get(model) or {}
+            d = m.get("delta") or {}
+            rows.append([name, target, e.get("n_test"), model, (m.get("acc") or {}).get("value"), d.get("value"),
+                         d.get("low"), d.get("high")])
+    return columns, rows
+
+
+def feature_probe_markdown(study: dict) -> list[str]:
+    """Features or alignment: the zero-shot Δ on the supported datasets beside the Δ of a linear probe re-fitted on
+    each model's frozen image features, the verdict, and the probes per dataset."""
+    fp = study.get("feature_probe")
+    if not fp:
+        return []
+    models = fp["models"]
+    out = ["", "## Features or alignment? Linear probes on each model's frozen image features (test)", "",
+           "Zero-shot accuracy falls when the image features lose what they knew or when the image and text towers "
+           "drift apart. A linear probe re-fitted on each model's frozen features (full train split, weight decay "
+           "chosen on val, the same rows for every model) tells the two apart: a probe that holds up means the "
+           "features are intact and the zero-shot loss is lost alignment (a new head or prompts recover it); a probe "
+           "that drops means the features themselves were damaged. Δ vs the base's probe in points with paired "
+           f"{fp.get('interval', 'image-clustered')} 95 % CIs; * = CI excludes 0.", "",
+           "| model | zero-shot Δ, supported | probe Δ, supported | verdict |", "|---|---|---|---|"]
+    for name, v in (fp.get("verdicts") or {}).items():
+        out.append(f"| {name} | {_delta(v.get('zero_shot_delta'))} | {_delta(v.get('probe_delta'))} | "
+                   f"**{v['verdict']}** |")
+    out += ["", "| dataset | target | n test | " + " | ".join(
+        f"{m} probe" + (" | Δ" if i else "") for i, m in enumerate(models)) + " |",
+        "|---|---|---|" + "---|" * (2 * len(models) - 1)]
+    entries = [(f"**pooled {g}**", "yes" if g == "target" else "", e) for g, e in (fp.get("pooled") or {}).items()]
+    entries += [(name, "yes" if e["target"] else "", e) for name, e in (fp.get("datasets") or {}).items()]
+    for name, target, e in entries:
+        cells = []
+        for i, m in enumerate(models):
+            cells.append(_pct(((e.get(m) or {}).get("acc") or {}).get("value")))
+            if i:
+                cells.append(_delta((e.get(m) or {}).get("delta")))
+        out.append(f"| {name} | {target} | {e.get('n_test')} | " + " | ".join(cells) + " |")
+    if fp.get("skipped"):
+        out += ["", "Not probed (an empty split or a single training class): " + ", ".join(
+            f"{k} ({v})" for k, v in fp["skipped"].items()) + "."]
+    out.append("")
+    return out
+
+
 def plot_study(study: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -452,6 +512,11 @@ def summary_values(study: dict) -> dict[str, float]:
             out[f"forgetting/{who}/{short}"] = m[key]["acc"]["value"]
             if who != "base":
                 out[f"forgetting/{who}/{short}_delta"] = m[key]["delta"]["value"]
+    fp = study.get("feature_probe") or {}
+    for name, v in (fp.get("verdicts") or {}).items():  # the supported probe Δ of the fine-tune and the chosen model
+        if v.get("probe_delta"):
+            who = "finetuned" if name == "finetuned" else "chosen"
+            out[f"forgetting/{who}/probe_supported_delta"] = v["probe_delta"]["value"]
     return out
 
 
@@ -481,6 +546,9 @@ def log_to_logger(logger, study: dict, plots: list[Path]) -> None:
     if study.get("axes"):
         columns, rows = axes_table(study)
         logger.log_table(key="forgetting/axes", columns=columns, data=rows)
+    if study.get("feature_probe"):
+        columns, rows = feature_probe_table(study)
+        logger.log_table(key="forgetting/feature_probe", columns=columns, data=rows)
     logger.log_image(key="forgetting/plots", images=[str(p) for p in plots],
                      caption=["target vs supported accuracy across α", "per-dataset Δ vs base"][:len(plots)])
     run = logger.experiment

@@ -9,17 +9,14 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import pandas as pd
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from microbench.data.labelled import build_class_space
 from microbench.models.features import FeatureCache
 from microbench.models.finetune import class_text_embeddings
-from microbench.models.linear_probe import WEIGHT_DECAYS, ProbeData, sweep
+from microbench.models.linear_probe import WEIGHT_DECAYS, dataset_probe_data, row_to_image_index, sweep
 from microbench.results.record import RunRecord
 from microbench.results.report import probe_markdown
 from microbench.tasks.records import new_record, run_context, write_run
@@ -37,10 +34,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     dm = instantiate(cfg.data, transform=backbone.preprocess, split="all")
     dm.setup()
     feats, _, hit = FeatureCache(p.cache_dir).get(backbone, dm, progress=True)
-    images = dm.images("all")
-    row_to_image = np.full(int(dm.rows["row_idx"].max()) + 1, -1, dtype=np.int64)
-    for i, rows in enumerate(images.rows):
-        row_to_image[rows] = i
+    row_to_image = row_to_image_index(dm)
     shots = list(p.shots)[:1] if fast else list(p.shots)
     seeds = list(p.seeds)[:1] if fast else list(p.seeds)
     wds = tuple(p.weight_decays) if p.get("weight_decays") else WEIGHT_DECAYS
@@ -51,23 +45,13 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     for i, name in enumerate(bar, 1):
         bar.set_postfix_str(name)
         t_ds = time.perf_counter()
-        rows = dm.rows[dm.rows["dataset"] == name]
-        space, class_of_row, _ = build_class_space(rows, dm.question_table.frame)
-        img = row_to_image[rows["row_idx"].to_numpy()]
-        ok = ~torch.isnan(feats[img]).any(1).numpy()
-        split = rows["split"].to_numpy()
-        parts = {s: np.flatnonzero(ok & (split == s)) for s in ("train", "val", "test")}
-        if min(len(v) for v in parts.values()) == 0 or len(np.unique(class_of_row[parts["train"]])) < 2:
-            log.warning("skipping %s: empty split or a single training class %s", name,
-                        {k: len(v) for k, v in parts.items()})
-            results[name] = {"skipped": "empty split or single training class"}
+        data, info = dataset_probe_data(dm, feats, name, row_to_image)
+        if data is None:
+            log.warning("skipping %s: empty split or a single training class %s", name, info["rows"])
+            results[name] = {"skipped": info["skipped"]}
             continue
-        zs = None
         if p.get("zs_init") and backbone.has_text:
-            zs = class_text_embeddings(backbone, space.prompts)
-        data = ProbeData(*[t for s in ("train", "val", "test") for t in
-                           (feats[img[parts[s]]], class_of_row[parts[s]])], n_classes=space.num_classes,
-                         zs_weights=zs)
+            data.zs_weights = class_text_embeddings(backbone, info["space"].prompts)
         results[name] = {}
         for k in shots:
             r = sweep(data, shots=k, seeds=seeds, weight_decays=wds, zs_init=bool(p.get("zs_init")),

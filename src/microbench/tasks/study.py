@@ -47,7 +47,8 @@ def study_spec(cfg: DictConfig) -> StudySpec:
             n_resamples=int(boot.get("n_resamples", 9999)), methods=tuple(str(m) for m in methods), options=options,
             selection=str(sel.get("rule", "keep_gain")), trade_off_weight=float(sel.get("trade_off_weight", 2.0)),
             extrapolate=bool(st.get("extrapolate", False)), confidence=float(boot.get("confidence", 0.95)),
-            seed=int(boot.get("seed", 0)), result_cache=st.get("result_cache"))
+            seed=int(boot.get("seed", 0)), result_cache=st.get("result_cache"),
+            feature_probe=bool(st.get("feature_probe", False)))
     except UserError:
         raise
     except (TypeError, ValueError) as err:  # e.g. study.selection.keep_target_gain=abc
