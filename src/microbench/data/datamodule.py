@@ -58,6 +58,26 @@ class UniqueImageDataset(Dataset):
         return {"index": i, "pixel_values": pixels, "error": None}
 
 
+class CachedImageDataset(UniqueImageDataset):
+    """:class:`UniqueImageDataset` through a :class:`~microbench.data.pixel_cache.PixelCache`: each image decoded
+    once per copy and geometry (by any run), read back as uint8 and finished (to float, normalised) here."""
+
+    def __init__(self, hf_images, rep_rows: np.ndarray, cache) -> None:
+        super().__init__(hf_images, rep_rows, cache.split)
+        self.cache = cache
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rep_rows[i])
+        u8 = self.cache.get(row)
+        if u8 is None:
+            try:
+                u8 = self.cache.split.to_uint8(self.hf_images[row]["image"].convert("RGB"))
+            except Exception as err:  # noqa: BLE001 - a bad image is a counted skip, never a crash
+                return {"index": i, "pixel_values": None, "error": f"row {row}: {type(err).__name__}: {err}"}
+            self.cache.put(row, u8)
+        return {"index": i, "pixel_values": self.cache.split.finish(u8), "error": None}
+
+
 def collate_images(batch: Sequence[dict]) -> dict:
     """Stack decoded images; indices of images that failed to decode travel in ``failed`` with their errors."""
     ok = [b for b in batch if b["pixel_values"] is not None]
@@ -232,6 +252,8 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
         strict_filters: a filter value absent from the copy is an error (catches typos); set False for preset
             slices such as the official pathology list on a partial copy (absent names are then logged).
         transform: image transform (a backbone's preprocess); default resize-crop to ``image_size``.
+        pixel_cache: a folder for decoded images at the transform's geometry (:mod:`microbench.data.pixel_cache`),
+            used by every evaluation loader (scoring, features, studies); None: decode every time.
     """
 
     def __init__(
@@ -253,8 +275,11 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
         strict_filters: bool = True,
         transform: Callable | None = None,
         train_transform: Callable | None = None,
+        pixel_cache: str | None = None,
     ) -> None:
         super().__init__()
+        self.pixel_cache = str(pixel_cache) if pixel_cache else None
+        self._pixel_caches: dict = {}
         if split not in (*splits_mod.SPLITS, splits_mod.ALL):
             raise MicroBenchDataError(f"data.split must be one of all, train, val, test; got {split!r}")
         self.path, self.revision, self.split = path, revision, split
@@ -332,13 +357,37 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
         table = self._images[split]
         if len(table) == 0:
             raise MicroBenchDataError(empty_split_message(split, self))
-        ds = UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform)
+        cache = None if train else self.cached_pixels()
+        ds = (CachedImageDataset(self.hf, table.rep_row, cache) if cache is not None else
+              UniqueImageDataset(self.hf, table.rep_row, self.train_transform if train else self.transform))
         sampler = ExactDistributedSampler(ds) if (not train and distributed.world_size() > 1) else None
         return DataLoader(
             ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_images,
             persistent_workers=False, drop_last=False,
         )
+
+    def cached_pixels(self):
+        """The :class:`~microbench.data.pixel_cache.PixelCache` of this copy at the evaluation transform's geometry
+        (made once; its size and fill said once), or None: no ``pixel_cache`` folder, or a transform it cannot split
+        (said once)."""
+        if not self.pixel_cache:
+            return None
+        key = id(self.transform)
+        if key not in self._pixel_caches:
+            from microbench.data.pixel_cache import PixelCache, describe_size, split_transform
+
+            split, why = split_transform(self.transform)
+            if split is None:
+                log.warning("pixel cache off for this transform: %s (images are decoded every time)", why)
+                self._pixel_caches[key] = None
+            else:
+                cache = PixelCache(self.pixel_cache, self.source.fingerprint, len(self.hf), split)
+                log.info("pixel cache %s: up to %s (%d rows × %s uint8), %d images there", cache.folder,
+                         describe_size(cache.estimate_bytes), cache.n_rows, "×".join(map(str, cache.shape)),
+                         cache.filled())
+                self._pixel_caches[key] = cache
+        return self._pixel_caches[key]
 
     def image_loader(self, split: str) -> DataLoader:
         """Every unique image of ``split`` once, with the evaluation transform (features, studies)."""
