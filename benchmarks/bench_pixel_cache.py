@@ -31,7 +31,7 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as root:
         for label, tf in (("open_clip tiny (64 px)", bb.preprocess), ("torchvision v2 224 px", default_transform())):
-            def loader(cache):
+            def loader(cache, tf=tf):
                 dm = PerceptionDataModule("sample", transform=tf, split="all", pixel_cache=cache)
                 dm.setup()
                 return lambda: [b for b in dm.image_loader("all")]

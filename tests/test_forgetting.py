@@ -586,9 +586,21 @@ def test_feature_probes_tell_lost_alignment_from_damaged_features(trained_base, 
 
     zeroed = {k: (torch.zeros_like(v) if k.startswith("model.visual.") and v.is_floating_point() and v.ndim > 1
                   else v.clone()) for k, v in trained_base.items()}
-    out = feature_forgetting(bb, {"base": lambda: bb.load_state_dict(trained_base),
-                                  "zeroed": lambda: bb.load_state_dict(zeroed)}, make_dm("all"), set(targets),
-                             n_resamples=999)
+    from microbench.data.datamodule import UniqueImageDataset
+
+    decoded, getitem = [], UniqueImageDataset.__getitem__
+
+    def counting(self, i):
+        decoded.append(int(self.rep_rows[i]))
+        return getitem(self, i)
+
+    all_dm = make_dm("all")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UniqueImageDataset, "__getitem__", counting)
+        out = feature_forgetting(bb, {"base": lambda: bb.load_state_dict(trained_base),
+                                      "zeroed": lambda: bb.load_state_dict(zeroed)}, all_dm, set(targets),
+                                 n_resamples=999)
+    assert sorted(decoded) == sorted(all_dm.images("all").rep_row.tolist())  # each image decoded once, 2 models
     d = out["pooled"]["supported"]["zeroed"]["delta"]
     assert d["high"] < 0 and d["significant"], d
     n = {k: e["n_test"] for k, e in out["datasets"].items() if not e["target"]}

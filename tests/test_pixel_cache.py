@@ -114,3 +114,15 @@ def test_loader_workers_fill_one_cache_and_features_are_unchanged(tmp_path, tiny
     warm.setup()
     again = compute_image_features(tiny, warm, progress=False)[0]
     assert torch.equal(cold, expected) and torch.equal(again, expected)
+
+
+def test_an_unusable_cache_folder_is_one_line(tmp_path, tiny):
+    from microbench.data.loading import MicroBenchDataError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    dm = PerceptionDataModule("sample", transform=tiny.preprocess, split="test", pixel_cache=str(blocker))
+    dm.setup()
+    with pytest.raises(MicroBenchDataError, match=r"data.pixel_cache=.*cannot create .*data.pixel_cache=null") as e:
+        dm.image_loader("test")
+    assert "\n" not in str(e.value)

@@ -111,7 +111,13 @@ class PixelCache:
         self.folder = Path(root) / key
         self.slot_bytes = int(np.prod(self.shape))
         self._pid, self._pixels, self._crc = None, None, None
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from microbench.data.loading import MicroBenchDataError
+
+            raise MicroBenchDataError(f"data.pixel_cache={root}: cannot create {self.folder} ({err.strerror}); pass a "
+                                      "writable folder, or data.pixel_cache=null to decode every time") from None
         if not (self.folder / "meta.json").is_file():
             write_json(self.folder / "meta.json", {"fingerprint": fingerprint, "geometry": split.description,
                                                    "shape": list(self.shape), "rows": self.n_rows})

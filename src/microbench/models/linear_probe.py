@@ -242,11 +242,10 @@ def choose_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, x_val: torch.T
 def full_data_probe(data: ProbeData, weight_decays=WEIGHT_DECAYS) -> dict:
     """The full-data probe of one dataset (weight decay chosen on val): its chosen weight decay, convergence and
     test predictions (``test_pred``, one class index per test row, for paired comparisons of models)."""
-    with threads_for(int(data.x_train.numel())):
-        y = torch.as_tensor(np.asarray(data.y_train), dtype=torch.long)
-        wd, head, _ = choose_head(data.x_train, y, data.n_classes, data.x_val, data.y_val, weight_decays)
-        with torch.no_grad():
-            pred = head(data.x_test).argmax(1).numpy()
+    y = torch.as_tensor(np.asarray(data.y_train), dtype=torch.long)
+    wd, head, _ = choose_head(data.x_train, y, data.n_classes, data.x_val, data.y_val, weight_decays)
+    with torch.no_grad():
+        pred = head(data.x_test).argmax(1).numpy()
     return {"weight_decay": wd, "converged": head.converged, "iterations": head.iterations, "solver": head.solver,
             "test_pred": pred}
 

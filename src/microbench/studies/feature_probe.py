@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap
-from microbench.models.features import compute_image_features
 from microbench.models.linear_probe import (
     WEIGHT_DECAYS,
     dataset_probe_data,
@@ -49,10 +48,7 @@ def feature_forgetting(backbone, models: Mapping[str, Callable[[], None]], dm, t
     t0 = time.perf_counter()
     names = list(models)
     dm.setup()
-    feats = {}
-    for name in names:
-        models[name]()
-        feats[name] = compute_image_features(backbone, dm, device, progress=False)[0]
+    feats = features_of_models(backbone, models, dm, device)
     valid = np.logical_and.reduce([~torch.isnan(f).any(1).numpy() for f in feats.values()])
     row_to_image = row_to_image_index(dm)
     correct: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -107,6 +103,30 @@ def feature_forgetting(backbone, models: Mapping[str, Callable[[], None]], dm, t
             out["pooled"][name] = dict(entry, n_test=int(masks[key].sum()))
     out["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("feature probes: %d datasets x %d models in %.1f s", len(datasets), len(names), out["seconds"])
+    return out
+
+
+@torch.no_grad()
+def features_of_models(backbone, models: Mapping[str, Callable[[], None]], dm, device="cpu") -> dict[str, torch.Tensor]:
+    """L2-normalised image features of every unique image of ``dm`` (split ``all``) under each model, decoding each
+    image once: every batch is encoded by each model in turn (``models[name]()`` loads its weights). Rows of images
+    that fail to decode are NaN, as in :func:`~microbench.models.features.compute_image_features`."""
+    import torch.nn.functional as F
+
+    backbone.eval().to(device)
+    n = len(dm.images("all"))
+    out = {name: torch.full((n, backbone.embed_dim), float("nan")) for name in models}
+    failed = 0
+    for batch in dm.image_loader("all"):
+        failed += len(batch["failed"])
+        if batch["pixel_values"] is None:
+            continue
+        pixels = batch["pixel_values"].to(device)
+        for name, load in models.items():
+            load()
+            out[name][batch["image_index"]] = F.normalize(backbone.encode_image(pixels).float(), dim=-1).cpu()
+    if failed:
+        log.warning("%d image(s) failed to decode; their features are NaN and their rows are left out", failed)
     return out
 
 

@@ -649,16 +649,14 @@ def _feature_probe(backbone, base_state, ft_state, paths, plan_entry, study, key
     def load(state):
         return lambda: backbone.load_state_dict(state)
 
-    def chosen():
-        backbone.load_state_dict(base_state)  # tensors outside the study's keys stay at the base, as in the sweep
-        start, end = paths[point[0]]
-        WeightInterpolator(backbone, start, end, keys).set_alpha(point[1])
-
     models = {"base": load(base_state), "finetuned": load(ft_state)}
     chosen_name = None
-    if point not in (BASE_POINT, FINETUNED_POINT):
+    if point not in (BASE_POINT, FINETUNED_POINT):  # its weights made once: the base outside the study's keys
+        backbone.load_state_dict(base_state)
+        start, end = paths[point[0]]
+        WeightInterpolator(backbone, start, end, keys).set_alpha(point[1])
         chosen_name = f"chosen α={alpha:.2f}"
-        models[chosen_name] = chosen
+        models[chosen_name] = load({k: v.detach().clone() for k, v in backbone.state_dict().items()})
     with distributed.local_only():
         out = feature_forgetting(backbone, models, make_dm("all"), targets, n_resamples=int(spec.n_resamples),
                                  confidence=float(spec.confidence), seed=int(spec.seed), device=device)
