@@ -204,3 +204,12 @@ def cfg_forgetting():
 def cfg_data():
     """``cfg_data(name, [overrides])``: one ``configs/data/<name>.yaml`` on its own."""
     return lambda name, overrides=(): compose_config(name, overrides, config_dir=REPO / "configs" / "data")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_text_cache():
+    """Each test starts with an empty text-embedding cache (what it counts is its own encodings)."""
+    from microbench.models.inference import TEXT_CACHE
+
+    TEXT_CACHE.clear()
+    yield

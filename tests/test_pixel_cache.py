@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from microbench.data.datamodule import PerceptionDataModule, default_transform
+from microbench.data.datamodule import PerceptionDataModule, default_transform, pixels_of
 from microbench.data.pixel_cache import PixelCache, split_transform
 from microbench.models.backbones import build_backbone
 
@@ -15,7 +15,7 @@ from microbench.models.backbones import build_backbone
 def _pixels(dm, split="test"):
     out = {}
     for b in dm.image_loader(split):
-        for i, x in zip(b["image_index"].tolist(), b["pixel_values"], strict=True):
+        for i, x in zip(b["image_index"].tolist(), pixels_of(b), strict=True):
             out[i] = x
     return out
 

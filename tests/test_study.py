@@ -530,8 +530,9 @@ def test_a_study_a_model_cannot_do_stops_the_fit_before_it_starts(tmp_path, cfg_
     assert not (tmp_path / "ck").exists()  # nothing was fitted
 
 
-def test_prompts_encoded_once_under_towers_image_give_the_same_predictions():
+def test_prompts_encoded_once_under_towers_image_give_the_same_predictions(monkeypatch):
     from microbench.data.datamodule import PerceptionDataModule
+    from microbench.models.inference import TEXT_CACHE
     from microbench.studies.sweep import InterpolationScorer
 
     bb = build_backbone(preset="tiny")
@@ -541,9 +542,11 @@ def test_prompts_encoded_once_under_towers_image_give_the_same_predictions():
     dm = PerceptionDataModule("sample", transform=bb.preprocess, split="test")
     dm.setup("test")
     runs = {}
-    for fixed in (False, True):
-        scorer = InterpolationScorer(bb, base, ft, [0.0, 0.5, 1.0], keys=keys, progress=False, texts_fixed=fixed)
-        runs[fixed] = (scorer.sweep(dm), scorer.text_encodings)
+    for cached in (True, False):  # the text cache (keyed by the text tower's weights), and no cache at all
+        if not cached:
+            monkeypatch.setattr(TEXT_CACHE, "lookup", lambda key, texts, encode: encode(list(texts)))
+        scorer = InterpolationScorer(bb, base, ft, [0.0, 0.5, 1.0], keys=keys, progress=False)
+        runs[cached] = (scorer.sweep(dm), scorer.text_encodings)
     assert runs[False][1] == 3 and runs[True][1] == 1
     for a in (0.0, 0.5, 1.0):
         got, ref = runs[True][0][a], runs[False][0][a]

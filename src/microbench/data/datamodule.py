@@ -60,7 +60,9 @@ class UniqueImageDataset(Dataset):
 
 class CachedImageDataset(UniqueImageDataset):
     """:class:`UniqueImageDataset` through a :class:`~microbench.data.pixel_cache.PixelCache`: each image decoded
-    once per copy and geometry (by any run), read back as uint8 and finished (to float, normalised) here."""
+    once per copy and geometry (by any run), read back as uint8; the batch carries the transform's finishing
+    steps (to float, normalise), applied where the encoder runs (:func:`pixels_of`: on the GPU, a quarter of the
+    bytes cross to it)."""
 
     def __init__(self, hf_images, rep_rows: np.ndarray, cache) -> None:
         super().__init__(hf_images, rep_rows, cache.split)
@@ -75,7 +77,7 @@ class CachedImageDataset(UniqueImageDataset):
             except Exception as err:  # noqa: BLE001 - a bad image is a counted skip, never a crash
                 return {"index": i, "pixel_values": None, "error": f"row {row}: {type(err).__name__}: {err}"}
             self.cache.put(row, u8)
-        return {"index": i, "pixel_values": self.cache.split.finish(u8), "error": None}
+        return {"index": i, "pixel_values": u8, "error": None, "finish": self.cache.split.finish}
 
 
 def collate_images(batch: Sequence[dict]) -> dict:
@@ -84,12 +86,27 @@ def collate_images(batch: Sequence[dict]) -> dict:
     bad = [b for b in batch if b["pixel_values"] is None]
     pixels = torch.stack([b["pixel_values"] for b in ok]) if ok and isinstance(ok[0]["pixel_values"], torch.Tensor) \
         else [b["pixel_values"] for b in ok]
-    return {
+    out = {
         "pixel_values": pixels if ok else None,
         "image_index": torch.tensor([b["index"] for b in ok], dtype=torch.long),
         "failed": torch.tensor([b["index"] for b in bad], dtype=torch.long),
         "errors": [b["error"] for b in bad],
     }
+    if ok and ok[0].get("finish") is not None:
+        out["finish"] = ok[0]["finish"]
+    return out
+
+
+def pixels_of(batch: dict, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The model input of an image batch on ``device``: uint8 pixels from the pixel cache are moved as uint8 and
+    finished (to float, normalised) there; anything else is moved as it is. None when nothing in it decoded."""
+    pixels = batch["pixel_values"]
+    if pixels is None:
+        return None
+    if device is not None:
+        pixels = pixels.to(device, non_blocking=True)
+    finish = batch.get("finish")
+    return finish(pixels) if finish is not None else pixels
 
 
 class ExactDistributedSampler(DistributedSampler):

@@ -81,14 +81,7 @@ def split_transform(transform) -> tuple[SplitTransform | None, str]:
 
     geometry = Compose(list(steps[:at]))
     norms = list(rest)
-    to_float = steps[at] if names[at] == "ToDtype" else None  # v2: its own arithmetic (ToTensor: ÷ 255 in float32)
-
-    def finish(u8: torch.Tensor) -> torch.Tensor:
-        x = to_float(u8) if to_float is not None else u8.to(torch.float32).div(255)
-        for n in norms:
-            x = n(x)
-        return x
-
+    finish = Finish(steps[at] if names[at] == "ToDtype" else None, norms)
     from PIL import Image
 
     probe = SplitTransform(geometry, finish, (0, 0, 0), "")
@@ -99,6 +92,21 @@ def split_transform(transform) -> tuple[SplitTransform | None, str]:
     description = repr(geometry).replace("\n", " ") + f" -> uint8 {shape}; then " + (
         ", ".join(repr(n).replace("\n", " ") for n in norms) or "float / 255")
     return SplitTransform(geometry, finish, shape, description), ""
+
+
+class Finish:
+    """uint8 CHW (or NCHW) → the model input: to float in [0, 1] (``ToTensor``'s ÷ 255 in float32, or v2
+    ``ToDtype``'s own arithmetic), then each ``Normalize``; on whatever device the tensor is (picklable, so a batch
+    can carry it from a DataLoader worker and be finished on the GPU: :func:`microbench.data.datamodule.pixels_of`)."""
+
+    def __init__(self, to_float, norms: list) -> None:
+        self.to_float, self.norms = to_float, norms
+
+    def __call__(self, u8: torch.Tensor) -> torch.Tensor:
+        x = self.to_float(u8) if self.to_float is not None else u8.to(torch.float32).div(255)
+        for n in self.norms:
+            x = n(x)
+        return x
 
 
 class PixelCache:

@@ -339,22 +339,31 @@ def write_hub_layout(rows: list[dict], out_dir: Path, features: datasets.Feature
         old.unlink()
     table = datasets.Dataset.from_list(rows, features=features).data.table
     bounds = np.linspace(0, len(rows), n_shards + 1).round().astype(int)
-    paths = []
-    for k in range(n_shards):
-        path = folder / f"{builder_name}-test-{k:05d}-of-{n_shards:05d}.arrow"
-        part = table.slice(bounds[k], bounds[k + 1] - bounds[k])
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(part, max_chunksize=64)
-        paths.append(path)
+    paths = [write_shard(folder, k, n_shards, table.slice(bounds[k], bounds[k + 1] - bounds[k]), builder_name)
+             for k in range(n_shards)]
+    write_dataset_info(folder, features, len(rows), "Embedded microbench sample in the uBench 0.1.0 schema (see "
+                       "data/sample/README.md).", builder_name, version)
+    return paths
+
+
+def write_shard(folder: Path, k: int, n_shards: int, table: pa.Table, builder_name: str = "ubench") -> Path:
+    """Shard ``k`` of ``n_shards`` of a Hub-layout copy (Arrow IPC stream, as an HF builder cache writes it)."""
+    path = Path(folder) / f"{builder_name}-test-{k:05d}-of-{n_shards:05d}.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64)
+    return path
+
+
+def write_dataset_info(folder: Path, features: datasets.Features, n_rows: int, description: str,
+                       builder_name: str = "ubench", version: str = "0.1.0") -> None:
     info = {
-        "description": "Embedded microbench sample in the uBench 0.1.0 schema (see data/sample/README.md).\n",
+        "description": description + "\n",
         "citation": "", "homepage": "", "license": "CC-BY-SA-4.0",
         "features": features.to_dict(),
         "builder_name": builder_name, "config_name": "default", "version": {"version_str": version},
-        "splits": {"test": {"name": "test", "num_examples": len(rows), "dataset_name": builder_name}},
+        "splits": {"test": {"name": "test", "num_examples": n_rows, "dataset_name": builder_name}},
     }
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return paths
+    (Path(folder) / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def make_sample(out_dir: Path, seed: int = 0, n_shards: int = 2) -> list[Path]:

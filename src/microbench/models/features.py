@@ -15,22 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from microbench.data.datamodule import PerceptionDataModule
+from microbench.data.datamodule import PerceptionDataModule, pixels_of
 from microbench.models.backbones.base import Backbone
 from microbench.results.io import write_json
 
 log = logging.getLogger(__name__)
 
 
-def feature_key(backbone: Backbone, dm: PerceptionDataModule) -> tuple[str, dict]:
+def feature_key(backbone: Backbone, dm: PerceptionDataModule, device: str = "cpu") -> tuple[str, dict]:
     parts = {
         "backbone": backbone.name, "fingerprint": backbone.fingerprint(), "transform": repr(dm.transform),
         "data_fingerprint": dm.source.fingerprint, "filters": dm.filters, "exclude": dm.exclude_datasets,
         "split_spec": dm.split_spec.to_dict(),
     }
+    dtype = backbone.inference.dtype(device)
+    if dtype != torch.float32:  # bf16 features are other features (fp32 keys as they always were)
+        parts["dtype"] = str(dtype)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20], parts
 
 
@@ -47,8 +49,7 @@ def compute_image_features(backbone: Backbone, dm: PerceptionDataModule, device:
     for batch in tqdm(loader, desc="encode images", unit="batch", disable=not progress, leave=False):
         failed += len(batch["failed"])
         if batch["pixel_values"] is not None:
-            emb = backbone.encode_image(batch["pixel_values"].to(device)).float()
-            out[batch["image_index"]] = F.normalize(emb, dim=-1).cpu()
+            out[batch["image_index"]] = backbone.embed_images(pixels_of(batch, device)).cpu()
     if failed:
         log.warning("%d image(s) failed to decode; their features are NaN and they are skipped", failed)
     return out, np.asarray(images.image_id, dtype=object)
@@ -63,7 +64,7 @@ class FeatureCache:
     def get(self, backbone: Backbone, dm: PerceptionDataModule, device: str = "cpu",
             progress: bool = True) -> tuple[torch.Tensor, np.ndarray, bool]:
         """(features, image_ids, hit): loads the cached entry or computes and stores it."""
-        key, parts = feature_key(backbone, dm)
+        key, parts = feature_key(backbone, dm, device)
         folder = self.root / key
         path = folder / "features.pt"
         if path.exists():

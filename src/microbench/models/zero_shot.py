@@ -20,11 +20,12 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from microbench import distributed
+from microbench.data.datamodule import pixels_of
 from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
+from microbench.models.inference import TEXT_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def candidate_texts(items: pd.DataFrame, source: str) -> list[list[str]]:
 @torch.no_grad()
 def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = 256,
                  device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """L2-normalised text embeddings [len(texts), D] (float32, on CPU); sharded over ranks under DDP."""
+    """L2-normalised text embeddings [len(texts), D] (float32, on CPU), encoded as ``backbone.inference`` says;
+    sharded over ranks under DDP (every rank must call it with the same texts)."""
     rank, world = distributed.rank(), distributed.world_size()
     mine = list(range(rank, len(texts), world))
     chunks = []
@@ -56,7 +58,7 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], batch_size: int = 256
         idx = mine[start:start + batch_size]
         tokens = backbone.tokenize([texts[i] for i in idx])
         tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-        chunks.append(F.normalize(backbone.encode_text(tokens).float(), dim=-1).cpu())
+        chunks.append(backbone.embed_texts(tokens, device).cpu())
     dim = backbone.embed_dim
     local = (torch.tensor(mine, dtype=torch.long), torch.cat(chunks) if chunks else torch.zeros(0, dim))
     out = torch.zeros(len(texts), dim)
@@ -181,9 +183,7 @@ class ZeroShotScorer(L.LightningModule):
         on_scored: callback ``(predictions, skipped, module) -> None`` run on rank 0.
     """
 
-    #: ``{texts: embeddings}`` reused across scorings while the text tower cannot change (a subclass sets it)
-    text_memo: dict | None = None
-    text_encodings = 0  # calls of the text encoder (each over one source's unique texts)
+    text_encodings = 0  # calls of the text encoder (each over the texts of one source not in the text cache)
 
     def __init__(self, backbone: Backbone, sources: Sequence[str] = ("captions",), text_batch_size: int = 256,
                  on_scored: Callable | None = None, progress: bool = True) -> None:
@@ -225,7 +225,7 @@ class ZeroShotScorer(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not self._note_failures(batch):
             return
-        emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
+        emb = self.backbone.embed_images(pixels_of(batch, self.device))
         idx = batch["image_index"].cpu()
         self._emb[idx] = emb.detach().to("cpu")
         self._seen[idx.numpy()] = True
@@ -277,18 +277,16 @@ class ZeroShotScorer(L.LightningModule):
                 continue
             texts = candidate_texts(items, source)
 
-            def text_emb_of(unique: list[str]) -> torch.Tensor:
-                memo = self.text_memo
-                if memo is not None and tuple(unique) in memo:  # the text tower did not change since
-                    return memo[tuple(unique)]
+            def encode(missing: list[str]) -> torch.Tensor:
                 t = time.perf_counter()
-                out = encode_texts(self.backbone, unique, self.text_batch_size, self.device, progress=self.progress)
+                out = encode_texts(self.backbone, missing, self.text_batch_size, self.device, progress=self.progress)
                 self._text_seconds += time.perf_counter() - t
-                self.unique_texts += len(unique)
+                self.unique_texts += len(missing)
                 self.text_encodings += 1
-                if memo is not None:
-                    memo[tuple(unique)] = out
                 return out
+
+            def text_emb_of(unique: list[str]) -> torch.Tensor:  # texts already encoded by this text tower: reused
+                return TEXT_CACHE.lookup(self.backbone.text_cache_key(self.device), unique, encode)
 
             frames.append(score_items(items, texts, img, image_emb, text_emb_of))
         preds = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PRED_COLUMNS))

@@ -111,7 +111,7 @@ def features_of_models(backbone, models: Mapping[str, Callable[[], None]], dm, d
     """L2-normalised image features of every unique image of ``dm`` (split ``all``) under each model, decoding each
     image once: every batch is encoded by each model in turn (``models[name]()`` loads its weights). Rows of images
     that fail to decode are NaN, as in :func:`~microbench.models.features.compute_image_features`."""
-    import torch.nn.functional as F
+    from microbench.data.datamodule import pixels_of
 
     backbone.eval().to(device)
     n = len(dm.images("all"))
@@ -121,10 +121,10 @@ def features_of_models(backbone, models: Mapping[str, Callable[[], None]], dm, d
         failed += len(batch["failed"])
         if batch["pixel_values"] is None:
             continue
-        pixels = batch["pixel_values"].to(device)
+        pixels = pixels_of(batch, device)
         for name, load in models.items():
             load()
-            out[name][batch["image_index"]] = F.normalize(backbone.encode_image(pixels).float(), dim=-1).cpu()
+            out[name][batch["image_index"]] = backbone.embed_images(pixels).cpu()
     if failed:
         log.warning("%d image(s) failed to decode; their features are NaN and their rows are left out", failed)
     return out

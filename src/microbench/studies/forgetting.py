@@ -76,15 +76,19 @@ def load_finetuned_state(path: str | Path, backbone: Backbone, key: str = "finet
 
 
 class ResultCache:
-    """Predictions of a model on a split, keyed by (weights fingerprint, data fingerprint, split, filters, sources)."""
+    """Predictions of a model on a split, keyed by (weights fingerprint, data fingerprint, split, filters, sources,
+    and the encoders' autocast dtype when it is not float32)."""
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root) if root else None
 
-    def key(self, fingerprint: str, dm: PerceptionDataModule, sources: Sequence[str]) -> str:
+    def key(self, fingerprint: str, dm: PerceptionDataModule, sources: Sequence[str],
+            dtype: torch.dtype = torch.float32) -> str:
         parts = {"fingerprint": fingerprint, "data": dm.source.fingerprint, "split": dm.split,
                  "split_spec": dm.split_spec.to_dict(), "filters": dm.filters, "exclude": dm.exclude_datasets,
                  "sources": list(sources)}
+        if dtype != torch.float32:  # bf16 predictions are other predictions (fp32 keys as they always were)
+            parts["dtype"] = str(dtype)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def get(self, key: str) -> pd.DataFrame | None:
@@ -106,8 +110,8 @@ BASE_POINT, FINETUNED_POINT = ("wise_ft", 0.0), ("wise_ft", 1.0)
 def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequence[float], dm: PerceptionDataModule,
                 keys: Callable[[str], bool] | None, cache: ResultCache, device: str | torch.device = "cpu",
                 base_fingerprint: str | None = None, paths: dict | None = None,
-                points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False,
-                label: str = "forgetting study") -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
+                points: Sequence[tuple[str, float]] | None = None, label: str = "forgetting study",
+                ) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
     """Predictions of every point ``(path, α)`` on one split (by default WiSE-FT's θ(α) for every α, path
     ``wise_ft``); the base (``("wise_ft", 0.0)``) comes from the cache when it is there.
 
@@ -120,7 +124,8 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     points = [(str(n), float(a)) for n, a in points]
     dm.setup("test")
     zero = distributed.rank() == 0
-    key = cache.key(base_fingerprint, dm, ["captions"]) if base_fingerprint and zero else None
+    key = cache.key(base_fingerprint, dm, ["captions"], backbone.inference.dtype(device)) \
+        if base_fingerprint and zero else None
     cached = cache.get(key) if key else None
     from_cache = distributed.gather_objects(cached is not None)[0]  # rank 0's cache decides for every rank
     todo = [p for p in points if not (p == BASE_POINT and from_cache)]
@@ -128,7 +133,6 @@ def sweep_split(backbone: Backbone, base: dict, finetuned: dict, alphas: Sequenc
     info: dict[str, Any] = {"base_from_cache": bool(from_cache)}
     if todo:
         scorer = InterpolationScorer(backbone, base, finetuned, keys=keys, progress=False, paths=paths, points=todo,
-                                     texts_fixed=texts_fixed,
                                      progress_label=f"{label}, {dm.split} split: {len(todo)} models")
         t = time.perf_counter()
         scorer.sweep(dm, device)
@@ -535,7 +539,7 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
     for split in ("val", "test"):
         dm = make_dm(split)
         preds, info = sweep_split(backbone, base_state, ft_state, alphas, dm, keys, cache, device, base_fp,
-                                  paths=paths, points=points, texts_fixed=towers == "image")
+                                  paths=paths, points=points)
         if distributed.rank() != 0:
             continue
         base = preds[BASE_POINT]

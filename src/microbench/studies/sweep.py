@@ -15,9 +15,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from microbench import distributed
+from microbench.data.datamodule import pixels_of
 from microbench.models.backbones.base import Backbone
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.studies.merging import StateDict, check_compatible
@@ -92,17 +92,14 @@ class InterpolationScorer(ZeroShotScorer):
         alphas: interpolation weights (0 = base, 1 = fine-tuned) of the WiSE-FT line, when ``paths`` is None.
         keys: predicate selecting the interpolated tensors (e.g. the image tower); others stay at the base.
         paths: ``{name: (θ_start, θ_end)}``; with ``points``, the ``(name, α)`` scored (``predictions_by_point``).
-        texts_fixed: the selected keys leave the text tower as it is (``towers=image``): encode the texts once.
         on_done: ``(predictions_by_alpha, skipped, module)`` on global rank 0.
     """
 
     def __init__(self, backbone: Backbone, base: StateDict, finetuned: StateDict, alphas: Sequence[float] = (),
                  keys: Callable[[str], bool] | None = None, on_done: Callable | None = None,
                  progress_label: str | None = None, paths: dict[str, tuple[StateDict, StateDict]] | None = None,
-                 points: Sequence[tuple[str, float]] | None = None, texts_fixed: bool = False, **kwargs) -> None:
-        super().__init__(backbone, **kwargs)
-        # only image-tower weights move (towers=image): the prompts are encoded once for every point, not per point
-        self.text_memo: dict | None = {} if texts_fixed else None
+                 points: Sequence[tuple[str, float]] | None = None, **kwargs) -> None:
+        super().__init__(backbone, **kwargs)  # texts: by text-tower fingerprint (towers=image: encoded once)
         self.progress_label = progress_label  # a bar over images x models (Lightning's own is off inside a fit)
         self._bar = None
         if paths is None:
@@ -153,9 +150,7 @@ class InterpolationScorer(ZeroShotScorer):
         self.to(device)
         self._start(dm)
         for i, batch in enumerate(dm.image_loader(dm.split)):
-            if batch["pixel_values"] is not None:
-                batch = {**batch, "pixel_values": batch["pixel_values"].to(self.device)}
-            self.test_step(batch, i)
+            self.test_step({**batch, "pixel_values": pixels_of(batch, self.device)}, i)
         self._finish(dm)
         return self.predictions_by_alpha
 
@@ -164,12 +159,12 @@ class InterpolationScorer(ZeroShotScorer):
         if not self._note_failures(batch):
             return
         idx = batch["image_index"].cpu()
+        pixels = pixels_of(batch, self.device)
         for point in self.points:  # one decoded batch, every model
             t = time.perf_counter()
             self.set_point(point)
             self.timings["set_weights"] += time.perf_counter() - t
-            emb = F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
-            self._bufs[point][idx] = emb.to("cpu")
+            self._bufs[point][idx] = self.backbone.embed_images(pixels).to("cpu")
         self._seen[idx.numpy()] = True
         if self._bar is not None:
             self._bar.update(len(idx) * len(self.points))

@@ -38,7 +38,7 @@ def _data(cfg: DictConfig, transform=None) -> CognitionDataModule:
 def contrastive(cfg: DictConfig) -> tuple[RunRecord, dict]:
     """Each option scored as ``question + ' ' + option`` against the image (zero-shot)."""
     t0, out_dir = start_run(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.get("inference"))
     dm = _data(cfg, model.preprocess)
     scorer = ZeroShotScorer(model, sources=("questions",))
     trainer_for(cfg, logger=False, enable_checkpointing=False, enable_model_summary=False).test(
@@ -56,7 +56,7 @@ def generative(cfg: DictConfig) -> tuple[RunRecord, dict]:
     from microbench.generative.harness import run_generative
 
     t0, out_dir = start_run(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.get("inference"))
     dm = _data(cfg)
     items = dm.questions()
     preds = run_generative(items[items["valid"]], dm.items.image_bytes, model, progress=True)
@@ -71,7 +71,7 @@ def random(cfg: DictConfig) -> tuple[RunRecord, dict]:
     from microbench.generative.harness import random_cognition
 
     t0, out_dir = start_run(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.get("inference"))
     dm = _data(cfg)
     items = dm.questions()
     preds = random_cognition(items, seed=model.seed)[items["valid"].to_numpy()].reset_index(drop=True)

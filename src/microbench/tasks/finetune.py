@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
     specialty = apply_specialty(cfg)
     chain = chain_start(cfg)
-    backbone = build_model(cfg.model)
+    backbone = build_model(cfg.model, cfg.get("inference"))
     base_state = None
     if chain and chain["init_from"]:  # the study's base stays the model preset; the fit starts from the run's weights
         from microbench.studies.forgetting import load_finetuned_state

@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if isinstance(cfg.base, str):  # base=<preset> as a string: the preset, its interpolations (${data.path}...)
         with open_dict(cfg):       # resolved against this run's config
             cfg.base = base_model_config(cfg.base)
-    backbone = build_model(cfg.base)
+    backbone = build_model(cfg.base, cfg.get("inference"))
     if cfg.get("base_checkpoint"):
         base_state, _ = load_finetuned_state(cfg.base_checkpoint, backbone, key="base_checkpoint")
     else:

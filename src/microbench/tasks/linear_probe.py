@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     t0, out_dir = start_run(cfg)
     p = cfg.probe
     fast = bool(cfg.trainer.get("fast_dev_run", False))
-    backbone = build_model(cfg.model)
+    backbone = build_model(cfg.model, cfg.get("inference"))
     dm = instantiate(cfg.data, transform=backbone.preprocess, split="all")
     dm.setup()
     feats, _, hit = FeatureCache(p.cache_dir).get(backbone, dm, progress=True)

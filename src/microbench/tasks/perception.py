@@ -51,7 +51,7 @@ def zero_shot(cfg: DictConfig) -> tuple[RunRecord, dict]:
     sources = sources_of(cfg)
     context = _context(cfg, t0, out_dir, sources)
     t = time.perf_counter()
-    backbone = build_model(cfg.model)
+    backbone = build_model(cfg.model, cfg.get("inference"))
     context["timings"]["build_model"] = round(time.perf_counter() - t, 3)
     dm = instantiate(cfg.data, transform=backbone.preprocess)
     writer = PerceptionRecordWriter(context)
@@ -73,7 +73,7 @@ def random(cfg: DictConfig) -> tuple[RunRecord, dict]:
     then not scored."""
     t0, out_dir = start_run(cfg)
     sources = sources_of(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.get("inference"))
     dm = instantiate(cfg.data)
     dm.setup("test")
     questions = dm.questions()
@@ -92,7 +92,7 @@ def generative(cfg: DictConfig) -> tuple[RunRecord, dict]:
     from microbench.generative.harness import run_generative
 
     t0, out_dir = start_run(cfg)
-    backend = build_model(cfg.model)
+    backend = build_model(cfg.model, cfg.get("inference"))
     dm = instantiate(cfg.data)
     dm.setup("test")
     questions = dm.questions()

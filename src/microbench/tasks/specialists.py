@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     chain = bool(cfg.get("chain", False))
     found = order_chain(found, chain)
     first = found[0][0]
-    backbone = build_model(OmegaConf.create(first["config"]["model"]))
+    backbone = build_model(OmegaConf.create(first["config"]["model"]), cfg.get("inference"))
     base_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     specialists = []
     for rec, ckpt in found:

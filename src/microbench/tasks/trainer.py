@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError, user_error_of
+from microbench.models.inference import InferenceSettings
 from microbench.results.io import check_output_dir, clean_stale_temporaries
 from microbench.studies.callback import ForgettingCallback
 
@@ -70,8 +71,9 @@ def model_family(model_cfg: DictConfig) -> str:
     return family
 
 
-def build_model(model_cfg: DictConfig):
-    """The model ``model_cfg`` names (its ``_target_``), checked to be of the family its target declares."""
+def build_model(model_cfg: DictConfig, inference: DictConfig | None = None):
+    """The model ``model_cfg`` names (its ``_target_``), checked to be of the family its target declares; a
+    backbone encodes as ``inference`` says in evaluation (``configs/inference/``)."""
     family = model_family(model_cfg)
     try:
         model = instantiate(model_cfg)
@@ -83,6 +85,8 @@ def build_model(model_cfg: DictConfig):
     if getattr(model, "family", None) != family:
         raise UserError(f"model._target_={model_cfg._target_} declares the {family} family but built a "
                         f"{type(model).__name__} of family {getattr(model, 'family', None)!r}")
+    if inference is not None and hasattr(model, "set_inference"):
+        model.set_inference(InferenceSettings.of(inference))
     return model
 
 

@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microbench.errors import UserError
+from microbench.models.inference import InferenceSettings, prepare_image_tower
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -47,8 +49,10 @@ class Backbone(nn.Module):
         self.preprocess = preprocess
         self.train_transform = train_transform or preprocess
         self.source = dict(source or {})
-        self._fingerprint: str | None = None
-        self._fingerprint_signature: tuple | None = None
+        self._fingerprints: dict[str, tuple[tuple, str]] = {}  # what -> (weights signature, fingerprint)
+        self.inference = InferenceSettings()
+        self._prepared: InferenceSettings | None = None
+        self._inference_dtype: torch.dtype | None = None  # what embed_images last ran in (for the record)
 
     # --- the interface ------------------------------------------------------------------------------------------
     @property
@@ -139,22 +143,76 @@ class Backbone(nn.Module):
             "fine-tuning instead"
         )
 
-    def _weights_signature(self) -> tuple:
+    def _weights_signature(self, keys: set[str] | None = None) -> tuple:
         """Cheap identity of the current weights: every in-place update (optimizer step, load_state_dict) bumps a
         tensor's version counter, so a cached fingerprint is reused only while no weight has changed."""
         return tuple((k, t.data_ptr(), None if t.is_inference() else t._version)  # an inference tensor (e.g. a
-                     for k, t in self.state_dict(keep_vars=True).items())  # weight peft re-binds) cannot change
+                     for k, t in self.state_dict(keep_vars=True).items()  # weight peft re-binds) cannot change
+                     if keys is None or k in keys)
+
+    def _cached_fingerprint(self, what: str, keys: set[str] | None, refresh: bool) -> str:
+        signature = self._weights_signature(keys)
+        cached = self._fingerprints.get(what)
+        if cached is None or refresh or cached[0] != signature:
+            state = self.state_dict()
+            cached = (signature, state_fingerprint(state if keys is None else {k: state[k] for k in keys}))
+            self._fingerprints[what] = cached
+        return cached[1]
 
     def fingerprint(self, refresh: bool = False) -> str:
         """Hash of the weights (names, shapes, values): equal fingerprints mean identical models."""
-        signature = self._weights_signature()
-        if self._fingerprint is None or refresh or signature != self._fingerprint_signature:
-            self._fingerprint = state_fingerprint(self.state_dict())
-            self._fingerprint_signature = signature
-        return self._fingerprint
+        return self._cached_fingerprint("all", None, refresh)
+
+    def text_fingerprint(self) -> str:
+        """Hash of the weights outside the image tower (what a text embedding depends on); the whole model's when
+        the adapter cannot say which weights are the image tower."""
+        try:
+            image = set(self.image_tower_keys())
+        except BackboneError:
+            return self.fingerprint()
+        return self._cached_fingerprint("text", set(self.state_dict(keep_vars=True)) - image, False)
+
+    # --- evaluation encoders (microbench.models.inference) -------------------------------------------------------
+    def set_inference(self, settings: InferenceSettings) -> None:
+        """How :meth:`embed_images` / :meth:`embed_texts` run (precision, channels-last, compile)."""
+        self.inference = settings
+
+    def _prepare(self) -> None:
+        if self._prepared != self.inference and (self.inference.channels_last or self.inference.compile):
+            try:
+                tower = self.image_tower()
+            except NotImplementedError:
+                raise BackboneError(f"{self.kind} backbone {self.name!r} does not expose its image tower: "
+                                    "inference.channels_last / inference.compile need image_tower()") from None
+            prepare_image_tower(tower, self.inference)
+        self._prepared = self.inference
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image embeddings, encoded as :attr:`inference` says (evaluation, no grad)."""
+        self._prepare()
+        if self.inference.channels_last and pixels.dim() == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        self._inference_dtype = self.inference.dtype(pixels.device)
+        with torch.no_grad(), self.inference.autocast(pixels.device):
+            emb = self.encode_image(pixels)
+        return F.normalize(emb.float(), dim=-1)
+
+    def embed_texts(self, tokens: Any, device: torch.device | str) -> torch.Tensor:
+        """L2-normalised float32 text embeddings, encoded as :attr:`inference` says (evaluation, no grad)."""
+        with torch.no_grad(), self.inference.autocast(device):
+            emb = self.encode_text(tokens)
+        return F.normalize(emb.float(), dim=-1)
+
+    def text_cache_key(self, device: torch.device | str) -> tuple:
+        """What a text embedding of this model depends on, besides the text
+        (:data:`microbench.models.inference.TEXT_CACHE`)."""
+        return (self.kind, self.name, self.text_fingerprint(), str(self.inference.dtype(device)))
 
     def describe(self) -> dict[str, Any]:
         """What a results file records about the model."""
         n_params = sum(p.numel() for p in self.parameters())
+        inference = {**self.inference.describe(), "dtype": None if self._inference_dtype is None
+                     else str(self._inference_dtype).removeprefix("torch.")}
         return {"name": self.name, "kind": self.kind, "embed_dim": self.embed_dim, "has_text": self.has_text,
-                "parameters": int(n_params), "fingerprint": self.fingerprint(), **self.source}
+                "parameters": int(n_params), "fingerprint": self.fingerprint(), **self.source,
+                "inference": inference}

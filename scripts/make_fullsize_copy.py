@@ -1,0 +1,28 @@
+"""Write a synthetic copy shaped like the whole μ-Bench release (microbench.data.fullsize) for benchmarks.
+
+Usage: .venv/bin/python scripts/make_fullsize_copy.py <folder> [--scale 1.0] [--seed 0]
+Then e.g. python src/eval.py data.path=<folder> (a Hub-layout copy, like the sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from microbench.data.fullsize import make_fullsize_copy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--scale", type=float, default=1.0, help="share of each dataset's rows (at least one each)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t = time.perf_counter()
+    stats = make_fullsize_copy(args.folder, scale=args.scale, seed=args.seed)
+    print(json.dumps({**stats, "seconds": round(time.perf_counter() - t, 1)}))
+
+
+if __name__ == "__main__":
+    main()
