@@ -213,3 +213,11 @@ def _fresh_text_cache():
 
     TEXT_CACHE.clear()
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (pyproject's addopts) a test file stays on one worker, in order, with its
+    module-scoped fixtures made once, unless its tests name finer groups (the README's chains of commands)."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -572,3 +572,29 @@ def test_training_crops_and_tiled_module_predictions():
         rec = module.predict_images([dm.dataset("all")[0]["image"]])[0]
     assert 0 < len(rec["boxes"]) <= 50 and rec["boxes"][:, 2].max() > 48  # detections from every tile, image coords
     assert (rec["boxes"][:, 2] <= 96 + 1e-3).all() and (rec["boxes"][:, 3] <= 96 + 1e-3).all()
+
+
+def test_validation_of_a_segmentation_head_predicts_the_same_boxes_without_its_masks():
+    """Validation selects by box AP and GRIT: the mask branch is skipped there (the same boxes, no masks), and the
+    model is whole again afterwards (test and checkpoints keep the masks)."""
+    import torch
+
+    from microbench.data.localization import LocalizationDataModule
+    from microbench.models.backbones.open_clip_backbone import OpenClipBackbone
+    from microbench.models.localization import LocalizationModule
+
+    dm = LocalizationDataModule(targets="masks")
+    dm.setup()
+    torch.manual_seed(0)
+    module = LocalizationModule(OpenClipBackbone("microbench-tiny"), dm.class_names, head="segmentation",
+                                out_channels=32, representation_size=64, score_threshold=0.0).eval()
+    batch = next(iter(dm.test_dataloader()))
+    keys = list(module.state_dict())
+    with torch.no_grad():
+        full = module.predict_images(batch["images"])
+        with module._boxes_only():
+            boxes = module.predict_images(batch["images"])
+    assert all("masks" in r for r in full) and not any("masks" in r for r in boxes)
+    for a, b in zip(full, boxes, strict=True):
+        assert np.array_equal(a["boxes"], b["boxes"]) and np.array_equal(a["scores"], b["scores"])
+    assert list(module.state_dict()) == keys and module.detector.roi_heads.has_mask()

@@ -68,6 +68,46 @@ COMMANDS = readme_commands()
 STATE: dict[str, str] = {}
 
 
+#: what a command leaves for later ones (STATE) and the placeholder by which a later command uses it
+PRODUCES = [
+    (r"-m experiment=compare_recipes", "recipes"), (r"-m experiment=specialist", "multirun"),
+    (r"experiment=detect_nuclei", "detector"),
+    (r"^(?!.*(ckpt_path|debug|module\.|-m |checkpoint_dir)).*experiment=demo", "demo"),
+]
+USES = [("logs/compare_recipes/multiruns/<time>", "recipes"), ("logs/specialists/multiruns/<time>", "multirun"),
+        ("checkpoints/detect_nuclei/<time>", "detector"), ("checkpoints/demo/<run>", "demo")]
+
+
+def xdist_groups(commands: list[str]) -> list[str]:
+    """One pytest-xdist group per chain of commands (a command and the later ones that use what it left: one
+    worker runs them in order); the leaderboards and rescoring read every earlier run folder, so they run with the
+    evaluations; every other command is its own group, free to run on any worker."""
+    parent = list(range(len(commands)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    evaluations, last = [], {}
+    for n, command in enumerate(commands):
+        uses = [what for placeholder, what in USES if placeholder in command]
+        uses += [f"ckpt:{name}" for name in re.findall(r"checkpoints/(\w+)/last\.ckpt", command)]
+        for what in uses:
+            if what in last:
+                parent[root(n)] = root(last[what])
+        if re.search(r"src/eval\.py(?!.*task=)|microbench (leaderboard|rescore)", command):
+            evaluations.append(n)
+        for pattern, what in PRODUCES:
+            if re.search(pattern, command):
+                last.setdefault(what, n)
+        for name in re.findall(r"checkpoint_dir=checkpoints/(\w+)", command):
+            last[f"ckpt:{name}"] = n
+    for n in evaluations[1:]:
+        parent[root(n)] = root(evaluations[0])
+    return [f"readme-{min(i for i in range(len(commands)) if root(i) == root(n)):02d}" for n in range(len(commands))]
+
+
 def _why_not(command: str) -> str | None:
     return next((why for pattern, why in CANNOT_RUN if re.search(pattern, command)), None)
 
@@ -129,7 +169,8 @@ def runs(tmp_path_factory, sample_rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", range(len(COMMANDS)), ids=[f"{i:02d}" for i in range(len(COMMANDS))])
+@pytest.mark.parametrize("n", [pytest.param(n, marks=pytest.mark.xdist_group(g), id=f"{n:02d}")
+                               for n, g in enumerate(xdist_groups(COMMANDS))])
 def test_every_readme_command_runs(n, runs, chat_server):
     command = COMMANDS[n]
     why = _why_not(command)

@@ -15,6 +15,7 @@ rate), and scores val/test with COCO AP (pycocotools) and the GRIT localization 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -309,7 +310,21 @@ class LocalizationModule(L.LightningModule):
             self._outputs[stage].append({"index": int(t["index"]), **rec})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._predict(batch, "val")
+        with self._boxes_only():  # validation selects by box AP and GRIT: no masks to predict, encode or score
+            self._predict(batch, "val")
+
+    @contextlib.contextmanager
+    def _boxes_only(self):
+        heads = self.detector.roi_heads
+        saved = getattr(heads, "mask_roi_pool", None)
+        if saved is None:
+            yield
+            return
+        heads.mask_roi_pool = None  # torchvision's RoIHeads.has_mask() is then False: the mask branch is skipped
+        try:
+            yield
+        finally:
+            heads.mask_roi_pool = saved
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._predict(batch, "test")
@@ -328,17 +343,20 @@ class LocalizationModule(L.LightningModule):
             return None
         preds = {r["index"]: r for part, _ in gathered for r in part}
         self.last_predictions = preds  # of the last scored split (COCO detections file)
-        result = self.score_predictions(preds, self.trainer.datamodule.images(split))
+        result = self.score_predictions(preds, self.trainer.datamodule.images(split),
+                                        boxes_only=stage == "val")
         result["failed_images"] = [e for _, errs in gathered for e in errs]
         return result
 
-    def score_predictions(self, preds: dict[int, dict], images: Sequence) -> dict:
-        """COCO (bbox, and segm for segmentation heads) + GRIT of per-image predictions keyed by image position."""
+    def score_predictions(self, preds: dict[int, dict], images: Sequence, boxes_only: bool = False) -> dict:
+        """COCO (bbox, and segm for segmentation heads unless ``boxes_only``) + GRIT of per-image predictions keyed
+        by image position."""
         from microbench.metrics.localization import score_localization
 
         hp = self.hparams
         return score_localization(images, self.class_names, preds, iou_types=(
-            ("bbox", "segm") if hp.head == "segmentation" else ("bbox",)), max_dets=hp.max_detections,
+            ("bbox", "segm") if hp.head == "segmentation" and not boxes_only else ("bbox",)),
+            max_dets=hp.max_detections,
             grit_score_threshold=hp.grit_score_threshold)
 
     def on_validation_epoch_end(self) -> None:
