@@ -217,7 +217,11 @@ def _fresh_text_cache():
 
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` (pyproject's addopts) a test file stays on one worker, in order, with its
-    module-scoped fixtures made once, unless its tests name finer groups (the README's chains of commands)."""
+    module-scoped fixtures made once, unless its tests name finer groups (the README's chains of commands). Tests
+    whose name says ``ddp`` start two ranks each: they share one group, so two of them never run at once (four
+    ranks busy-waiting on two cores run many times slower)."""
     for item in items:
-        if not item.get_closest_marker("xdist_group"):
+        if "ddp" in item.originalname:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

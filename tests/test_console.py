@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -14,6 +16,7 @@ def _run(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_an_evaluation_prints_each_line_once_and_keeps_the_details_in_its_own_folder(tmp_path):
     res = _run("src/eval.py", f"paths.output_dir={tmp_path}", "data.datasets=[kather_et_al_2016]",
                "bootstrap.n_resamples=99")
@@ -30,6 +33,7 @@ def test_an_evaluation_prints_each_line_once_and_keeps_the_details_in_its_own_fo
     assert (tmp_path / ".hydra" / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_demo_prints_the_forgetting_report_line_once_at_the_end(tmp_path):
     res = _run("src/train.py", "experiment=demo", "trainer.max_epochs=2", "study.alphas=[0,1]",
                "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ckpt'}",
@@ -43,6 +47,7 @@ def test_a_demo_prints_the_forgetting_report_line_once_at_the_end(tmp_path):
     assert sum("GPU available" in line for line in res.stdout.splitlines()) <= 1  # 4 Trainers, said once
 
 
+@pytest.mark.slow
 def test_a_generative_run_does_not_log_every_http_request(tmp_path):
     from microbench.generative.loopback import ScriptedChatServer
 

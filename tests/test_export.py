@@ -112,6 +112,7 @@ def test_export_of_a_transformers_clip_loads_with_transformers_and_gives_the_sam
     assert type(AutoModel.from_pretrained(tmp_path / "out")).__name__ == "CLIPModel"
 
 
+@pytest.mark.slow
 def test_export_refuses_what_is_not_a_fine_tune_in_one_line(tmp_path):
     from conftest import REPO
 

@@ -134,6 +134,7 @@ def _destroyed(state, scale=0.5, seed=7):
             v.is_floating_point() and v.ndim > 1 else v.clone() for k, v in state.items()}
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_evaluations(trained_base):
     bb = build_backbone(preset="tiny")
     ft = _destroyed(trained_base, scale=0.3)
@@ -149,6 +150,7 @@ def test_sweep_equals_separate_evaluations(trained_base):
         assert np.allclose(np.concatenate(got["scores"]), np.concatenate(ref["scores"]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_path, capsys):
     bb = build_backbone(preset="tiny")
     ft = _destroyed(trained_base, scale=4.0)
@@ -187,6 +189,7 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
         test["base"]["all/all"]["acc"]["value"]
 
 
+@pytest.mark.slow
 def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations(trained_base, tmp_path):
     """Issue 20 §2-3: five methods in one study, every image decoded once; WiSE-FT's numbers are the same as in a
     study of WiSE-FT alone; a LiNeS point equals the separately evaluated LiNeS model; every method gets its
@@ -261,6 +264,7 @@ def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations
     assert "trade-off" in traded["selection"]["rule"]
 
 
+@pytest.mark.slow
 def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgetting):
     """train (demo settings, short) → src/forgetting.py on its last checkpoint."""
     from microbench.tasks.registry import forgetting, train
@@ -286,6 +290,7 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
     assert "## Features or alignment?" in (tmp_path / "study" / "forgetting.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), [
     ([], "error: no fine-tuned checkpoint: pass finetuned="),
     (["finetuned=/no/such.ckpt"], "error: finetuned=/no/such.ckpt does not exist"),
@@ -304,6 +309,7 @@ def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
 
 # --- issue 15 §1: the embedded default demonstrates the finding --------------------------------------------------
 
+@pytest.mark.slow
 def test_the_demo_recipe_gains_on_its_target_forgets_elsewhere_and_alpha_wins_part_back(tmp_path, cfg_train):
     """`python src/train.py experiment=demo` as the Quick start runs it (its fixed seed, every setting), read back
     from the report it wrote."""
@@ -371,6 +377,7 @@ def test_a_base_at_chance_is_called_out_and_the_words_follow_the_numbers():
     assert not findings(_study(base_acc=0.25, base_low=0.22, chance=0.2))[0].startswith(">")
 
 
+@pytest.mark.slow
 def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
     import logging
 
@@ -458,6 +465,7 @@ def _check_study_in_run(path, run, study):
         assert any(f.startswith("files/media/table/forgetting/area_tests_") for f in run["files"])
 
 
+@pytest.mark.slow
 def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path, cfg_train, cfg_forgetting):
     from microbench.tasks.registry import forgetting, train
 
@@ -484,6 +492,7 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
 
 # --- issue 15 §2: every rank of the run ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_study_is_sharded_over_ranks_and_identical_to_one_process(tmp_path, cfg_train, cfg_forgetting):
     """After a 2-process fit (trainer=ddp_sim) and from src/forgetting.py with 1 and 2 processes: the same
     predictions and every number of forgetting.json; each image decoded exactly once across the ranks."""
@@ -538,6 +547,7 @@ def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, overri
 
 # --- issue 23 §2: feature forgetting beside zero-shot forgetting -------------------------------------------------
 
+@pytest.mark.slow
 def test_feature_probes_tell_lost_alignment_from_damaged_features(trained_base, tmp_path):
     """study.feature_probe=true re-fits every dataset's linear probe on the base's, the fine-tune's and the chosen
     model's frozen image features. A 'fine-tune' that scrambles the text tower alone forgets zero-shot but leaves the

@@ -310,6 +310,7 @@ def test_coco_ground_truth_loads_in_pycocotools(tmp_path):
 
 # --- end to end -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces_it(tmp_path, cfg_eval, cfg_train):
     import lightning as L
     from hydra.utils import instantiate
@@ -365,6 +366,7 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
     assert "loc_grit" in (tmp_path / "lb" / "leaderboard.md").read_text()
 
 
+@pytest.mark.slow
 def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
     import subprocess
     import sys
@@ -377,6 +379,7 @@ def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
     assert proc.stderr.strip().startswith("error: localization evaluation needs a trained head")
 
 
+@pytest.mark.slow
 def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_path, cfg_train, cfg_forgetting):
     from microbench.tasks.registry import forgetting, train
 
@@ -459,6 +462,7 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
     assert again.ok and again.kind == "localization" and again.compared > 10, again.line()
 
 
+@pytest.mark.slow
 def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_path, cfg_eval, cfg_train):
     from microbench.tasks.registry import evaluate, train
 
@@ -481,6 +485,7 @@ def test_segmentation_head_trains_and_evaluates_masks_from_its_checkpoint(tmp_pa
         {k: v["value"] for k, v in rec["metrics"].items()}, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_localization_eval_under_ddp_equals_one_process(tmp_path, cfg_eval):
     """Two spawned CPU ranks shard the images exactly; rank 0 gathers and scores the same numbers."""
     import torch

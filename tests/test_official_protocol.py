@@ -220,6 +220,7 @@ def test_generative_presets_carry_the_official_settings(preset, expected, cfg_ev
     assert keys <= set(inspect.signature(BACKENDS[cfg.backend]).parameters), keys  # every setting is used
 
 
+@pytest.mark.slow
 def test_hf_backend_records_and_applies_max_length(tmp_path):
     import sys
 

@@ -61,6 +61,7 @@ def test_rescoring_a_perception_run_reproduces_metrics_json_and_adds_slices_besi
         "metrics"]["captions/official/coarse"]["clustered"]
 
 
+@pytest.mark.slow
 def test_rescoring_cognition_localization_and_a_study_reproduces_their_records(tmp_path, cfg_eval, cfg_train):
     """Every other kind of run: cognition, a localization head's test (COCO from its detections, GRIT and their
     image-clustered intervals) and a forgetting study of four methods (DARE's three seeds included)."""

@@ -127,6 +127,7 @@ def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_
                          f"paths.output_dir={tmp_path / 'both'}"]))
 
 
+@pytest.mark.slow
 def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
     import os
     import subprocess
@@ -220,6 +221,7 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
     assert "NaN" not in (out / "specialists.json").read_text()
 
 
+@pytest.mark.slow
 def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path, capsys):
     """`python src/specialists.py runs=<multirun folder>`: one process and two DDP ranks give the same study."""
     import os
@@ -326,6 +328,7 @@ def test_continual_scalars_follow_mammoth_and_zscl():
         chain_scalars([[0.1, 0.2]], base=[0, 0])
 
 
+@pytest.mark.slow
 def test_init_from_starts_the_fit_from_another_fit_and_the_study_base_stays_the_preset(tmp_path, cfg_train):
     """B fine-tuned from A: with lr = 0, B's weights are A's exactly; B's record names A; its forgetting study's
     base is the preset (the generalist), not A; chain=true outside a multirun is one line."""
@@ -359,6 +362,7 @@ def test_init_from_starts_the_fit_from_another_fit_and_the_study_base_stays_the_
         train(cfg_train([*common, f"init_from={tmp_path / 'nowhere'}", f"paths.output_dir={tmp_path / 'd'}"]))
 
 
+@pytest.mark.slow
 def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
     """`-m ... chain=true`: job 1 starts from job 0's checkpoint; the study with chain=true orders the runs, scores
     base + each step (no merges) and reports the chain's scalars from its own matrix; chain=false refuses it."""

@@ -263,6 +263,7 @@ def test_old_override_names_keep_working_with_one_line_naming_the_new(capsys):
                         "study.result_cache=null"]
 
 
+@pytest.mark.slow
 def test_an_old_name_on_the_command_line_reaches_the_new_key(tmp_path):
     res = subprocess.run([sys.executable, "src/forgetting.py", "finetuned=missing.ckpt", "alphas=[a,b]",
                           f"paths.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,

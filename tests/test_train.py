@@ -126,6 +126,7 @@ def _fit(tmp_path, epochs, ckpt_path=None, objective="ce", strategy="auto", devi
     return module, dm, trainer, tmp_path / "ckpt" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_finetuning_beats_chance_and_checkpoint_recreates_the_model(tmp_path):
     module, dm, trainer, ckpt = _fit(tmp_path, epochs=30)
     res = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -144,6 +145,7 @@ def test_finetuning_beats_chance_and_checkpoint_recreates_the_model(tmp_path):
     assert rebuilt.fingerprint(refresh=True) == module.backbone.fingerprint(refresh=True) == rec["backbone"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_contrastive_objective_learns(tmp_path):
     module, dm, trainer, _ = _fit(tmp_path, epochs=40, objective="contrastive")
     res = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -173,6 +175,7 @@ def test_ddp_spawn_fit_with_gathered_contrastive_loss(tmp_path):
     assert blob["global_step"] > 0 and blob["microbench"]["objective"] == "contrastive"
 
 
+@pytest.mark.slow
 def test_demo_experiment_end_to_end(tmp_path, cfg_train):
     cfg = cfg_train(["experiment=demo", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt"])
     metrics, _ = train(cfg)
@@ -218,6 +221,7 @@ def test_freezing_blocks_and_text_tower():
     assert not visual.conv1.weight.requires_grad  # the stem is frozen with the first blocks
 
 
+@pytest.mark.slow
 def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(tmp_path):
     """Issue 13 §5: experiment=demo trainer=ddp_sim stopped with "parameters that were not used in producing the
     loss" (CE: the logit scale and text tower take no gradient)."""
@@ -230,6 +234,7 @@ def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(
     assert ckpt.exists() and trainer.world_size == 2
 
 
+@pytest.mark.slow
 def test_finetune_pathology_with_the_tiny_model_learns(tmp_path, cfg_train):
     """Issue 13 §5: experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
     epoch 0. configs/tuning/finetune_pathology/tiny.yaml gives the tiny model its own step size."""

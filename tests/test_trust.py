@@ -117,6 +117,7 @@ def _demo(tmp_path: Path, name: str, *extra: str) -> list[str]:
             "+trainer.enable_progress_bar=false", *extra]
 
 
+@pytest.mark.slow
 def test_a_resumed_fine_tune_studies_forgetting_against_the_true_base(tmp_path, capsys):
     """§1.5: resuming a finished demo run wrote a report with base = fine-tuned (every Δ +0.00)."""
     code, _, (metrics, _) = run("train", _demo(tmp_path, "first"), capsys)
@@ -307,6 +308,7 @@ def test_cognition_files_with_a_missing_field_a_truncated_line_or_no_answer(tmp_
                    "answer_idx must be a 0-based option index, got 'B'")
 
 
+@pytest.mark.slow
 def test_a_zero_length_loader_is_one_line(tmp_path, capsys):
     one_line_error("train", ["experiment=demo", "data.split_fractions=[0.8,0.0,0.2]", f"paths.output_dir={tmp_path}",
                              f"checkpoint_dir={tmp_path / 'ckpt'}"], capsys,
@@ -367,6 +369,7 @@ def test_wandb_without_a_login_or_an_offline_mode_says_how(tmp_path, capsys, mon
 
 # --- §3 no hang: Hub presets with the Hub unreachable ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_hub_preset_with_the_hub_unreachable_fails_within_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                                               "HF_DATASETS_OFFLINE")}
@@ -435,6 +438,7 @@ def test_info_check_images_exits_non_zero_when_it_finds_problems(tmp_path, sampl
     assert main(["info", "sample", "--check-images"]) == 0
 
 
+@pytest.mark.slow
 def test_the_demo_with_its_forgetting_study_finishes_under_ddp(tmp_path):
     """§5: `experiment=demo trainer=ddp_sim` stopped on unused parameters (CE); with that fixed it hung: rank 0
     ran the study alone while its Trainers and scorers waited in collectives for rank 1 (distributed.local_only).
