@@ -16,6 +16,7 @@ os.environ.update({
     "HF_HOME": os.path.join(_HERMETIC, "hf"),
     "HF_DATASETS_CACHE": os.path.join(_HERMETIC, "hf", "datasets"),
     "TOKENIZERS_PARALLELISM": "false",
+    "MICROBENCH_PIXEL_CACHE": "null",  # each test decodes (what it counts is its own); tests of the cache pass one
 })
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers on the machine's cores: one thread each, so the
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers (and the CLIs they start) do not oversubscribe them
@@ -215,13 +216,14 @@ def _fresh_text_cache():
     yield
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` (pyproject's addopts) a test file stays on one worker, in order, with its
-    module-scoped fixtures made once, unless its tests name finer groups (the README's chains of commands). Tests
-    whose name says ``ddp`` start two ranks each: they share one group, so two of them never run at once (four
-    ranks busy-waiting on two cores run many times slower)."""
-    for item in items:
-        if "ddp" in item.originalname:
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
-        elif not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+@pytest.fixture(autouse=True)
+def _one_ddp_test_at_a_time(request, tmp_path_factory):
+    """Tests whose name says ``ddp`` start two ranks each: one at a time across the xdist workers (four ranks
+    busy-waiting on two cores run many times slower), by a lock file every worker of the session shares."""
+    if "ddp" not in request.node.originalname:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "ddp-tests.lock")):
+        yield

@@ -126,3 +126,14 @@ def test_an_unusable_cache_folder_is_one_line(tmp_path, tiny):
     with pytest.raises(MicroBenchDataError, match=r"data.pixel_cache=.*cannot create .*data.pixel_cache=null") as e:
         dm.image_loader("test")
     assert "\n" not in str(e.value)
+
+
+def test_the_cache_is_on_by_default_and_one_switch_turns_it_off(cfg_eval, cfg_train, monkeypatch):
+    monkeypatch.delenv("MICROBENCH_PIXEL_CACHE")
+    for cfg in (cfg_eval(), cfg_train()):  # every evaluation, and the fine-tune's evaluations and study
+        assert str(cfg.data.pixel_cache).endswith(".cache/pixels")
+    assert cfg_eval(["data.pixel_cache=null"]).data.pixel_cache is None
+    monkeypatch.setenv("MICROBENCH_PIXEL_CACHE", "/elsewhere/pixels")
+    assert cfg_eval().data.pixel_cache == "/elsewhere/pixels"
+    monkeypatch.setenv("MICROBENCH_PIXEL_CACHE", "null")
+    assert cfg_eval().data.pixel_cache is None

@@ -79,10 +79,10 @@ USES = [("logs/compare_recipes/multiruns/<time>", "recipes"), ("logs/specialists
         ("checkpoints/detect_nuclei/<time>", "detector"), ("checkpoints/demo/<run>", "demo")]
 
 
-def xdist_groups(commands: list[str]) -> list[str]:
-    """One pytest-xdist group per chain of commands (a command and the later ones that use what it left: one
-    worker runs them in order); the leaderboards and rescoring read every earlier run folder, so they run with the
-    evaluations; every other command is its own group, free to run on any worker."""
+def command_chains(commands: list[str]) -> list[str]:
+    """One group per chain of commands (a command and the later ones that use what it left), each a test class
+    that one xdist worker runs in order; the leaderboards and rescoring read every earlier run folder, so they run
+    with the evaluations; every other command is its own group, free to run on any worker."""
     parent = list(range(len(commands)))
 
     def root(i: int) -> int:
@@ -171,10 +171,7 @@ def runs(tmp_path_factory, sample_rows):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n", [pytest.param(n, marks=pytest.mark.xdist_group(g), id=f"{n:02d}")
-                               for n, g in enumerate(xdist_groups(COMMANDS))])
-def test_every_readme_command_runs(n, runs, chat_server):
+def run_readme_command(n: int, runs: Path) -> None:
     command = COMMANDS[n]
     why = _why_not(command)
     if why:
@@ -226,6 +223,23 @@ def test_every_readme_command_runs(n, runs, chat_server):
         assert out["eval_warm"]["images"] == out["eval_cold"]["images"] > 100 and out["warm_over_cold"] > 0
     if argv[1].endswith("src/specialists.py"):
         assert (tmp / "specialists.md").read_text().startswith("# Specialists study")
+
+
+def _chain(ns: list[int]):
+    """A class of one chain of commands (pyproject's ``--dist loadscope``: a class runs on one worker, in order)."""
+    @pytest.mark.slow
+    @pytest.mark.parametrize("n", ns, ids=[f"{n:02d}" for n in ns])
+    def test_readme_command_runs(self, n, runs, chat_server):
+        run_readme_command(n, runs)
+    return type(f"TestReadme{ns[0]:02d}", (), {"test_readme_command_runs": test_readme_command_runs,
+                                                "__doc__": f"README commands {ns}, in order"})
+
+
+CHAINS: dict[str, list[int]] = {}
+for _n, _group in enumerate(command_chains(COMMANDS)):
+    CHAINS.setdefault(_group, []).append(_n)
+for _ns in CHAINS.values():
+    globals()[f"TestReadme{_ns[0]:02d}"] = _chain(_ns)
 
 
 def test_every_readme_command_is_classified():

@@ -117,7 +117,9 @@ def test_a_study_on_a_transformers_model_with_towers_image_reports_the_real_chan
                       spec=StudySpec(alphas=[0, 1], towers="image", n_resamples=99))
     assert study["settings"]["tower_keys"] == len(bb.image_tower_keys()) > 0
     # the text tower does not move: its prompts are encoded once per split, not once per model
-    assert study["splits"]["test"]["sweep"]["models"] == 2 and study["splits"]["test"]["sweep"]["text_encodings"] == 1
+    sweeps = {split: study["splits"][split]["sweep"] for split in ("val", "test")}
+    assert sweeps["test"]["models"] == 2  # the prompts: encoded once (one text tower), reused by the test split
+    assert (sweeps["val"]["text_encodings"], sweeps["test"]["text_encodings"]) == (1, 0)
     import pandas as pd
 
     p0 = pd.read_parquet(tmp_path / "study" / "predictions" / "alpha=0.00.parquet")
@@ -478,7 +480,9 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
     study = run_study(bb, base, ft, out_dir=tmp_path, target_datasets=["kather_et_al_2016"],
                       make_dm=lambda s: PerceptionDataModule("sample", transform=bb.preprocess, split=s),
                       spec=StudySpec(alphas=[0, 1], n_resamples=1999))
-    assert study["splits"]["test"]["sweep"]["text_encodings"] == 2  # towers=both: the text tower moves too
+    sweeps = {split: study["splits"][split]["sweep"] for split in ("val", "test")}
+    # towers=both: the text tower moves too (one encoding per model), then reused by the test split
+    assert (sweeps["val"]["text_encodings"], sweeps["test"]["text_encodings"]) == (2, 0)
     test = study["splits"]["test"]["models"]
     for key in ("supported/all", "all/coarse", "target/fine"):
         assert test["finetuned"][key]["delta"]["interval"] == CLUSTERED and test["finetuned"][key]["acc"]["interval"]

@@ -396,13 +396,13 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
 
             split, why = split_transform(self.transform)
             if split is None:
-                log.warning("pixel cache off for this transform: %s (images are decoded every time)", why)
+                log.info("pixel cache off for this transform: %s (images are decoded every time)", why)
                 self._pixel_caches[key] = None
             else:
                 cache = PixelCache(self.pixel_cache, self.source.fingerprint, len(self.hf), split)
-                log.info("pixel cache %s: up to %s (%d rows × %s uint8), %d images there", cache.folder,
-                         describe_size(cache.estimate_bytes), cache.n_rows, "×".join(map(str, cache.shape)),
-                         cache.filled())
+                log.info("pixel cache %s: up to %s (%d rows × %s uint8), %d images there "
+                         "(data.pixel_cache=null turns it off)", cache.folder, describe_size(cache.estimate_bytes),
+                         cache.n_rows, "×".join(map(str, cache.shape)), cache.filled())
                 self._pixel_caches[key] = cache
         return self._pixel_caches[key]
 
