@@ -91,7 +91,7 @@ def test_transforms_it_cannot_split_decode_as_before_and_say_why(tmp_path, caplo
         cases["size"])[1]
     dm = PerceptionDataModule("sample", transform=cases["size"], split="test", pixel_cache=str(tmp_path))
     dm.setup()
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO", logger="microbench"):
         n = sum(len(b["image_index"]) for b in dm.image_loader("test"))
     assert n == len(dm.images("test")) and "pixel cache off for this transform" in caplog.text
 

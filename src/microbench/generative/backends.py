@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microbench.models.backbones.base import BackboneError
+from microbench.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class GenerativeBackendError(BackboneError):
+class GenerativeBackendError(UserError):
     """A generative model cannot be built or asked (a server that is down, every request failing, a bad option)."""
 
 

@@ -17,7 +17,6 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -113,8 +112,3 @@ def build_generalist(backbone: dict, data_path: str = "sample", revision: str | 
 
 
 build_generalist.family = "contrastive"  # read by microbench.tasks without building
-
-
-def describe_recipe(bb: Backbone) -> dict[str, Any] | None:
-    """The generalist recipe a backbone was built with (None for any other backbone)."""
-    return (bb.source or {}).get("generalist")

@@ -3,9 +3,7 @@
 The sweep path fits a multinomial logistic regression on L2-normalised features with full-batch L-BFGS (the
 CLIP-benchmark recipe) run to convergence (:func:`fit_logistic`: float64 for small problems, stopping on the
 gradient, warm-started along the weight-decay path from the strongest decay down; pinned to scipy's L-BFGS-B on
-the same objective in ``tests/test_train.py``). :class:`LinearProbeModule` is the same
-head as a LightningModule that runs either on a frozen backbone or directly on cached embeddings, for datasets
-that do not fit in memory or for GPU training.
+the same objective in ``tests/test_train.py``).
 """
 
 from __future__ import annotations
@@ -13,17 +11,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from microbench.models.backbones.base import Backbone
-
 WEIGHT_DECAYS = tuple(float(x) for x in np.logspace(-6, -1, 11))
-SHOTS = ("full", 1, 2, 4, 8, 16)
 
 
 def probe_metrics(logits: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict[str, float]:
@@ -306,39 +300,3 @@ def dataset_probe_data(dm, feats: torch.Tensor, name: str, row_to_image: np.ndar
     data = ProbeData(*[t for s in ("train", "val", "test") for t in (feats[img[parts[s]]], class_of_row[parts[s]])],
                      n_classes=space.num_classes)
     return data, info
-
-
-class LinearProbeModule(L.LightningModule):
-    """A linear head on a frozen backbone (``batch['pixel_values']``) or on cached features (``batch['features']``)."""
-
-    def __init__(self, dim: int, n_classes: int, backbone: Backbone | None = None, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, init: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "init"])
-        self.backbone = backbone
-        if backbone is not None:
-            backbone.requires_grad_(False)
-        self.head = nn.Linear(dim, n_classes)
-        if init is not None:
-            with torch.no_grad():
-                self.head.weight.copy_(init)
-                self.head.bias.zero_()
-
-    def features(self, batch: dict) -> torch.Tensor:
-        if "features" in batch:
-            return F.normalize(batch["features"].float(), dim=-1)
-        with torch.no_grad():
-            self.backbone.eval()
-            return F.normalize(self.backbone.encode_image(batch["pixel_values"]).float(), dim=-1)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self.head(self.features(batch)), batch["label"])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.head(self.features(batch))
-        self.log("val/acc", (logits.argmax(1) == batch["label"]).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -17,7 +17,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quiltnet": {"kind": "open_clip", "name": "hf-hub:wisdomik/QuiltNet-B-32"},
     "align": {"kind": "hf", "name": "kakaobrain/align-base", "padding": "max_length"},
 }
-KINDS = ("open_clip", "hf", "timm", "random")
 
 
 def build_backbone(kind: str = "open_clip", name: str | None = None, preset: str | None = None,
