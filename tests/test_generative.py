@@ -84,11 +84,11 @@ def test_client_gives_up_after_max_retries_and_on_4xx():
 
 
 def test_a_run_without_a_single_answer_is_one_clear_error(tmp_path):
-    from microbench.models.backbones.base import BackboneError
+    from microbench.generative.backends import GenerativeBackendError
 
     with ScriptedChatServer(fail=lambda n, body: 404) as srv:  # e.g. a wrong model name
         be = OpenAICompatibleBackend("no-such-model", base_url=srv.base_url)
-        with pytest.raises(BackboneError, match="all 3 requests failed, e.g. 'HTTP 404"):
+        with pytest.raises(GenerativeBackendError, match="all 3 requests failed, e.g. 'HTTP 404"):
             be.generate(_requests(3), progress=False)
     with ScriptedChatServer() as srv:  # answers one question, then the server goes away
         url = srv.base_url
@@ -96,7 +96,7 @@ def test_a_run_without_a_single_answer_is_one_clear_error(tmp_path):
         assert be.generate(_requests(1), progress=False)[0].text == "A"
     be = OpenAICompatibleBackend("m", base_url=url, cache_dir=tmp_path, max_concurrency=2, backoff_s=0.01)
     t = __import__("time").perf_counter()
-    with pytest.raises(BackboneError, match=f"cannot reach the chat-completions server at {url}.*1 answers cached"):
+    with pytest.raises(GenerativeBackendError, match=f"cannot reach the chat-completions server at {url}.*1 answers cached"):
         be.generate(_requests(50), progress=False)
     assert __import__("time").perf_counter() - t < 5  # stops at once instead of retrying 50 questions
     assert len(be.generate(_requests(1), progress=False)) == 1  # a fully cached rerun needs no server
@@ -172,14 +172,14 @@ def test_malformed_replies_count_as_wrong_and_never_crash(tmp_path):
 
 def test_a_server_answering_200_with_a_non_json_body_is_a_failure_not_a_score_of_zero(tmp_path):
     """Issue 13 §1.3: twelve HTTP 200 replies with an HTML body scored 0.00 ± 0.00 with exit 0."""
+    from microbench.generative.backends import GenerativeBackendError
     from microbench.generative.harness import run_generative
-    from microbench.models.backbones.base import BackboneError
 
     items = pd.DataFrame({"row_idx": range(12), "key": ["cognition"] * 12, "question": [f"q{i}" for i in range(12)],
                           "options": [["x", "y"]] * 12, "gold_idx": [1] * 12})
     with ScriptedChatServer(fail=lambda n, body: "non_json") as srv:
         be = OpenAICompatibleBackend("m", base_url=srv.base_url, cache_dir=tmp_path, fail_fast_after=50)
-        with pytest.raises(BackboneError, match=r"all 12 requests failed, e.g. .malformed response \(HTTP 200"):
+        with pytest.raises(GenerativeBackendError, match=r"all 12 requests failed, e.g. .malformed response \(HTTP 200"):
             run_generative(items, lambda r: [PNG], be, progress=False)
     assert len(be.cache) == 0  # nothing unparseable is cached
     with ScriptedChatServer(fail=lambda n, body: "non_json" if n % 2 else None) as srv:  # half garbage: counted
@@ -195,13 +195,13 @@ def test_a_server_failing_every_request_stops_the_run_early(outcome):
     and after fail_fast_after failures with no answer the run stops with one line."""
     import time
 
-    from microbench.models.backbones.base import BackboneError
+    from microbench.generative.backends import GenerativeBackendError
 
     with ScriptedChatServer(fail=lambda n, body: outcome, hang_s=3.0) as srv:
         be = OpenAICompatibleBackend("m", base_url=srv.base_url, max_concurrency=4, timeout_s=0.5, backoff_s=0.05,
                                      max_retries=6, fail_fast_after=8)
         t = time.perf_counter()
-        with pytest.raises(BackboneError, match="the first [0-9]+ requests all failed .* instead of trying all 1952"):
+        with pytest.raises(GenerativeBackendError, match="the first [0-9]+ requests all failed .* instead of trying all 1952"):
             be.generate(_requests(1952), progress=False)
         took = time.perf_counter() - t
     assert took < 10, took
@@ -222,10 +222,9 @@ def test_a_healthy_run_keeps_retrying_transient_errors_after_its_first_answer():
 @pytest.mark.parametrize(("option", "value"), [("max_concurrency", 0), ("max_concurrency", -2),
                                                ("max_retries", -1), ("fail_fast_after", 0), ("timeout_s", 0)])
 def test_impossible_client_options_are_one_line(option, value):
-    from microbench.generative.backends import build_generative_backend
-    from microbench.models.backbones.base import BackboneError
+    from microbench.generative.backends import GenerativeBackendError, build_generative_backend
 
-    with pytest.raises(BackboneError, match=f"model.{option} must be"):
+    with pytest.raises(GenerativeBackendError, match=f"model.{option} must be"):
         build_generative_backend("openai", model="m", **{option: value})
 
 
@@ -413,10 +412,9 @@ def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path, cfg_ev
 
 
 def test_backend_config_typo_is_one_clear_error():
-    from microbench.generative.backends import build_generative_backend
-    from microbench.models.backbones.base import BackboneError
+    from microbench.generative.backends import GenerativeBackendError, build_generative_backend
 
-    with pytest.raises(BackboneError, match=r"unknown option\(s\) \['temprature'\] for the openai backend"):
+    with pytest.raises(GenerativeBackendError, match=r"unknown option\(s\) \['temprature'\] for the openai backend"):
         build_generative_backend("openai", kind="generative", model="m", temprature=0.5)
-    with pytest.raises(BackboneError, match="backend must be one of"):
+    with pytest.raises(GenerativeBackendError, match="backend must be one of"):
         build_generative_backend("grpc", model="m")
