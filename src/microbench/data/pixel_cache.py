@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microbench.results.io import write_json
+from microbench.results.io import write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ class PixelCache:
         for name, size in (("pixels.u8", self.n_rows * self.slot_bytes), ("crc.u64", self.n_rows * 8)):
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != size:
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                with open(tmp, "wb") as f:
-                    f.truncate(size)  # sparse: only written slots take disk
-                os.replace(tmp, path)
+                write_atomic(path, lambda p, size=size: os.truncate(p, size))  # sparse: only written slots take disk
 
     @property
     def estimate_bytes(self) -> int:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from microbench.data.datamodule import PerceptionDataModule, pixels_of
 from microbench.models.backbones.base import Backbone
-from microbench.results.io import write_json
+from microbench.results.io import write_json, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,6 @@ class FeatureCache:
             log.info("feature cache hit %s (%s)", key, backbone.name)
             return blob["features"], blob["image_ids"], True
         feats, ids = compute_image_features(backbone, dm, device, progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"features": feats, "image_ids": ids}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_torch(path, {"features": feats, "image_ids": ids})
         write_json(folder / "key.json", parts)
         return feats, ids, False

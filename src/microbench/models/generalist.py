@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +25,7 @@ from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
 from microbench.models.backbones.registry import build_backbone
 from microbench.models.finetune import FineTuneModule
+from microbench.results.io import write_json, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +91,8 @@ def build_generalist(backbone: dict, data_path: str = "sample", revision: str | 
             np.random.set_state(states[1])
             torch.random.set_rng_state(states[2])
         state = {k: v.detach().cpu() for k, v in bb.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        (path.parent / "recipe.json").write_text(json.dumps({"backbone": backbone, "recipe": recipe, "data": data},
-                                                            indent=1, default=str))
+        write_torch(path, state)
+        write_json(path.parent / "recipe.json", {"backbone": backbone, "recipe": recipe, "data": data})
     for p in bb.parameters():
         p.requires_grad_(True)
     bb.eval()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from microbench import distributed
 from microbench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,16 @@ class TextEmbeddingCache:
 
     def lookup(self, key: tuple, texts: Sequence[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         """Embeddings of ``texts`` ([len(texts), D]); ``encode(missing)`` is called once for the texts not cached
-        (and not at all when every text is), so under DDP every rank must ask for the same texts."""
+        (and not at all when every text is). Under DDP every rank asks for the same texts, and the ranks decide
+        together: when any rank misses one, every rank encodes them all (``encode`` is sharded and gathered, so a
+        rank that skipped it would leave the others waiting)."""
         memo = self._models.setdefault(key, {})
         self._models.move_to_end(key)
         while len(self._models) > self.max_models:
             self._models.popitem(last=False)
         missing = list(dict.fromkeys(t for t in texts if t not in memo))
+        if distributed.is_distributed() and any(distributed.gather_objects(len(missing))):
+            missing = list(dict.fromkeys(texts))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
         if missing:

@@ -26,7 +26,9 @@ def _json_default(obj: Any):
     return str(obj)
 
 
-def _atomic(path: Path, write) -> Path:
+def write_atomic(path: str | Path, write) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``
+    (readable as the umask allows); a crash leaves the old file or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,15 +47,22 @@ def _atomic(path: Path, write) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False, allow_nan=False) + "\n"
-    return _atomic(Path(path), lambda p: p.write_text(text))
+    return write_atomic(path, lambda p: p.write_text(text))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return _atomic(Path(path), lambda p: p.write_text(text))
+    return write_atomic(path, lambda p: p.write_text(text))
 
 
 def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
-    return _atomic(Path(path), lambda p: frame.to_parquet(p, index=False))
+    return write_atomic(path, lambda p: frame.to_parquet(p, index=False))
+
+
+def write_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save(obj)``, atomically (weights, cached features)."""
+    import torch
+
+    return write_atomic(path, lambda p: torch.save(obj, p))
 
 
 def write_figure(path: str | Path, fig, dpi: int = 120) -> Path:
@@ -62,7 +71,7 @@ def write_figure(path: str | Path, fig, dpi: int = 120) -> Path:
 
     path = Path(path)
     try:
-        return _atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+        return write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
 

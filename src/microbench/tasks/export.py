@@ -13,14 +13,13 @@ beside it (read only when they name this checkpoint).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from microbench.errors import UserError
-from microbench.results.io import read_json, write_text
+from microbench.results.io import read_json, write_json, write_text
 
 HOW = "pass a .ckpt written by python src/train.py (task=finetune)"
 
@@ -168,7 +167,7 @@ def _export_adapter(blob: dict, record: dict, out: Path) -> dict:
     save_file(tensors, str(out / "adapter_model.safetensors"))
     cfg = lora_config(spec).to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else None
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    write_json(out / "adapter_config.json", cfg)
     from microbench.models.backbones.base import state_fingerprint
 
     return {"library": "peft", "what": "LoRA adapter alone (base weights not included)",

@@ -11,6 +11,7 @@ import open_clip
 import torch
 
 from microbench.models.backbones.base import Backbone, BackboneError
+from microbench.results.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class OpenClipBackbone(Backbone):
         cfg = open_clip.get_model_config(self.name) if not self.name.startswith("local-dir:") else json.loads(
             (Path(self.name.removeprefix("local-dir:")) / "open_clip_config.json").read_text())["model_cfg"]
         pp = getattr(self.model.visual, "preprocess_cfg", {}) or {}
-        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}, indent=2))
+        write_json(folder / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": pp})
         state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(folder / "open_clip_model.safetensors"))
         return folder
