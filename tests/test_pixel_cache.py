@@ -137,3 +137,25 @@ def test_the_cache_is_on_by_default_and_one_switch_turns_it_off(cfg_eval, cfg_tr
     assert cfg_eval().data.pixel_cache == "/elsewhere/pixels"
     monkeypatch.setenv("MICROBENCH_PIXEL_CACHE", "null")
     assert cfg_eval().data.pixel_cache is None
+
+
+def test_a_sweep_through_the_cache_scores_what_it_scores_without_it(tmp_path, tiny):
+    """A weight-space sweep run without a Trainer (the forgetting study's path) finishes each cached batch once:
+    the same predictions as decoding every image (its cached batches had been normalised twice)."""
+    from microbench.studies.sweep import InterpolationScorer
+
+    base = {k: v.detach().clone() for k, v in tiny.state_dict().items()}
+    ft = {k: v * 1.2 if v.is_floating_point() else v.clone() for k, v in base.items()}
+    preds = {}
+    for cache in (None, str(tmp_path), str(tmp_path)):  # off, cold, warm
+        dm = PerceptionDataModule("sample", transform=tiny.preprocess, split="test", pixel_cache=cache)
+        dm.setup("test")
+        preds.setdefault(cache, []).append(InterpolationScorer(tiny, base, ft, [0.0, 0.5], progress=False).sweep(dm))
+    ref = preds[None][0]
+    for got in preds[str(tmp_path)]:
+        for a in (0.0, 0.5):
+            assert got[a]["scores"].tolist() == ref[a]["scores"].tolist()
+    x = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    split, _ = split_transform(tiny.preprocess)
+    once = pixels_of({"pixel_values": x, "finish": split.finish})
+    assert torch.equal(pixels_of({"pixel_values": once, "finish": split.finish}), once)  # never finished twice

@@ -106,7 +106,7 @@ def pixels_of(batch: dict, device: torch.device | str | None = None) -> torch.Te
     if device is not None:
         pixels = pixels.to(device, non_blocking=True)
     finish = batch.get("finish")
-    return finish(pixels) if finish is not None else pixels
+    return finish(pixels) if finish is not None and pixels.dtype == torch.uint8 else pixels  # finished once
 
 
 class ExactDistributedSampler(DistributedSampler):

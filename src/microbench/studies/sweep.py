@@ -150,7 +150,7 @@ class InterpolationScorer(ZeroShotScorer):
         self.to(device)
         self._start(dm)
         for i, batch in enumerate(dm.image_loader(dm.split)):
-            self.test_step({**batch, "pixel_values": pixels_of(batch, self.device)}, i)
+            self.test_step(batch, i)  # test_step moves and finishes the pixels (pixels_of), as under trainer.test
         self._finish(dm)
         return self.predictions_by_alpha
 
