@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from microbench.data.fullsize import make_fullsize_copy
+from microbench.errors import UserError
 
 
 def main() -> None:
@@ -19,8 +21,15 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="share of each dataset's rows (at least one each)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.scale <= 0:
+        sys.exit(f"error: --scale must be > 0 (1.0: the release's 17,315 rows), got {args.scale}")
     t = time.perf_counter()
-    stats = make_fullsize_copy(args.folder, scale=args.scale, seed=args.seed)
+    try:
+        stats = make_fullsize_copy(args.folder, scale=args.scale, seed=args.seed)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: cannot write the copy to {args.folder} ({err.strerror}): pass a writable folder")
     print(json.dumps({**stats, "seconds": round(time.perf_counter() - t, 1)}))
 
 

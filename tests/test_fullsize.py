@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import pytest
 from PIL import Image
 
 from microbench.data.fullsize import (
@@ -52,3 +53,20 @@ def test_a_small_copy_loads_as_the_release_does(tmp_path):
     assert len(table.problems) == 0 and table.rows["image_id"].nunique() == stats["images"]
     raw = ds.data.table.column("image")[0].as_py()["bytes"]
     assert Image.open(io.BytesIO(raw)).format == "PNG"
+
+
+def test_a_folder_holding_a_real_copy_is_refused_untouched(tmp_path):
+    import shutil
+
+    from conftest import REPO
+    from microbench.data.loading import MicroBenchDataError
+
+    real = tmp_path / "copy"
+    shutil.copytree(REPO / "data" / "sample" / "perception", real / "perception")
+    before = sorted(p.name for p in (real / "perception" / "0.1.0").iterdir())
+    with pytest.raises(MicroBenchDataError, match="already holds shards that this generator did not write"):
+        make_fullsize_copy(real, scale=0.001, image_scale=0.05)
+    assert sorted(p.name for p in (real / "perception" / "0.1.0").iterdir()) == before
+    ours = tmp_path / "ours"  # an earlier synthetic copy is replaced
+    make_fullsize_copy(ours, scale=0.001, image_scale=0.05)
+    assert make_fullsize_copy(ours, scale=0.001, image_scale=0.05)["rows"] == sum(planned_rows(0.001).values())

@@ -152,3 +152,12 @@ def test_cached_pixels_cross_as_uint8_and_are_finished_where_encoded(tmp_path, t
     finish = pickle.loads(pickle.dumps(next(iter(dm.image_loader("test")))["finish"]))
     assert torch.equal(finish(torch.full((3, 2, 2), 255, dtype=torch.uint8)),
                        bb.preprocess.transforms[-1](torch.ones(3, 2, 2)))
+
+
+def test_a_bad_precision_is_refused_before_any_model_is_built(cfg_eval, monkeypatch):
+    from microbench.tasks import trainer
+
+    monkeypatch.setattr(trainer, "instantiate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    cfg = cfg_eval(["inference.precision=fp8"])
+    with pytest.raises(UserError, match="inference.precision='fp8'"):
+        trainer.build_model(cfg.model, cfg.inference)

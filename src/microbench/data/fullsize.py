@@ -17,6 +17,7 @@ release's 17,315 rows and its totals (16,130 images of the 23 official datasets,
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,14 +147,34 @@ def build_rows(scale: float = 1.0, seed: int = 0, image_scale: float = 1.0):
             yield row
 
 
+SYNTHETIC_DESCRIPTION = "Synthetic full-size μ-Bench copy"
+
+
+def _check_replaceable(folder: Path) -> None:
+    """A folder holding shards is replaced only when this generator wrote it: never a real copy's shards."""
+    from microbench.data.loading import MicroBenchDataError
+
+    if not any(folder.glob("*.arrow")):
+        return
+    info = folder / "dataset_info.json"
+    try:
+        ours = json.loads(info.read_text()).get("description", "").startswith(SYNTHETIC_DESCRIPTION)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise MicroBenchDataError(f"{folder} already holds shards that this generator did not write (a real copy?): "
+                                  "pass an empty or new folder")
+
+
 def make_fullsize_copy(out_dir: str | Path, scale: float = 1.0, seed: int = 0, rows_per_shard: int = 1000,
                        version: str = "0.1.0", image_scale: float = 1.0) -> dict:
     """Write the copy in the Hub layout (Arrow stream shards + ``dataset_info.json``), one shard in memory at a
     time; returns ``{"rows", "images", "png_bytes", "pixels", "shards", "folder"}``."""
     features = sample_features()
     folder = Path(out_dir) / "perception" / version
+    _check_replaceable(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.arrow"):
+    for old in folder.glob("*.arrow"):  # an earlier synthetic copy (checked above), replaced
         old.unlink()
     total = sum(planned_rows(scale).values())
     n_shards = -(-total // rows_per_shard)
@@ -181,5 +202,5 @@ def make_fullsize_copy(out_dir: str | Path, scale: float = 1.0, seed: int = 0, r
     if chunk:
         flush()
     write_dataset_info(folder, features, stats["rows"],
-                       f"Synthetic full-size μ-Bench copy (microbench.data.fullsize, scale {scale}).", version=version)
+                       f"{SYNTHETIC_DESCRIPTION} (microbench.data.fullsize, scale {scale}).", version=version)
     return {**stats, "shards": shard, "folder": str(Path(out_dir))}

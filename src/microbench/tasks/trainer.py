@@ -75,6 +75,7 @@ def build_model(model_cfg: DictConfig, inference: DictConfig | None = None):
     """The model ``model_cfg`` names (its ``_target_``), checked to be of the family its target declares; a
     backbone encodes as ``inference`` says in evaluation (``configs/inference/``)."""
     family = model_family(model_cfg)
+    settings = InferenceSettings.of(inference) if inference is not None else None  # checked before any build
     try:
         model = instantiate(model_cfg)
     except Exception as err:  # Hydra wraps what the target raises: a user-fixable error stays itself
@@ -85,8 +86,8 @@ def build_model(model_cfg: DictConfig, inference: DictConfig | None = None):
     if getattr(model, "family", None) != family:
         raise UserError(f"model._target_={model_cfg._target_} declares the {family} family but built a "
                         f"{type(model).__name__} of family {getattr(model, 'family', None)!r}")
-    if inference is not None and hasattr(model, "set_inference"):
-        model.set_inference(InferenceSettings.of(inference))
+    if settings is not None and hasattr(model, "set_inference"):
+        model.set_inference(settings)
     return model
 
 
