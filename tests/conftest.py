@@ -21,8 +21,12 @@ os.environ.update({
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers on the machine's cores: one thread each, so the
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers (and the CLIs they start) do not oversubscribe them
 
+_SESSION_ENV = dict(os.environ)  # what every CLI of the suite inherits, unless a test says otherwise
+
 import io  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -171,6 +175,88 @@ def copy_without_column(column: str, root: Path) -> Path:
         writer.write_table(part)
     shutil.copy(SAMPLE_DIR / "perception" / "0.1.0" / "dataset_info.json", folder)
     return root
+
+
+# --- command-line runs: through a pre-imported, forking Python (tests/zygote.py) when that is the same -----------
+
+#: environment variables a child may set differently from the server's: read when a run needs them, never at import
+#: (pytest's own, PYTEST_CURRENT_TEST, change with every test; Lightning and torch.compile set the last two in the
+#: tests' process, and read them when a run asks for CUDA or compiles)
+_RUNTIME_ENV = re.compile(r"^(WANDB_|MICROBENCH_|PYTEST_)|^(PYTHONUNBUFFERED|PYTORCH_NVML_BASED_CUDA_CHECK|"
+                          r"TORCHINDUCTOR_CACHE_DIR)$")
+
+
+class _Zygote:
+    """One ``tests/zygote.py`` per test process, started with the session (it imports while the first tests run),
+    closed when the process ends."""
+
+    proc = None
+    ready = False
+
+    @classmethod
+    def start(cls):
+        import atexit
+        import subprocess
+
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py")], cwd=REPO, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_SESSION_ENV)
+            cls.ready = False
+            atexit.register(cls.proc.kill)
+
+    @classmethod
+    def get(cls):
+        cls.start()
+        if not cls.ready:
+            assert json.loads(cls.proc.stdout.readline()).get("ready"), "tests/zygote.py did not start"
+            cls.ready = True
+        return cls.proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zygote_imports_while_the_first_tests_run():
+    if not os.environ.get("MICROBENCH_TESTS_NO_ZYGOTE"):
+        _Zygote.start()
+
+
+def _same_as_a_fresh_python(args: list[str], env: dict[str, str]) -> bool:
+    if not args or (args[0].startswith("-") and args[0] != "-m") or (args[0] == "-m" and len(args) < 2):
+        return False
+    if os.environ.get("MICROBENCH_TESTS_NO_ZYGOTE"):
+        return False
+    base = _SESSION_ENV
+    changed = {k for k in set(base) | set(env) if base.get(k) != env.get(k)}
+    return all(_RUNTIME_ENV.match(k) for k in changed)
+
+
+def run_cli(args, cwd=REPO, env=None, timeout=600):
+    """``subprocess.run([sys.executable, *args], capture_output=True, text=True, ...)``, in a fresh fork of a
+    Python that has imported torch, Lightning and open_clip already (``tests/zygote.py``: ~7 s less per run), or in
+    a real interpreter when a fork could differ from it (an import-time variable changed, an interpreter flag)."""
+    import subprocess
+
+    args = [str(a) for a in args]
+    env = dict(os.environ if env is None else env)
+    if not _same_as_a_fresh_python(args, env):
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    import signal
+    import threading
+
+    with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = _Zygote.get()
+        proc.stdin.write(json.dumps({"argv": args, "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}) + "\n")
+        proc.stdin.flush()
+        pid = json.loads(proc.stdout.readline())["pid"]
+        timer = threading.Timer(timeout, os.killpg, (pid, signal.SIGKILL))  # as subprocess.run's timeout
+        timer.start()
+        status = json.loads(proc.stdout.readline())["status"]
+        timer.cancel()
+        read = [Path(path).read_text(errors="replace") for path in (out, err)]
+        if timer.finished.is_set() and status == -signal.SIGKILL:
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout, *read)
+        return subprocess.CompletedProcess([sys.executable, *args], status, *read)
 
 
 # --- configs: every test composes through these (as lightning-hydra-template's cfg_train / cfg_eval) -------------

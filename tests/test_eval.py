@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_raw_hub_copy
+from conftest import REPO, run_cli, write_raw_hub_copy
 from microbench.errors import UserError
 from microbench.results.leaderboard import build_leaderboard
 from microbench.tasks.registry import evaluate
@@ -170,7 +168,7 @@ def test_wandb_offline_logging(tmp_path, cfg_eval):
 
 def _eval_cli(*overrides, timeout=180):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "src/eval.py", *overrides], capture_output=True, text=True, cwd=REPO,
+    return run_cli(["src/eval.py", *overrides], cwd=REPO,
                           timeout=timeout, env=env)
 
 

@@ -4,12 +4,12 @@ by open_clip / transformers and by ``model=openclip model.name=local-dir:DIR``, 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_cli
 
 
 def _front_matter(path: Path) -> dict:
@@ -38,8 +38,8 @@ def test_export_round_trips_a_full_and_a_lora_fine_tune_with_their_model_cards(t
                                   f"checkpoint_dir={tmp_path / name / 'ck'}"]))
         ckpt = rec["last_checkpoint"]
         out = tmp_path / f"export_{name}"
-        res = subprocess.run([sys.executable, "-m", "microbench", "export", ckpt, "--out", str(out)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+        res = run_cli(["-m", "microbench", "export", ckpt, "--out", str(out)], cwd=REPO,
+                             timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout.startswith(f"exported full weights -> {out}") and "with the run results" in res.stdout
         loaded = build_backbone("open_clip", f"local-dir:{out}")
@@ -66,8 +66,8 @@ def test_export_round_trips_a_full_and_a_lora_fine_tune_with_their_model_cards(t
         assert weights == size  # a merged LoRA fine-tune is a full model again
         if name == "lora":
             adapter = tmp_path / "adapter"
-            res = subprocess.run([sys.executable, "-m", "microbench", "export", ckpt, "--out", str(adapter),
-                                  "--adapter-only"], cwd=REPO, capture_output=True, text=True, timeout=300)
+            res = run_cli(["-m", "microbench", "export", ckpt, "--out", str(adapter),
+                                  "--adapter-only"], cwd=REPO, timeout=300)
             assert res.returncode == 0, res.stderr[-2000:]
             from safetensors.torch import load_file
 
@@ -85,8 +85,8 @@ def test_export_round_trips_a_full_and_a_lora_fine_tune_with_their_model_cards(t
             merged = merged_state(build_model(cfg_train(["experiment=demo"]).model), spec, back)
             assert all(torch.equal(merged[k], got[k]) for k in got)
         else:
-            bad = subprocess.run([sys.executable, "-m", "microbench", "export", ckpt, "--out", str(tmp_path / "x"),
-                                  "--adapter-only"], cwd=REPO, capture_output=True, text=True, timeout=300)
+            bad = run_cli(["-m", "microbench", "export", ckpt, "--out", str(tmp_path / "x"),
+                                  "--adapter-only"], cwd=REPO, timeout=300)
             assert bad.returncode == 2
             assert bad.stderr.strip().splitlines()[-1].startswith("error: --adapter-only: this checkpoint is a full")
 
@@ -117,7 +117,7 @@ def test_export_refuses_what_is_not_a_fine_tune_in_one_line(tmp_path):
     from conftest import REPO
 
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "plain.ckpt")
-    res = subprocess.run([sys.executable, "-m", "microbench", "export", str(tmp_path / "plain.ckpt"), "--out",
-                          str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = run_cli(["-m", "microbench", "export", str(tmp_path / "plain.ckpt"), "--out",
+                          str(tmp_path / "o")], cwd=REPO, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "is not a fine-tune's checkpoint" in res.stderr

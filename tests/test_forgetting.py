@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.data.labelled import LabelledDataModule
 from microbench.metrics.bootstrap import paired_bootstrap_delta
@@ -297,11 +297,9 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
 ])
 def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
     import os
-    import subprocess
-    import sys
 
-    res = subprocess.run([sys.executable, "src/forgetting.py", *overrides, f"paths.output_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=REPO, timeout=180, env=dict(os.environ))
+    res = run_cli(["src/forgetting.py", *overrides, f"paths.output_dir={tmp_path}"],
+                         cwd=REPO, timeout=180, env=dict(os.environ))
     assert res.returncode == 2, res.stderr[-1500:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import datasets
@@ -12,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, png_bytes, write_raw_hub_copy
+from conftest import REPO, png_bytes, run_cli, write_raw_hub_copy
 from microbench.data import schema
 from microbench.data.loading import MicroBenchDataError, dataset_fingerprint, load_ubench
 from microbench.data.questions import build_question_table
@@ -80,8 +78,8 @@ def test_hub_layout_written_by_pyarrow_alone(sample, sample_rows, tmp_path, layo
 
 def test_info_cli_on_foreign_hub_layout(sample_rows, tmp_path):
     root = write_raw_hub_copy(sample_rows, tmp_path / "hub", n_shards=2, info=True)
-    out = subprocess.run([sys.executable, "-m", "microbench", "info", str(root), "--json"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = run_cli(["-m", "microbench", "info", str(root), "--json"],
+                         timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout)
     assert rec["rows"] == 328 and rec["unique_image_ids"] == 292

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from microbench.data.localization import LocalizationDataModule, LocImage, coco_ground_truth, rasterize
 from microbench.generative.boxes import parse_paligemma_boxes, parse_qwen_boxes, score_box_answers
 from microbench.metrics.coco import coco_evaluate
@@ -368,13 +369,11 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
 
 @pytest.mark.slow
 def test_localization_eval_without_checkpoint_is_one_line(tmp_path):
-    import subprocess
-    import sys
 
     from conftest import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "src" / "eval.py"), "task=localization",
-                           f"paths.output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    proc = run_cli([str(REPO / "src" / "eval.py"), "task=localization",
+                           f"paths.output_dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: localization evaluation needs a trained head")
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from conftest import run_cli
+
 
 def _tiny(cfg_train):
     from microbench.tasks.trainer import build_model
@@ -158,17 +160,15 @@ def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base
     target, studies each, and tabulates target gain vs supported loss with each study's paired CIs, trainable
     parameters and checkpoint sizes; `python -m microbench recipes <sweep>` rebuilds the same table."""
     import os
-    import subprocess
-    import sys
 
     from conftest import REPO
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=compare_recipes",
+    res = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=compare_recipes",
                           "recipe=full,lora_r4,lp_ft", "trainer.max_epochs=2", "study.alphas=[0,0.5,1]",
                           "bootstrap.n_resamples=99", "eval_in_domain=false", "study.result_cache=null",
                           f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ck'}",
-                          "+trainer.enable_progress_bar=false"], cwd=REPO, capture_output=True, text=True, env=env,
+                          "+trainer.enable_progress_bar=false"], cwd=REPO, env=env,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     (sweep,) = (tmp_path / "compare_recipes" / "multiruns").iterdir()
@@ -191,10 +191,10 @@ def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base
     md = (sweep / "recipes" / "recipes.md").read_text()
     assert "features Δ, probe (α=1) | verdict |" in md
     assert all(f"| {n} |" in md for n in rows) and (sweep / "recipes" / "recipes.png").stat().st_size > 0
-    again = subprocess.run([sys.executable, "-m", "microbench", "recipes", str(sweep), "--out", str(tmp_path / "t")],
-                           cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    again = run_cli(["-m", "microbench", "recipes", str(sweep), "--out", str(tmp_path / "t")],
+                           cwd=REPO, env=env, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "t" / "recipes.json").read_text())["recipes"] == table["recipes"]
-    none = subprocess.run([sys.executable, "-m", "microbench", "recipes", str(tmp_path / "ck")], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=120)
+    none = run_cli(["-m", "microbench", "recipes", str(tmp_path / "ck")], cwd=REPO,
+                          env=env, timeout=120)
     assert none.returncode == 2 and "no fine-tune with a forgetting study under" in none.stderr

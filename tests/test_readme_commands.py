@@ -1,6 +1,7 @@
 """Every command of README.md's ``bash`` blocks runs (issue 13 §5), so the README cannot drift from the code.
 
-Each command is run as written, through the real entry point in a subprocess, with only these changes: the
+Each command is run as written, through the real entry point in its own process (a fork of a Python that imported
+the libraries already, ``tests/zygote.py``), with only these changes: the
 interpreter is this one; outputs, checkpoints and caches go to a tmp folder; fast settings are appended (fewer
 epochs, bootstrap resamples, α values, seeds); placeholders (``<run>``, ``<time>``, ``out/``, ``logs/``) point at
 what the earlier commands of this file produced; ``data/ubench`` is a Hub-layout copy of the sample written with
@@ -14,13 +15,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 #: why a command cannot run offline on a CPU-only machine (first match wins)
 CANNOT_RUN = [
@@ -179,7 +179,7 @@ def run_readme_command(n: int, runs: Path) -> None:
     tmp = runs / f"cmd{n:02d}"
     argv = _prepare(command, tmp, n)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
-    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    res = run_cli(argv[1:], cwd=REPO, env=env, timeout=600)  # argv[0] is this interpreter
     assert res.returncode == 0, f"README command {n} failed: {command}\n{' '.join(argv)}\n{res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     if "-m" in argv[2:]:  # a Hydra multirun (not ``python -m microbench ...``)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import run_cli
 from microbench.data import schema
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.data.loading import SAMPLE_DIR as SAMPLE
@@ -25,8 +24,8 @@ def _regenerate(out: Path, disable_simd: bool) -> None:
         from numpy._core._multiarray_umath import __cpu_dispatch__
 
         env["NPY_DISABLE_CPU_FEATURES"] = " ".join(__cpu_dispatch__)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--out", str(out)], env=env,
-                   check=True, capture_output=True, text=True, timeout=300)
+    res = run_cli([str(ROOT / "scripts" / "make_sample.py"), "--out", str(out)], env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("disable_simd", [False, True], ids=["default-dispatch", "simd-off"])

@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from conftest import run_cli
+
 
 def _walk_floats(obj):
     if isinstance(obj, float):
@@ -130,16 +132,14 @@ def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_
 @pytest.mark.slow
 def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
     import os
-    import subprocess
-    import sys
 
     from conftest import REPO
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+    args = [str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
             "specialty=pathology,electron", "trainer.max_epochs=1", "forgetting.enabled=false", "eval_in_domain=false",
             f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
-    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    res = run_cli(args, cwd=REPO, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
     names = {}
@@ -147,8 +147,8 @@ def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
         if (sub / "train_metrics.json").exists():
             names[sub.name] = json.loads((sub / "train_metrics.json").read_text())["specialty"]["name"]
     assert names == {"pathology": "pathology", "electron": "electron"}
-    bad = subprocess.run([*args[:3], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO,
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = run_cli([*args[:2], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO,
+                         env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")
 
@@ -225,27 +225,24 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
 def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path, capsys):
     """`python src/specialists.py runs=<multirun folder>`: one process and two DDP ranks give the same study."""
     import os
-    import subprocess
-    import sys
 
     from conftest import REPO
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    train = [sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+    train = [str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
              "specialty=pathology,electron", "trainer.max_epochs=2", "forgetting.enabled=false", "eval_in_domain=false",
              f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
-    assert subprocess.run(train, cwd=REPO, capture_output=True, text=True, env=env, timeout=600).returncode == 0
+    assert run_cli(train, cwd=REPO, env=env, timeout=600).returncode == 0
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
     import shutil
 
     shutil.copytree(sweep / "electron" / ".hydra", sweep / "crashed" / ".hydra")  # a job that died before its record
     studies = {}
     for name, extra in (("one", ["logger=wandb", "logger.wandb.offline=true"]), ("ddp", ["trainer=ddp_sim"])):
-        res = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}",
+        res = run_cli([str(REPO / "src" / "specialists.py"), f"runs={sweep}",
                               "bootstrap.n_resamples=199", "lambdas=[0.5,1.0]", "merge_options.ties.densities=[0.2]",
                               "merges=[uniform_soup,task_arithmetic,ties,dare,model_stock]",
-                              f"paths.output_dir={tmp_path / name}", *extra], cwd=REPO, capture_output=True, text=True,
-                             env=env, timeout=600)
+                              f"paths.output_dir={tmp_path / name}", *extra], cwd=REPO, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout.strip().splitlines()[-1].startswith("report: ")
         studies[name] = json.loads((tmp_path / name / "specialists.json").read_text())
@@ -279,13 +276,13 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     gain = one["splits"]["test"]["scalars"]["specialists"]["electron"]["gain"]["value"]
     assert run["summary"]["specialists/electron/gain"] == pytest.approx(gain)
     assert run["config"]["specialists"]["groups"] == one["groups"]
-    bad = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"), f"runs={tmp_path / 'nowhere'}",
-                          f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, env=env,
+    bad = run_cli([str(REPO / "src" / "specialists.py"), f"runs={tmp_path / 'nowhere'}",
+                          f"paths.output_dir={tmp_path / 'bad'}"], cwd=REPO, env=env,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: runs: ")
-    twice = subprocess.run([sys.executable, str(REPO / "src" / "specialists.py"),
+    twice = run_cli([str(REPO / "src" / "specialists.py"),
                             f"runs=[{sweep / 'pathology'},{sweep / 'pathology'}]", f"paths.output_dir={tmp_path / 'tw'}"],
-                           cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+                           cwd=REPO, env=env, timeout=120)
     assert twice.returncode == 2, twice.stderr[-1000:]
     assert twice.stderr.strip().splitlines()[-1].startswith("error: runs: pathology is there 2 times")
 
@@ -367,18 +364,16 @@ def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
     """`-m ... chain=true`: job 1 starts from job 0's checkpoint; the study with chain=true orders the runs, scores
     base + each step (no merges) and reports the chain's scalars from its own matrix; chain=false refuses it."""
     import os
-    import subprocess
-    import sys
 
     from conftest import REPO
     from microbench.studies.continual import chain_scalars
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+    res = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
                           "specialty=electron,pathology", "chain=true", "trainer.max_epochs=1",
                           "forgetting.enabled=false", "eval_in_domain=false", "test_after_fit=false",
                           f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}",
-                          "+trainer.enable_progress_bar=false"], cwd=REPO, capture_output=True, text=True, env=env,
+                          "+trainer.enable_progress_bar=false"], cwd=REPO, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
@@ -387,12 +382,11 @@ def test_a_chain_multirun_is_studied_as_one_sequence(tmp_path):
     assert em["chain"] == {"job": 0, "init_from": None, "after": []}
     assert path["chain"]["init_from"] == em["last_checkpoint"]
     assert path["chain"]["after"] == ["electron"] and path["chain"]["job"] == 1
-    study_cmd = [sys.executable, str(REPO / "src" / "specialists.py"), f"runs={sweep}", "bootstrap.n_resamples=99"]
-    refused = subprocess.run([*study_cmd, f"paths.output_dir={tmp_path / 'no'}"], cwd=REPO, capture_output=True,
-                             text=True, env=env, timeout=300)
+    study_cmd = [str(REPO / "src" / "specialists.py"), f"runs={sweep}", "bootstrap.n_resamples=99"]
+    refused = run_cli([*study_cmd, f"paths.output_dir={tmp_path / 'no'}"], cwd=REPO, env=env, timeout=300)
     assert refused.returncode == 2 and "study the runs as one chain with chain=true" in refused.stderr
-    ok = subprocess.run([*study_cmd, "chain=true", f"paths.output_dir={tmp_path / 'study'}"], cwd=REPO,
-                        capture_output=True, text=True, env=env, timeout=600)
+    ok = run_cli([*study_cmd, "chain=true", f"paths.output_dir={tmp_path / 'study'}"], cwd=REPO,
+                        env=env, timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     study = json.loads((tmp_path / "study" / "specialists.json").read_text())
     test = study["splits"]["test"]
@@ -477,17 +471,15 @@ def test_three_specialists_on_the_sample_gain_on_their_group_and_the_report_name
     specialist, which merged models beat it outside its group (exactly those whose paired CI is above 0)."""
     import os
     import re
-    import subprocess
-    import sys
 
     from conftest import REPO
 
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+    res = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
                           "specialty=pathology,fluorescence,electron", "study_specialists=true",
                           "forgetting.enabled=false", "eval_in_domain=false", f"paths.log_dir={tmp_path}",
                           f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"],
-                         cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+                         cwd=REPO, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
     study = json.loads((sweep / "study" / "specialists.json").read_text())

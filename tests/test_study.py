@@ -4,8 +4,6 @@ the curve area with a paired bootstrap CI, the change by metadata axis)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import run_cli
 from microbench.errors import UserError
 from microbench.models.backbones import build_backbone
 from microbench.models.backbones.base import Backbone, BackboneError
@@ -267,8 +266,8 @@ def test_old_override_names_keep_working_with_one_line_naming_the_new(capsys):
 
 @pytest.mark.slow
 def test_an_old_name_on_the_command_line_reaches_the_new_key(tmp_path):
-    res = subprocess.run([sys.executable, "src/forgetting.py", "finetuned=missing.ckpt", "alphas=[a,b]",
-                          f"paths.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    res = run_cli(["src/forgetting.py", "finetuned=missing.ckpt", "alphas=[a,b]",
+                          f"paths.output_dir={tmp_path}"], cwd=ROOT, timeout=300,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert res.returncode == 2, res.stderr
     lines = [x for x in res.stderr.splitlines() if x.strip()]

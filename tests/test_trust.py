@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, compose_config, png_bytes, write_raw_hub_copy
+from conftest import REPO, compose_config, png_bytes, run_cli, write_raw_hub_copy
 from microbench.errors import exit_on_user_error
 
 FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+trainer.enable_progress_bar=false"]
@@ -375,8 +373,8 @@ def test_a_hub_preset_with_the_hub_unreachable_fails_within_seconds(tmp_path):
                                                               "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "src/eval.py", "model=biomedclip", f"paths.output_dir={tmp_path / 'o'}",
-                          "logger=null"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    res = run_cli(["src/eval.py", "model=biomedclip", f"paths.output_dir={tmp_path / 'o'}",
+                          "logger=null"], cwd=REPO, env=env, timeout=120)
     took = time.perf_counter() - t
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
@@ -443,8 +441,8 @@ def test_the_demo_with_its_forgetting_study_finishes_under_ddp(tmp_path):
     """§5: `experiment=demo trainer=ddp_sim` stopped on unused parameters (CE); with that fixed it hung: rank 0
     ran the study alone while its Trainers and scorers waited in collectives for rank 1 (distributed.local_only).
     The study is read back from forgetting.json only as this run's (its run id)."""
-    res = subprocess.run([sys.executable, "src/train.py", *_demo(tmp_path, "ddp"), "trainer=ddp_sim"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    res = run_cli(["src/train.py", *_demo(tmp_path, "ddp"), "trainer=ddp_sim"], cwd=REPO,
+                         timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("forgetting report: ") and "chosen α" in last
