@@ -50,3 +50,18 @@ def test_grit_command_scores_a_file_of_box_answers(tmp_path, capsys):
     bad.write_text(json.dumps({"response": "x"}) + "\n")
     assert main(["grit", str(bad)]) == 2
     assert "lacks columns" in capsys.readouterr().err
+
+
+# --- command-line runs in the tests: a fork of the pre-imported Python is a fresh process -----------------------
+
+def test_a_forked_run_leaves_the_temporary_folders_of_the_next_run_in_place(tmp_path):
+    """wandb makes its media folder at import (the test runner's pre-imported Python has it): one run's exit must not
+    delete it under the next (a W&B table of the second run failed with FileNotFoundError)."""
+    from conftest import run_cli
+
+    script = tmp_path / "media.py"
+    script.write_text("import pathlib\nfrom wandb.sdk.data_types._private import MEDIA_TMP\n"
+                      "(pathlib.Path(MEDIA_TMP.name) / 'x.json').write_text('{}')\nprint('wrote')\n")
+    for _ in range(2):
+        res = run_cli([script], cwd=tmp_path)
+        assert (res.returncode, res.stdout.strip()) == (0, "wrote"), res.stderr[-1000:]

@@ -129,30 +129,6 @@ def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_
                          f"paths.output_dir={tmp_path / 'both'}"]))
 
 
-@pytest.mark.slow
-def test_a_multirun_trains_one_specialist_per_group_into_one_folder(tmp_path):
-    import os
-
-    from conftest import REPO
-
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    args = [str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
-            "specialty=pathology,electron", "trainer.max_epochs=1", "forgetting.enabled=false", "eval_in_domain=false",
-            f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
-    res = run_cli(args, cwd=REPO, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
-    names = {}
-    for sub in sorted(sweep.iterdir()):
-        if (sub / "train_metrics.json").exists():
-            names[sub.name] = json.loads((sub / "train_metrics.json").read_text())["specialty"]["name"]
-    assert names == {"pathology": "pathology", "electron": "electron"}
-    bad = run_cli([*args[:2], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO,
-                         env=env, timeout=120)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")
-
-
 # --- §2 (core): one study of many models ----------------------------------------------------------------------
 
 def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_path):
@@ -223,7 +199,9 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
 
 @pytest.mark.slow
 def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path, capsys):
-    """`python src/specialists.py runs=<multirun folder>`: one process and two DDP ranks give the same study."""
+    """A multirun (`specialty=pathology,electron`) trains one specialist per group into one folder (an unknown
+    specialty is one line); `python src/specialists.py runs=<that folder>`: one process and two DDP ranks give the
+    same study."""
     import os
 
     from conftest import REPO
@@ -232,8 +210,17 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     train = [str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
              "specialty=pathology,electron", "trainer.max_epochs=2", "forgetting.enabled=false", "eval_in_domain=false",
              f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
-    assert run_cli(train, cwd=REPO, env=env, timeout=600).returncode == 0
-    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    res = run_cli(train, cwd=REPO, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()  # one folder, one job per specialty
+    names = {}
+    for sub in sorted(sweep.iterdir()):
+        if (sub / "train_metrics.json").exists():
+            names[sub.name] = json.loads((sub / "train_metrics.json").read_text())["specialty"]["name"]
+    assert names == {"pathology": "pathology", "electron": "electron"}
+    bad = run_cli([*train[:2], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")
     import shutil
 
     shutil.copytree(sweep / "electron" / ".hydra", sweep / "crashed" / ".hydra")  # a job that died before its record

@@ -436,21 +436,6 @@ def test_info_check_images_exits_non_zero_when_it_finds_problems(tmp_path, sampl
     assert main(["info", "sample", "--check-images"]) == 0
 
 
-@pytest.mark.slow
-def test_the_demo_with_its_forgetting_study_finishes_under_ddp(tmp_path):
-    """§5: `experiment=demo trainer=ddp_sim` stopped on unused parameters (CE); with that fixed it hung: rank 0
-    ran the study alone while its Trainers and scorers waited in collectives for rank 1 (distributed.local_only).
-    The study is read back from forgetting.json only as this run's (its run id)."""
-    res = run_cli(["src/train.py", *_demo(tmp_path, "ddp"), "trainer=ddp_sim"], cwd=REPO,
-                         timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    last = res.stdout.strip().splitlines()[-1]
-    assert last.startswith("forgetting report: ") and "chosen α" in last
-    study = json.loads((tmp_path / "ddp" / "forgetting" / "forgetting.json").read_text())
-    metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
-    assert study["run_id"] and metrics["forgetting"]["chosen_alpha"] == study["selection"]["alpha"]
-
-
 def test_a_csv_row_whose_options_are_not_a_json_list_is_named(tmp_path):
     from microbench.data.cognition import load_cognition
     from microbench.data.loading import MicroBenchDataError

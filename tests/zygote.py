@@ -16,10 +16,12 @@ flag, a program other than Python).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import runpy
 import sys
+import weakref
 
 PRELOAD = ("numpy", "scipy.stats", "pyarrow", "PIL.Image", "torch", "torchvision", "lightning", "lightning.pytorch",
            "torchmetrics", "open_clip", "timm", "hydra", "omegaconf", "datasets", "microbench.tasks.registry",
@@ -29,6 +31,13 @@ PRELOAD = ("numpy", "scipy.stats", "pyarrow", "PIL.Image", "torch", "torchvision
 def _child(request: dict) -> None:
     """Become the command: ``python <script> <args>`` or ``python -m <module> <args>``."""
     os.setsid()  # its own process group: a timeout kills it and every rank it started
+    # what the server made at import is the server's to clean up: a temporary folder removed by the first child's
+    # exit would be gone under every later child (wandb makes its media folder at import and removes it at exit)
+    for finalizer in list(weakref.finalize._registry):
+        finalizer.detach()
+    media = sys.modules.get("wandb.sdk.data_types._private")
+    if media is not None:
+        atexit.unregister(media.MEDIA_TMP.cleanup)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
