@@ -79,7 +79,7 @@ def fixtures(root: Path) -> dict:
     (root / "empty.ckpt").write_bytes(b"")
     from microbench.models.backbones import build_backbone
 
-    torch.save(build_backbone(preset="tiny").state_dict(), root / "plain_state.pt")
+    torch.save(build_backbone("open_clip", "microbench-tiny", pretrained=None).state_dict(), root / "plain_state.pt")
     torch.save(build_backbone("timm", "resnet10t").state_dict(), root / "other_arch.pt")
     torch.save({"epoch": 3}, root / "no_weights.ckpt")
     for name in ("garbage", "truncated", "empty", "full"):

@@ -103,7 +103,7 @@ from microbench.models.zero_shot import ZeroShotScorer
 def st(field):
     return next(int(l.split()[1]) // 1024 for l in Path('/proc/self/status').read_text().splitlines()
                 if l.startswith(field + ':'))
-bb = build_backbone(preset="tiny")
+bb = build_backbone("open_clip", "microbench-tiny", pretrained=None)
 phase = {{"baseline_anon": st("RssAnon")}}
 Path('/proc/self/clear_refs').write_text('5')
 base_rss = st("VmRSS")

@@ -27,7 +27,7 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    bb = build_backbone(preset="tiny")
+    bb = build_backbone("open_clip", "microbench-tiny", pretrained=None)
     out = {}
     with tempfile.TemporaryDirectory() as root:
         for label, tf in (("open_clip tiny (64 px)", bb.preprocess), ("torchvision v2 224 px", default_transform())):

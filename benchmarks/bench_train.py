@@ -100,7 +100,7 @@ def probe_sweep_seconds() -> dict:
     from microbench.data.datamodule import PerceptionDataModule
     from microbench.models.features import compute_image_features
 
-    bb = build_backbone(preset="tiny")
+    bb = build_backbone("open_clip", "microbench-tiny", pretrained=None)
     dm = PerceptionDataModule("sample", transform=bb.preprocess, datasets=["acevedo_et_al_2020"])
     dm.setup()
     feats, _ = compute_image_features(bb, dm, progress=False)

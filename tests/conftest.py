@@ -269,6 +269,15 @@ def compose_config(name: str, overrides=(), config_dir: Path | None = None):
         return compose(config_name=name, overrides=list(overrides or []))
 
 
+def build_model(name: str, **overrides):
+    """The backbone of ``model=<name>`` (``configs/model/<name>.yaml``), built as a run builds it."""
+    from omegaconf import OmegaConf
+
+    from microbench.tasks.trainer import build_model as build
+
+    return build(OmegaConf.merge(OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml"), overrides))
+
+
 @pytest.fixture(scope="session")
 def cfg_eval():
     """``cfg_eval([overrides])``: the ``src/eval.py`` config."""

@@ -9,7 +9,7 @@ class PluginBackbone(Backbone):
     kind = "plugin"
 
     def __init__(self, width_note: str = "tiny"):
-        inner = build_backbone(preset="tiny")
+        inner = build_backbone("open_clip", "microbench-tiny", pretrained=None)
         super().__init__(f"plugin-{width_note}", inner.preprocess, source={"library": "plugin"})
         self.inner = inner
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from microbench.models.backbones import PRESETS, BackboneError, build_backbone
+from conftest import REPO, build_model
+from microbench.models.backbones import BackboneError, build_backbone
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_backbone(preset="tiny")
+    return build_model("tiny")
 
 
 def test_tiny_is_reproducible_and_fingerprinted(tiny):
@@ -50,21 +51,28 @@ def test_bad_names_give_clear_errors(tmp_path):
         build_backbone("open_clip", "microbench-tiny", pretrained="not-a-tag")
     with pytest.raises(BackboneError, match="needs an open_clip_config.json"):
         build_backbone("open_clip", f"local-dir:{tmp_path}")
-    with pytest.raises(BackboneError, match="unknown model preset 'nope'; presets: align, biomedclip, clip"):
-        build_backbone(preset="nope")
     with pytest.raises(BackboneError, match="unknown backbone kind"):
         build_backbone("keras", "x")
     # the Hub is not reachable in tests: a hub preset fails fast with one line
     with pytest.raises(BackboneError, match="cannot build open_clip model 'hf-hub:wisdomik/QuiltNet-B-32'"):
-        build_backbone(preset="quiltnet")
+        build_model("quiltnet")
 
 
-def test_presets_use_the_papers_ids():
-    assert PRESETS["openclip"] == {"kind": "open_clip", "name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
-    assert PRESETS["biomedclip"]["name"] == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-    assert PRESETS["clip"]["name"] == "openai/clip-vit-base-patch32" and PRESETS["plip"]["name"] == "vinid/plip"
-    assert PRESETS["quiltnet"]["name"] == "hf-hub:wisdomik/QuiltNet-B-32"
-    assert PRESETS["align"] == {"kind": "hf", "name": "kakaobrain/align-base", "padding": "max_length"}
+def test_model_presets_use_the_papers_ids():
+    from omegaconf import OmegaConf
+
+    def preset(name):
+        cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml"))
+        assert cfg.pop("_target_") == "microbench.models.backbones.build_backbone"
+        return cfg
+
+    assert preset("openclip") == {"kind": "open_clip", "name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k",
+                                  "precision": "fp32"}
+    assert preset("biomedclip")["name"] == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert preset("clip")["name"] == "openai/clip-vit-base-patch32" and preset("plip")["name"] == "vinid/plip"
+    assert preset("quiltnet")["name"] == "hf-hub:wisdomik/QuiltNet-B-32"
+    assert {k: preset("align")[k] for k in ("kind", "name", "padding")} == {
+        "kind": "hf", "name": "kakaobrain/align-base", "padding": "max_length"}
 
 
 def test_timm_image_tower_is_image_only():

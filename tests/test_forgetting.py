@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, build_model, run_cli
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.data.labelled import LabelledDataModule
 from microbench.metrics.bootstrap import paired_bootstrap_delta
@@ -73,7 +73,7 @@ def test_mismatched_checkpoints_give_a_clear_error():
 
 
 def test_mismatched_architecture_checkpoint_file(tmp_path):
-    tiny = build_backbone(preset="tiny")
+    tiny = build_model("tiny")
     other = build_backbone("timm", "resnet10t")
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(MergeError, match="cannot merge base and fine-tuned \\(other.pt\\): key .* different "
@@ -118,7 +118,7 @@ def _score(backbone, split="test"):
 def trained_base():
     """A tiny model that learned the sample contrastively (all datasets), so that forgetting is measurable."""
     L.seed_everything(0)
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     dm = LabelledDataModule("sample", transform=bb.preprocess, train_transform=bb.train_transform, batch_size=32,
                             drop_last_train=True)
     module = FineTuneModule(bb, objective="contrastive", lr=3e-3, weight_decay=0.05)
@@ -136,13 +136,13 @@ def _destroyed(state, scale=0.5, seed=7):
 
 @pytest.mark.slow
 def test_sweep_equals_separate_evaluations(trained_base):
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     ft = _destroyed(trained_base, scale=0.3)
     dm = PerceptionDataModule("sample", transform=bb.preprocess, split="test")
     scorer = InterpolationScorer(bb, trained_base, ft, [0.0, 0.5, 1.0], progress=False)
     _trainer().test(scorer, datamodule=dm, verbose=False)
     for alpha, state in ((0.0, trained_base), (0.5, wise_ft(trained_base, ft, 0.5)), (1.0, ft)):
-        ref_bb = build_backbone(preset="tiny")
+        ref_bb = build_model("tiny")
         ref_bb.load_state_dict(state)
         ref = _score(ref_bb)
         got = scorer.predictions_by_alpha[alpha]
@@ -152,7 +152,7 @@ def test_sweep_equals_separate_evaluations(trained_base):
 
 @pytest.mark.slow
 def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_path, capsys):
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     ft = _destroyed(trained_base, scale=4.0)
     targets = ["kather_et_al_2016"]
 
@@ -169,11 +169,11 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
     base_acc = test["base"]["supported/all"]["acc"]["value"]
     assert d["value"] < 0 and d["high"] < 0 and d["significant"], (base_acc, d)  # significantly worse
     # α = 0 reproduces the base exactly, α = 1 the fine-tuned model exactly
-    base_bb = build_backbone(preset="tiny")
+    base_bb = build_model("tiny")
     base_bb.load_state_dict(trained_base)
     base_preds = _score(base_bb)
     assert test["base"]["all/all"]["acc"]["value"] == pytest.approx(base_preds["correct"].mean(), abs=0)
-    ft_bb = build_backbone(preset="tiny")
+    ft_bb = build_model("tiny")
     ft_bb.load_state_dict(ft)
     ft_preds = _score(ft_bb)
     assert test["alpha=1.00"]["all/all"]["acc"]["value"] == pytest.approx(ft_preds["correct"].mean(), abs=0)
@@ -199,7 +199,7 @@ def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations
     from microbench.studies.merging import lines
     from microbench.studies.tradeoff import select_trade_off
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     ft = _destroyed(trained_base, scale=1.0)
     torch.save(_destroyed(trained_base, scale=1.0, seed=8), tmp_path / "second_seed.pt")
     targets = ["kather_et_al_2016", "acevedo_et_al_2020"]
@@ -221,7 +221,7 @@ def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations
         assert sweep["models"] == 13 and sweep["decoded_images"] == sweep["images"] == study["splits"][split]["images"]
     assert study["methods"]["wise_ft"]["selection"] == alone["selection"]
     # a LiNeS point of the sweep is the LiNeS model evaluated on its own
-    ref_bb = build_backbone(preset="tiny")
+    ref_bb = build_model("tiny")
     ref_bb.load_state_dict(lines(trained_base, ft, 0.5, ref_bb.residual_block_depths()))
     ref = _score(ref_bb)
     got = pd.read_parquet(tmp_path / "all" / "predictions" / "lines_alpha=0.50.parquet")
@@ -393,7 +393,7 @@ def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
         again = build_generalist(spec, epochs=1, cache_dir=str(tmp_path))
     assert "from the cache" in caplog.text and again.fingerprint() == first.fingerprint()
     assert torch.equal(torch.rand(3), after_building)  # the run goes on the same, built now or read from the cache
-    assert first.fingerprint() != build_backbone(preset="tiny").fingerprint()  # trained, not the random init
+    assert first.fingerprint() != build_model("tiny").fingerprint()  # trained, not the random init
     assert first.family == "contrastive" and first.source["generalist"]["epochs"] == 1
     other = build_generalist(spec, epochs=2, cache_dir=str(tmp_path))  # another recipe, another entry
     assert other.fingerprint() != first.fingerprint() and len(list(tmp_path.glob("*/model.pt"))) == 2
@@ -563,7 +563,7 @@ def test_feature_probes_tell_lost_alignment_from_damaged_features(trained_base, 
     from microbench.models.linear_probe import dataset_probe_data, row_to_image_index, sweep
     from microbench.studies.feature_probe import feature_forgetting
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     g = torch.Generator().manual_seed(3)
     text_only = {k: (torch.randn(v.shape, generator=g) * v.std() if not k.startswith("model.visual.") and
                      v.is_floating_point() and v.ndim > 1 else v.clone()) for k, v in trained_base.items()}

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_model
 from microbench.data.datamodule import PerceptionDataModule, pixels_of
 from microbench.errors import UserError
-from microbench.models.backbones import build_backbone
 from microbench.models.inference import BF16_TOLERANCE, TEXT_CACHE, InferenceSettings
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.tasks.registry import evaluate
@@ -23,7 +23,7 @@ from microbench.tasks.registry import evaluate
 
 @pytest.fixture(scope="module")
 def tiny_dm():
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     dm = PerceptionDataModule("sample", transform=bb.preprocess, split="test")
     dm.setup("test")
     return bb, dm

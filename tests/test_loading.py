@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, png_bytes, run_cli, write_raw_hub_copy
+from conftest import REPO, build_model, png_bytes, run_cli, write_raw_hub_copy
 from microbench.data import schema
 from microbench.data.loading import MicroBenchDataError, dataset_fingerprint, load_ubench
 from microbench.data.questions import build_question_table
@@ -224,7 +224,6 @@ def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature
     import copy
 
     from microbench.data.datamodule import PerceptionDataModule
-    from microbench.models.backbones import build_backbone
     from microbench.models.features import FeatureCache
 
     rows = [copy.deepcopy(r) for r in sample_rows[:12]]
@@ -235,7 +234,7 @@ def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature
     fa, fb = load_ubench(str(a))[1].fingerprint, load_ubench(str(b))[1].fingerprint
     assert fa != fb
     assert load_ubench(str(write_raw_hub_copy(sample_rows[:12], tmp_path / "a2", n_shards=2)))[1].fingerprint == fa
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     cache = FeatureCache(tmp_path / "cache")
     hits = []
     for root in (a, b, a):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_model
 from microbench.data.datamodule import PerceptionDataModule, default_transform, pixels_of
 from microbench.data.pixel_cache import PixelCache, split_transform
-from microbench.models.backbones import build_backbone
 
 
 def _pixels(dm, split="test"):
@@ -22,7 +22,7 @@ def _pixels(dm, split="test"):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_backbone(preset="tiny")
+    return build_model("tiny")
 
 
 @pytest.mark.parametrize("which", ["open_clip", "torchvision_v2"])

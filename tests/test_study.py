@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import run_cli
+from conftest import build_model, run_cli
 from microbench.errors import UserError
 from microbench.models.backbones import build_backbone
 from microbench.models.backbones.base import Backbone, BackboneError
@@ -47,11 +47,11 @@ def _moved(bb: Backbone, towers: str) -> set[str]:
 
 
 def test_towers_image_moves_exactly_the_image_keys_of_open_clip():
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     image = {k for k in bb.state_dict() if k.startswith("model.visual.")}
     assert set(bb.image_tower_keys()) == image and image
     assert _moved(bb, "image") == {k for k in image if bb.state_dict()[k].is_floating_point()}
-    assert len(_moved(build_backbone(preset="tiny"), "both")) > len(image)
+    assert len(_moved(build_model("tiny"), "both")) > len(image)
 
 
 def test_towers_image_on_a_transformers_clip_selects_its_vision_keys(tmp_path):
@@ -339,7 +339,7 @@ def test_seed_means_get_scipys_interval_when_every_image_has_one_item():
 def test_model_stock_refuses_the_same_fine_tune_twice_and_reads_the_depths_of_open_clip(tmp_path):
     from microbench.studies.forgetting import _sweep_plan
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
     ft = {k: v + 0.1 if v.is_floating_point() else v.clone() for k, v in base.items()}
     torch.save(ft, tmp_path / "same.pt")
@@ -385,7 +385,7 @@ def test_a_new_merge_method_is_one_function(tmp_path):
         return [MergePath("halfway", "halfway", inputs.base, wise_ft(inputs.base, inputs.finetuned, share))]
 
     try:
-        bb = build_backbone(preset="tiny")
+        bb = build_model("tiny")
         base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
         ft = {k: v * 1.5 if v.is_floating_point() else v.clone() for k, v in base.items()}
         study = write_report(run_study(bb, base, ft, out_dir=tmp_path, target_datasets=["kather_et_al_2016"],
@@ -411,7 +411,7 @@ def test_a_new_merge_method_is_one_function(tmp_path):
 def test_a_localization_study_sweeps_wise_ft_only(tmp_path):
     from microbench.studies.forgetting import run_study
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     state = bb.state_dict()
     with pytest.raises(UserError, match="a localization head's study sweeps WiSE-FT only"):
         run_study(bb, state, state, make_dm=None, out_dir=tmp_path, target_datasets=["x"],
@@ -471,7 +471,7 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
     )
     from microbench.studies.forgetting import run_study, summarize_model
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     ft = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.ndim > 1
@@ -539,7 +539,7 @@ def test_prompts_encoded_once_under_towers_image_give_the_same_predictions(monke
     from microbench.models.inference import TEXT_CACHE
     from microbench.studies.sweep import InterpolationScorer
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     base = {k: v.detach().clone() for k, v in bb.state_dict().items()}
     ft = {k: v * 1.3 if v.is_floating_point() else v.clone() for k, v in base.items()}
     keys = tower_keys(bb, "image")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, build_model
 from microbench.data.labelled import LabelledDataModule
 from microbench.models.backbones import build_backbone
 from microbench.models.features import FeatureCache, feature_key
@@ -68,7 +68,7 @@ def test_no_leakage_between_splits():
 
 
 def test_feature_cache_hits_and_never_serves_stale(tmp_path):
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     from microbench.data.datamodule import PerceptionDataModule
 
     dm = PerceptionDataModule("sample", transform=bb.preprocess, datasets=["kather_et_al_2016"])
@@ -100,7 +100,7 @@ class _StopAfter(L.Callback):
 def _fit(tmp_path, epochs, ckpt_path=None, objective="ce", strategy="auto", devices=1, datasets=PATHOLOGY,
          stop_after=None):
     L.seed_everything(0, workers=True)
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     dm = LabelledDataModule("sample", datasets=datasets, transform=bb.preprocess,
                             train_transform=bb.train_transform, batch_size=16,
                             drop_last_train=objective == "contrastive")
@@ -130,7 +130,7 @@ def test_finetuning_beats_chance_and_checkpoint_recreates_the_model(tmp_path):
     rec = blob["microbench"]
     assert rec["backbone"]["name"] == "microbench-tiny" and rec["objective"] == "ce"
     assert rec["model_config"]["preset"] == "tiny" and len(rec["class_space"]["classes"]) == 10
-    rebuilt = build_backbone(preset="tiny")
+    rebuilt = build_model("tiny")
     state = {k.removeprefix("backbone."): v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
     rebuilt.load_state_dict(state)
     assert rebuilt.fingerprint(refresh=True) == module.backbone.fingerprint(refresh=True) == rec["backbone"]["fingerprint"]
@@ -200,7 +200,7 @@ def test_the_run_seed_changes_the_fine_tune(tmp_path, cfg_train):
 def test_freezing_blocks_and_text_tower():
     from microbench.models.finetune import freeze_image_blocks
 
-    bb = build_backbone(preset="tiny")
+    bb = build_model("tiny")
     assert bb.freeze_text_tower() > 0
     visual = bb.image_tower()
     assert all(p.requires_grad for p in visual.parameters())

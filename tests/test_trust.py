@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, compose_config, png_bytes, run_cli, write_raw_hub_copy
+from conftest import REPO, build_model, compose_config, png_bytes, run_cli, write_raw_hub_copy
 from microbench.errors import exit_on_user_error
 
 FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+trainer.enable_progress_bar=false"]
@@ -258,9 +258,8 @@ def test_a_broken_checkpoint_is_one_line_for_every_entry_point(kind, tmp_path, c
 
 
 def test_a_checkpoint_of_another_kind_is_one_line(tmp_path, capsys):
-    from microbench.models.backbones import build_backbone
 
-    torch.save(build_backbone(preset="tiny").state_dict(), tmp_path / "plain.pt")  # a state dict, not a fit
+    torch.save(build_model("tiny").state_dict(), tmp_path / "plain.pt")  # a state dict, not a fit
     out = f"paths.output_dir={tmp_path / 'o'}"
     one_line_error("train", ["experiment=demo", f"ckpt_path={tmp_path / 'plain.pt'}", out], capsys,
                    "is not a Lightning training checkpoint of src/train.py")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import write_raw_hub_copy
+from conftest import build_model, write_raw_hub_copy
 from microbench.data import schema
 from microbench.data.datamodule import PerceptionDataModule
 from microbench.models.backbones import build_backbone
@@ -163,7 +163,7 @@ def _official_protocol(ds, model_dir):
 def test_matches_the_official_protocol_question_for_question(sample_rows, tmp_path):
     rows = [copy.deepcopy(r) for r in sample_rows[::8]]  # 41 rows over every dataset
     root = write_raw_hub_copy(rows, tmp_path / "hub", n_shards=2)
-    model_dir = build_backbone(preset="tiny").save_local_dir(tmp_path / "model")
+    model_dir = build_model("tiny").save_local_dir(tmp_path / "model")
     bb = build_backbone("open_clip", f"local-dir:{model_dir}")
     dm = PerceptionDataModule(str(root), transform=bb.preprocess, batch_size=7)
     preds = _run(dm, bb).predictions

@@ -11,9 +11,6 @@ from typing import Any
 
 from microbench.errors import UserError
 
-#: what each task can resume or read: a fine-tune (``src/train.py``, ``task=finetune``) or a localization head
-KINDS = ("finetune", "localization")
-
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to pass instead."""

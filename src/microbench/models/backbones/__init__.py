@@ -1,6 +1,6 @@
 """Backbone adapters behind one interface (:class:`Backbone`) and the factory :func:`build_backbone`."""
 
 from microbench.models.backbones.base import Backbone, BackboneError
-from microbench.models.backbones.registry import PRESETS, build_backbone
+from microbench.models.backbones.registry import build_backbone
 
-__all__ = ["PRESETS", "Backbone", "BackboneError", "build_backbone"]
+__all__ = ["Backbone", "BackboneError", "build_backbone"]
