@@ -7,25 +7,7 @@
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
-from microbench.entry import set_project_root, setup_console
-
-set_project_root(__file__)
-
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="forgetting.yaml")
-def main(cfg: DictConfig) -> None:
-    setup_console()
-    from microbench.errors import exit_on_user_error
-    from microbench.results.report import summary
-    from microbench.tasks.registry import forgetting
-
-    with exit_on_user_error():
-        record, _ = forgetting(cfg)
-    print("\n".join(summary(record)))
-
+from microbench.jobs import run_job
 
 if __name__ == "__main__":
-    main()
+    run_job("forgetting")

@@ -40,10 +40,9 @@ def test_the_user_error_base_is_at_the_bottom_and_every_user_error_subclasses_it
     assert not [n for n in imports if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("microbench")]
     for cls in (MicroBenchDataError, BackboneError, MergeError, CheckpointError, GenerativeBackendError):
         assert issubclass(cls, errors.UserError), cls
-    for entry in ("eval.py", "train.py", "forgetting.py"):  # the entry points catch the base only
-        text = (REPO / "src" / entry).read_text()
-        assert "from microbench.errors import exit_on_user_error" in text and "Error" not in text.replace(
-            "exit_on_user_error", "")
+    text = (SRC / "jobs.py").read_text()  # the jobs catch the base only
+    assert "from microbench.errors import exit_on_user_error" in text and "Error" not in text.replace(
+        "exit_on_user_error", "")
 
 
 def test_distributed_helpers_live_in_one_public_module():
@@ -133,7 +132,7 @@ def test_no_import_cycle_between_modules_counting_imports_inside_functions():
 
 def test_nothing_below_the_task_layer_imports_it():
     graph = _graph()
-    entry_points = {"microbench.cli", "microbench.__main__"}  # python -m microbench: beside src/*.py, above tasks
+    entry_points = {"microbench.cli", "microbench.__main__", "microbench.jobs"}  # src/*.py, python -m microbench
     bad = [f"{m} imports {t}" for m, deps in graph.items() if not m.startswith("microbench.tasks")
            and m not in entry_points for t in deps if t.startswith("microbench.tasks")]
     assert not bad, bad
@@ -146,7 +145,7 @@ def test_nothing_below_the_task_layer_imports_it():
 
 
 def test_only_the_task_layer_reads_hydra_configs():
-    allowed = {"microbench.data.config", "microbench.entry"}
+    allowed = {"microbench.data.config", "microbench.entry", "microbench.jobs"}
     bad = []
     for name, tree in _modules().items():
         if name.startswith("microbench.tasks") or name in allowed:
@@ -177,14 +176,18 @@ def test_no_private_attribute_crosses_a_module():
                                                                       THIRD_PARTY_PRIVATE)
 
 
-def test_the_entry_points_print_one_summary_for_every_task():
-    for entry in ("eval.py", "train.py", "forgetting.py"):
-        tree = ast.parse((REPO / "src" / entry).read_text())
-        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-        assert not [n for n in ast.walk(main) if isinstance(n, ast.If)], f"{entry}: a per-task branch"
-        prints = [ast.unparse(n) for n in ast.walk(main) if isinstance(n, ast.Call) and
-                  getattr(n.func, "id", None) == "print"]
-        assert prints == ["print('\\n'.join(summary(record)))"], prints
+def test_every_job_is_one_copy_that_prints_one_summary_for_every_task():
+    from microbench.jobs import JOBS
+
+    tree = ast.parse((SRC / "jobs.py").read_text())
+    run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_job")
+    assert not [n for n in ast.walk(run) if isinstance(n, ast.If)], "run_job: a per-task branch"
+    prints = [ast.unparse(n) for n in ast.walk(run) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+    assert prints == ["print('\\n'.join(summary(record)))"], prints
+    for job in JOBS:  # src/<job>.py is that job and nothing else
+        body = ast.parse((REPO / "src" / f"{job}.py").read_text()).body
+        calls = [ast.unparse(n) for n in ast.walk(body[-1]) if isinstance(n, ast.Call)]
+        assert calls == [f"run_job('{job}')"] and len(body) == 4, job  # docstring, __future__, import, main
 
 
 def test_every_built_model_config_has_a_target_and_no_overloaded_kind():

@@ -25,6 +25,8 @@ from conftest import REPO, run_cli
 #: why a command cannot run offline on a CPU-only machine (first match wins)
 CANNOT_RUN = [
     (r"pytest", "the test suite itself"),
+    (r"^(pip|microbench) ", "installs into this environment, or runs an installed copy: tests/test_install.py builds "
+     "the wheel, installs it into a fresh environment and runs the jobs from outside the checkout"),
     (r"trainer=(gpu|ddp)\b", "needs GPUs"),
     (r"^(srun|torchrun)\b", "needs a cluster"),
     (r"^vllm\b", "starts a vLLM server (GPU)"),

@@ -1,4 +1,7 @@
-"""``python -m microbench``: small command-line tools around the data layer.
+"""``python -m microbench`` (or ``microbench``): the Hydra jobs of any install and small tools around the data layer.
+
+``eval | train | forgetting | specialists <overrides>`` run the jobs of ``src/<job>.py`` with the configs of the
+checkout or, for an installed copy, the configs shipped in the package (``microbench.resources``).
 
 ``info PATH`` summarises any copy of the benchmark (Hub id, Hub-layout folder, save_to_disk folder, parquet, or
 ``sample``) as a table, or as JSON with ``--json``. ``leaderboard RUN_DIR... --out DIR`` aggregates evaluation runs
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -158,9 +162,40 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(argv: list[str]) -> str | None:
+    """The Hydra job ``argv`` asks for: ``microbench eval <overrides>``, or the job of the process that started this
+    one (a DDP rank that Lightning starts again as ``python -m microbench.__main__ <overrides>``)."""
+    from microbench.jobs import JOBS
+
+    if argv and argv[0] in JOBS:
+        return argv[0]
+    inherited = os.environ.get("MICROBENCH_JOB")
+    return inherited if inherited in JOBS and not (argv and argv[0] in SUBCOMMANDS) else None
+
+
+#: the subcommands that are not Hydra jobs
+SUBCOMMANDS = ("info", "leaderboard", "rescore", "grit", "export", "recipes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job = _job(argv)
+    if job is not None:  # a Hydra job: the overrides go to Hydra as sys.argv, as for python src/<job>.py
+        from microbench.jobs import run_job
+
+        os.environ["MICROBENCH_JOB"] = job
+        overrides = argv[1:] if argv[:1] == [job] else argv
+        sys.argv = [sys.argv[0], *overrides]
+        run_job(job)
+        return 0
     parser = argparse.ArgumentParser(prog="microbench", description="Micro-Bench (μ-Bench) tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, what in (("eval", "evaluate a model (python src/eval.py)"), ("train", "fine-tune, probe or fit a "
+                       "localization head (python src/train.py)"), ("forgetting", "a forgetting study of a "
+                       "fine-tune (python src/forgetting.py)"), ("specialists", "the study of many specialists "
+                       "(python src/specialists.py)")):
+        sub.add_parser(name, help=f"{what}: microbench {name} <hydra overrides>, with the shipped configs",
+                       add_help=False)
     p = sub.add_parser("info", help="summarise a copy of the benchmark")
     p.add_argument("path", help="'sample', the Hub id jnirschl/uBench, or a local folder/file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

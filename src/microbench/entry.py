@@ -1,4 +1,6 @@
-"""The shared start of the Hydra entry points (``src/eval.py``, ``src/train.py``, ``src/forgetting.py``)."""
+"""What every Hydra job does around its task (:mod:`microbench.jobs`): the argv checks and renames before Hydra
+composes (:func:`start`), the ``mb_run_dir`` resolver, the console filter. Below ``tasks/`` (``tasks/study.py`` reads
+:data:`RENAMED`); it imports no task."""
 
 from __future__ import annotations
 
@@ -6,21 +8,19 @@ import os
 import sys
 from pathlib import Path
 
+from microbench.resources import CHECKOUT, CONFIG_DIR
 
-def set_project_root(script: str) -> Path:
-    """``PROJECT_ROOT`` (read by ``configs/paths``) = the checkout holding ``src/<script>``, unless already set.
 
-    Running ``python src/<script>.py`` puts ``src/`` first on ``sys.path``, so ``microbench`` imports from a plain
-    checkout as well as from an installed copy.
-    """
-    root = Path(script).resolve().parents[1]
-    os.environ.setdefault("PROJECT_ROOT", str(root))
+def start(job: str) -> None:
+    """What every job does before Hydra composes: ``PROJECT_ROOT`` (read by ``configs/paths``) = the checkout, unless
+    set (an installed copy writes under the working folder), then the argv checks and renames."""
+    if CHECKOUT is not None:
+        os.environ.setdefault("PROJECT_ROOT", str(CHECKOUT))
     normalize_overrides(sys.argv)
-    rename_overrides(sys.argv, Path(script).stem)
-    check_specialty_overrides(sys.argv, root / "configs")
+    rename_overrides(sys.argv, job)
+    check_specialty_overrides(sys.argv, CONFIG_DIR)
     register_resolvers()
     preflight_output_dir(sys.argv)
-    return root
 
 
 def preflight_output_dir(argv: list[str]) -> None:

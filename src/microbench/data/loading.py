@@ -23,11 +23,10 @@ import pyarrow as pa
 
 from microbench.data import schema
 from microbench.errors import UserError
+from microbench.resources import SAMPLE_DIR
 
 log = logging.getLogger(__name__)
 
-#: The committed sample, in the Hub's own layout.
-SAMPLE_DIR = Path(__file__).resolve().parents[3] / "data" / "sample"
 SAMPLE_ALIASES = ("sample", "embedded", "microbench-sample")
 SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.arrow$")
 OPTIONS_HINT = (

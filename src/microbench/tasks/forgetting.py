@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from microbench.data.config import localization_dm_factory, make_eval_dm
 from microbench.errors import UserError
 from microbench.models.localization import detector_from_checkpoint
+from microbench.resources import CONFIG_DIR
 from microbench.results.io import read_json, write_json
 from microbench.results.record import RunRecord
 from microbench.studies.forgetting import load_finetuned_state, run_study
@@ -35,7 +36,7 @@ from microbench.tasks.trainer import (
 )
 
 #: the model presets (``configs/model/<name>.yaml``), for ``base=<name>`` given as a string
-PRESETS = Path(__file__).resolve().parents[3] / "configs" / "model"
+PRESETS = CONFIG_DIR / "model"
 
 
 def base_model_config(base) -> DictConfig:

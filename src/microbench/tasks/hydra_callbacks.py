@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from microbench.resources import CHECKOUT
+
 log = logging.getLogger(__name__)
 
 
@@ -25,9 +27,9 @@ def study_command(config: DictConfig) -> list[str] | None:
     if not config.get("study_specialists"):
         return None
     sweep = Path(str(config.hydra.sweep.dir))
-    root = Path(__file__).resolve().parents[3]
     extra = [str(x) for x in (config.get("specialists_overrides") or [])]
-    return [sys.executable, str(root / "src" / "specialists.py"), f"runs={sweep}",
+    job = [str(CHECKOUT / "src" / "specialists.py")] if CHECKOUT else ["-m", "microbench", "specialists"]
+    return [sys.executable, *job, f"runs={sweep}",
             f"chain={str(bool(config.get('chain'))).lower()}", f"paths.output_dir={sweep / 'study'}", *extra]
 
 
