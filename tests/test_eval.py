@@ -68,6 +68,13 @@ def test_ddp_equals_single_device_on_a_hub_layout_copy(sample_rows, tmp_path, cf
     for sa, sb in zip(a["scores"], b["scores"], strict=True):
         assert max(abs(x - y) for x, y in zip(sa, sb, strict=True)) < 1e-5
     assert {k: v["value"] for k, v in single["metrics"].items()} == {k: v["value"] for k, v in ddp["metrics"].items()}
+    # one process per rank, as trainer=ddp starts them on GPUs: every rank ends (rank 1 crashed on its read-back)
+    res = run_cli(["src/eval.py", *common, f"paths.output_dir={tmp_path / 'procs'}", "trainer=ddp_sim",
+                   "trainer.strategy=ddp"], cwd=REPO, timeout=600)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    procs = json.loads((tmp_path / "procs" / "metrics.json").read_text())
+    assert procs["environment"]["world_size"] == 2
+    assert {k: v["value"] for k, v in procs["metrics"].items()} == {k: v["value"] for k, v in single["metrics"].items()}
 
 
 def test_leaderboard(tiny_run, tmp_path, cfg_eval):

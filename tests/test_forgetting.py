@@ -492,17 +492,19 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
 
 @pytest.mark.slow
 def test_the_study_is_sharded_over_ddp_ranks_and_identical_to_one_process(tmp_path, cfg_forgetting):
-    """After a 2-process fit (`src/train.py experiment=demo trainer=ddp_sim`) and from src/forgetting.py with 1 and
-    2 processes: the same predictions and every number of forgetting.json; each image decoded exactly once across
-    the ranks. The fit itself once stopped on unused parameters (CE) and, with that fixed, hung: rank 0 ran the
-    study alone while its Trainers and scorers waited in collectives for rank 1 (distributed.local_only); its study
-    is read back from forgetting.json only as this run's (its run id)."""
+    """After a 2-process fit (`src/train.py experiment=demo trainer=ddp_sim trainer.strategy=ddp`: one process per
+    rank, as trainer=ddp starts them on GPUs) and from src/forgetting.py with 1 and 2 (spawned) processes: the same
+    predictions and every number of forgetting.json; each image decoded exactly once across the ranks. The fit
+    itself once stopped on unused parameters (CE) and, with that fixed, hung: rank 0 ran the study alone while its
+    Trainers and scorers waited in collectives for rank 1 (distributed.local_only); with one process per rank it
+    hung again in the in-domain zero-shot evaluation that rank 0 runs alone. Its study is read back from
+    forgetting.json only as this run's (its run id)."""
     import pandas as pd
 
     from microbench.tasks.registry import forgetting
 
     methods = "study.methods=[wise_ft,ties_trim]"  # a second merge method's points are sharded too
-    res = run_cli(["src/train.py", "experiment=demo", "trainer=ddp_sim", "trainer.max_epochs=3", "eval_in_domain=false",
+    res = run_cli(["src/train.py", "experiment=demo", "trainer=ddp_sim", "trainer.strategy=ddp", "trainer.max_epochs=3",
                    "+trainer.enable_progress_bar=false", methods, "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99",
                    "study.result_cache=null", f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}"],
                   cwd=REPO, timeout=600)
@@ -512,6 +514,7 @@ def test_the_study_is_sharded_over_ddp_ranks_and_identical_to_one_process(tmp_pa
     record = json.loads((tmp_path / "fit" / "train_metrics.json").read_text())
     fit_study = json.loads((tmp_path / "fit" / "forgetting" / "forgetting.json").read_text())
     assert fit_study["run_id"] and record["forgetting"]["chosen_alpha"] == fit_study["selection"]["alpha"]
+    assert record["environment"]["world_size"] == 2 and record["in_domain_zero_shot"]["fine"]["n"] > 0  # rank 0 alone
     folders = {"after fit, 2 ranks": tmp_path / "fit" / "forgetting"}
     for trainer in ("cpu", "ddp_sim"):
         forgetting(cfg_forgetting([

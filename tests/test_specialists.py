@@ -224,6 +224,8 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     import shutil
 
     shutil.copytree(sweep / "electron" / ".hydra", sweep / "crashed" / ".hydra")  # a job that died before its record
+    shutil.copytree(sweep / "electron" / ".hydra", sweep / "failed" / ".hydra")  # and one that said why it failed
+    (sweep / "failed" / "failed.json").write_text(json.dumps({"error": "RuntimeError: CUDA out of memory"}))
     studies = {}
     for name, extra in (("one", ["logger=wandb", "logger.wandb.offline=true"]), ("ddp", ["trainer=ddp_sim"])):
         res = run_cli([str(REPO / "src" / "specialists.py"), f"runs={sweep}",
@@ -234,8 +236,12 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
         assert res.stdout.strip().splitlines()[-1].startswith("report: ")
         studies[name] = json.loads((tmp_path / name / "specialists.json").read_text())
     one, ddp = studies["one"], studies["ddp"]
-    assert one["left_out"] == {"jobs_without_a_record": [str(sweep / "crashed")]}
-    assert "Left out: 1 job folder(s)" in (tmp_path / "one" / "specialists.md").read_text()
+    crashed, failed = str(sweep / "crashed"), str(sweep / "failed")
+    assert one["left_out"] == {"jobs_without_a_record": [crashed, failed], "why": {
+        crashed: "no failed.json: still running, or killed", failed: "failed: RuntimeError: CUDA out of memory"}}
+    assert (f"Left out: 2 job folder(s) of the runs without a train_metrics.json: {crashed} (no failed.json: still "
+            f"running, or killed); {failed} (failed: RuntimeError: CUDA out of memory).") in (
+        tmp_path / "one" / "specialists.md").read_text()
     assert one["splits"]["test"]["models"] == ddp["splits"]["test"]["models"]
     assert one["splits"]["test"]["scalars"] == ddp["splits"]["test"]["scalars"] and one["chosen"] == ddp["chosen"]
     assert ddp["splits"]["test"]["sweep"]["ranks"] == 2

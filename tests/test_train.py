@@ -197,6 +197,31 @@ def test_the_run_seed_changes_the_fine_tune(tmp_path, cfg_train):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_that_fails_closes_its_loggers_and_leaves_what_went_wrong(tmp_path, cfg_train, monkeypatch):
+    """A fine-tune whose test step raised left its W&B run open (the next run of the process, e.g. a multirun's
+    next job, logged into it) and nothing in its folder saying why it has no record."""
+    import wandb
+
+    from wandb_files import offline_run
+
+    def unreadable(self, *args, **kwargs):
+        raise RuntimeError("the test split could not be read")
+
+    monkeypatch.setattr(L.Trainer, "test", unreadable)
+    cfg = cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=1", "forgetting.enabled=false",
+                     "eval_in_domain=false", "logger=wandb", "logger.wandb.offline=true",
+                     f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ck'}"])
+    with pytest.raises(RuntimeError, match="could not be read"):
+        train(cfg)
+    assert wandb.run is None  # finished, and marked failed
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert offline_run(run)["exit_code"] == 1
+    failed = json.loads((tmp_path / "failed.json").read_text())
+    assert (failed["error"], failed["kind"], failed["task"]) == (
+        "RuntimeError: the test split could not be read", "crash", "finetune")
+    assert not (tmp_path / "train_metrics.json").exists()
+
+
 def test_freezing_blocks_and_text_tower():
     from microbench.models.finetune import freeze_image_blocks
 

@@ -40,7 +40,8 @@ def records(path: Path):
 
 
 def offline_run(folder: Path) -> dict:
-    """``{"run": {group, tags, job_type}, "config": {key: value}, "summary": {key: value}, "files": [...]}``."""
+    """``{"run": {group, tags, job_type}, "config": {key: value}, "summary": {key: value}, "files": [...]}``, and
+    ``exit_code`` once the run was finished."""
     out: dict = {"config": {}, "summary": {}, "run": {}, "history_keys": set()}
     (log,) = Path(folder).glob("*.wandb")
     for rec in records(log):
@@ -55,6 +56,8 @@ def offline_run(folder: Path) -> dict:
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "exit":
+            out["exit_code"] = rec.exit.exit_code
         elif kind == "history":
             out["history_keys"] |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     out["files"] = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())

@@ -291,8 +291,9 @@ def report_markdown(study: dict) -> str:
                              f"{100 * v['average_forgetting']:.1f} points.")
     left = (study.get("left_out") or {}).get("jobs_without_a_record") or []
     if left:
-        lines.append(f"- Left out: {len(left)} job folder(s) of the runs without a train_metrics.json (failed or "
-                     f"still running): {', '.join(left)}.")
+        why = (study.get("left_out") or {}).get("why") or {}
+        lines.append(f"- Left out: {len(left)} job folder(s) of the runs without a train_metrics.json: "
+                     + "; ".join(f"{job} ({why[job]})" if job in why else job for job in left) + ".")
     lines += ["", f"Test split: {test['images']} images, {test['items']} caption items; one pass scored "
               f"{test['sweep'].get('models', '?')} models with {test['sweep'].get('decoded_images', '?')} image "
               "decodes in all. Δ vs base in points, paired image-clustered 95 % CI; * = excludes 0.", ""]

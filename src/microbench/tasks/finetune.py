@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 import microbench
 from microbench.data.config import LABELLED_DM, ROW_FILTERS, perception_view
+from microbench.distributed import local_only
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
@@ -219,7 +220,8 @@ def in_domain_zero_shot(cfg: DictConfig, module, out_dir: Path) -> dict:
     context = run_context(cfg, time.perf_counter(), out_dir, sources=("captions",),
                           bootstrap=bootstrap_settings(cfg))  # the root `bootstrap` of train.yaml
     writer = PerceptionRecordWriter(context)
-    trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    trainer.test(ZeroShotScorer(backbone, on_scored=writer, progress=False), datamodule=dm, verbose=False)
+    with local_only():  # rank 0 alone, also while the other ranks of trainer=ddp live (their group would hang it)
+        trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+        trainer.test(ZeroShotScorer(backbone, on_scored=writer, progress=False), datamodule=dm, verbose=False)
     return writer.record.headline["captions"] if writer.record is not None else {}

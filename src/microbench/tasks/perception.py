@@ -60,10 +60,12 @@ def zero_shot(cfg: DictConfig) -> tuple[RunRecord, dict]:
     trainer = trainer_for(cfg, logger=instantiate_loggers(cfg) or False, enable_checkpointing=False,
                           enable_model_summary=False)
     trainer.test(scorer, datamodule=dm, verbose=False)
-    # spawned workers (ddp_spawn) keep the record in the worker: read back only when this run wrote it
-    record = writer.record or RunRecord.from_dict(this_runs_record(out_dir / "metrics.json", context["run_id"],
-                                                                   trainer),
-                                                  outputs={"results": str((out_dir / "results.md").resolve())})
+    # spawned workers (ddp_spawn) keep the record in the worker: read back only when this run wrote it; with one
+    # process per rank (trainer=ddp) every rank joins the read-back, rank 0 too, so that no rank waits on one gone
+    record = writer.record
+    if record is None or trainer.world_size > 1:
+        written = this_runs_record(out_dir / "metrics.json", context["run_id"], trainer)
+        record = record or RunRecord.from_dict(written, outputs={"results": str((out_dir / "results.md").resolve())})
     close_loggers(trainer.loggers)
     return record, {"backbone": backbone, "datamodule": dm, "trainer": trainer, "scorer": scorer}
 

@@ -18,7 +18,7 @@ from microbench.results.record import RunRecord
 from microbench.tasks import cognition, finetune, linear_probe, localization, perception
 from microbench.tasks import forgetting as forgetting_task
 from microbench.tasks import specialists as specialists_task
-from microbench.tasks.trainer import model_family
+from microbench.tasks.trainer import model_family, run_task
 
 Task = Callable[[DictConfig], tuple[RunRecord, dict]]
 
@@ -63,18 +63,18 @@ def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[]
 
 def evaluate(cfg: DictConfig) -> tuple[RunRecord, dict]:
     task = str(cfg.get("task", "perception"))
-    return lookup(EVALUATE, task, lambda: model_family(cfg.model), "src/eval.py")(cfg)
+    return run_task(lookup(EVALUATE, task, lambda: model_family(cfg.model), "src/eval.py"), cfg)
 
 
 def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
     task = str(cfg.get("task", "finetune"))
-    return lookup(TRAIN, task, lambda: model_family(cfg.model), "src/train.py")(cfg)
+    return run_task(lookup(TRAIN, task, lambda: model_family(cfg.model), "src/train.py"), cfg)
 
 
 def forgetting(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return lookup(FORGETTING, "forgetting", lambda: model_family(forgetting_task.base_model_config(cfg.base)),
-                  "src/forgetting.py")(cfg)
+    return run_task(lookup(FORGETTING, "forgetting", lambda: model_family(forgetting_task.base_model_config(
+        cfg.base)), "src/forgetting.py"), cfg)
 
 
 def specialists(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return lookup(SPECIALISTS, "specialists", lambda: "contrastive", "src/specialists.py")(cfg)
+    return run_task(lookup(SPECIALISTS, "specialists", lambda: "contrastive", "src/specialists.py"), cfg)

@@ -47,6 +47,17 @@ def unfinished_jobs(folder: Path) -> list[Path]:
     return out
 
 
+def why_unfinished(job: Path) -> str:
+    """What a job folder without a record says about itself: the error its ``failed.json`` names, or nothing."""
+    failed = job / "failed.json"
+    if failed.is_file():
+        try:
+            return f"failed: {read_json(failed)['error']}"
+        except (OSError, ValueError, KeyError):
+            pass
+    return "no failed.json: still running, or killed"
+
+
 def find_specialists(runs, checkpoint: str = "last") -> tuple[list[tuple[dict, str]], list[str]]:
     """(fit record, checkpoint) of every specialist under ``runs`` (a folder searched for ``train_metrics.json``,
     or a list of folders / record files); ``checkpoint``: ``last`` (the weights the fit ended with, as the fit's own
@@ -64,8 +75,8 @@ def find_specialists(runs, checkpoint: str = "last") -> tuple[list[tuple[dict, s
         records += [item] if item.is_file() else sorted(item.rglob("train_metrics.json"))
         unfinished += [] if item.is_file() else unfinished_jobs(item)
     if unfinished:  # a job of the multirun that failed or is still running: counted and named, never silent
-        log.warning("specialists study: %d job folder(s) without a train_metrics.json (failed or still running), "
-                    "left out: %s", len(unfinished), ", ".join(map(str, unfinished)))
+        log.warning("specialists study: %d job folder(s) without a train_metrics.json, left out: %s", len(unfinished),
+                    "; ".join(f"{job} ({why_unfinished(job)})" for job in unfinished))
     found = []
     for f in records:
         rec = read_json(f)
@@ -172,7 +183,8 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     study = study_on_every_rank(trainer, study_fn, out_dir, context["run_id"])
     if trainer.is_global_zero:
         if left_out:
-            study["left_out"] = {"jobs_without_a_record": left_out}
+            study["left_out"] = {"jobs_without_a_record": left_out,
+                                 "why": {job: why_unfinished(Path(job)) for job in left_out}}
         write_specialists_report(study, out_dir, loggers[0] if loggers else None)
     close_loggers(loggers)
     test = study["splits"]["test"]["scalars"]

@@ -120,21 +120,67 @@ def instantiate_loggers(cfg: DictConfig, **overrides: dict) -> list:
     """The loggers of ``cfg.logger`` (an empty list for ``logger=none``); ``overrides``: per logger name, keyword
     arguments that replace its config's (e.g. ``wandb={"group": ...}``)."""
     check_loggers(cfg)
-    return [instantiate(lg, **overrides.get(name, {})) for name, lg in (cfg.get("logger") or {}).items()
-            if lg is not None]
+    loggers = [instantiate(lg, **overrides.get(name, {})) for name, lg in (cfg.get("logger") or {}).items()
+               if lg is not None]
+    OPEN_LOGGERS.extend(loggers)
+    return loggers
 
 
-def close_loggers(loggers) -> None:
+#: the loggers this process opened and has not closed yet (:func:`run_task` closes them whatever happens)
+OPEN_LOGGERS: list = []
+
+
+def close_loggers(loggers, status: str = "success") -> None:
     """Flush and finish the run's loggers: the W&B run is complete on disk (or synced) when the task returns, and a
-    later task in the same process starts its own run."""
-    for lg in loggers or []:
+    later task in the same process starts its own run; ``status="failed"`` marks the W&B run failed."""
+    for lg in list(loggers or []):
+        if any(lg is x for x in OPEN_LOGGERS):
+            OPEN_LOGGERS[:] = [x for x in OPEN_LOGGERS if x is not lg]
         lg.save()
-        lg.finalize("success")
+        lg.finalize(status)
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             if wandb.run is not None:
-                wandb.run.finish()
+                wandb.run.finish(exit_code=0 if status == "success" else 1)
+
+
+def run_task(task, cfg: DictConfig):
+    """Run one task function, as lightning-hydra-template's task wrapper: whatever happens, the loggers it opened
+    are closed (a failed run's W&B run is marked failed and its CSV flushed, so a multirun's next job starts its
+    own); a task that raises leaves ``failed.json`` in its run folder (what went wrong and where), then re-raises."""
+    already_open = list(OPEN_LOGGERS)
+    status = "failed"
+    try:
+        result = task(cfg)
+        status = "success"
+        return result
+    except BaseException as err:
+        leave_failure(cfg, err)
+        raise
+    finally:
+        close_loggers([lg for lg in OPEN_LOGGERS if not any(lg is x for x in already_open)], status)
+
+
+def leave_failure(cfg: DictConfig, err: BaseException) -> Path | None:
+    """``<paths.output_dir>/failed.json`` (rank 0 only): the error, whether it is the user's to fix, and when."""
+    import datetime
+
+    from microbench.results.io import write_json
+
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    try:
+        out = Path(str(cfg.paths.output_dir))
+        kind = "interrupted" if isinstance(err, KeyboardInterrupt) else "user error" if user_error_of(err) else \
+            "exit" if isinstance(err, SystemExit) else "crash"
+        message = str(user_error_of(err) or err).strip().splitlines()
+        return write_json(out / "failed.json", {
+            "error": f"{type(err).__name__}: {message[0] if message else ''}".rstrip(": "), "kind": kind,
+            "task": str(cfg.get("task")), "failed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "note": "this run wrote no record; its log is beside this file"})
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report, not this note's
+        return None
 
 
 def instantiate_callbacks(cfg: DictConfig) -> dict:
