@@ -20,8 +20,6 @@ same tensor as the transform, bit for bit (``tests/test_pixel_cache.py``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import zlib
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microbench.results.io import write_atomic, write_json
+from microbench.results.io import cache_key, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +112,7 @@ class PixelCache:
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, n_rows: int, split: SplitTransform) -> None:
         self.split, self.n_rows, self.shape = split, int(n_rows), tuple(split.shape)
-        key = hashlib.sha256(json.dumps({"data": fingerprint, "geometry": split.description, "rows": n_rows},
-                                        sort_keys=True).encode()).hexdigest()[:20]
+        key = cache_key({"data": fingerprint, "geometry": split.description, "rows": n_rows})
         self.folder = Path(root) / key
         self.slot_bytes = int(np.prod(self.shape))
         self._pid, self._pixels, self._crc = None, None, None

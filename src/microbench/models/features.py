@@ -6,8 +6,6 @@ split spec) and reused by every probe, seed and sweep. Any change to any part of
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -18,7 +16,7 @@ from tqdm.auto import tqdm
 
 from microbench.data.datamodule import PerceptionDataModule, pixels_of
 from microbench.models.backbones.base import Backbone
-from microbench.results.io import write_json, write_torch
+from microbench.results.io import cache_key, write_json, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ def feature_key(backbone: Backbone, dm: PerceptionDataModule, device: str = "cpu
     dtype = backbone.inference.dtype(device)
     if dtype != torch.float32:  # bf16 features are other features (fp32 keys as they always were)
         parts["dtype"] = str(dtype)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20], parts
+    return cache_key(parts), parts
 
 
 @torch.no_grad()

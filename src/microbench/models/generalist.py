@@ -10,8 +10,6 @@ specialist fine-tuned from it and a later ``src/forgetting.py base=tiny_generali
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from pathlib import Path
@@ -25,14 +23,13 @@ from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
 from microbench.models.backbones.registry import build_backbone
 from microbench.models.finetune import FineTuneModule
-from microbench.results.io import write_json, write_torch
+from microbench.results.io import cache_key, write_json, write_torch
 
 log = logging.getLogger(__name__)
 
 
 def _key(backbone: dict, recipe: dict, data: dict) -> str:
-    blob = json.dumps({"backbone": backbone, "recipe": recipe, "data": data}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return cache_key({"backbone": backbone, "recipe": recipe, "data": data}, length=16)
 
 
 def _read_cached(path: Path) -> dict | None:

@@ -3,6 +3,7 @@ output folder checks, and reading back only this run's record."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,14 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def cache_key(parts: Any, length: int | None = 20) -> str:
+    """The one cache key: SHA-256 of ``parts`` as canonical JSON (sorted keys, anything else as ``str``), its first
+    ``length`` hex digits (all 64 with None). Every cache (features, predictions, pixels, bases, responses) keys
+    by this, over everything that changes what it holds."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length] if length else digest
 
 
 def write_atomic(path: str | Path, write) -> Path:

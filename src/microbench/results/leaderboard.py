@@ -204,9 +204,7 @@ def build_leaderboard(paths: list[str | Path], out_dir: str | Path, source: str 
         _paper_columns(frame, private)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".leaderboard.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "leaderboard.csv")
+    write_text(out_dir / "leaderboard.csv", frame.to_csv(index=False))
     write_text(out_dir / "leaderboard.md", _markdown(frame, source, baseline, paper, notes, boot))
     if plot:
         _bar_chart(frame, out_dir / "leaderboard.png", source)

@@ -9,14 +9,22 @@ from typing import Any
 import pandas as pd
 
 
+def percent(x: float | None, signed: bool = False) -> str:
+    """The one percent formatter of tables: a fraction as ``47.57`` (``+1.25`` signed), or an em dash when there is
+    no value (None or NaN)."""
+    if x is None or x != x:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
 def pct(m: dict | None) -> str:
     """``47.57 ± 0.34`` (percent, official half-width CI) or an em dash."""
     if not m or m.get("value") is None or m["value"] != m["value"]:
         return "—"
     ci = m.get("ci")
     if ci is None or ci != ci:
-        return f"{100 * m['value']:.2f}"
-    return f"{100 * m['value']:.2f} ± {100 * ci:.2f}"
+        return percent(m["value"])
+    return f"{percent(m['value'])} ± {percent(ci)}"
 
 
 def clustered_cell(m: dict | None) -> str:

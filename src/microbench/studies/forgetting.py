@@ -12,8 +12,6 @@ and ``dataset_deltas.png``) is :mod:`microbench.studies.report`'s.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +29,7 @@ from microbench.data.datamodule import PerceptionDataModule
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, Estimate
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
-from microbench.results.io import write_parquet
+from microbench.results.io import cache_key, write_parquet
 from microbench.studies.merging import MergeError, check_compatible
 from microbench.studies.sweep import InterpolationScorer, WeightInterpolator, alpha_name
 
@@ -89,7 +87,7 @@ class ResultCache:
                  "sources": list(sources)}
         if dtype != torch.float32:  # bf16 predictions are other predictions (fp32 keys as they always were)
             parts["dtype"] = str(dtype)
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return cache_key(parts)
 
     def get(self, key: str) -> pd.DataFrame | None:
         if self.root is None or not (self.root / key / "predictions.parquet").exists():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from microbench.results.io import write_json, write_text
+from microbench.results.io import write_figure, write_json, write_text
+from microbench.results.report import percent
 from microbench.studies.forgetting import LOCALIZATION_KEYS, is_extrapolation
 from microbench.studies.sweep import alpha_name
 
@@ -53,15 +54,11 @@ def _interval_name(study: dict) -> str:
     return "image-clustered" if "clustered" in str(d.get("interval", "")) else "bootstrap"
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None or np.isnan(x) else f"{100 * x:.2f}"
-
-
 def _delta(d: dict | None) -> str:
     if not d:
         return "—"
     star = "*" if d.get("significant") else ""
-    return f"{100 * d['value']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{star}"
+    return f"{percent(d['value'], True)} [{percent(d['low'], True)}, {percent(d['high'], True)}]{star}"
 
 
 def _points(d: dict) -> str:
@@ -161,7 +158,7 @@ def report_markdown(study: dict) -> str:
         row = [label + (" ← chosen" if name == alpha_name(chosen) else "")]
         for k in ("target/fine", "target/coarse", "supported/fine", "supported/coarse", "all/all"):
             v = s.get(k)
-            row += [_pct(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
+            row += [percent(v["acc"]["value"]) if v else "—", _delta(v["delta"]) if v else "—"]
         lines.append("| " + " | ".join(row) + " |")
     lines += methods_markdown(study)
     loc = study["splits"]["test"].get("localization")
@@ -172,7 +169,7 @@ def report_markdown(study: dict) -> str:
                   "base tower.", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, v in loc.items():
             mark = " ← chosen" if name == alpha_name(chosen) else ""
-            lines.append(f"| {name}{mark} | " + " | ".join(_pct(v.get(k)) for k in keys) + " |")
+            lines.append(f"| {name}{mark} | " + " | ".join(percent(v.get(k)) for k in keys) + " |")
     lines += ["", "![target vs whole benchmark](alpha_sweep.png)", "", "## Per dataset (test): fine-tuned and chosen α vs base", "",
               "| dataset | grain | target | base | fine-tuned | Δ | chosen α | Δ |", "|---|---|---|---|---|---|---|---|"]
     ft = test.get("finetuned", {}).get("datasets", {})
@@ -180,8 +177,8 @@ def report_markdown(study: dict) -> str:
     for key, v in ft.items():
         name, grain = key.rsplit("/", 1)
         c = ch.get(key, {})
-        lines.append(f"| {name} | {grain} | {'yes' if v['target'] else ''} | {_pct(v['base_acc'])} | {_pct(v['acc'])} | "
-                     f"{_delta(v['delta'])} | {_pct(c.get('acc'))} | {_delta(c.get('delta'))} |")
+        lines.append(f"| {name} | {grain} | {'yes' if v['target'] else ''} | {percent(v['base_acc'])} | {percent(v['acc'])} | "
+                     f"{_delta(v['delta'])} | {percent(c.get('acc'))} | {_delta(c.get('delta'))} |")
     lines += ["", "![per-dataset deltas](dataset_deltas.png)", ""]
     lines += axes_markdown(study)
     lines += feature_probe_markdown(study)
@@ -262,8 +259,8 @@ def methods_markdown(study: dict) -> list[str]:
         (name, a, tacc, td, tl, th, kept, sacc, wb, wl, wh, wbp, tn, cn, ar, al, ah, spread) = r
         label = name + (f" (mean of {len(methods[name]['paths'])} seeds, supported SD {100 * spread:.1f})"
                         if spread is not None else "")
-        out.append(f"| {label} | {a:.2f} | {_pct(tacc)} | {_ci({'value': td, 'low': tl, 'high': th})} | "
-                   f"{'—' if kept is None else f'{100 * kept:.0f} %'} | {_pct(sacc)} | "
+        out.append(f"| {label} | {a:.2f} | {percent(tacc)} | {_ci({'value': td, 'low': tl, 'high': th})} | "
+                   f"{'—' if kept is None else f'{100 * kept:.0f} %'} | {percent(sacc)} | "
                    f"{_ci({'value': wb, 'low': wl, 'high': wh, 'significant': wb is not None and (wl > 0 or wh < 0)})} "
                    f"| {'—' if wbp is None else f'{100 * wbp:.0f} %'} | {'—' if tn is None else f'{tn:.3f}'} | "
                    f"{'—' if cn is None else f'{cn:.3f}'} | "
@@ -321,7 +318,7 @@ def axes_markdown(study: dict) -> list[str]:
     for axis, table in axes.items():
         out += [f"**{axis}**", "", f"| {axis} | n | base | fine-tuned Δ | {chosen} Δ |", "|---|---|---|---|---|"]
         for value, e in sorted(table.items(), key=lambda kv: kv[1]["finetuned"]["delta"]["value"]):
-            out.append(f"| {value} | {e['n']} | {_pct(e['base_acc'])} | {_ci(e['finetuned']['delta'])} | "
+            out.append(f"| {value} | {e['n']} | {percent(e['base_acc'])} | {_ci(e['finetuned']['delta'])} | "
                        f"{_ci((e.get(chosen) or {}).get('delta'))} |")
         out.append("")
         if axis in ("modality", "submodality", "domain"):
@@ -379,7 +376,7 @@ def feature_probe_markdown(study: dict) -> list[str]:
     for name, target, e in entries:
         cells = []
         for i, m in enumerate(models):
-            cells.append(_pct(((e.get(m) or {}).get("acc") or {}).get("value")))
+            cells.append(percent(((e.get(m) or {}).get("acc") or {}).get("value")))
             if i:
                 cells.append(_delta((e.get(m) or {}).get("delta")))
         out.append(f"| {name} | {target} | {e.get('n_test')} | " + " | ".join(cells) + " |")
@@ -431,9 +428,7 @@ def plot_study(study: dict, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    p1 = out_dir / "alpha_sweep.png"
-    fig.savefig(p1)
-    plt.close(fig)
+    p1 = write_figure(out_dir / "alpha_sweep.png", fig)
 
     ft = test["finetuned"]["datasets"]
     ch = test[alpha_name(study["selection"]["alpha"])]["datasets"]
@@ -453,9 +448,7 @@ def plot_study(study: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    p2 = out_dir / "dataset_deltas.png"
-    fig.savefig(p2)
-    plt.close(fig)
+    p2 = write_figure(out_dir / "dataset_deltas.png", fig)
     return [p1, p2]
 
 

@@ -149,9 +149,12 @@ def run_task(task, cfg: DictConfig):
     """Run one task function, as lightning-hydra-template's task wrapper: whatever happens, the loggers it opened
     are closed (a failed run's W&B run is marked failed and its CSV flushed, so a multirun's next job starts its
     own); a task that raises leaves ``failed.json`` in its run folder (what went wrong and where), then re-raises."""
+    from microbench.tasks.validate import check_config
+
     already_open = list(OPEN_LOGGERS)
     status = "failed"
     try:
+        check_config(cfg)  # every key of every node it builds, all problems at once, before any work
         result = task(cfg)
         status = "success"
         return result

@@ -19,6 +19,7 @@ from microbench.generative.backends.base import (
 )
 from microbench.generative.backends.hf import HFVisionBackend
 from microbench.generative.backends.openai import OpenAICompatibleBackend, data_url
+from microbench.options import signature_options
 
 __all__ = ["BACKENDS", "BackendStats", "GenerativeBackend", "GenerativeBackendError", "HFVisionBackend",
            "OpenAICompatibleBackend", "Request", "ResponseCache", "Result", "build_generative_backend", "data_url",
@@ -28,17 +29,20 @@ BACKENDS = {"openai": OpenAICompatibleBackend, "hf": HFVisionBackend}
 
 
 def build_generative_backend(backend: str = "openai", **kwargs) -> GenerativeBackend:
-    """Hydra target of ``configs/model/openai_compatible.yaml`` / ``hf_vlm.yaml``."""
-    import inspect
-
+    """Hydra target of ``configs/model/openai_compatible.yaml`` / ``hf_vlm.yaml``; what a node may set is checked
+    before any work (:func:`generative_options`, ``tasks/validate.py``)."""
     if backend not in BACKENDS:
         raise GenerativeBackendError(f"generative backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     kwargs.pop("kind", None)
-    known = set(inspect.signature(BACKENDS[backend]).parameters)
-    unknown = sorted(set(kwargs) - known)
-    if unknown:  # a typo in model.<key> must not be silently ignored
-        raise GenerativeBackendError(f"unknown option(s) {unknown} for the {backend} backend; known: {sorted(known)}")
     return BACKENDS[backend](**kwargs)
 
 
+def generative_options(node) -> set[str] | None:
+    """What a generative ``model`` node may set: ``backend``, ``kind`` and the options of that backend."""
+    backend = str(node.get("backend", "openai"))
+    options = signature_options(BACKENDS[backend]) if backend in BACKENDS else None
+    return None if options is None else options | {"backend", "kind"}
+
+
 build_generative_backend.family = "generative"  # read by microbench.tasks without building
+build_generative_backend.options = generative_options

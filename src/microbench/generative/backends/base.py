@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from microbench.errors import UserError
+from microbench.results.io import cache_key
 
 
 class GenerativeBackendError(UserError):
@@ -102,8 +103,7 @@ class ResponseCache:
 
 def request_key(model: str, prompt: str, image_digests: Sequence[str], params: dict) -> str:
     """Cache key of one question: model, prompt, generation parameters and the SHA-256 of every image."""
-    return hashlib.sha256(json.dumps({"model": model, "prompt": prompt, "params": params,
-                                      "images": list(image_digests)}, sort_keys=True).encode()).hexdigest()
+    return cache_key({"model": model, "prompt": prompt, "params": params, "images": list(image_digests)}, length=None)
 
 
 def checked_option(check, name: str, value, **kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from microbench.models.backbones.base import Backbone, BackboneError
+from microbench.options import signature_options
 
 
 def build_backbone(kind: str = "open_clip", name: str | None = None, **kwargs: Any) -> Backbone:
@@ -70,20 +71,33 @@ def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     return _HUB_STATE["down"]
 
 
+#: ``model.kind`` -> the adapter that builds it (imported when used)
+ADAPTERS = {"open_clip": "microbench.models.backbones.open_clip_backbone.OpenClipBackbone",
+            "hf": "microbench.models.backbones.hf_backbone.HFClipBackbone",
+            "timm": "microbench.models.backbones.timm_backbone.TimmImageBackbone"}
+
+
+def adapter(kind: str) -> type[Backbone]:
+    import importlib
+
+    if kind not in ADAPTERS:
+        raise BackboneError(f"unknown backbone kind {kind!r}; kinds: open_clip, hf, timm (or model=random)")
+    module, _, name = ADAPTERS[kind].rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _build(kind: str, name: str, kwargs: dict) -> Backbone:
-    if kind == "open_clip":
-        from microbench.models.backbones.open_clip_backbone import OpenClipBackbone
+    return adapter(kind)(name, **kwargs)
 
-        return OpenClipBackbone(name, **kwargs)
-    if kind == "hf":
-        from microbench.models.backbones.hf_backbone import HFClipBackbone
 
-        return HFClipBackbone(name, **kwargs)
-    if kind == "timm":
-        from microbench.models.backbones.timm_backbone import TimmImageBackbone
-
-        return TimmImageBackbone(name, **kwargs)
-    raise BackboneError(f"unknown backbone kind {kind!r}; kinds: open_clip, hf, timm (or model=random)")
+def backbone_options(node) -> set[str] | None:
+    """What a ``model`` node may set: ``kind``, ``name`` and the options of the adapter of its kind."""
+    kind = str(node.get("kind", "open_clip"))
+    if kind not in ADAPTERS:
+        return None  # building it says which kinds exist
+    options = signature_options(adapter(kind))
+    return None if options is None else options | {"kind", "name"}
 
 
 build_backbone.family = "contrastive"  # the family of what it builds, read by microbench.tasks without building
+build_backbone.options = backbone_options  # what a model node may set (tasks/validate.py)
