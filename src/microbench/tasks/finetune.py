@@ -24,14 +24,13 @@ from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
+from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
     bootstrap_settings,
     build_model,
     close_loggers,
     container,
     fitted_checkpoints,
-    forgetting_callback,
-    forgetting_summary,
     instantiate_callbacks,
     instantiate_loggers,
     start_run,

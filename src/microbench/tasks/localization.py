@@ -40,14 +40,13 @@ from microbench.tasks.records import (
     run_context,
     write_run,
 )
+from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
     bootstrap_settings,
     build_model,
     close_loggers,
     container,
     fitted_checkpoints,
-    forgetting_callback,
-    forgetting_summary,
     instantiate_callbacks,
     instantiate_loggers,
     log_record,

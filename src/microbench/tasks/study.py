@@ -1,14 +1,20 @@
 """The one reader of the forgetting study's configuration: the ``study`` group (``configs/study/<method>.yaml``) and
 the root ``bootstrap`` settings → a :class:`~microbench.studies.forgetting.StudySpec`, for the study after a fit
-(:func:`microbench.tasks.trainer.forgetting_callback`), ``src/forgetting.py`` and anything later that studies
+(:func:`forgetting_callback`), ``src/forgetting.py`` and anything later that studies
 forgetting."""
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
+from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError
-from microbench.studies.forgetting import StudySpec, study_alphas
+from microbench.studies.callback import ForgettingCallback
+from microbench.studies.forgetting import StudySpec, check_study_model, study_alphas
+from microbench.tasks.trainer import build_model
 
 
 def check_moved_keys(cfg: DictConfig) -> None:
@@ -53,3 +59,26 @@ def study_spec(cfg: DictConfig) -> StudySpec:
         raise
     except (TypeError, ValueError) as err:  # e.g. study.selection.keep_target_gain=abc
         raise UserError(f"study settings: {err}") from None
+
+
+# --- the study after a fit (the fine-tune's and the localization fit's) -------------------------------------------
+
+def forgetting_callback(cfg: DictConfig, backbone, out_dir: Path, **extra) -> ForgettingCallback | None:
+    """With ``forgetting.enabled``: the study after fit (``<out_dir>/forgetting/``) over the whole benchmark of the
+    copy ``cfg.data`` reads, with the ``study`` group's settings (:func:`microbench.tasks.study.study_spec`);
+    ``extra`` (a localization fit's targets and head sweep) goes to
+    :class:`~microbench.studies.callback.ForgettingCallback`."""
+    fg = cfg.get("forgetting") or {}
+    if not fg.get("enabled"):
+        return None
+    spec = study_spec(cfg)
+    check_study_model(spec, backbone, extra.get("localization") is not None)  # before the fit, not after it
+    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
+                              Path(out_dir) / "forgetting", spec, make_base=partial(build_model, cfg.model), **extra)
+
+
+def forgetting_summary(study: dict, out_dir: Path) -> tuple[dict, str]:
+    """What a fit's record keeps of its study (the report's path, the chosen α) and the summary line naming it."""
+    fields = {"report": str(Path(out_dir) / "forgetting" / "forgetting.md"), "chosen_alpha": study["selection"]["alpha"]}
+    return fields, (f"{fields['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
+                    f"{fields['chosen_alpha']:.2f})")

@@ -1,22 +1,20 @@
-"""What every task shares: the start of a run, models, loggers and callbacks built from the config, the fitted
-checkpoints, and sending a record to the loggers."""
+"""What every task shares: the start of a run and the wrapper it runs in, models, loggers and callbacks built from
+the config, the fitted checkpoints, and sending a record to the loggers (a fit's forgetting study is wired in
+``tasks/study.py``)."""
 
 from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError, user_error_of
 from microbench.models.inference import InferenceSettings
 from microbench.results.io import check_output_dir, clean_stale_temporaries
-from microbench.studies.callback import ForgettingCallback
 
 #: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
 FAMILIES = ("contrastive", "generative", "random")
@@ -216,30 +214,6 @@ def fitted_checkpoints(trainer: L.Trainer, callbacks: dict, ckpt_dir: Path) -> t
 def _newest(folder: Path, pattern: str) -> str:
     found = sorted(Path(folder).glob(pattern))
     return str(found[-1]) if found else ""
-
-
-def forgetting_callback(cfg: DictConfig, backbone, out_dir: Path, **extra) -> ForgettingCallback | None:
-    """With ``forgetting.enabled``: the study after fit (``<out_dir>/forgetting/``) over the whole benchmark of the
-    copy ``cfg.data`` reads, with the ``study`` group's settings (:func:`microbench.tasks.study.study_spec`);
-    ``extra`` (a localization fit's targets and head sweep) goes to
-    :class:`~microbench.studies.callback.ForgettingCallback`."""
-    from microbench.studies.forgetting import check_study_model
-    from microbench.tasks.study import study_spec
-
-    fg = cfg.get("forgetting") or {}
-    if not fg.get("enabled"):
-        return None
-    spec = study_spec(cfg)
-    check_study_model(spec, backbone, extra.get("localization") is not None)  # before the fit, not after it
-    return ForgettingCallback(partial(make_eval_dm, whole_benchmark_cfg(cfg.data), backbone.preprocess),
-                              Path(out_dir) / "forgetting", spec, make_base=partial(build_model, cfg.model), **extra)
-
-
-def forgetting_summary(study: dict, out_dir: Path) -> tuple[dict, str]:
-    """What a fit's record keeps of its study (the report's path, the chosen α) and the summary line naming it."""
-    fields = {"report": str(Path(out_dir) / "forgetting" / "forgetting.md"), "chosen_alpha": study["selection"]["alpha"]}
-    return fields, (f"{fields['report']} (plots alpha_sweep.png, dataset_deltas.png; chosen α "
-                    f"{fields['chosen_alpha']:.2f})")
 
 
 def trainer_for(cfg: DictConfig, **kwargs) -> L.Trainer:
