@@ -259,6 +259,34 @@ def run_cli(args, cwd=REPO, env=None, timeout=600):
         return subprocess.CompletedProcess([sys.executable, *args], status, *read)
 
 
+def run_entry(job: str, overrides: list[str], capsys) -> tuple[int, list[str], object]:
+    """(exit code, stderr ``error:`` lines, result) of one job run in this process as its entry point runs it
+    (``configs/<job>.yaml`` composed with ``overrides``, its task inside ``exit_on_user_error``), without a
+    process: for the many cases that check what a run says and leaves behind."""
+    from microbench.errors import exit_on_user_error
+    from microbench.jobs import JOBS
+    from microbench.tasks import registry
+
+    capsys.readouterr()
+    result, code = None, 0
+    try:
+        with exit_on_user_error():
+            result = getattr(registry, JOBS[job])(compose_config(job, overrides))
+    except SystemExit as stop:
+        code = int(stop.code)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("error:")], result
+
+
+def one_line_error(job: str, overrides: list[str], capsys, *expect: str) -> str:
+    """The one ``error:`` line (exit 2) of a job that must stop on a user's mistake, holding each of ``expect``."""
+    code, errors, _ = run_entry(job, overrides, capsys)
+    assert code == 2 and len(errors) == 1, (code, errors)
+    for text in expect:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
 # --- configs: every test composes through these (as lightning-hydra-template's cfg_train / cfg_eval) -------------
 
 def compose_config(name: str, overrides=(), config_dir: Path | None = None):

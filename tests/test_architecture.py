@@ -1,4 +1,4 @@
-"""The shape of the package (issue 14), checked from the source so it stays true."""
+"""The shape of the package, checked from the source so it stays true."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_tests_compose_configs_through_the_shared_fixtures():
         assert "initialize_config_dir" not in text, f"{f.name} composes configs itself: use cfg_eval/cfg_train/..."
 
 
-# --- the task layer (issue 14) ------------------------------------------------------------------------------------
+# --- the task layer: dispatch as data, one run record --------------------------------------------------------------
 
 def _imports(name: str, tree: ast.Module, modules: set[str]) -> set[str]:
     """The microbench modules ``name`` imports anywhere in its source (functions included)."""

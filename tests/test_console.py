@@ -1,4 +1,4 @@
-"""Issue 13 §5: the console says what matters, once; the run's log file keeps the rest; one folder per run."""
+"""The console says what matters, once; the run's log file keeps the rest; one folder per run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m microbench export`` (issue 23 §4): safetensors + config + a model card with model-index, loadable
+"""``python -m microbench export``: safetensors + config + a model card with model-index, loadable
 by open_clip / transformers and by ``model=openclip model.name=local-dir:DIR``, with the checkpoint's predictions."""
 
 from __future__ import annotations

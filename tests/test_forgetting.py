@@ -305,7 +305,7 @@ def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):
     assert len(errors) == 1 and errors[0].startswith(message)
 
 
-# --- issue 15 §1: the embedded default demonstrates the finding --------------------------------------------------
+# --- the embedded default demonstrates the finding -----------------------------------------------------------------
 
 @pytest.mark.slow
 def test_the_demo_recipe_gains_on_its_target_forgets_elsewhere_and_alpha_wins_part_back(tmp_path, cfg_train):
@@ -407,7 +407,7 @@ def test_the_generalist_base_is_built_once_and_reused(tmp_path, caplog):
     assert build_generalist(spec, epochs=1, cache_dir=str(tmp_path)).fingerprint() == first.fingerprint()
 
 
-# --- issue 15 §3: W&B-tracked, read back from what the offline run wrote ------------------------------------------
+# --- W&B-tracked, read back from what the offline run wrote --------------------------------------------------------
 
 def _one_run(folder, wait_for: str = "forgetting/finetuned/supported_all_delta"):
     """The offline run and what it holds; W&B's service process may still be flushing its last summary record
@@ -488,7 +488,7 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
     _check_study_in_run(path, run, objects["study"])
 
 
-# --- issue 15 §2: every rank of the run ----------------------------------------------------------------------------
+# --- every rank of the run takes its shard -------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_the_study_is_sharded_over_ddp_ranks_and_identical_to_one_process(tmp_path, cfg_forgetting):
@@ -553,7 +553,7 @@ def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, overri
     assert not (tmp_path / ".cache" / "bases").exists()  # nothing built, nothing cached
 
 
-# --- issue 23 §2: feature forgetting beside zero-shot forgetting -------------------------------------------------
+# --- feature forgetting beside zero-shot forgetting ----------------------------------------------------------------
 
 @pytest.mark.slow
 def test_feature_probes_tell_lost_alignment_from_damaged_features(trained_base, tmp_path):

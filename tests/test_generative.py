@@ -1,4 +1,4 @@
-"""Cognition and generative evaluation (issue: cognition split, official prompt, HF and OpenAI-compatible backends)."""
+"""Cognition and generative evaluation (cognition split, official prompt, HF and OpenAI-compatible backends)."""
 
 from __future__ import annotations
 

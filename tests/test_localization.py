@@ -1,4 +1,4 @@
-"""Localization (issue: detection/segmentation heads, COCO + GRIT, generative box answers)."""
+"""Localization (detection/segmentation heads, COCO + GRIT, generative box answers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA with peft (issue 23 §1): adapters on the towers, the first-step gradient check, adapter-only checkpoints that
+"""LoRA with peft: adapters on the towers, the first-step gradient check, adapter-only checkpoints that
 every command taking a fine-tuned checkpoint merges into full weights."""
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_headline_coverage_says_why_a_headline_shrinks_or_vanishes():
     assert "none of the 20 fine items" in cov["fine"]["note"] and "opencell" in cov["fine"]["note"]
 
 
-# --- image-clustered intervals and exact paired bounds (issue 21 §1) -----------------------------------------------
+# --- image-clustered intervals and exact paired bounds -------------------------------------------------------------
 
 def test_clustered_interval_widens_by_sqrt_k_when_items_are_duplicated_per_image():
     from microbench.metrics.bootstrap import bootstrap_accuracy, clustered_bootstrap

@@ -1,4 +1,4 @@
-"""Decode once per copy (issue 24 §1): the decoded-pixel cache gives the transform's tensors bit for bit, is read
+"""Decode once per copy: the decoded-pixel cache gives the transform's tensors bit for bit, is read
 instead of decoding on the next run, keys on the copy's content and the geometry, and never serves a damaged slot."""
 
 from __future__ import annotations

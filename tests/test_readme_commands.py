@@ -1,4 +1,4 @@
-"""Every command of README.md's ``bash`` blocks runs (issue 13 §5), so the README cannot drift from the code.
+"""Every command of README.md's ``bash`` blocks runs, so the README cannot drift from the code.
 
 Each command is run as written, through the real entry point in its own process (a fork of a Python that imported
 the libraries already, ``tests/zygote.py``), with only these changes: the

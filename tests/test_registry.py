@@ -1,4 +1,4 @@
-"""Dispatch is data (issue 14): (task, model family) → task function, table-driven like open_clip's
+"""Dispatch is data: (task, model family) → task function, table-driven like open_clip's
 ``tests/test_factory_task.py``. The family is read from what the model config builds, without building it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Specialists (issue 22): fine-tunes on one corner of μ-Bench and their studies."""
+"""Specialists: fine-tunes on one corner of μ-Bench and their studies."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_a_plugin_backbone_without_a_learnable_temperature_fine_tunes_contrastiv
     assert record["best_checkpoint"] and 0 <= record["test"]["test/acc"] <= 1
 
 
-# --- §1: specialists by μ-Bench's own taxonomy ------------------------------------------------------------------
+# --- specialists by μ-Bench's own taxonomy -------------------------------------------------------------------------
 
 def test_a_specialty_resolves_to_the_datasets_of_its_group_on_the_copy():
     from microbench.data import schema
@@ -129,7 +129,7 @@ def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_
                          f"paths.output_dir={tmp_path / 'both'}"]))
 
 
-# --- §2 (core): one study of many models ----------------------------------------------------------------------
+# --- one study of many models --------------------------------------------------------------------------------------
 
 def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_path):
     """Two specialists of the tiny model (weights moved along two random directions): one sweep per split decodes
@@ -280,7 +280,7 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     assert twice.stderr.strip().splitlines()[-1].startswith("error: runs: pathology is there 2 times")
 
 
-# --- §2: chains of specialists and the continual-learning scalars ------------------------------------------------
+# --- chains of specialists and the continual-learning scalars ------------------------------------------------------
 
 def test_continual_scalars_follow_mammoth_and_zscl():
     """Pinned to the definitions: GEM/mammoth backward transfer and forgetting (the max over every row, the final one
@@ -454,7 +454,7 @@ def test_specialists_merges_are_plugins_pinned_to_the_merging_functions(tmp_path
         sys.modules.pop("my_merges", None)
 
 
-# --- §3: it shows something on the embedded default -------------------------------------------------------------
+# --- it shows something on the embedded default --------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_three_specialists_on_the_sample_gain_on_their_group_and_the_report_names_the_merges_that_beat_them(

@@ -1,4 +1,4 @@
-"""The forgetting study, method by method (issue 20): one study config, image-tower keys of every adapter, merge
+"""The forgetting study, method by method: one study config, image-tower keys of every adapter, merge
 methods as plug-ins walked by the one-decode sweep, the trade-off metrics (normalized accuracy, the trade-off rule,
 the curve area with a paired bootstrap CI, the change by metadata axis)."""
 

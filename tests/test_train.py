@@ -1,4 +1,4 @@
-"""Fine-tuning, linear probes, feature cache, experiments, resume and DDP (issue: probes and fine-tuning)."""
+"""Fine-tuning, linear probes, feature cache, experiments, resume and DDP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 13: no silent wrong number, no traceback for a user's mistake, no hang.
+"""No silent wrong number, no traceback for a user's mistake, no hang.
 
 Every case runs the entry point's code path (compose the config, run the task inside ``exit_on_user_error``, as
 ``src/eval.py`` / ``src/train.py`` / ``src/forgetting.py`` do) and checks the exit code, that stderr is one
@@ -17,54 +17,26 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, build_model, compose_config, png_bytes, run_cli, write_raw_hub_copy
-from microbench.errors import exit_on_user_error
+from conftest import (
+    REPO,
+    build_model,
+    compose_config,
+    one_line_error,
+    png_bytes,
+    run_cli,
+    run_entry,
+    write_raw_hub_copy,
+)
 
 FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+trainer.enable_progress_bar=false"]
 
 
-def _task(name: str):
-    if name == "eval":
-        from microbench.tasks.registry import evaluate
-
-        return evaluate
-    if name == "train":
-        from microbench.tasks.registry import train
-
-        return train
-    from microbench.tasks.registry import forgetting
-
-    return forgetting
-
-
-def run(name: str, overrides: list[str], capsys) -> tuple[int, list[str], object]:
-    """(exit code, stderr ``error:`` lines, result) of one run, as its entry point would end."""
-    capsys.readouterr()
-    result = None
-    code = 0
-    try:
-        with exit_on_user_error():
-            result = _task(name)(compose_config(name, overrides))
-    except SystemExit as stop:
-        code = int(stop.code)
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.startswith("error:")], result
-
-
-def one_line_error(name, overrides, capsys, *expect: str) -> str:
-    code, errors, _ = run(name, overrides, capsys)
-    assert code == 2 and len(errors) == 1, (code, errors)
-    for text in expect:
-        assert text in errors[0], errors[0]
-    return errors[0]
-
-
-# --- §1 silent wrong results ----------------------------------------------------------------------------------
+# --- no silent wrong result ----------------------------------------------------------------------------------------
 
 def test_an_empty_split_is_an_error_and_never_shows_an_earlier_runs_numbers(tmp_path, capsys):
     """§1.2: an empty test split into the folder of an earlier run printed that run's headline (exit 0)."""
     out = tmp_path / "run"
-    code, _, (record, _) = run("eval", [f"paths.output_dir={out}", *FAST_EVAL], capsys)
+    code, _, (record, _) = run_entry("eval", [f"paths.output_dir={out}", *FAST_EVAL], capsys)
     assert code == 0 and record["run_id"]
     before = (out / "metrics.json").read_bytes()
     empty = [f"paths.output_dir={out}", *FAST_EVAL, "data.split_fractions=[0.9,0.1,0.0]", "data.split=test"]
@@ -89,9 +61,9 @@ def test_the_leaderboard_keeps_a_subset_run_beside_the_full_run(tmp_path, capsys
     """§1.4: a later subset run of the same model replaced its full-benchmark row (only a WARNING)."""
     from microbench.results.leaderboard import build_leaderboard
 
-    code, _, (full, _) = run("eval", [f"paths.output_dir={tmp_path / 'a_full'}", "bootstrap.n_resamples=99",
+    code, _, (full, _) = run_entry("eval", [f"paths.output_dir={tmp_path / 'a_full'}", "bootstrap.n_resamples=99",
                                       "+trainer.enable_progress_bar=false"], capsys)
-    code2, _, (sub, _) = run("eval", [f"paths.output_dir={tmp_path / 'b_subset'}", *FAST_EVAL], capsys)
+    code2, _, (sub, _) = run_entry("eval", [f"paths.output_dir={tmp_path / 'b_subset'}", *FAST_EVAL], capsys)
     assert code == code2 == 0
     frame = build_leaderboard([tmp_path / "a_full", tmp_path / "b_subset"], tmp_path / "lb")
     assert len(frame) == 2 and frame["subset"].tolist() == [False, True]
@@ -102,7 +74,7 @@ def test_the_leaderboard_keeps_a_subset_run_beside_the_full_run(tmp_path, capsys
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "| microbench-tiny (subset: dataset=kather_et_al_2016) |" in md and "| microbench-tiny |" in md
     # the same evaluation twice is one row
-    run("eval", [f"paths.output_dir={tmp_path / 'c_full_again'}", "bootstrap.n_resamples=99",
+    run_entry("eval", [f"paths.output_dir={tmp_path / 'c_full_again'}", "bootstrap.n_resamples=99",
                  "+trainer.enable_progress_bar=false"], capsys)
     again = build_leaderboard([tmp_path], tmp_path / "lb2")
     assert len(again) == 2
@@ -118,11 +90,11 @@ def _demo(tmp_path: Path, name: str, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_a_resumed_fine_tune_studies_forgetting_against_the_true_base(tmp_path, capsys):
     """§1.5: resuming a finished demo run wrote a report with base = fine-tuned (every Δ +0.00)."""
-    code, _, (metrics, _) = run("train", _demo(tmp_path, "first"), capsys)
+    code, _, (metrics, _) = run_entry("train", _demo(tmp_path, "first"), capsys)
     assert code == 0
     first = json.loads((tmp_path / "first" / "forgetting" / "forgetting.json").read_text())
     last = metrics["last_checkpoint"]
-    code, _, _ = run("train", _demo(tmp_path, "resumed", f"ckpt_path={last}"), capsys)
+    code, _, _ = run_entry("train", _demo(tmp_path, "resumed", f"ckpt_path={last}"), capsys)
     assert code == 0
     resumed = json.loads((tmp_path / "resumed" / "forgetting" / "forgetting.json").read_text())
     assert resumed["base"]["fingerprint"] == first["base"]["fingerprint"]
@@ -176,7 +148,7 @@ def test_a_corrupt_cognition_image_is_a_counted_reported_skip(tmp_path, capsys):
     """§1.7: a corrupt image dropped its questions silently (n 11 of 12, skipped empty, "12 questions")."""
     root = _cognition_copy(tmp_path)
     (root / "cognition" / "test" / "opencell_238.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    code, _, (record, _) = run("eval", ["task=cognition", f"cognition.path={root}", "bootstrap.n_resamples=99",
+    code, _, (record, _) = run_entry("eval", ["task=cognition", f"cognition.path={root}", "bootstrap.n_resamples=99",
                                         f"paths.output_dir={tmp_path / 'o'}", "+trainer.enable_progress_bar=false"],
                                capsys)
     assert code == 0
@@ -187,7 +159,7 @@ def test_a_corrupt_cognition_image_is_a_counted_reported_skip(tmp_path, capsys):
     assert "12 questions, 10 scored" in md and "questions whose image could not be read: 2" in md
 
 
-# --- §2 a user's mistake is one line ------------------------------------------------------------------------
+# --- a user's mistake is one line ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["0", "-4", "abc"])
 def test_an_impossible_batch_size_is_one_line(value, tmp_path, capsys):
@@ -280,7 +252,7 @@ def test_cognition_files_with_a_missing_field_a_truncated_line_or_no_answer(tmp_
     # a missing field in one row: that question is a counted invalid item, the rest are scored
     _write_jsonl(root / "missing.jsonl", [{k: v for k, v in r.items() if not (i == 2 and k == "options")}
                                           for i, r in enumerate(rows)])
-    code, _, (record, _) = run("eval", ["task=cognition", f"cognition.path={root / 'missing.jsonl'}", out,
+    code, _, (record, _) = run_entry("eval", ["task=cognition", f"cognition.path={root / 'missing.jsonl'}", out,
                                         "bootstrap.n_resamples=99", "+trainer.enable_progress_bar=false"], capsys)
     assert code == 0 and record["skipped"]["invalid_items"] == 1 and record["headline"]["cognition"]["n"] == 11
     assert record["skipped"]["problems"][0]["problem"] == "fewer than two options"
@@ -364,7 +336,7 @@ def test_wandb_without_a_login_or_an_offline_mode_says_how(tmp_path, capsys, mon
     check_loggers(compose_config("eval", ["logger=wandb", f"paths.output_dir={tmp_path}"]))  # offline: fine
 
 
-# --- §3 no hang: Hub presets with the Hub unreachable ------------------------------------------------------------
+# --- no hang: Hub presets with the Hub unreachable -----------------------------------------------------------------
 
 @pytest.mark.slow
 def test_a_hub_preset_with_the_hub_unreachable_fails_within_seconds(tmp_path):
@@ -381,7 +353,7 @@ def test_a_hub_preset_with_the_hub_unreachable_fails_within_seconds(tmp_path):
     assert took < 25, took  # was 27-75 s of retries
 
 
-# --- §4 questionable acceptances ----------------------------------------------------------------------------------
+# --- what was accepted and should not be ---------------------------------------------------------------------------
 
 def test_extrapolation_is_labelled_in_the_report(tmp_path):
     from microbench.studies.forgetting import study_alphas
@@ -402,7 +374,7 @@ def test_duplicate_cognition_ids_are_reported(tmp_path, capsys):
     root = _cognition_copy(tmp_path)
     rows = _jsonl(root / "questions.jsonl")
     f = _write_jsonl(root / "dups.jsonl", [dict(r, id="same" if i < 3 else r["id"]) for i, r in enumerate(rows)])
-    code, _, (record, _) = run("eval", ["task=cognition", f"cognition.path={f}", "bootstrap.n_resamples=99",
+    code, _, (record, _) = run_entry("eval", ["task=cognition", f"cognition.path={f}", "bootstrap.n_resamples=99",
                                         f"paths.output_dir={tmp_path / 'o'}", "+trainer.enable_progress_bar=false"],
                                capsys)
     assert code == 0 and record["data_problems"]["duplicate_ids"] == {"same": 3}
@@ -416,7 +388,7 @@ def test_temporaries_a_killed_run_left_are_cleaned_on_the_next_run(tmp_path, cap
     for leftover in (out / ".predictions.parquet.a1b2c3.tmp", out / ".metrics.json.zz.tmp",
                      out / "predictions" / ".alpha=0.50.parquet.q.tmp"):
         leftover.write_bytes(b"partial")
-    code, _, _ = run("eval", [f"paths.output_dir={out}", *FAST_EVAL], capsys)
+    code, _, _ = run_entry("eval", [f"paths.output_dir={out}", *FAST_EVAL], capsys)
     assert code == 0
     assert not list(out.rglob("*.tmp")) and (out / "predictions.parquet").exists()
     pd.read_parquet(out / "predictions.parquet")
