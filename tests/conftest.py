@@ -306,22 +306,37 @@ def build_model(name: str, **overrides):
     return build(OmegaConf.merge(OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml"), overrides))
 
 
-@pytest.fixture(scope="session")
-def cfg_eval():
-    """``cfg_eval([overrides])``: the ``src/eval.py`` config."""
-    return lambda overrides=(): compose_config("eval", overrides)
+def _fast(overrides, tmp_path: Path) -> tuple[str, ...]:
+    """``overrides`` and what a test config gets unless the test sets it: its own output folder (the test's
+    ``tmp_path``) and 99 bootstrap resamples (enough for a test; the configs' 9999 are for results)."""
+    overrides = tuple(str(o) for o in overrides)
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    return (*overrides, *([] if "paths.output_dir" in given else [f"paths.output_dir={tmp_path}"]),
+            *([] if "bootstrap.n_resamples" in given else ["bootstrap.n_resamples=99"]))
 
 
-@pytest.fixture(scope="session")
-def cfg_train():
-    """``cfg_train([overrides])``: the ``src/train.py`` config."""
-    return lambda overrides=(): compose_config("train", overrides)
+def _config_fixture(name: str, tmp_path: Path):
+    """As lightning-hydra-template's ``cfg_train``: the job's config with the test's overrides and the fast
+    defaults of :func:`_fast`."""
+    return lambda overrides=(): compose_config(name, _fast(overrides, tmp_path))
 
 
-@pytest.fixture(scope="session")
-def cfg_forgetting():
-    """``cfg_forgetting([overrides])``: the ``src/forgetting.py`` config."""
-    return lambda overrides=(): compose_config("forgetting", overrides)
+@pytest.fixture
+def cfg_eval(tmp_path):
+    """``cfg_eval([overrides])``: the ``src/eval.py`` config (with the fast test defaults)."""
+    return _config_fixture("eval", tmp_path)
+
+
+@pytest.fixture
+def cfg_train(tmp_path):
+    """``cfg_train([overrides])``: the ``src/train.py`` config (with the fast test defaults)."""
+    return _config_fixture("train", tmp_path)
+
+
+@pytest.fixture
+def cfg_forgetting(tmp_path):
+    """``cfg_forgetting([overrides])``: the ``src/forgetting.py`` config (with the fast test defaults)."""
+    return _config_fixture("forgetting", tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli, write_raw_hub_copy
+from conftest import REPO, compose_config, run_cli, write_raw_hub_copy
 from microbench.errors import UserError
 from microbench.results.leaderboard import build_leaderboard
 from microbench.tasks.registry import evaluate
@@ -19,9 +19,10 @@ PRED_COLUMNS = {"row_idx", "image_id", "dataset", "source", "key", "question_typ
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cfg_eval):
+def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    record, objs = evaluate(cfg_eval([f"paths.output_dir={out}", "data.batch_size=64", "bootstrap.n_resamples=999"]))
+    record, objs = evaluate(compose_config("eval", [f"paths.output_dir={out}", "data.batch_size=64",
+                                                    "bootstrap.n_resamples=999"]))
     return out, record, objs
 
 
@@ -46,7 +47,7 @@ def test_run_record_on_the_sample(tiny_run, sample):
 
 
 def test_random_baseline_run(tmp_path, cfg_eval):
-    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=999"]))
+    record, _ = evaluate(cfg_eval(["model=random", "bootstrap.n_resamples=999"]))
     assert record["model"]["name"] == "random" and record["n_predictions"] == 3904
     coarse = record["headline"]["captions"]["coarse"]["value"]
     assert 0.12 < coarse < 0.3  # ~1/(options) chance, as the paper's Random row (18.3 %)
@@ -167,8 +168,8 @@ def test_a_model_paired_with_itself_is_exactly_zero_and_holm_matches_statsmodels
 
 
 def test_wandb_offline_logging(tmp_path, cfg_eval):
-    evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "logger=wandb", "logger.wandb.offline=true",
-                   "bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]"]))
+    evaluate(cfg_eval(["logger=wandb", "logger.wandb.offline=true",
+                   "data.datasets=[kather_et_al_2016]"]))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
@@ -201,9 +202,8 @@ def test_unknown_preset_lists_the_presets(tmp_path):
 
 def test_plugin_backbone_through_model_target(tmp_path, cfg_eval):
     """The README's plug-in recipe: model=plugin with model._target_ pointing at a Backbone subclass."""
-    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=plugin",
+    record, _ = evaluate(cfg_eval(["model=plugin",
                                "model._target_=plugin_backbone.PluginBackbone", "+model.width_note=demo",
-                               "bootstrap.n_resamples=99",
                                "data.datasets=[acevedo_et_al_2020]"]))
     assert record["model"]["name"] == "plugin-demo" and record["model"]["library"] == "plugin"
     assert record["n_predictions"] == 32 * 12

@@ -345,7 +345,7 @@ def test_a_random_init_base_is_called_out_at_the_top_of_the_report(tmp_path, cfg
     from microbench.tasks.registry import train
 
     train(cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=2", "study.alphas=[0,1]",
-                     "bootstrap.n_resamples=99", "eval_in_domain=false", f"paths.output_dir={tmp_path / 'out'}",
+                     "eval_in_domain=false", f"paths.output_dir={tmp_path / 'out'}",
                      f"checkpoint_dir={tmp_path / 'ck'}", f"paths.root_dir={tmp_path}",
                      "+trainer.enable_progress_bar=false"]))
     md = (tmp_path / "out" / "forgetting" / "forgetting.md").read_text()
@@ -469,7 +469,7 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
 
     common = ["logger=wandb", "logger.wandb.offline=true"]
     record, _ = train(cfg_train(["experiment=demo", *common, "trainer.max_epochs=3", "study.alphas=[0,0.5,1]",
-                                 "bootstrap.n_resamples=99", "eval_in_domain=false",
+                                 "eval_in_domain=false",
                                  f"paths.output_dir={tmp_path / 'fit'}", f"checkpoint_dir={tmp_path / 'ck'}",
                                  "+trainer.enable_progress_bar=false"]))
     path, run = _one_run(tmp_path / "fit")
@@ -480,8 +480,7 @@ def test_a_study_is_tracked_in_wandb_after_fit_and_from_src_forgetting(tmp_path,
     # the same study from src/forgetting.py: its own run, in the group of the fit that wrote the checkpoint
     _, objects = forgetting(cfg_forgetting([
         "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", *common, "study.alphas=[0,0.5,1]",
-        "study=compare", "study.options.dare.seeds=[0]", "bootstrap.n_resamples=99",
-        f"paths.output_dir={tmp_path / 'study'}"]))
+        "study=compare", "study.options.dare.seeds=[0]", f"paths.output_dir={tmp_path / 'study'}"]))
     path, run = _one_run(tmp_path / "study")
     assert run["run"]["group"] == "demo" and run["run"]["job_type"] == "forgetting"
     assert run["config"]["finetuned"] == record["last_checkpoint"] and run["config"]["study"]["towers"] == "both"
@@ -520,7 +519,7 @@ def test_the_study_is_sharded_over_ddp_ranks_and_identical_to_one_process(tmp_pa
         forgetting(cfg_forgetting([
             "base=tiny_generalist", f"finetuned={record['last_checkpoint']}", f"trainer={trainer}", methods,
             "study.alphas=[0,0.5,1]",
-            "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / trainer}"]))
+            "study.result_cache=null", f"paths.output_dir={tmp_path / trainer}"]))
         folders[f"src/forgetting.py trainer={trainer}"] = tmp_path / trainer
     studies = {k: json.loads((f / "forgetting.json").read_text()) for k, f in folders.items()}
     one = studies["src/forgetting.py trainer=cpu"]
@@ -549,7 +548,7 @@ def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, overri
     from microbench.tasks.registry import train
 
     with pytest.raises(UserError, match=message):
-        train(cfg_train(["experiment=demo", override, f"paths.output_dir={tmp_path}", f"paths.root_dir={tmp_path}"]))
+        train(cfg_train(["experiment=demo", override, f"paths.root_dir={tmp_path}"]))
     assert not (tmp_path / ".cache" / "bases").exists()  # nothing built, nothing cached
 
 

@@ -401,7 +401,7 @@ def test_microvqa_generative_with_its_own_prompt_and_all_images(tmp_path, cfg_ev
         record, objs = evaluate(cfg_eval([
             "task=cognition", f"cognition.path={path}", "cognition.format=microvqa", "model=openai_compatible",
             f"model.base_url={srv.base_url}", "model.model=m", "model.prompt=microvqa", "model.cache_dir=null",
-            "bootstrap.n_resamples=99", f"paths.output_dir={tmp_path / 'run'}"]))
+            f"paths.output_dir={tmp_path / 'run'}"]))
         n_images = sorted(sum(c["type"] == "image_url" for c in b["messages"][0]["content"]) for b in srv.bodies)
         prompts = [b["messages"][0]["content"][-1]["text"] for b in srv.bodies]
     assert n_images == [1, 2]  # every image of a multi-image question is sent

@@ -109,8 +109,8 @@ def test_text_embeddings_are_cached_by_the_text_towers_weights(tiny_dm):
 
 
 def test_the_choice_is_recorded_and_keys_the_caches(tmp_path, cfg_eval, tiny_dm):
-    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "inference.precision=bf16",
-                                   "bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]"]))
+    record, _ = evaluate(cfg_eval(["inference.precision=bf16",
+                                   "data.datasets=[kather_et_al_2016]"]))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["model"]["inference"] == {"precision": "bf16", "channels_last": False, "compile": False,
                                            "dtype": "bfloat16"}

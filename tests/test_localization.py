@@ -357,8 +357,7 @@ def test_training_the_tiny_detector_beats_the_untrained_head_and_eval_reproduces
         {k: v["value"] for k, v in rec["metrics"].items()}, abs=1e-9)
 
     # one leaderboard with the zero-shot run of the same (frozen) backbone
-    evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'zs'}", "bootstrap.n_resamples=99",
-                       "data.datasets=[kather_et_al_2016]"]))
+    evaluate(cfg_eval([f"paths.output_dir={tmp_path / 'zs'}", "data.datasets=[kather_et_al_2016]"]))
     frame = build_leaderboard([tmp_path / "eval", tmp_path / "zs"], tmp_path / "lb")
     assert len(frame) == 1  # merged on (model, weights fingerprint)
     row = frame.iloc[0]
@@ -384,7 +383,7 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
 
     cfg = cfg_train(["experiment=detect_nuclei", "trainer.max_epochs=4", "+trainer.enable_progress_bar=false",
                     "module.freeze_backbone=false", "forgetting.enabled=true", "study.alphas=[0,0.5,1]",
-                    "bootstrap.n_resamples=99", "study.result_cache=null",
+                    "study.result_cache=null",
                     f"paths.output_dir={tmp_path / 'train'}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
     metrics, objs = train(cfg)
     study = json.loads((tmp_path / "train" / "forgetting" / "forgetting.json").read_text())
@@ -409,7 +408,7 @@ def test_forgetting_study_includes_localization_for_a_detection_finetune(tmp_pat
         return original(self, i)
 
     last = metrics["last_checkpoint"]
-    fcfg = cfg_forgetting([f"finetuned={last}", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "study.result_cache=null",
+    fcfg = cfg_forgetting([f"finetuned={last}", "study.alphas=[0,0.5,1]", "study.result_cache=null",
                      f"paths.output_dir={tmp_path / 'study'}"])
     LocalizationDataset.__getitem__ = counting
     try:
@@ -436,7 +435,7 @@ def test_generative_localization_official_protocol_on_a_loopback_server(tmp_path
     with ScriptedChatServer(reply=reply) as srv:
         record, objs = evaluate(cfg_eval(["task=localization", "model=openai_compatible", f"model.base_url={srv.base_url}",
                                           "model.model=scripted-qwen", f"model.cache_dir={tmp_path / 'c'}",
-                                          f"paths.output_dir={tmp_path}", "+trainer.enable_progress_bar=false"]))
+                                          "+trainer.enable_progress_bar=false"]))
         prompts = sorted({b["messages"][0]["content"][-1]["text"] for b in srv.bodies})
     assert prompts == ["Detect H2B-mCherry", "Detect cell", "Detect gland", "Detect golgi", "Detect nucleus"]
     dm = LocalizationDataModule(split="all")

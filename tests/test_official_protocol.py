@@ -66,7 +66,7 @@ def _official_random_captions(rows: list[dict], seed: int = 42) -> dict:
 
 
 def test_random_baseline_draws_in_the_official_order(sample_rows, tmp_path, cfg_eval):
-    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
+    record, _ = evaluate(cfg_eval(["model=random"]))
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
     ref = _official_random_captions(sample_rows)
     assert len(preds) == len(ref)
@@ -110,8 +110,7 @@ def test_random_cognition_uses_the_official_substring_rule_and_reports_the_stric
 
 
 def test_random_cognition_run_reports_official_and_strict(tmp_path, cfg_eval):
-    record, _ = evaluate(cfg_eval(["task=cognition", "model=random", f"paths.output_dir={tmp_path}",
-                               "bootstrap.n_resamples=99"]))
+    record, _ = evaluate(cfg_eval(["task=cognition", "model=random"]))
     m = record["metrics"]
     assert record["headline"]["cognition"] == m["cognition/all"] and "cognition_strict/all" in m
     assert m["cognition/all"]["value"] >= m["cognition_strict/all"]["value"]
@@ -123,7 +122,7 @@ def test_random_cognition_run_reports_official_and_strict(tmp_path, cfg_eval):
 def test_official_per_type_and_slices_use_the_1_variant_on_a_run(tmp_path, cfg_eval):
     from microbench.data import schema
 
-    record, _ = evaluate(cfg_eval([f"paths.output_dir={tmp_path}", "model=random", "bootstrap.n_resamples=99"]))
+    record, _ = evaluate(cfg_eval(["model=random"]))
     m, p = record["metrics"], pd.read_parquet(tmp_path / "predictions.parquet")
     official = p["dataset"].isin(schema.OFFICIAL_DATASETS)
     for t in schema.COARSE_TYPES:

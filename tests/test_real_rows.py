@@ -123,8 +123,7 @@ def test_real_items_are_scored_with_their_real_gold_by_the_official_generative_p
         with ScriptedChatServer(reply=lambda b, p=policy: gold[text_of(b)] if p == "gold" else "A") as srv:
             record, objs = evaluate(cfg_eval([f"data.path={root}", "model=openai_compatible",
                                           f"model.base_url={srv.base_url}", "model.model=scripted",
-                                          f"model.cache_dir={tmp_path / policy / 'c'}", "bootstrap.n_resamples=99",
-                                          f"paths.output_dir={tmp_path / policy}"]))
+                                          f"model.cache_dir={tmp_path / policy / 'c'}", f"paths.output_dir={tmp_path / policy}"]))
             sent = {text_of(b) for b in srv.bodies}
         assert sent == set(gold)  # every real question asked, with the official prompt byte for byte
         preds = objs["predictions"]
@@ -143,7 +142,7 @@ def test_contrastive_run_on_real_rows_reports_why_the_headline_is_absent(real_co
 
     _, root = real_copy
     with caplog.at_level(logging.WARNING):
-        record, _ = evaluate(cfg_eval([f"data.path={root}", f"paths.output_dir={tmp_path}", "bootstrap.n_resamples=99"]))
+        record, _ = evaluate(cfg_eval([f"data.path={root}"]))
     assert record["n_predictions"] == 4 and "coarse" not in record["headline"]["captions"]
     cov = record["headline_coverage"]["captions"]
     assert "n/a" in cov["coarse"]["note"] and "3 coarse items" in cov["coarse"]["note"]
@@ -164,8 +163,7 @@ def test_rows_sharing_an_image_id_with_different_pixels_are_each_scored_on_their
     conflict = write_raw_hub_copy(shared, tmp_path / "conflict", n_shards=1)
     runs = {}
     for name, root in (("distinct", distinct), ("conflict", conflict)):
-        record, _ = evaluate(cfg_eval([f"data.path={root}", f"paths.output_dir={tmp_path / ('out_' + name)}",
-                                   "bootstrap.n_resamples=99"]))
+        record, _ = evaluate(cfg_eval([f"data.path={root}", f"paths.output_dir={tmp_path / ('out_' + name)}"]))
         runs[name] = (record, pd.read_parquet(tmp_path / f"out_{name}" / "predictions.parquet"))
     (rec_a, pa_), (rec_b, pb) = runs["distinct"], runs["conflict"]
     assert rec_b["split"]["images"] == rec_a["split"]["images"] == 6  # no row lost its image

@@ -59,8 +59,7 @@ def test_the_summary_is_one_line_per_headline_group_then_notes_then_outputs():
 @pytest.mark.parametrize("overrides", [[], ["model=random"], ["task=cognition"], ["task=cognition", "model=random"]],
                          ids=["zero-shot", "random", "cognition", "cognition-random"])
 def test_every_evaluation_returns_the_record_it_wrote(tmp_path, cfg_eval, overrides):
-    record, _ = evaluate(cfg_eval([*overrides, f"paths.output_dir={tmp_path}", "bootstrap.n_resamples=99",
-                                   "+trainer.enable_progress_bar=false"]))
+    record, _ = evaluate(cfg_eval([*overrides, "+trainer.enable_progress_bar=false"]))
     assert isinstance(record, RunRecord)
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(record.to_dict()))
     lines = summary(record)
@@ -69,8 +68,7 @@ def test_every_evaluation_returns_the_record_it_wrote(tmp_path, cfg_eval, overri
 
 def test_a_training_run_returns_its_record_with_the_old_keys_kept(tmp_path, cfg_train):
     record, _ = train(cfg_train(["experiment=demo", "trainer.max_epochs=1", "forgetting.enabled=false",
-                                 "eval_in_domain=false", f"paths.output_dir={tmp_path}",
-                                 f"checkpoint_dir={tmp_path / 'ck'}", "+trainer.enable_progress_bar=false"]))
+                                 "eval_in_domain=false", f"checkpoint_dir={tmp_path / 'ck'}", "+trainer.enable_progress_bar=false"]))
     body = json.loads((tmp_path / "train_metrics.json").read_text())
     assert body["task"] == "finetune" and body == json.loads(json.dumps(record.to_dict()))
     for key in ("fit_seconds", "best_checkpoint", "last_checkpoint", "checkpoint_dir", "class_space", "test",

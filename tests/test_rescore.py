@@ -72,7 +72,7 @@ def test_rescoring_cognition_localization_and_a_study_reproduces_their_records(t
                      "logger=csv", "bootstrap.n_resamples=199", f"paths.output_dir={tmp_path / 'loc'}",
                      f"checkpoint_dir={tmp_path / 'loc' / 'ckpt'}"]))
     train(cfg_train(["experiment=demo", "trainer.max_epochs=2", "eval_in_domain=false", "study=compare",
-                     "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "study.result_cache=null",
+                     "study.alphas=[0,0.5,1]", "study.result_cache=null",
                      "+trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'demo'}",
                      f"checkpoint_dir={tmp_path / 'demo' / 'ckpt'}"]))
     found, skipped = find_rescorable([tmp_path])

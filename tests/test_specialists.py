@@ -30,7 +30,7 @@ def test_a_fluorescence_specialist_is_studied_on_the_whole_benchmark_without_nan
     out = tmp_path / "fluo"
     train(cfg_train(["experiment=demo", "task_name=fluo_specialist", "data.datasets=null",
                      "data.modalities=[fluorescence microscopy]", "trainer.max_epochs=1", "eval_in_domain=false",
-                     "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99", "study.result_cache=null",
+                     "study.alphas=[0,0.5,1]", "study.result_cache=null",
                      "+trainer.enable_progress_bar=false", f"paths.output_dir={out}", f"checkpoint_dir={out / 'ckpt'}"]))
     text = (out / "forgetting" / "forgetting.json").read_text()
     assert "NaN" not in text
@@ -113,8 +113,7 @@ def test_experiment_specialist_fine_tunes_on_its_group_and_studies_the_rest(tmp_
 
     out = tmp_path / "em"
     record, _ = train(cfg_train(["experiment=specialist", "specialty=electron", "trainer.max_epochs=1",
-                                 "eval_in_domain=false", "study.alphas=[0,0.5,1]", "bootstrap.n_resamples=99",
-                                 "study.result_cache=null", "+trainer.enable_progress_bar=false",
+                                 "eval_in_domain=false", "study.alphas=[0,0.5,1]", "study.result_cache=null", "+trainer.enable_progress_bar=false",
                                  f"paths.output_dir={out}", f"checkpoint_dir={out / 'ckpt'}"]))
     rows = metadata_rows("sample")
     em = sorted(set(rows.loc[rows["modality"] == "electron microscopy", "dataset"]))
@@ -334,7 +333,7 @@ def test_init_from_starts_the_fit_from_another_fit_and_the_study_base_stays_the_
                             f"checkpoint_dir={tmp_path / 'a' / 'ckpt'}"]))
     b, _ = train(cfg_train([*common, "specialty=pathology", f"init_from={tmp_path / 'a'}", "module.lr=0",
                             "module.weight_decay=0", "forgetting.enabled=true", "study.alphas=[0,1]",
-                            "bootstrap.n_resamples=99", "study.result_cache=null", f"paths.output_dir={tmp_path / 'b'}",
+                            "study.result_cache=null", f"paths.output_dir={tmp_path / 'b'}",
                             f"checkpoint_dir={tmp_path / 'b' / 'ckpt'}"]))
     a_ckpt = a["last_checkpoint"]
     assert b["chain"] == {"job": None, "init_from": a_ckpt, "after": ["electron"]}

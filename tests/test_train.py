@@ -25,7 +25,7 @@ PATHOLOGY = ["acevedo_et_al_2020", "kather_et_al_2016", "nirschl_et_al_2018"]
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_fast_dev_run(experiment, tmp_path, cfg_train):
     cfg = cfg_train([f"experiment={experiment}", "model=tiny", "++trainer.fast_dev_run=true", "trainer=cpu",
-                f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt", f"probe.cache_dir={tmp_path}/c",
+                f"checkpoint_dir={tmp_path}/ckpt", f"probe.cache_dir={tmp_path}/c",
                 "data.num_workers=0", "data.batch_size=8"])
     metrics, objs = train(cfg)
     if cfg.task in ("finetune", "localization"):
@@ -168,7 +168,7 @@ def test_ddp_spawn_fit_with_gathered_contrastive_loss(tmp_path):
 
 @pytest.mark.slow
 def test_demo_experiment_end_to_end(tmp_path, cfg_train):
-    cfg = cfg_train(["experiment=demo", f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path}/ckpt"])
+    cfg = cfg_train(["experiment=demo", f"checkpoint_dir={tmp_path}/ckpt"])
     metrics, _ = train(cfg)
     rec = json.loads((tmp_path / "train_metrics.json").read_text())
     assert rec["best_checkpoint"] and Path(rec["best_checkpoint"]).exists() and Path(rec["last_checkpoint"]).exists()
@@ -210,7 +210,7 @@ def test_a_run_that_fails_closes_its_loggers_and_leaves_what_went_wrong(tmp_path
     monkeypatch.setattr(L.Trainer, "test", unreadable)
     cfg = cfg_train(["experiment=demo", "model=tiny", "trainer.max_epochs=1", "forgetting.enabled=false",
                      "eval_in_domain=false", "logger=wandb", "logger.wandb.offline=true",
-                     f"paths.output_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ck'}"])
+                     f"checkpoint_dir={tmp_path / 'ck'}"])
     with pytest.raises(RuntimeError, match="could not be read"):
         train(cfg)
     assert wandb.run is None  # finished, and marked failed
@@ -254,8 +254,7 @@ def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(
 def test_finetune_pathology_with_the_tiny_model_learns(tmp_path, cfg_train):
     """Issue 13 §5: experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
     epoch 0. configs/tuning/finetune_pathology/tiny.yaml gives the tiny model its own step size."""
-    cfg = cfg_train(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
-                f"checkpoint_dir={tmp_path / 'ckpt'}", "forgetting.enabled=false", "eval_in_domain=false",
+    cfg = cfg_train(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"checkpoint_dir={tmp_path / 'ckpt'}", "forgetting.enabled=false", "eval_in_domain=false",
                 "+trainer.enable_progress_bar=false"])
     assert cfg.module.lr == pytest.approx(3e-3) and cfg.module.objective == "contrastive"
     assert cfg_train(["experiment=finetune_pathology"]).module.lr == pytest.approx(1e-5)  # the real model's setting
@@ -291,8 +290,7 @@ def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
     """Issue 13 §5: the probe experiment ran for 15 minutes without a word."""
     import logging
 
-    cfg = cfg_train(["experiment=linear_probe", "model=tiny", "trainer=cpu", f"paths.output_dir={tmp_path}",
-                     f"probe.cache_dir={tmp_path}/c", "probe.seeds=[0]", "probe.shots=[full,1]",
+    cfg = cfg_train(["experiment=linear_probe", "model=tiny", "trainer=cpu", f"probe.cache_dir={tmp_path}/c", "probe.seeds=[0]", "probe.shots=[full,1]",
                      "data.datasets=[acevedo_et_al_2020,kather_et_al_2016]", "probe.weight_decays=[0.001]"])
     with caplog.at_level(logging.INFO, logger="microbench.tasks.linear_probe"):
         train(cfg)
