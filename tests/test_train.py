@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -215,7 +216,10 @@ def test_a_run_that_fails_closes_its_loggers_and_leaves_what_went_wrong(tmp_path
         train(cfg)
     assert wandb.run is None  # finished, and marked failed
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert offline_run(run)["exit_code"] == 1
+    deadline = time.monotonic() + 60  # wandb's service appends the exit record after finish() returns, under load
+    while "exit_code" not in offline_run(run) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert offline_run(run).get("exit_code") == 1
     failed = json.loads((tmp_path / "failed.json").read_text())
     assert (failed["error"], failed["kind"], failed["task"]) == (
         "RuntimeError: the test split could not be read", "crash", "finetune")

@@ -41,14 +41,15 @@ FIXED_LOGIT_SCALE = 1 / 0.07
 
 @torch.no_grad()
 def class_text_embeddings(backbone: Backbone, prompts: list[list[str]], batch_size: int = 256) -> torch.Tensor:
-    """[C, D] normalised mean of each class's normalised prompt embeddings (the zero-shot classifier)."""
+    """[C, D] normalised mean of each class's normalised prompt embeddings (the zero-shot classifier), each prompt
+    encoded by the one text path of evaluation (:meth:`Backbone.embed_texts`), on this rank alone."""
     flat = [p for ps in prompts for p in ps]
     device = next(backbone.parameters()).device
     embs = []
     for i in range(0, len(flat), batch_size):
         tok = backbone.tokenize(flat[i:i + batch_size])
         tok = {k: v.to(device) for k, v in tok.items()} if isinstance(tok, dict) else tok.to(device)
-        embs.append(F.normalize(backbone.encode_text(tok).float(), dim=-1))
+        embs.append(backbone.embed_texts(tok, device))
     embs = torch.cat(embs)
     out, start = [], 0
     for ps in prompts:
