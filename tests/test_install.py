@@ -68,10 +68,11 @@ def test_a_non_editable_install_runs_the_jobs_from_outside_the_checkout(tmp_path
     assert checkout.returncode == 0, checkout.stderr[-2000:]
     assert installed == json.loads((tmp_path / "checkout" / "metrics.json").read_text())["headline"]
     assert installed["captions"]["coarse"]["n"] == 1504  # the sample's coarse-grained questions, all scored
-    demo = _run([venv / "bin" / "microbench", "train", "experiment=demo", "trainer.max_epochs=1", "study.alphas=[0,1]",
+    demo = _run([venv / "bin" / "microbench", "train", "experiment=demo", "model=tiny", "trainer.max_epochs=1",
+                 "study.alphas=[0,1]",
                  "bootstrap.n_resamples=99", "+trainer.enable_progress_bar=false"], cwd=work, env=env)
     assert demo.stdout.strip().splitlines()[-1].startswith("forgetting report: ")  # the main job, fit and study
-    assert (work / ".cache" / "bases").is_dir() and (work / "logs" / "demo" / "runs").is_dir()  # under the folder
+    assert (work / "logs" / "demo" / "runs").is_dir() and (work / "checkpoints" / "demo").is_dir()  # under the folder
     bad = subprocess.run([python, "-m", "microbench", "eval", "model=nope"], cwd=work, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "nope" in bad.stderr

@@ -23,18 +23,14 @@ from microbench.distributed import local_only
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
 from microbench.results.record import RunRecord
-from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_run
+from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_fit
 from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
     bootstrap_settings,
     build_model,
-    close_loggers,
     container,
-    fitted_checkpoints,
-    instantiate_callbacks,
-    instantiate_loggers,
+    fit_model,
     start_run,
-    trainer_for,
 )
 
 log = logging.getLogger(__name__)
@@ -165,16 +161,9 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
         check_resume_checkpoint(cfg.ckpt_path, "finetune", backbone.name)
     module = instantiate(cfg.module)(backbone=backbone, seed=cfg.seed, record=fit_record)
     ckpt_dir = Path(cfg.checkpoint_dir)
-    named = instantiate_callbacks(cfg)
-    callbacks = list(named.values())
     study_cb = forgetting_callback(cfg, backbone, out_dir, base_state=base_state)
-    if study_cb is not None:
-        callbacks.append(study_cb)
-    trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer, best, last = fit_model(cfg, module, dm, study_cb)
     fit_s = time.perf_counter() - t0
-
-    best, last = fitted_checkpoints(trainer, named, ckpt_dir)
     fit: dict[str, Any] = {"fit_seconds": round(fit_s, 2), "best_checkpoint": best or None,
                            "last_checkpoint": last or None, "checkpoint_dir": str(ckpt_dir) if (best or last) else None,
                            "class_space": dm.class_space.to_dict(),
@@ -205,10 +194,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
                         data={**dm.source.to_dict(), "filters": dm.filters},
                         split={"name": "test", **dm.split_spec.to_dict()}, headline=headline, metrics={},
                         world_size=trainer.world_size, specialty=specialty, chain=chain, **fit)
-    if trainer.is_global_zero:
-        write_run(out_dir, record, name="train_metrics.json")
-    record.outputs = outputs
-    close_loggers(trainer.loggers)
+    write_fit(out_dir, record, trainer, outputs)
     return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
 
 

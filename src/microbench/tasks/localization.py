@@ -38,17 +38,15 @@ from microbench.tasks.records import (
     LocalizationRecordWriter,
     new_record,
     run_context,
+    write_fit,
     write_run,
 )
 from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
     bootstrap_settings,
     build_model,
-    close_loggers,
     container,
-    fitted_checkpoints,
-    instantiate_callbacks,
-    instantiate_loggers,
+    fit_model,
     log_record,
     start_run,
     trainer_for,
@@ -79,15 +77,8 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
     context = run_context(cfg, t0, out_dir, bootstrap=bootstrap_settings(cfg))
     module = instantiate(cfg.module)(backbone=backbone, class_names=dm.class_names, record=fit_record,
                                      on_scored=LocalizationRecordWriter(context), seed=int(cfg.seed))
-    ckpt_dir = Path(cfg.checkpoint_dir)  # resolved once (its ${now:...}), the callbacks' dirpath
-    named = instantiate_callbacks(cfg)
-    callbacks = list(named.values())
     study_cb = _forgetting_callback(cfg, backbone, dm, module, out_dir)
-    if study_cb is not None:
-        callbacks.append(study_cb)
-    trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    best, last = fitted_checkpoints(trainer, named, ckpt_dir)
+    trainer, best, last = fit_model(cfg, module, dm, study_cb)
     fit: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - t0, 2), "best_checkpoint": best or None,
                            "last_checkpoint": last or None, "class_names": dm.class_names}
     headline: dict = {}
@@ -104,10 +95,7 @@ def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
         fit["forgetting"] = {**fields, "localization_test": st["splits"]["test"]["localization"]}
     fit["total_seconds"] = round(time.perf_counter() - t0, 2)
     record = _fit_record(context, module, dm, headline, fit)
-    if trainer.is_global_zero:
-        write_run(out_dir, record, name="train_metrics.json")
-    record.outputs = outputs  # the test's results.md, not the fit's JSON, is what a reader opens
-    close_loggers(trainer.loggers)
+    write_fit(out_dir, record, trainer, outputs)  # outputs: the test's results.md is what a reader opens
     return record, {"backbone": backbone, "datamodule": dm, "module": module, "trainer": trainer}
 
 

@@ -23,7 +23,7 @@ from microbench.models.backbones.base import state_fingerprint
 from microbench.results.io import write_json, write_parquet, write_text
 from microbench.results.record import RunRecord, metric_entry
 from microbench.results.report import fmt_value, localization_markdown, pct, results_markdown
-from microbench.tasks.trainer import container
+from microbench.tasks.trainer import close_loggers, container
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +198,12 @@ class LocalizationRecordWriter:
 
     def __call__(self, result: dict, module) -> None:
         write_localization_run(result, module, context=self.context)
+
+
+def write_fit(out_dir: Path, record, trainer: L.Trainer, outputs: dict):
+    """The end of every fitting task: ``train_metrics.json`` (rank 0), the summary's outputs, the loggers closed."""
+    if trainer.is_global_zero:
+        write_run(out_dir, record, name="train_metrics.json")
+    record.outputs = outputs
+    close_loggers(trainer.loggers)
+    return record

@@ -211,6 +211,18 @@ def fitted_checkpoints(trainer: L.Trainer, callbacks: dict, ckpt_dir: Path) -> t
     return best, last
 
 
+def fit_model(cfg: DictConfig, module: L.LightningModule, datamodule, study=None) -> tuple[L.Trainer, str, str]:
+    """What every fitting task does: the configured callbacks (and a fit's forgetting study, ``study``), a Trainer
+    with the loggers, the fit (resumed from ``ckpt_path``), and the (best, last) checkpoints it wrote."""
+    ckpt_dir = Path(cfg.checkpoint_dir)  # resolved once (its ${now:...}), the callbacks' dirpath
+    named = instantiate_callbacks(cfg)
+    callbacks = [*named.values(), *([study] if study is not None else [])]
+    trainer = trainer_for(cfg, callbacks=callbacks, logger=instantiate_loggers(cfg) or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    best, last = fitted_checkpoints(trainer, named, ckpt_dir)
+    return trainer, best, last
+
+
 def _newest(folder: Path, pattern: str) -> str:
     found = sorted(Path(folder).glob(pattern))
     return str(found[-1]) if found else ""
