@@ -92,9 +92,9 @@ class LabelledRowDataset(Dataset):
         item_seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(i)) % 2**62
         try:
             image = self.hf_images[row]["image"].convert("RGB")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed)
-                pixels = self.transform(image)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator alone, restored after the item
+                torch.default_generator.manual_seed(item_seed)  # not torch.manual_seed: that also seeds every
+                pixels = self.transform(image)  # accelerator's generators outside the fork, formatting a stack each
         except Exception as err:  # noqa: BLE001 - counted skip
             return {"pixel_values": None, "index": i, "error": f"row {row}: {type(err).__name__}: {err}"}
         texts = self.texts[i]
