@@ -65,3 +65,28 @@ def test_a_forked_run_leaves_the_temporary_folders_of_the_next_run_in_place(tmp_
     for _ in range(2):
         res = run_cli([script], cwd=tmp_path)
         assert (res.returncode, res.stdout.strip()) == (0, "wrote"), res.stderr[-1000:]
+
+
+def test_a_job_closes_its_process_group_as_it_ends_even_when_it_fails(tmp_path, monkeypatch, capsys):
+    """A rank of `trainer=ddp` (one process each) that exits with its Gloo group open can abort at interpreter
+    shutdown (SIGABRT, exit -6, "terminate called without an active exception") after writing its results: seen
+    once in the suite's process-per-rank evaluation. Every job now closes the group as it ends, whatever happens."""
+    import sys
+
+    import torch.distributed as dist
+
+    from microbench.distributed import close_process_group
+    from microbench.jobs import run_job
+
+    assert close_process_group() is False  # none open: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(sys, "argv", ["src/eval.py", f"data.path={tmp_path / 'missing'}",
+                                      f"paths.output_dir={tmp_path / 'out'}", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_job("eval")
+        assert stop.value.code == 2 and "error: data path" in capsys.readouterr().err
+        assert not dist.is_initialized()
+    finally:
+        close_process_group()

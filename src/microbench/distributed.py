@@ -40,6 +40,17 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def close_process_group() -> bool:
+    """Destroy this process's default process group if one is open (True when one was). Each job calls it as it
+    ends: a process that exits with a Gloo group still open can abort at interpreter shutdown, its worker threads
+    destroyed while joinable ("terminate called without an active exception", SIGABRT, exit code -6, after the run
+    wrote its results; pytorch/pytorch#190489)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
+
+
 @contextlib.contextmanager
 def local_only():
     """Within this block, this process works alone: samplers do not shard, nothing is gathered, and a Lightning

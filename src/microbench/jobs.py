@@ -29,4 +29,9 @@ def run_job(job: str) -> None:
         print("\n".join(summary(record)))
 
     app.__module__ = f"microbench.{job}"  # Hydra names the job after it: hydra.job.name, the run's <job>.log
-    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=f"{job}.yaml")(app)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=f"{job}.yaml")(app)()
+    finally:  # every rank of a trainer=ddp run (one process each) closes its process group before it exits
+        from microbench.distributed import close_process_group
+
+        close_process_group()
