@@ -542,7 +542,7 @@ def test_the_study_is_sharded_over_ddp_ranks_and_identical_to_one_process(tmp_pa
 
 
 @pytest.mark.parametrize(("override", "message"), [("model.epochs=0", "model.epochs must be an integer >= 1"),
-                                                   ("model.lr=0", "model.lr must be > 0")])
+                                                   ("model.lr=0", "model.lr must be a number > 0")])
 def test_an_impossible_generalist_recipe_is_one_line(tmp_path, cfg_train, override, message):
     from microbench.errors import UserError
     from microbench.tasks.registry import train

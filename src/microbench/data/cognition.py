@@ -41,7 +41,8 @@ from microbench.data.datamodule import (
     default_transform,
     unique_images,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, positive_int
+from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id
+from microbench.options import NonNegativeInt, PositiveInt, checked
 
 log = logging.getLogger(__name__)
 
@@ -380,13 +381,14 @@ class CognitionDataModule(L.LightningDataModule):
         split: official layout: one split folder (default: all); MicroVQA: the Hub split (``train``).
     """
 
+    @checked("data", MicroBenchDataError)
     def __init__(self, path: str = "sample", format: str = "auto", revision: str | None = None,
-                 split: str | None = None, batch_size: int = 32, num_workers: int = 0, image_size: int = 224,
+                 split: str | None = None, batch_size: PositiveInt = 32, num_workers: NonNegativeInt = 0,
+                 image_size: int = 224,
                  transform: Callable | None = None) -> None:
         super().__init__()
         self.path, self.format, self.revision, self.split_name = path, format, revision, split
-        self.batch_size = positive_int("data.batch_size", batch_size)
-        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.transform = transform or default_transform(image_size)
         self.items: CognitionItems | None = None
         self.rows: pd.DataFrame | None = None

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from microbench import distributed
 from microbench.data import splits as splits_mod
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench, positive_int
+from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id, load_ubench
 from microbench.data.questions import QuestionTable, build_question_table
 from microbench.data.schema import HUB_REVISION
+from microbench.options import NonNegativeInt, PositiveInt, checked
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,7 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
             used by every evaluation loader (scoring, features, studies); None: decode every time.
     """
 
+    @checked("data", MicroBenchDataError)
     def __init__(
         self,
         path: str = "sample",
@@ -285,8 +287,8 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
         domains: Sequence[str] | str | None = None,
         modalities: Sequence[str] | str | None = None,
         subdomains: Sequence[str] | str | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 32,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
         image_size: int = 224,
         strict_filters: bool = True,
@@ -305,8 +307,7 @@ class PerceptionDataModule(SplitLoaders, L.LightningDataModule):
                         "modality": as_list(modalities), "subdomain": as_list(subdomains)}
         self.exclude_datasets = as_list(exclude_datasets) or []
         self.strict_filters = strict_filters
-        self.batch_size = positive_int("data.batch_size", batch_size)
-        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory = pin_memory
         self.transform = transform or default_transform(image_size)
         self.train_transform = train_transform or self.transform

@@ -39,20 +39,6 @@ class MicroBenchDataError(UserError):
     """A μ-Bench copy cannot be used; the message is one line saying why and how to fix it."""
 
 
-def positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``, or a one-line error naming the config key (``data.batch_size=abc``)."""
-    if isinstance(value, bool) or not isinstance(value, int | str | float):
-        raise MicroBenchDataError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        number = int(value) if not isinstance(value, float) or value.is_integer() else None
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise MicroBenchDataError(f"{name} must be an integer >= {minimum}, got {value!r}: e.g. {name}=32"
-                                  if minimum >= 1 else f"{name} must be an integer >= {minimum}, got {value!r}")
-    return number
-
-
 def check_data_path(path: str | os.PathLike | None) -> None:
     """The cheap part of :func:`load_ubench`'s checks (no data read): run before building a model, so a typo in
     ``data.path`` never costs a model download first."""

@@ -41,8 +41,9 @@ from microbench.data.datamodule import (
     load_split_rows,
     prepare_hub_copy,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError, positive_int
+from microbench.data.loading import DataSource, MicroBenchDataError
 from microbench.data.schema import HUB_REVISION, parse_bboxes, parse_polygons
+from microbench.options import NonNegativeInt, PositiveInt, checked
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,11 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
             of whole images; use with the head's ``tile_size`` for fields much larger than the tower's input.
     """
 
+    @checked("data", MicroBenchDataError)
     def __init__(self, path: str = "sample", revision: str | None = HUB_REVISION, targets: str = "boxes",
                  classes: Sequence[str] | str | None = None, datasets: Sequence[str] | str | None = None,
                  exclude_datasets: Sequence[str] | str | None = None, split: str = "test", split_seed: int = 0,
-                 split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: int = 8, num_workers: int = 0,
+                 split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0,
                  pin_memory: bool = False, augment: bool = True, strict_filters: bool = True,
                  train_crop_size: int | None = None) -> None:
         super().__init__()
@@ -266,8 +268,7 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
         self.filters = {"dataset": as_list(datasets), "classes": self.classes}
         self.exclude_datasets = as_list(exclude_datasets) or []
         self.split_spec = splits_mod.SplitSpec(split_seed, *map(float, split_fractions))
-        self.batch_size = positive_int("data.batch_size", batch_size)
-        self.num_workers = positive_int("data.num_workers", num_workers, minimum=0)
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory = pin_memory
         self.augment, self.strict_filters, self.train_crop_size = augment, strict_filters, train_crop_size
         self.hf = None

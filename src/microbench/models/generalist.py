@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from microbench.data.labelled import LabelledDataModule
-from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone
 from microbench.models.backbones.registry import build_backbone
 from microbench.models.finetune import FineTuneModule
+from microbench.options import PositiveFloat, PositiveInt, checked
 from microbench.results.io import cache_key, write_json, write_torch
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,13 @@ def _read_cached(path: Path) -> dict | None:
     return None
 
 
+@checked("model")
 def build_generalist(backbone: dict, data_path: str = "sample", revision: str | None = None, split_seed: int = 0,
-                     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), epochs: int = 20,
-                     lr: float = 1e-3, weight_decay: float = 0.1, batch_size: int = 32, seed: int = 0,
+                     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), epochs: PositiveInt = 20,
+                     lr: PositiveFloat = 1e-3, weight_decay: float = 0.1, batch_size: PositiveInt = 32, seed: int = 0,
                      cache_dir: str | None = None, accelerator: str = "cpu") -> Backbone:
     """``backbone`` (a ``build_backbone`` config) trained contrastively on the train split of every dataset of
     ``data_path``; from the cache when this exact recipe was built before."""
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise UserError(f"model.epochs must be an integer >= 1 (the generalist base's training epochs), got {epochs!r}")
-    if not float(lr) > 0:
-        raise UserError(f"model.lr must be > 0 (the generalist base's learning rate), got {lr!r}")
     bb = build_backbone(**backbone)
     recipe = {"epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
               "batch_size": int(batch_size), "seed": int(seed), "objective": "contrastive"}

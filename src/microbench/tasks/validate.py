@@ -4,7 +4,9 @@ fix (a typo in an experiment file otherwise reaches the target as a key it ignor
 
 A target's options are its signature's parameters; a target that takes ``**kwargs`` and dispatches on them
 declares its options per node with an ``options(node)`` attribute (``build_backbone``: the adapter of
-``kind``; ``build_generative_backend``: the backend of ``backend``), or is not checked.
+``kind``; ``build_generative_backend``: the backend of ``backend``), or is not checked. The value of an option whose
+annotation bounds it (``batch_size: PositiveInt``, :mod:`microbench.options`) must lie in its range; a dispatching
+target names what a node builds with a ``builds(node)`` attribute, whose annotations are read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from microbench.errors import UserError
-from microbench.options import signature_options
+from microbench.options import signature_options, value_problems
 
 #: keys of a node that Hydra's instantiate reads itself
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
@@ -53,13 +55,32 @@ def config_problems(cfg: DictConfig) -> list[str]:
         except Exception:  # noqa: BLE001 - an unimportable target is reported where it is built, with its fix
             continue
         options = options_of(target, node)
-        if options is None:
-            continue
-        for key in sorted(set(node.keys()) - options - HYDRA_KEYS):
+        unknown = set() if options is None else set(node.keys()) - options - HYDRA_KEYS  # None: takes **kwargs
+        for key in sorted(unknown):
             close = difflib.get_close_matches(str(key), sorted(options), n=1)
             hint = f"did you mean {path}.{close[0]}?" if close else f"its options: {', '.join(sorted(options))}"
             problems.append(f"{path}.{key} is not an option of {node._target_} ({hint})")
+        problems += value_problems(_built(target, node), _plain_values(node), path)
     return problems
+
+
+def _built(target, node: DictConfig):
+    """What ``node`` builds: a dispatching target's ``builds(node)``, else the target itself."""
+    builds = getattr(target, "builds", None)
+    return (builds(node) or target) if callable(builds) else target
+
+
+def _plain_values(node: DictConfig) -> dict:
+    """The node's keys whose values are set (neither missing nor an interpolation that does not resolve yet)."""
+    out = {}
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            continue
+        try:
+            out[str(key)] = node[key]
+        except Exception:  # noqa: BLE001 - an interpolation resolved only at run time is checked when built
+            continue
+    return out
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -46,3 +46,4 @@ def generative_options(node) -> set[str] | None:
 
 build_generative_backend.family = "generative"  # read by microbench.tasks without building
 build_generative_backend.options = generative_options
+build_generative_backend.builds = lambda node: BACKENDS.get(str(node.get("backend", "openai")))  # its annotations

@@ -106,15 +106,6 @@ def request_key(model: str, prompt: str, image_digests: Sequence[str], params: d
     return cache_key({"model": model, "prompt": prompt, "params": params, "images": list(image_digests)}, length=None)
 
 
-def checked_option(check, name: str, value, **kwargs):
-    """A numeric model option checked by ``check`` (e.g. ``positive_int``), its error as a model error."""
-    from microbench.data.loading import MicroBenchDataError
-    try:
-        return check(name, value, **kwargs)
-    except MicroBenchDataError as err:
-        raise GenerativeBackendError(str(err)) from None
-
-
 class GenerativeBackend:
     """Shared by the backends: the cache, the counters and the run-level bookkeeping."""
 

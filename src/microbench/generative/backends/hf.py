@@ -14,8 +14,8 @@ from microbench.generative.backends.base import (
     GenerativeBackendError,
     Request,
     Result,
-    checked_option,
 )
+from microbench.options import PositiveInt, checked
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,15 @@ class HFVisionBackend(GenerativeBackend):
 
     backend = "hf"
 
+    @checked("model", GenerativeBackendError)
     def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
-                 batch_size: int = 8, max_new_tokens: int | None = 16, cache_dir: str | Path | None = None,
+                 batch_size: PositiveInt = 8, max_new_tokens: int | None = 16, cache_dir: str | Path | None = None,
                  blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
-                 hf_cache_dir: str | None = None, max_length: int | None = None, fail_fast_after: int = 8) -> None:
+                 hf_cache_dir: str | None = None, max_length: int | None = None,
+                 fail_fast_after: PositiveInt = 8) -> None:
         import torch
 
-        from microbench.data.loading import positive_int
-
-        self.fail_fast_after = checked_option(positive_int, "model.fail_fast_after", fail_fast_after)
-        batch_size = checked_option(positive_int, "model.batch_size", batch_size)
+        self.fail_fast_after = fail_fast_after
 
         super().__init__(model, cache_dir, blind, prompt)
         from microbench.models.backbones.registry import hub_unreachable

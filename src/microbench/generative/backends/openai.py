@@ -20,8 +20,8 @@ from microbench.generative.backends.base import (
     GenerativeBackendError,
     Request,
     Result,
-    checked_option,
 )
+from microbench.options import NonNegativeInt, PositiveFloat, PositiveInt, checked
 
 
 def _mime(data: bytes) -> str | None:
@@ -91,23 +91,19 @@ class OpenAICompatibleBackend(GenerativeBackend):
 
     backend = "openai"
 
+    @checked("model", GenerativeBackendError)
     def __init__(self, model: str, base_url: str = "http://localhost:8000/v1", api_key_env: str | None =
-                 "OPENAI_API_KEY", max_concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 6,
+                 "OPENAI_API_KEY", max_concurrency: PositiveInt = 16, timeout_s: PositiveFloat = 120.0,
+                 max_retries: NonNegativeInt = 6,
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 64,
                  top_p: float | None = None, seed: int | None = 0, logprobs: bool = True, top_logprobs: int = 5,
                  image_detail: str | None = "high", cache_dir: str | Path | None = None, blind: bool = False,
-                 prompt: str = "official", fail_fast_after: int = 8) -> None:
-        from microbench.data.loading import positive_int
-
+                 prompt: str = "official", fail_fast_after: PositiveInt = 8) -> None:
         super().__init__(model, cache_dir, blind, prompt)
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
-        self.max_concurrency = checked_option(positive_int, "model.max_concurrency", max_concurrency)
-        self.max_retries = checked_option(positive_int, "model.max_retries", max_retries, minimum=0)
-        self.fail_fast_after = checked_option(positive_int, "model.fail_fast_after", fail_fast_after)
-        self.timeout_s = float(timeout_s)
-        if not self.timeout_s > 0:
-            raise GenerativeBackendError(f"model.timeout_s must be > 0 seconds, got {timeout_s!r}")
+        self.max_concurrency, self.max_retries = max_concurrency, max_retries
+        self.fail_fast_after, self.timeout_s = fail_fast_after, float(timeout_s)
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.gen = {"temperature": temperature, "max_tokens": max_tokens, "top_p": top_p, "seed": seed}
         self.logprobs, self.top_logprobs, self.image_detail = logprobs, top_logprobs, image_detail

@@ -101,3 +101,5 @@ def backbone_options(node) -> set[str] | None:
 
 build_backbone.family = "contrastive"  # the family of what it builds, read by microbench.tasks without building
 build_backbone.options = backbone_options  # what a model node may set (tasks/validate.py)
+build_backbone.builds = lambda node: (adapter(str(node.get("kind", "open_clip")))  # whose annotations bound values
+                                      if str(node.get("kind", "open_clip")) in ADAPTERS else None)
