@@ -132,3 +132,29 @@ def test_the_range_check_is_pydantics_reading_of_the_annotation(value):
         if problem is None:
             assert got == want and type(got) is type(want)
     assert check_value("a", specs["a"], True)[1] == "a must be an integer >= 1, got True"
+
+
+# --- one word for each idea: `task` is what runs, `run_name` what the run is called ------------------------------
+
+def test_run_name_names_the_run_and_the_old_task_name_is_rewritten_or_refused(tmp_path, cfg_eval, capsys):
+    """`task_name` (lightning-hydra-template's word) read as the name of `task`; it is `run_name` now: the old
+    override is rewritten with a note, a config file that still sets it is one line (it would be ignored), and a
+    record or checkpoint written before the rename is read either way."""
+    import sys
+
+    from microbench.entry import rename_overrides
+    from microbench.errors import UserError
+    from microbench.results.record import run_name_of
+    from microbench.tasks.validate import check_config
+
+    cfg = cfg_eval([])
+    assert cfg.run_name == "eval" and cfg.task == "perception" and "task_name" not in cfg
+    argv = ["src/train.py", "experiment=demo", "task_name=my_run"]
+    assert rename_overrides(argv, "train") == ["src/train.py", "experiment=demo", "run_name=my_run"]
+    assert "note: task_name= is now run_name=" in capsys.readouterr().err
+    old_file = cfg_eval(["+task_name=my_run"])  # as a user's experiment file that sets `task_name:` composes
+    with pytest.raises(UserError, match=r"^1 config problem\(s\), nothing was run: task_name in the config is now "
+                                        r"run_name .*: rename it in your config file$"):
+        check_config(old_file)
+    assert run_name_of({"run_name": "a"}) == "a" and run_name_of({"task_name": "b"}) == "b"
+    assert run_name_of(None) is None and sys.argv  # (argv of this process untouched)

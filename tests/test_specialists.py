@@ -28,7 +28,7 @@ def test_a_fluorescence_specialist_is_studied_on_the_whole_benchmark_without_nan
     from microbench.tasks.registry import train
 
     out = tmp_path / "fluo"
-    train(cfg_train(["experiment=demo", "task_name=fluo_specialist", "data.datasets=null",
+    train(cfg_train(["experiment=demo", "run_name=fluo_specialist", "data.datasets=null",
                      "data.modalities=[fluorescence microscopy]", "trainer.max_epochs=1", "eval_in_domain=false",
                      "study.alphas=[0,0.5,1]", "study.result_cache=null",
                      "+trainer.enable_progress_bar=false", f"paths.output_dir={out}", f"checkpoint_dir={out / 'ckpt'}"]))

@@ -118,17 +118,23 @@ RENAMED = {
 }
 
 
+#: renamed in every job: what a run is called (its folders, its W&B name) is ``run_name``; ``task`` is what runs
+RENAMED_IN_EVERY_JOB = {"task_name": "run_name"}
+WHY_RENAMED = {"run_name": "`task` is what runs, `run_name` what the run is called: its folders and W&B name"}
+
+
 def rename_overrides(argv: list[str], script: str) -> list[str]:
-    """Old override names keep working: each is rewritten in place to its new name (:data:`RENAMED`), with one
-    line on stderr naming the new one."""
-    table = RENAMED.get(script, {})
+    """Old override names keep working: each is rewritten in place to its new name (:data:`RENAMED`,
+    :data:`RENAMED_IN_EVERY_JOB`), with one line on stderr naming the new one."""
+    table = {**RENAMED.get(script, {}), **RENAMED_IN_EVERY_JOB}
     for i, arg in enumerate(argv[1:], 1):
         prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
         name, eq, value = arg[len(prefix):].partition("=")
         if name in table:
-            argv[i] = f"{prefix}{table[name]}{eq}{value}"
-            print(f"note: {name}= is now {table[name]}= (the study's settings are the `study` config group, "
-                  f"configs/study/); using {table[name]}{eq}{value}", file=sys.stderr)
+            new = table[name]
+            why = WHY_RENAMED.get(new, "the study's settings are the `study` config group, configs/study/")
+            argv[i] = f"{prefix}{new}{eq}{value}"
+            print(f"note: {name}= is now {new}= ({why}); using {new}{eq}{value}", file=sys.stderr)
     return argv
 
 

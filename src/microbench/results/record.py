@@ -26,6 +26,13 @@ def is_metric(value: Any) -> bool:
     return isinstance(value, dict) and "value" in value
 
 
+def run_name_of(config: dict | None) -> str | None:
+    """What a run was called, from the config its record or checkpoint keeps: ``run_name``, or ``task_name`` as
+    records and checkpoints written before the rename say."""
+    config = config or {}
+    return config.get("run_name") or config.get("task_name")
+
+
 @dataclass
 class RunRecord:
     """One run of one task.

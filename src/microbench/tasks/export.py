@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from microbench.errors import UserError
 from microbench.results.io import read_json, write_json, write_text
+from microbench.results.record import run_name_of
 
 HOW = "pass a .ckpt written by python src/train.py (task=finetune)"
 
@@ -126,7 +127,7 @@ def export(ckpt: str | Path, out: str | Path, adapter_only: bool = False) -> dic
         state, _ = load_finetuned_state(ckpt, backbone)
         backbone.load_state_dict(state)
         exported = _export_full(backbone, out)
-    name = (record.get("config") or {}).get("task_name") or ckpt.stem
+    name = run_name_of(record.get("config")) or ckpt.stem
     write_text(out / "README.md", model_card(name, record, base, fit, study, exported))
     return {"out": str(out), **exported, "results_in_card": bool(fit or study)}
 

@@ -22,7 +22,7 @@ from microbench.data.config import LABELLED_DM, ROW_FILTERS, perception_view
 from microbench.distributed import local_only
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
-from microbench.results.record import RunRecord
+from microbench.results.record import RunRecord, run_name_of
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_fit
 from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
@@ -132,7 +132,7 @@ def chain_start(cfg: DictConfig) -> dict | None:
         return None
     ckpt, record = run_checkpoint(source, "init_from")
     before = (record.get("chain") or {}).get("after", [])
-    name = (record.get("specialty") or {}).get("name") or record.get("task_name") or Path(ckpt).stem
+    name = (record.get("specialty") or {}).get("name") or run_name_of(record.get("config")) or Path(ckpt).stem
     return {"job": job, "init_from": ckpt, "after": [*before, name]}
 
 

@@ -18,7 +18,7 @@ from microbench.errors import UserError
 from microbench.models.localization import detector_from_checkpoint
 from microbench.resources import CONFIG_DIR
 from microbench.results.io import read_json, write_json
-from microbench.results.record import RunRecord
+from microbench.results.record import RunRecord, run_name_of
 from microbench.studies.forgetting import load_finetuned_state, run_study
 from microbench.studies.merging import MergeError
 from microbench.studies.report import write_report
@@ -63,10 +63,10 @@ def study_on_every_rank(trainer, study_fn, out_dir: Path, run_id: str):
 
 
 def study_group(cfg: DictConfig, fit_task: str | None) -> dict:
-    """A study of a checkpoint joins the W&B group of the fit that wrote it (the fit's task name), unless the
+    """A study of a checkpoint joins the W&B group of the fit that wrote it (the fit's run name), unless the
     config names another group (``logger.wandb.group=...``)."""
     wandb = (cfg.get("logger") or {}).get("wandb")
-    if wandb is None or not fit_task or wandb.get("group") != cfg.task_name:
+    if wandb is None or not fit_task or wandb.get("group") != cfg.run_name:
         return {}
     return {"wandb": {"group": fit_task}}
 
@@ -101,8 +101,7 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     if not targets:
         raise MergeError("cannot tell the fine-tuning datasets: the checkpoint has no class space; pass "
                          "target_datasets=[...]")
-    fit_task = ((record.get("config") or {}).get("task_name")) or (hp.get("record") or {}).get("config", {}).get(
-        "task_name")
+    fit_task = run_name_of(record.get("config")) or run_name_of((hp.get("record") or {}).get("config"))
     loggers = instantiate_loggers(cfg, **study_group(cfg, fit_task))
     for lg in loggers:
         lg.log_hyperparams(container(cfg))

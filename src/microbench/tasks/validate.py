@@ -83,8 +83,17 @@ def _plain_values(node: DictConfig) -> dict:
     return out
 
 
+def moved_root_keys(cfg: DictConfig) -> list[str]:
+    """A config file that still sets a renamed root key (``task_name:``) would have it silently ignored."""
+    from microbench.entry import RENAMED_IN_EVERY_JOB, WHY_RENAMED
+
+    return [f"{old} in the config is now {new} ({WHY_RENAMED[new]}): rename it in your config file"
+            for old, new in RENAMED_IN_EVERY_JOB.items() if old in cfg]
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Every problem of :func:`config_problems` in one error, before anything is built."""
-    problems = config_problems(cfg)
+    """Every problem of :func:`config_problems` (and :func:`moved_root_keys`) in one error, before anything is
+    built."""
+    problems = moved_root_keys(cfg) + config_problems(cfg)
     if problems:
         raise UserError(f"{len(problems)} config problem(s), nothing was run: " + "; ".join(problems))
