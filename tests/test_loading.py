@@ -242,3 +242,30 @@ def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature
         dm.setup()
         hits.append(cache.get(bb, dm, progress=False)[2])
     assert hits == [False, False, True]
+
+
+def test_a_copy_is_read_once_per_process_until_a_file_of_it_changes(sample_rows, tmp_path, monkeypatch):
+    """Each data module of a run sets up its own view of the copy (the fit, the in-domain check, the study's val and
+    test splits: five loads of one copy per demo run); the copy is read, checked and hashed once per process and
+    served again while every file under it is unchanged (path, size, mtime, inode). A shard rewritten in place is
+    another copy: read again, with its new fingerprint. Each caller gets its own DataSource."""
+    from microbench.data import loading
+
+    root = write_raw_hub_copy(sample_rows[:40], tmp_path / "copy", n_shards=2)
+    reads = []
+    real = datasets.Dataset.from_file
+    monkeypatch.setattr(datasets.Dataset, "from_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    ds1, src1 = load_ubench(root)
+    ds2, src2 = load_ubench(root)
+    assert len(reads) == 2 and ds2 is ds1 and src2 == src1 and src2 is not src1  # 2 shards, read once
+    src2.files.append("x")
+    assert load_ubench(root)[1].files == src1.files and len(reads) == 2  # a caller's edit stays its own
+    write_raw_hub_copy(sample_rows[40:80], tmp_path / "copy", n_shards=2)  # the same files, other rows
+    ds3, src3 = load_ubench(root)
+    assert len(reads) == 4 and src3.fingerprint != src1.fingerprint
+    assert ds3["image_id"] == [r["image_id"] for r in sample_rows[40:80]]
+    from microbench.resources import SAMPLE_DIR
+
+    assert load_ubench("sample")[1].kind == "sample"  # the embedded sample, and its folder named as a path:
+    assert load_ubench(SAMPLE_DIR)[1].kind == "hub-layout"  # two loads (another kind of source), not one
+    assert len(loading._LOADED) <= loading._LOADED_KEPT
