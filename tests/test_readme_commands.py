@@ -115,8 +115,19 @@ def _why_not(command: str) -> str | None:
     return next((why for pattern, why in CANNOT_RUN if re.search(pattern, command)), None)
 
 
+def _as_run(command: str) -> str:
+    """The command as it runs once the environment exists (the Quick start's ``bash scripts/setup.sh && ``)."""
+    return command.split("&& ", 1)[-1] if command.startswith("bash scripts/setup.sh") else command
+
+
+def _same_as(n: int) -> int | None:
+    """The earlier README command that is this one again (the Quick start's demo, repeated where the README
+    explains it), which ran it already."""
+    return next((m for m in range(n) if _as_run(COMMANDS[m]) == _as_run(COMMANDS[n])), None)
+
+
 def _prepare(command: str, tmp: Path, n: int) -> list[str]:
-    command = command.split("&& ", 1)[-1] if command.startswith("bash scripts/setup.sh") else command
+    command = _as_run(command)
     argv = shlex.split(command)
     assert argv[0] == ".venv/bin/python", f"unexpected README command form: {command}"
     argv[0] = sys.executable
@@ -178,6 +189,8 @@ def run_readme_command(n: int, runs: Path) -> None:
     why = _why_not(command)
     if why:
         pytest.skip(f"README command {n} not run here ({why}): {command}")
+    if _same_as(n) is not None:
+        pytest.skip(f"README command {n} is README command {_same_as(n)} again, which ran it: {command}")
     tmp = runs / f"cmd{n:02d}"
     argv = _prepare(command, tmp, n)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}

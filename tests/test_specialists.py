@@ -196,31 +196,48 @@ def test_the_specialists_study_scores_every_model_in_one_pass_as_one_matrix(tmp_
     assert "NaN" not in (out / "specialists.json").read_text()
 
 
-@pytest.mark.slow
-def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path, capsys):
-    """A multirun (`specialty=pathology,electron`) trains one specialist per group into one folder (an unknown
-    specialty is one line); `python src/specialists.py runs=<that folder>`: one process and two DDP ranks give the
-    same study."""
+@pytest.fixture(scope="module")
+def three_specialists(tmp_path_factory):
+    """The README's multirun as a user runs it (30 epochs each, the tiny generalist base, the sample), with the
+    study at its end: trained once for the tests of this file that study specialists (the sweep folder)."""
     import os
 
     from conftest import REPO
 
+    tmp = tmp_path_factory.mktemp("three_specialists")
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    train = [str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
-             "specialty=pathology,electron", "trainer.max_epochs=2", "forgetting.enabled=false", "eval_in_domain=false",
-             f"paths.log_dir={tmp_path}", f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"]
-    res = run_cli(train, cwd=REPO, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()  # one folder, one job per specialty
+    res = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
+                   "specialty=pathology,fluorescence,electron", "study_specialists=true",
+                   "forgetting.enabled=false", "eval_in_domain=false", f"paths.log_dir={tmp}",
+                   f"paths.checkpoint_dir={tmp / 'ckpt'}", "+trainer.enable_progress_bar=false"],
+                  cwd=REPO, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sweep,) = (tmp / "specialists" / "multiruns").iterdir()  # one folder, one job per specialty
+    return sweep
+
+
+@pytest.mark.slow
+def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(three_specialists, tmp_path, capsys):
+    """A multirun (`specialty=pathology,fluorescence,electron`) trains one specialist per group into one folder (an
+    unknown specialty is one line); `python src/specialists.py runs=<that folder>`: one process and two DDP ranks
+    give the same study."""
+    import os
+    import shutil
+
+    from conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"  # the shared multirun's job folders (their records name their checkpoints), to add to
+    shutil.copytree(three_specialists, sweep, ignore=shutil.ignore_patterns("study"))
     names = {}
     for sub in sorted(sweep.iterdir()):
         if (sub / "train_metrics.json").exists():
             names[sub.name] = json.loads((sub / "train_metrics.json").read_text())["specialty"]["name"]
-    assert names == {"pathology": "pathology", "electron": "electron"}
-    bad = run_cli([*train[:2], "experiment=specialist", "specialty=pathology,nope"], cwd=REPO, env=env, timeout=120)
+    assert names == {"pathology": "pathology", "fluorescence": "fluorescence", "electron": "electron"}
+    bad = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=specialist", "specialty=pathology,nope"],
+                  cwd=REPO, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: specialty=nope is not a preset; presets: biology")
-    import shutil
 
     shutil.copytree(sweep / "electron" / ".hydra", sweep / "crashed" / ".hydra")  # a job that died before its record
     shutil.copytree(sweep / "electron" / ".hydra", sweep / "failed" / ".hydra")  # and one that said why it failed
@@ -245,9 +262,10 @@ def test_src_specialists_studies_a_multirun_and_is_identical_under_ddp(tmp_path,
     assert one["splits"]["test"]["scalars"] == ddp["splits"]["test"]["scalars"] and one["chosen"] == ddp["chosen"]
     assert ddp["splits"]["test"]["sweep"]["ranks"] == 2
     assert ddp["splits"]["test"]["sweep"]["decoded_images"] == one["splits"]["test"]["images"]
-    assert {s["name"] for s in one["specialists"]} == {"pathology", "electron"}
-    assert set(one["splits"]["test"]["models"]) == {"base", "specialist:pathology", "specialist:electron",
-                                                   "uniform_soup", "task_arithmetic", "ties", "dare", "model_stock"}
+    assert {s["name"] for s in one["specialists"]} == {"pathology", "fluorescence", "electron"}
+    assert set(one["splits"]["test"]["models"]) == {"base", "specialist:pathology", "specialist:fluorescence",
+                                                   "specialist:electron", "uniform_soup", "task_arithmetic", "ties",
+                                                   "dare", "model_stock"}
     # W&B: the matrix and merges tables, the heatmap, the scalars as summary values (read from the offline run)
     from wandb_files import offline_run
 
@@ -457,23 +475,13 @@ def test_specialists_merges_are_plugins_pinned_to_the_merging_functions(tmp_path
 
 @pytest.mark.slow
 def test_three_specialists_on_the_sample_gain_on_their_group_and_the_report_names_the_merges_that_beat_them(
-        tmp_path):
-    """The README's multirun as a user runs it (30 epochs each, the tiny generalist base, the sample), with the study
-    at its end: a specialist gains on its own group with a paired CI above 0, and the report states, for each
-    specialist, which merged models beat it outside its group (exactly those whose paired CI is above 0)."""
-    import os
+        three_specialists):
+    """The README's multirun as a user runs it (the `three_specialists` fixture: 30 epochs each, the study at its
+    end): a specialist gains on its own group with a paired CI above 0, and the report states, for each specialist,
+    which merged models beat it outside its group (exactly those whose paired CI is above 0)."""
     import re
 
-    from conftest import REPO
-
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    res = run_cli([str(REPO / "src" / "train.py"), "-m", "experiment=specialist",
-                          "specialty=pathology,fluorescence,electron", "study_specialists=true",
-                          "forgetting.enabled=false", "eval_in_domain=false", f"paths.log_dir={tmp_path}",
-                          f"paths.checkpoint_dir={tmp_path / 'ckpt'}", "+trainer.enable_progress_bar=false"],
-                         cwd=REPO, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    (sweep,) = (tmp_path / "specialists" / "multiruns").iterdir()
+    sweep = three_specialists
     study = json.loads((sweep / "study" / "specialists.json").read_text())
     test = study["splits"]["test"]["scalars"]
     gains = {n: s["gain"] for n, s in test["specialists"].items()}
