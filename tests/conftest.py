@@ -180,10 +180,12 @@ def copy_without_column(column: str, root: Path) -> Path:
 # --- command-line runs: through a pre-imported, forking Python (tests/zygote.py) when that is the same -----------
 
 #: environment variables a child may set differently from the server's: read when a run needs them, never at import
-#: (pytest's own, PYTEST_CURRENT_TEST, change with every test; Lightning and torch.compile set the last two in the
-#: tests' process, and read them when a run asks for CUDA or compiles)
+#: (pytest's own, PYTEST_CURRENT_TEST, change with every test; Lightning and torch.compile set the others in the
+#: tests' process, and read them when a run asks for CUDA, compiles or seeds: every in-process fit's
+#: seed_everything sets PL_GLOBAL_SEED and PL_SEED_WORKERS, which sent each later CLI of that worker to a fresh
+#: interpreter, ~6 s of imports each)
 _RUNTIME_ENV = re.compile(r"^(WANDB_|MICROBENCH_|PYTEST_)|^(PYTHONUNBUFFERED|PYTORCH_NVML_BASED_CUDA_CHECK|"
-                          r"TORCHINDUCTOR_CACHE_DIR)$")
+                          r"TORCHINDUCTOR_CACHE_DIR|PL_GLOBAL_SEED|PL_SEED_WORKERS)$")
 
 
 class _Zygote:

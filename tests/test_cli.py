@@ -71,14 +71,17 @@ def test_a_job_closes_its_process_group_as_it_ends_even_when_it_fails(tmp_path, 
     """A rank of `trainer=ddp` (one process each) that exits with its Gloo group open can abort at interpreter
     shutdown (SIGABRT, exit -6, "terminate called without an active exception") after writing its results: seen
     once in the suite's process-per-rank evaluation. Every job now closes the group as it ends, whatever happens."""
+    import os
     import sys
 
     import torch.distributed as dist
 
+    from conftest import REPO
     from microbench.distributed import close_process_group
     from microbench.jobs import run_job
 
     assert close_process_group() is False  # none open: nothing to do
+    monkeypatch.setenv("PROJECT_ROOT", os.environ.get("PROJECT_ROOT", str(REPO)))  # run_job sets it: restored after
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     monkeypatch.setattr(sys, "argv", ["src/eval.py", f"data.path={tmp_path / 'missing'}",
                                       f"paths.output_dir={tmp_path / 'out'}", "hydra/job_logging=none",
@@ -90,3 +93,31 @@ def test_a_job_closes_its_process_group_as_it_ends_even_when_it_fails(tmp_path, 
         assert not dist.is_initialized()
     finally:
         close_process_group()
+
+
+def test_a_cli_after_an_in_process_fit_still_runs_in_a_fork_of_the_pre_imported_python():
+    """Lightning's seed_everything (every in-process fit) leaves PL_GLOBAL_SEED and PL_SEED_WORKERS in the tests'
+    environment; they are read when a run seeds, never at import, so a fork of the pre-imported Python is still the
+    same as a fresh one (before: every later command line of that worker paid a fresh interpreter's imports)."""
+    import os
+
+    import lightning as L
+
+    from conftest import _SESSION_ENV, _same_as_a_fresh_python
+
+    if os.environ.get("MICROBENCH_TESTS_NO_ZYGOTE"):
+        pytest.skip("MICROBENCH_TESTS_NO_ZYGOTE is set: every command line runs in a fresh interpreter")
+    saved = dict(os.environ)
+    try:
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+            os.environ.pop(key, None)
+        before = dict(os.environ)
+        L.seed_everything(3, workers=True)
+        changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+        assert changed >= {"PL_GLOBAL_SEED"}, changed
+        after_fit = {**_SESSION_ENV, **{k: os.environ[k] for k in changed}}  # the session's, as a fit leaves it
+        assert _same_as_a_fresh_python(["src/eval.py"], after_fit)
+        assert not _same_as_a_fresh_python(["src/eval.py"], {**after_fit, "OMP_NUM_THREADS": "7"})  # at import
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
