@@ -182,10 +182,12 @@ def copy_without_column(column: str, root: Path) -> Path:
 #: environment variables a child may set differently from the server's: read when a run needs them, never at import
 #: (pytest's own, PYTEST_CURRENT_TEST, change with every test; Lightning and torch.compile set the others in the
 #: tests' process, and read them when a run asks for CUDA, compiles or seeds: every in-process fit's
-#: seed_everything sets PL_GLOBAL_SEED and PL_SEED_WORKERS, which sent each later CLI of that worker to a fresh
+#: seed_everything sets PL_GLOBAL_SEED and PL_SEED_WORKERS, an in-process ddp_spawn MASTER_PORT, a deterministic
+#: Trainer CUBLAS_WORKSPACE_CONFIG (read when cuBLAS starts): each sent every later CLI of that worker to a fresh
 #: interpreter, ~6 s of imports each)
 _RUNTIME_ENV = re.compile(r"^(WANDB_|MICROBENCH_|PYTEST_)|^(PYTHONUNBUFFERED|PYTORCH_NVML_BASED_CUDA_CHECK|"
-                          r"TORCHINDUCTOR_CACHE_DIR|PL_GLOBAL_SEED|PL_SEED_WORKERS)$")
+                          r"TORCHINDUCTOR_CACHE_DIR|PL_GLOBAL_SEED|PL_SEED_WORKERS|MASTER_ADDR|MASTER_PORT|"
+                          r"CUBLAS_WORKSPACE_CONFIG)$")
 
 
 class _Zygote:

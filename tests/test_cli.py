@@ -117,6 +117,8 @@ def test_a_cli_after_an_in_process_fit_still_runs_in_a_fork_of_the_pre_imported_
         assert changed >= {"PL_GLOBAL_SEED"}, changed
         after_fit = {**_SESSION_ENV, **{k: os.environ[k] for k in changed}}  # the session's, as a fit leaves it
         assert _same_as_a_fresh_python(["src/eval.py"], after_fit)
+        for left in ({"MASTER_PORT": "29533"}, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}):  # ddp_spawn, deterministic
+            assert _same_as_a_fresh_python(["src/eval.py"], {**after_fit, **left}), left
         assert not _same_as_a_fresh_python(["src/eval.py"], {**after_fit, "OMP_NUM_THREADS": "7"})  # at import
     finally:
         os.environ.clear()
