@@ -158,3 +158,22 @@ def test_run_name_names_the_run_and_the_old_task_name_is_rewritten_or_refused(tm
         check_config(old_file)
     assert run_name_of({"run_name": "a"}) == "a" and run_name_of({"task_name": "b"}) == "b"
     assert run_name_of(None) is None and sys.argv  # (argv of this process untouched)
+
+
+def test_a_fit_started_from_another_is_named_after_that_runs_name(tmp_path):
+    """`init_from=<run>` records the chain it continues: a specialist by its specialty, any other fit by its
+    run_name (task_name in a record written before the rename; the old code read a top-level `task_name` no record
+    has, and always fell back to the checkpoint's file name, "last")."""
+    from omegaconf import OmegaConf
+
+    from microbench.tasks.finetune import chain_start
+
+    for name, config in (("new", {"run_name": "demo"}), ("old", {"task_name": "demo_old"})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "last.ckpt").write_bytes(b"")
+        (run / "train_metrics.json").write_text(json.dumps({"config": config,
+                                                            "last_checkpoint": str(run / "last.ckpt")}))
+        got = chain_start(OmegaConf.create({"init_from": str(run)}))
+        assert got == {"job": None, "init_from": str(run / "last.ckpt"),
+                       "after": [config.get("run_name") or config["task_name"]]}

@@ -3,7 +3,8 @@
 Each command is run as written, through the real entry point in its own process (a fork of a Python that imported
 the libraries already, ``tests/zygote.py``), with only these changes: the
 interpreter is this one; outputs, checkpoints and caches go to a tmp folder; fast settings are appended (fewer
-epochs, bootstrap resamples, α values, seeds, COCO's 100 detections an image for the localization fits); placeholders (``<run>``, ``<time>``, ``out/``, ``logs/``) point at
+epochs, bootstrap resamples, α values, seeds, COCO's 100 detections an image for the localization fits);
+placeholders (``<run>``, ``<time>``, ``out/``, ``logs/``) point at
 what the earlier commands of this file produced; ``data/ubench`` is a Hub-layout copy of the sample written with
 pyarrow alone; OpenAI-compatible servers are a local scripted server. Commands
 that need what this machine cannot have (a GPU, the full release, Hub weights, a cluster) are skipped with that

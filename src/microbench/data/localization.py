@@ -254,7 +254,8 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
     def __init__(self, path: str = "sample", revision: str | None = HUB_REVISION, targets: str = "boxes",
                  classes: Sequence[str] | str | None = None, datasets: Sequence[str] | str | None = None,
                  exclude_datasets: Sequence[str] | str | None = None, split: str = "test", split_seed: int = 0,
-                 split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0,
+                 split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: PositiveInt = 8,
+                 num_workers: NonNegativeInt = 0,
                  pin_memory: bool = False, augment: bool = True, strict_filters: bool = True,
                  train_crop_size: int | None = None) -> None:
         super().__init__()
