@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 from hydra.utils import instantiate
 
-from microbench.options import NonNegativeInt, PositiveFloat, PositiveInt, check_value, constrained_options
+from microbench.options import (
+    NonNegativeInt,
+    OpenShare,
+    PositiveFloat,
+    PositiveInt,
+    Share,
+    check_value,
+    constrained_options,
+)
 
 
 def test_data_config_instantiates(cfg_data):
@@ -26,17 +35,180 @@ def test_pathology_preset_on_the_sample(cfg_data):
 
 # --- the pre-run check: every key of every node a run builds is an option of what it builds ---------------------
 
-def test_every_shipped_preset_and_experiment_passes_the_pre_run_check():
+def test_every_shipped_preset_and_experiment_passes_the_pre_run_check(tmp_path):
     from conftest import REPO, compose_config
-    from microbench.tasks.validate import config_problems
+    from microbench.tasks.settings import ENTRY_SETTINGS
+    from microbench.tasks.validate import config_problems, settings_problems
 
     composed = [("train", [f"experiment={e.stem}"]) for e in sorted((REPO / "configs" / "experiment").glob("*.yaml"))]
     composed += [(job, [f"model={m.stem}"]) for m in sorted((REPO / "configs" / "model").glob("*.yaml"))
                  for job in ("eval", "train")]
     composed += [("forgetting", []), ("specialists", []), ("eval", ["task=cognition"]), ("eval", ["logger=wandb"]),
                  ("train", ["trainer=ddp_sim", "logger=wandb"])]
-    problems = {f"{job} {' '.join(o)}": config_problems(compose_config(job, o)) for job, o in composed}
-    assert len(problems) > 40 and not {k: v for k, v in problems.items() if v}
+    composed += [(job, [f"study={s.stem}", *(["forgetting.enabled=true"] if job == "train" else []),
+                        *([f"study.options.model_stock.finetuned=[{tmp_path / 'seed1.ckpt'}]"]
+                          if s.stem == "model_stock" else [])])
+                 for s in sorted((REPO / "configs" / "study").glob("*.yaml")) if s.stem != "common"
+                 for job in ("forgetting", "train")]
+    (tmp_path / "seed1.ckpt").touch()  # Model Stock's second fine-tune (the check reads that it is a file)
+    problems = {f"{job} {' '.join(o)}": (settings_problems(cfg, ENTRY_SETTINGS[job]) + config_problems(cfg))
+                for job, o in composed for cfg in [compose_config(job, o)]}
+    assert len(problems) > 50 and not {k: v for k, v in problems.items() if v}
+
+
+# --- the pre-run check: the root settings and the groups that build no target have a schema too ------------------
+
+def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any_work(tmp_path, cfg_eval, cfg_train):
+    """`sources`, `box_format`, `task`, `text_batch_size`, `bootstrap.*`, `cognition.format` were checked one at a
+    time where each was read (the bootstrap's after every image was scored, `box_format` after the model was
+    built); now a dataclass per entry (`microbench.tasks.settings`) states them and the pre-run check reports all
+    of them at once, beside the nodes' problems, before anything is built."""
+    from microbench.errors import UserError
+    from microbench.tasks.registry import evaluate, train
+
+    with pytest.raises(UserError) as err:
+        evaluate(cfg_eval(["task=nonsense", "sources=[caption]", "text_batch_size=0", "box_format=qwn",
+                           "bootstrap.confidence=1.5", "+bootstrap.n_resample=9", "cognition.format=csv",
+                           "model=openai_compatible", "model.max_concurrency=0", f"paths.output_dir={tmp_path / 'e'}"]))
+    assert str(err.value) == (
+        "8 config problem(s), nothing was run: task must be one of perception, cognition, localization; got "
+        "'nonsense'; box_format must be one of qwen, qwen_lenient, paligemma, got 'qwn'; sources must be a list, "
+        "each one of captions, questions, got ['caption']; text_batch_size must be an integer >= 1, got 0; "
+        "bootstrap.n_resample is not a setting of bootstrap (did you mean bootstrap.n_resamples?); "
+        "bootstrap.confidence must be a number in (0, 1), got 1.5; cognition.format must be one of auto, official, "
+        "table, microvqa, got 'csv'; model.max_concurrency must be an integer >= 1, got 0")
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["failed.json"]
+    with pytest.raises(UserError) as err:
+        train(cfg_train(["experiment=demo", "chain=maybe", "data.split=tset", "module.objective=mse",
+                         "test_after_fit=2", f"checkpoint_dir={tmp_path / 'ck'}"]))
+    assert str(err.value).startswith("4 config problem(s), nothing was run: chain must be true or false, got 'maybe'; "
+                                     "test_after_fit must be true or false, got 2; ")
+    assert "data.split must be one of all, train, val, test, got 'tset'" in str(err.value)
+    assert "module.objective must be one of ce, contrastive, got 'mse'" in str(err.value)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_every_problem_of_the_study_is_reported_at_once_where_a_study_runs(tmp_path, cfg_train, cfg_forgetting):
+    """The study's settings were converted one by one and the first bad one raised (a second typo cost a second
+    run); a key the study does not read (`study.selection.keep_target_gan`) was silently ignored. Now
+    `StudySpec`'s annotations and checks report every one, before the fit, and only where a study will run."""
+    from microbench.errors import UserError
+    from microbench.tasks.registry import forgetting, train
+    from microbench.tasks.study import study_problems
+
+    bad = ["study.alphas=[0,2]", "study.towers=text", "+study.selection.keep_target_gan=0.5",
+           "study.selection.trade_off_weight=-1", "study.methods=[tiez]", "bootstrap.n_resamples=0"]
+    with pytest.raises(UserError) as err:
+        train(cfg_train(["experiment=demo", "forgetting.enabled=true", *bad, f"checkpoint_dir={tmp_path / 'ck'}"]))
+    message = str(err.value)
+    assert message.startswith("6 config problem(s), nothing was run: bootstrap.n_resamples must be an integer >= 1, "
+                              "got 0; study.selection.keep_target_gan is not a study setting (did you mean "
+                              "study.selection.keep_target_gain?); study.towers must be one of both, image, got 'text'")
+    for clause in ("study.selection.trade_off_weight must be a number >= 0, got -1",
+                   "study.alphas [2.0] lie outside [0, 1]", "study.methods: unknown merge method 'tiez'"):
+        assert clause in message, clause
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(UserError, match=r"^5 config problem\(s\).*study.towers must be one of both, image"):
+        forgetting(cfg_forgetting(["finetuned=missing.ckpt", *bad[:-1]]))
+    # no study after this fit: its settings are not read, so not checked
+    assert study_problems(cfg_train(["experiment=demo", "study.towers=text"])) == [
+        "study.towers must be one of both, image, got 'text'"]
+    from microbench.tasks.settings import TrainSettings
+    from microbench.tasks.validate import settings_problems
+
+    assert settings_problems(cfg_train(["experiment=demo", "forgetting.enabled=false", "study.towers=text"]),
+                             TrainSettings) == []
+
+
+def test_each_settings_schema_holds_the_defaults_its_yaml_ships():
+    """The dataclass and the YAML state the same defaults (a user reading either reads the truth)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from conftest import REPO, compose_config
+    from microbench.options import check_value, options_annotations, settable
+    from microbench.studies.forgetting import STUDY_CONFIG_KEYS, StudySpec
+    from microbench.tasks.settings import ENTRY_SETTINGS
+
+    def compare(cfg, schema, prefix=""):
+        hints = options_annotations(schema)
+        for f in dataclasses.fields(schema):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(hints[f.name]):
+                compare(cfg[f.name], hints[f.name], f"{prefix}{f.name}.")
+                continue
+            value = OmegaConf.to_container(cfg[f.name]) if OmegaConf.is_config(cfg[f.name]) else cfg[f.name]
+            if settable(hints[f.name]):
+                value = check_value(f.name, hints[f.name], value)[0]
+            assert value == default, f"{prefix}{f.name}: YAML {value!r}, schema {default!r}"
+
+    for job, schema in ENTRY_SETTINGS.items():
+        compare(compose_config(job), schema)
+    study = OmegaConf.load(REPO / "configs" / "study" / "common.yaml")
+    for name, key in STUDY_CONFIG_KEYS.items():
+        if key.startswith("study.") and name not in ("options", "result_cache", "methods"):
+            default = next(f for f in dataclasses.fields(StudySpec) if f.name == name).default
+            value = OmegaConf.select(study, key.removeprefix("study."))
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            assert value == ([float(a) for a in default] if name == "alphas" else default), key
+
+
+@pytest.mark.parametrize("value", ["both", "image", "text", None, 1, ["captions"], ["captions", "questions"],
+                                   ["caption"], "captions", (), 0.5, "0.5", 1.5, 0, True])
+def test_a_choice_a_list_of_choices_and_a_share_are_pydantics_reading(value):
+    """Pinned to pydantic as the ranges are: a value passes exactly when `validate_call` accepts it for the same
+    annotation, and comes out as pydantic makes it."""
+    import pydantic
+
+    def target(a: Literal["both", "image"] = "both", b: tuple[Literal["captions", "questions"], ...] = (),
+               c: Share = 0.5, d: OpenShare = 0.5, e: Literal["last", "best"] | None = None):
+        return a, b, c, d, e
+
+    specs = constrained_options(target)
+    assert set(specs) == set("abcde")
+    reference = pydantic.validate_call(target)
+    for i, name in enumerate("abcde"):
+        got, problem = check_value(name, specs[name], value)
+        try:
+            want = reference(**{name: value})[i]
+        except pydantic.ValidationError:
+            want = problem_expected = True
+        else:
+            problem_expected = False
+        if isinstance(value, bool) and name in "cd":
+            problem_expected = True  # a bool is not a number here (as for the ranges)
+        assert (problem is not None) == problem_expected, (name, value, problem)
+        if problem is None:
+            assert got == want and type(got) is type(want)
+
+
+def test_a_choice_is_checked_when_built_from_python_too():
+    """`Literal` in the signature is the one statement of a choice: a direct call gets the same line, as the
+    target's own error (the hand-written `if x not in (...)` checks went)."""
+    from microbench.data.cognition import load_cognition
+    from microbench.data.loading import MicroBenchDataError
+    from microbench.data.localization import LocalizationDataModule
+    from microbench.errors import UserError
+    from microbench.studies.forgetting import StudySpec, tower_keys
+    from microbench.studies.merging import MergeError
+    from microbench.tasks.specialists import find_specialists
+
+    cases = [(lambda: load_cognition("sample", format="csv"), MicroBenchDataError,
+              "cognition.format must be one of auto, official, table, microvqa, got 'csv'"),
+             (lambda: LocalizationDataModule(targets="points", split="dev"), MicroBenchDataError,
+              "data.targets must be one of boxes, masks, got 'points'; data.split must be one of all, train, val, "
+              "test, got 'dev'"),
+             (lambda: find_specialists("runs", checkpoint="first"), UserError,
+              "checkpoint must be one of last, best, got 'first'"),
+             (lambda: tower_keys(None, "text"), MergeError, "study.towers must be one of both, image, got 'text'"),
+             (lambda: StudySpec(selection="best", confidence=1), UserError,
+              "study.selection.rule must be one of keep_gain, trade_off, got 'best'; bootstrap.confidence must be a "
+              "number in (0, 1), got 1")]
+    for call, error, message in cases:
+        with pytest.raises(error) as err:
+            call()
+        assert str(err.value) == message
 
 
 def test_every_typo_of_a_run_is_reported_at_once_with_its_fix_before_any_work(tmp_path, cfg_train, cfg_eval):

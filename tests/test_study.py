@@ -235,7 +235,7 @@ def test_one_reader_of_the_study_config_for_train_and_forgetting(cfg_train, cfg_
         study_spec(cfg_forgetting(["+study.options.dare.q=1"]))
     with pytest.raises(UserError, match="study.selection.rule must be one of keep_gain, trade_off"):
         study_spec(cfg_forgetting(["study.selection.rule=best"]))
-    with pytest.raises(UserError, match="study.towers must be 'both' or 'image'"):
+    with pytest.raises(UserError, match="study.towers must be one of both, image, got 'text'"):
         study_spec(cfg_forgetting(["study.towers=text"]))
 
 
@@ -272,7 +272,8 @@ def test_an_old_name_on_the_command_line_reaches_the_new_key(tmp_path):
     assert res.returncode == 2, res.stderr
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert lines[0].startswith("note: alphas= is now study.alphas=")
-    assert lines[-1].startswith("error: study.alphas must be numbers (interpolation weights), got 'a'")
+    assert lines[-1].startswith("error: 1 config problem(s), nothing was run: study.alphas must be numbers "
+                                "(interpolation weights), got 'a'")
 
 
 # --- the trade-off metrics --------------------------------------------------------------------------------------

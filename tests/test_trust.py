@@ -300,7 +300,7 @@ def test_a_hub_layout_copy_missing_a_required_column_its_info_lists(tmp_path, ca
 
 
 @pytest.mark.parametrize(("overrides", "expect"), [
-    (["sources=[caption]"], "sources must be among ['captions', 'questions'], got ['caption']"),
+    (["sources=[caption]"], "sources must be a list, each one of captions, questions, got ['caption']"),
     (["sources=captions"], "sources must be a list"),
     (["model=openai_compatible", "model.max_concurrency=0"], "model.max_concurrency must be an integer >= 1, got 0"),
     (["task=nonsense"], "task must be one of perception, cognition, localization"),

@@ -1,20 +1,24 @@
 """What a config node may set for the target it builds, and what values it may take (read by the pre-run check,
 ``tasks/validate.py``, and by :func:`checked` when a target is built from Python).
 
-A target states its options in its signature, and the range of a numeric option in its annotation
-(``batch_size: PositiveInt = 32``), as pydantic reads ``Annotated`` constraints: one statement serves the check of a
-composed config before any work and the check of a direct call, and the hand-written checks per option go.
+A target states its options in its signature, and what an option may hold in its annotation: a range
+(``batch_size: PositiveInt = 32``, as pydantic reads ``Annotated`` constraints), a choice (``towers:
+Literal["both", "image"]``), a list of either. The root settings of an entry and its config groups state theirs in a
+dataclass (:mod:`microbench.tasks.settings`) read the same way. One statement serves the check of a composed config
+before any work and the check of a direct call, and the hand-written checks per option go.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import types
 import typing
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, Union
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Le, Lt
 
 #: an integer >= 1 (a batch size, a number of epochs, a concurrency)
 PositiveInt = Annotated[int, Ge(1)]
@@ -22,6 +26,14 @@ PositiveInt = Annotated[int, Ge(1)]
 NonNegativeInt = Annotated[int, Ge(0)]
 #: a number > 0 (a learning rate, a timeout in seconds)
 PositiveFloat = Annotated[float, Gt(0)]
+#: a number >= 0 (a weight)
+NonNegativeFloat = Annotated[float, Ge(0)]
+#: a share in [0, 1] (a fraction kept, a drop probability)
+Share = Annotated[float, Ge(0), Le(1)]
+#: a probability strictly inside (0, 1) (a confidence level)
+OpenShare = Annotated[float, Gt(0), Lt(1)]
+
+_BOUNDS = (Ge, Gt, Le, Lt)
 
 
 def signature_options(target) -> set[str] | None:
@@ -35,74 +47,144 @@ def signature_options(target) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _constraint(annotation) -> tuple[type, list] | None:
-    """(base type, bounds) of an ``Annotated[int | float, Ge/Gt ...]`` annotation (optional or not), else None."""
-    for arg in (annotation, *typing.get_args(annotation)):
-        if typing.get_origin(arg) is Annotated:
-            base, *meta = typing.get_args(arg)
-            bounds = [m for m in meta if isinstance(m, Ge | Gt)]
-            if base in (int, float) and bounds:
-                return base, bounds
+def _members(annotation) -> tuple:
+    """The members of a union (``X | None``, ``Optional[X]``), else the annotation alone."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _bounds(annotation) -> tuple[type, list] | None:
+    if typing.get_origin(annotation) is Annotated:
+        base, *meta = typing.get_args(annotation)
+        bounds = [m for m in meta if isinstance(m, _BOUNDS)]
+        if base in (int, float) and bounds:
+            return base, bounds
     return None
 
 
+def _is_list(annotation) -> bool:
+    """``list[X]``, ``Sequence[X]`` or ``tuple[X, ...]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, Sequence):
+        return len(args) == 1
+    return origin is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def checkable(annotation) -> bool:
+    """Whether an annotation states what a value may be beyond its type: a range, a choice, or a list of them (a
+    plain ``int`` or ``str`` is left to the target, so no option is refused that the target would take)."""
+    for member in _members(annotation):
+        if member is type(None):
+            continue
+        if _bounds(member) or typing.get_origin(member) is Literal:
+            return True
+        if _is_list(member) and checkable(typing.get_args(member)[0]):
+            return True
+    return False
+
+
+def settable(annotation) -> bool:
+    """What the check of a settings dataclass reads (:func:`microbench.tasks.validate.settings_problems`): a
+    :func:`checkable` annotation, or a bool, an integer or a number (optional, or a list of them). Strings and
+    paths are left to what reads them."""
+    if checkable(annotation):
+        return True
+    members = [m for m in _members(annotation) if m is not type(None)]
+    return bool(members) and all(m in (bool, int, float) or (_is_list(m) and settable(typing.get_args(m)[0]))
+                                 for m in members)
+
+
+def describe(annotation) -> str:
+    """What a value of ``annotation`` must be, as a problem line says it: ``an integer >= 1``, ``one of both,
+    image``, ``a list, each one of captions, questions``."""
+    members = [m for m in _members(annotation) if m is not type(None)]
+    if len(members) > 1:
+        return " or ".join(describe(m) for m in members)
+    (member,) = members
+    found = _bounds(member)
+    if found:
+        base, bounds = found
+        what = "an integer" if base is int else "a number"
+        lo = next((b for b in bounds if isinstance(b, Ge | Gt)), None)
+        hi = next((b for b in bounds if isinstance(b, Le | Lt)), None)
+        if lo is not None and hi is not None:
+            return (f"{what} in {'[' if isinstance(lo, Ge) else '('}{getattr(lo, 'ge', getattr(lo, 'gt', None))}, "
+                    f"{getattr(hi, 'le', getattr(hi, 'lt', None))}{']' if isinstance(hi, Le) else ')'}")
+        return " ".join([what, *(f">= {b.ge}" if isinstance(b, Ge) else f"> {b.gt}" if isinstance(b, Gt)
+                                 else f"<= {b.le}" if isinstance(b, Le) else f"< {b.lt}" for b in bounds)])
+    if typing.get_origin(member) is Literal:
+        return "one of " + ", ".join(str(c) for c in typing.get_args(member))
+    if _is_list(member):
+        return f"a list, each {describe(typing.get_args(member)[0])}"
+    if typing.get_origin(member) is Annotated:
+        return describe(typing.get_args(member)[0])
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        member, getattr(member, "__name__", str(member)))
+
+
+def _is_number(annotation) -> bool:
+    return any((_bounds(m) or (m, []))[0] in (int, float) for m in _members(annotation))
+
+
 @functools.cache
-def constrained_options(target) -> dict[str, tuple[type, list, bool]]:
-    """The options of ``target`` whose annotation bounds their value: name -> (int | float, bounds, None allowed)."""
+def options_annotations(target) -> dict[str, Any]:
+    """Every annotated option of ``target`` (a function, a class's ``__init__`` up its MRO, a dataclass's fields):
+    name -> annotation with its ``Annotated`` extras."""
+    if dataclasses.is_dataclass(target):
+        return dict(typing.get_type_hints(target, include_extras=True))
     fns = ([c.__dict__["__init__"] for c in reversed(target.__mro__) if "__init__" in c.__dict__]
            if inspect.isclass(target) else [target])  # a subclass passing **kwargs up keeps its parents' bounds
-    out = {}
+    out: dict[str, Any] = {}
     for fn in fns:
         try:
-            hints = typing.get_type_hints(inspect.unwrap(fn), include_extras=True)
-        except Exception:  # noqa: BLE001 - a target whose annotations do not resolve states no bounds
+            out.update(typing.get_type_hints(inspect.unwrap(fn), include_extras=True))
+        except Exception:  # noqa: BLE001 - a target whose annotations do not resolve states nothing
             continue
-        for name, annotation in hints.items():
-            found = _constraint(annotation)
-            if found:
-                out[name] = (*found, type(None) in typing.get_args(annotation))
+    out.pop("return", None)
     return out
 
 
-def _describe(base: type, bounds: list) -> str:
-    what = "an integer" if base is int else "a number"
-    return " ".join([what, *(f">= {b.ge}" if isinstance(b, Ge) else f"> {b.gt}" for b in bounds)])
+@functools.cache
+def constrained_options(target) -> dict[str, Any]:
+    """The options of ``target`` whose annotation says what their value may be (:func:`checkable`): name ->
+    annotation."""
+    return {k: a for k, a in options_annotations(target).items() if checkable(a)}
 
 
-def check_value(name: str, spec: tuple[type, list, bool], value: Any) -> tuple[Any, str | None]:
+def check_value(name: str, annotation, value: Any) -> tuple[Any, str | None]:
     """(the value as its type, None) or (value, the one-clause problem: ``data.batch_size must be an integer >= 1,
-    got 'abc'``). Validated by pydantic (lax: ``"8"`` and ``8.0`` are 8); a bool is not a number here."""
+    got 'abc'``). Validated by pydantic (lax: ``"8"`` and ``8.0`` are 8); a bool is not a number here. A config's
+    lists reach it as plain lists (the pre-run check converts them)."""
     from pydantic import ValidationError
 
-    base, bounds, optional = spec
-    if value is None and optional:
-        return None, None
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) and _is_number(annotation):
             raise ValueError("a bool")
-        return _adapter(base, tuple(bounds)).validate_python(value), None
+        return _adapter(annotation).validate_python(value), None
     except (ValidationError, ValueError, TypeError):
-        return value, f"{name} must be {_describe(base, bounds)}, got {value!r}"
+        return value, f"{name} must be {describe(annotation)}, got {value!r}"
 
 
 @functools.cache
-def _adapter(base: type, bounds: tuple):
+def _adapter(annotation):
     from pydantic import TypeAdapter
 
-    return TypeAdapter(Annotated[(base, *bounds)])
+    return TypeAdapter(annotation)
 
 
-def value_problems(target, values: dict, prefix: str) -> list[str]:
-    """One clause per bounded option of ``target`` in ``values`` whose value is out of its range."""
+def value_problems(target, values: Mapping, prefix: str) -> list[str]:
+    """One clause per checkable option of ``target`` in ``values`` whose value it may not take."""
     specs = constrained_options(target)
     return [p for k, v in values.items() if k in specs
             for p in [check_value(f"{prefix}.{k}" if prefix else k, specs[k], v)[1]] if p]
 
 
 def checked(prefix: str, error: type[Exception] | None = None) -> Callable:
-    """Decorate a target (its ``__init__``, or a function): its bounded options (:data:`PositiveInt`, ...) are
-    checked and converted when it is called, every problem in one ``error`` (default ``UserError``) naming the
-    option as a config names it (``prefix.name``). The pre-run check reports the same problems before any work."""
+    """Decorate a target (its ``__init__``, or a function): its checkable options (:data:`PositiveInt`, a
+    ``Literal``, ...) are checked and converted when it is called, every problem in one ``error`` (default
+    ``UserError``) naming the option as a config names it (``prefix.name``; a root key: ``prefix=""``). The pre-run
+    check reports the same problems before any work."""
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
 
@@ -113,7 +195,8 @@ def checked(prefix: str, error: type[Exception] | None = None) -> Callable:
             problems = []
             for name, value in list(bound.arguments.items()):
                 if name in specs:
-                    bound.arguments[name], problem = check_value(f"{prefix}.{name}", specs[name], value)
+                    bound.arguments[name], problem = check_value(f"{prefix}.{name}" if prefix else name,
+                                                                 specs[name], value)
                     if problem:
                         problems.append(problem)
             if problems:

@@ -27,6 +27,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -319,12 +320,11 @@ def _fingerprint(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def load_cognition(path: str, format: str = "auto", revision: str | None = None, split: str | None = None
-                   ) -> CognitionItems:
+@checked("cognition", MicroBenchDataError)
+def load_cognition(path: str, format: Literal[FORMATS] = "auto", revision: str | None = None,
+                   split: str | None = None) -> CognitionItems:
     """Dispatch on ``format`` (``auto``: MicroVQA for its Hub id, the official layout for folders holding
     ``cognition/`` or split folders of JSON, a table otherwise)."""
-    if format not in FORMATS:
-        raise MicroBenchDataError(f"cognition format must be one of {FORMATS}, got {format!r}")
     if path == "sample":
         from microbench.data.loading import SAMPLE_DIR
 

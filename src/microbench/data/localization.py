@@ -25,6 +25,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -251,19 +252,15 @@ class LocalizationDataModule(SplitLoaders, L.LightningDataModule):
     """
 
     @checked("data", MicroBenchDataError)
-    def __init__(self, path: str = "sample", revision: str | None = HUB_REVISION, targets: str = "boxes",
+    def __init__(self, path: str = "sample", revision: str | None = HUB_REVISION, targets: Literal[TARGETS] = "boxes",
                  classes: Sequence[str] | str | None = None, datasets: Sequence[str] | str | None = None,
-                 exclude_datasets: Sequence[str] | str | None = None, split: str = "test", split_seed: int = 0,
+                 exclude_datasets: Sequence[str] | str | None = None, split: splits_mod.SplitName = "test",
+                 split_seed: int = 0,
                  split_fractions: Sequence[float] = (0.7, 0.1, 0.2), batch_size: PositiveInt = 8,
                  num_workers: NonNegativeInt = 0,
                  pin_memory: bool = False, augment: bool = True, strict_filters: bool = True,
                  train_crop_size: int | None = None) -> None:
         super().__init__()
-        if targets not in TARGETS:
-            raise MicroBenchDataError(f"targets must be one of {TARGETS} (boxes: detection, masks: segmentation), "
-                                      f"got {targets!r}")
-        if split not in (*splits_mod.SPLITS, splits_mod.ALL):
-            raise MicroBenchDataError(f"split must be one of all, train, val, test; got {split!r}")
         self.path, self.revision, self.targets, self.split = path, revision, targets, split
         self.classes = as_list(classes)
         self.filters = {"dataset": as_list(datasets), "classes": self.classes}

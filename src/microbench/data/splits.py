@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,8 @@ from microbench.data.loading import MicroBenchDataError
 
 SPLITS = ("train", "val", "test")
 ALL = "all"
+#: what ``split`` may name: one split, or ``all`` (the official protocol: every row)
+SplitName = Literal[(ALL, *SPLITS)]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -31,6 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone, BackboneError
+from microbench.options import checked
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("ce", "contrastive")
@@ -98,18 +99,14 @@ class FineTuneModule(L.LightningModule):
         record: extra JSON-able facts stored in every checkpoint (model config, data source...).
     """
 
-    def __init__(self, backbone: Backbone, objective: str = "ce", lr: float = 1e-5, weight_decay: float = 0.1,
+    @checked("module")
+    def __init__(self, backbone: Backbone, objective: Literal[OBJECTIVES] = "ce", lr: float = 1e-5, weight_decay: float = 0.1,
                  warmup_steps: int | None = None, warmup_frac: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, head_lr_mult: float = 10.0, lock_text: bool = False, freeze_blocks: int = 0,
                  label_smoothing: float = 0.0, compile: bool = False, seed: int = 0,
                  record: dict[str, Any] | None = None, adapter: str | None = None,
-                 lora: dict[str, Any] | None = None, head_init: str = "zero_shot") -> None:
+                 lora: dict[str, Any] | None = None, head_init: Literal["zero_shot", "probe"] = "zero_shot") -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise UserError(f"module.objective must be one of {OBJECTIVES}, got {objective!r}")
-        if head_init not in ("zero_shot", "probe"):
-            raise UserError(f"module.head_init must be zero_shot (the class prompts' text embeddings) or probe "
-                            f"(LP-FT: a linear probe fitted first), got {head_init!r}")
         if head_init == "probe" and objective != "ce":
             raise UserError("module.head_init=probe (LP-FT) initialises the cross-entropy head: use it with "
                             "module.objective=ce")

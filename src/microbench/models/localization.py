@@ -21,7 +21,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from microbench import distributed
 from microbench.errors import UserError
 from microbench.models.backbones.base import Backbone, BackboneError
+from microbench.options import checked
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class SimpleFeaturePyramid(nn.Module):
         return self.fpn(feats)
 
 
-def build_detector(backbone: Backbone, num_classes: int, head: str = "detection", *, out_channels: int = 128,
+@checked("module")
+def build_detector(backbone: Backbone, num_classes: int, head: Literal[HEADS] = "detection", *, out_channels: int = 128,
                    train_backbone: bool = False, max_detections: int = 1000, score_threshold: float = 0.01,
                    anchor_scale: float = 4.0, rpn_proposals: int = 1000, representation_size: int = 1024,
                    roi_samples: int = 256) -> nn.Module:
@@ -121,8 +123,6 @@ def build_detector(backbone: Backbone, num_classes: int, head: str = "detection"
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    if head not in HEADS:
-        raise UserError(f"module.head must be one of {HEADS}, got {head!r}")
     if num_classes < 1:
         raise UserError("a localization head needs at least one class")
     pyramid = SimpleFeaturePyramid(backbone, out_channels, train_backbone=train_backbone)
@@ -216,7 +216,8 @@ class LocalizationModule(L.LightningModule):
             per-image predictions (used to write the run record).
     """
 
-    def __init__(self, backbone: Backbone, class_names: Sequence[str], head: str = "detection",
+    @checked("module")
+    def __init__(self, backbone: Backbone, class_names: Sequence[str], head: Literal[HEADS] = "detection",
                  freeze_backbone: bool = True, out_channels: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4,
                  backbone_lr_mult: float = 0.1, warmup_frac: float = 0.1, max_detections: int = 1000,
                  score_threshold: float = 0.01, grit_score_threshold: float = 0.5, anchor_scale: float = 4.0,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,20 @@ from microbench.data.datamodule import PerceptionDataModule
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, Estimate
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
+from microbench.options import (
+    NonNegativeFloat,
+    OpenShare,
+    PositiveInt,
+    Share,
+    check_value,
+    checked,
+    options_annotations,
+    settable,
+)
 from microbench.results.io import cache_key, write_parquet
 from microbench.studies.merging import MergeError, check_compatible
 from microbench.studies.sweep import InterpolationScorer, WeightInterpolator, alpha_name
+from microbench.studies.tradeoff import SELECTION_RULES
 
 log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
@@ -337,35 +348,25 @@ class StudySpec:
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
-    towers: str = "both"
-    keep_target_gain: float = 0.8
-    n_resamples: int = 9999
+    towers: Literal["both", "image"] = "both"
+    keep_target_gain: Share = 0.8
+    n_resamples: PositiveInt = 9999
     methods: Sequence[str] = ("wise_ft",)
     options: Mapping[str, Mapping] = field(default_factory=dict)
-    selection: str = "keep_gain"
-    trade_off_weight: float = 2.0
+    selection: Literal[SELECTION_RULES] = "keep_gain"
+    trade_off_weight: NonNegativeFloat = 2.0
     extrapolate: bool = False
-    confidence: float = 0.95
+    confidence: OpenShare = 0.95
     seed: int = 0
     result_cache: str | None = None  # base-model predictions reused across studies (None: no cache)
     feature_probe: bool = False  # re-fit linear probes on base / fine-tuned / chosen features (features vs alignment)
 
     def __post_init__(self) -> None:
         from microbench.errors import UserError
-        from microbench.studies.methods import check_methods
-        from microbench.studies.tradeoff import SELECTION_RULES
 
-        if self.towers not in ("both", "image"):
-            raise UserError(f"study.towers must be 'both' or 'image', got {self.towers!r}")
-        if self.selection not in SELECTION_RULES:
-            raise UserError(f"study.selection.rule must be one of {', '.join(SELECTION_RULES)}, got "
-                            f"{self.selection!r}")
-        if not 0 <= float(self.keep_target_gain) <= 1:
-            raise UserError(f"study.selection.keep_target_gain must be a share in [0, 1], got {self.keep_target_gain}")
-        if int(self.n_resamples) < 1 or not 0 < float(self.confidence) < 1:
-            raise UserError(f"bootstrap: n_resamples must be >= 1 and confidence in (0, 1), got "
-                            f"{self.n_resamples}, {self.confidence}")
-        check_methods(self.methods, self.options)
+        problems = spec_problems({f: getattr(self, f) for f in STUDY_CONFIG_KEYS})[1]
+        if problems:
+            raise UserError("; ".join(problems))
 
     def method_options(self, name: str) -> dict:
         from microbench.studies.methods import METHODS
@@ -373,15 +374,44 @@ class StudySpec:
         return {**METHODS[name].defaults, **dict(self.options.get(name) or {})}
 
 
-def tower_keys(backbone: Backbone, towers: str) -> Callable[[str], bool] | None:
+#: where a config sets each field of :class:`StudySpec`: the ``study`` group and the root ``bootstrap``
+STUDY_CONFIG_KEYS = {"alphas": "study.alphas", "towers": "study.towers", "methods": "study.methods",
+                     "options": "study.options", "extrapolate": "study.extrapolate",
+                     "result_cache": "study.result_cache", "feature_probe": "study.feature_probe",
+                     "selection": "study.selection.rule", "keep_target_gain": "study.selection.keep_target_gain",
+                     "trade_off_weight": "study.selection.trade_off_weight", "n_resamples": "bootstrap.n_resamples",
+                     "confidence": "bootstrap.confidence", "seed": "bootstrap.seed"}
+
+
+def spec_problems(values: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """``values`` (fields of :class:`StudySpec`) converted as their annotations read them (ranges, choices,
+    pydantic's lax reading: ``"0.5"`` is 0.5), and every problem, one clause each naming the config key
+    (:data:`STUDY_CONFIG_KEYS`); then the α values (:func:`study_alphas`) and the methods with their options
+    (:func:`~microbench.studies.methods.check_methods`)."""
+    from microbench.errors import UserError
+    from microbench.studies.methods import check_methods
+
+    hints = options_annotations(StudySpec)
+    out, problems = dict(values), []
+    for name, value in values.items():
+        if name != "alphas" and settable(hints[name]):  # the α values: study_alphas, whose lines say more
+            out[name], problem = check_value(STUDY_CONFIG_KEYS[name], hints[name], value)
+            problems += [problem] if problem else []
+    for check in (lambda: study_alphas(out.get("alphas", DEFAULT_ALPHAS), out.get("extrapolate") is True),
+                  lambda: check_methods(out.get("methods", ("wise_ft",)), out.get("options") or {})):
+        try:
+            check()
+        except UserError as err:
+            problems.append(str(err))
+    return out, problems
+
+
+@checked("study", MergeError)
+def tower_keys(backbone: Backbone, towers: Literal["both", "image"]) -> Callable[[str], bool] | None:
     """The tensors a study moves: None (every one) for ``both``; for ``image`` the adapter's image-tower keys
     (:meth:`Backbone.image_tower_keys`), refusing an empty selection in one line."""
-    from microbench.studies.merging import MergeError
-
     if towers == "both":
         return None
-    if towers != "image":
-        raise MergeError(f"study.towers must be 'both' or 'image', got {towers!r}")
     keys = set(backbone.image_tower_keys())
     n = len(backbone.state_dict())
     if not keys:

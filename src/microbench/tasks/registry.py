@@ -18,6 +18,7 @@ from microbench.results.record import RunRecord
 from microbench.tasks import cognition, finetune, linear_probe, localization, perception
 from microbench.tasks import forgetting as forgetting_task
 from microbench.tasks import specialists as specialists_task
+from microbench.tasks.settings import ENTRY_SETTINGS
 from microbench.tasks.trainer import model_family, run_task
 
 Task = Callable[[DictConfig], tuple[RunRecord, dict]]
@@ -47,12 +48,21 @@ FORGETTING: dict[tuple[str, str], Task] = {("forgetting", "contrastive"): forget
 SPECIALISTS: dict[tuple[str, str], Task] = {("specialists", "contrastive"): specialists_task.run}
 
 
+def tasks_of(table: dict[tuple[str, str], Task]) -> list[str]:
+    return list(dict.fromkeys(t for t, _ in table))
+
+
+def task_problem(table: dict[tuple[str, str], Task], task: str) -> list[str]:
+    """The one line for a task the table lacks (none when it has it)."""
+    tasks = tasks_of(table)
+    return [] if task in tasks else [f"task must be one of {', '.join(tasks)}; got {task!r}"]
+
+
 def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[], str], entry: str) -> Task:
     """The function for (task, family), or one line saying what exists (the task is checked first, before the
     model's family is read)."""
-    tasks = list(dict.fromkeys(t for t, _ in table))
-    if task not in tasks:
-        raise UserError(f"task must be one of {', '.join(tasks)}; got {task!r}")
+    if task_problem(table, task):
+        raise UserError(task_problem(table, task)[0])
     family = family_of()
     if (task, family) in table:
         return table[(task, family)]
@@ -61,20 +71,27 @@ def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[]
                     f"(e.g. model=tiny, model=openclip for contrastive; model=openai_compatible for generative)")
 
 
+def dispatch(table: dict[tuple[str, str], Task], cfg: DictConfig, task: str, family_of: Callable[[], str],
+             entry: str) -> tuple[RunRecord, dict]:
+    """Check the config (a task the table lacks among every other problem, :data:`ENTRY_SETTINGS` of the entry),
+    then look the task function up and run it (:func:`~microbench.tasks.trainer.run_task`)."""
+    name = entry.removeprefix("src/").removesuffix(".py")
+    return run_task(None, cfg, ENTRY_SETTINGS[name], task_problem(table, task),
+                    find=lambda: lookup(table, task, family_of, entry))
+
+
 def evaluate(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    task = str(cfg.get("task", "perception"))
-    return run_task(lookup(EVALUATE, task, lambda: model_family(cfg.model), "src/eval.py"), cfg)
+    return dispatch(EVALUATE, cfg, str(cfg.get("task", "perception")), lambda: model_family(cfg.model), "src/eval.py")
 
 
 def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    task = str(cfg.get("task", "finetune"))
-    return run_task(lookup(TRAIN, task, lambda: model_family(cfg.model), "src/train.py"), cfg)
+    return dispatch(TRAIN, cfg, str(cfg.get("task", "finetune")), lambda: model_family(cfg.model), "src/train.py")
 
 
 def forgetting(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return run_task(lookup(FORGETTING, "forgetting", lambda: model_family(forgetting_task.base_model_config(
-        cfg.base)), "src/forgetting.py"), cfg)
+    return dispatch(FORGETTING, cfg, "forgetting", lambda: model_family(forgetting_task.base_model_config(cfg.base)),
+                    "src/forgetting.py")
 
 
 def specialists(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return run_task(lookup(SPECIALISTS, "specialists", lambda: "contrastive", "src/specialists.py"), cfg)
+    return dispatch(SPECIALISTS, cfg, "specialists", lambda: "contrastive", "src/specialists.py")

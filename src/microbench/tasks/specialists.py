@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError
+from microbench.options import checked
 from microbench.results.io import read_json
 from microbench.results.record import RunRecord
 from microbench.studies.forgetting import load_finetuned_state
@@ -58,13 +60,12 @@ def why_unfinished(job: Path) -> str:
     return "no failed.json: still running, or killed"
 
 
-def find_specialists(runs, checkpoint: str = "last") -> tuple[list[tuple[dict, str]], list[str]]:
+@checked("")
+def find_specialists(runs, checkpoint: Literal["last", "best"] = "last") -> tuple[list[tuple[dict, str]], list[str]]:
     """(fit record, checkpoint) of every specialist under ``runs`` (a folder searched for ``train_metrics.json``,
     or a list of folders / record files); ``checkpoint``: ``last`` (the weights the fit ended with, as the fit's own
     forgetting study scores them) or ``best`` (by val); one line when there is none or one lacks its specialty or
     checkpoint. Also returns the multirun's job folders without a record (failed or running: left out, named)."""
-    if checkpoint not in ("last", "best"):
-        raise UserError(f"checkpoint={checkpoint}: choose last (the weights each fit ended with) or best (by val)")
     items = [runs] if isinstance(runs, str) else list(runs or [])
     if not items:
         raise UserError("no specialists: pass runs=<multirun folder of experiment=specialist> (or a list of runs)")

@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from microbench.data.config import make_eval_dm, whole_benchmark_cfg
 from microbench.errors import UserError
 from microbench.studies.callback import ForgettingCallback
-from microbench.studies.forgetting import StudySpec, check_study_model, study_alphas
+from microbench.studies.forgetting import STUDY_CONFIG_KEYS, StudySpec, check_study_model, spec_problems
 from microbench.tasks.trainer import build_model
+from microbench.tasks.validate import unknown_keys
 
 
-def check_moved_keys(cfg: DictConfig) -> None:
+def moved_key_problems(cfg: DictConfig) -> list[str]:
     """A config file (an experiment, a user's YAML) that still sets a study setting under its old name would be
     silently ignored: one line naming the new key instead (command-line overrides are rewritten by
     :func:`microbench.entry.rename_overrides`)."""
@@ -28,37 +29,49 @@ def check_moved_keys(cfg: DictConfig) -> None:
              **{k: v for k, v in RENAMED["forgetting"].items() if "." not in k and k in cfg},
              **({"selection.keep_target_gain": "study.selection.keep_target_gain"}
                 if "keep_target_gain" in (cfg.get("selection") or {}) else {})}
-    if moved:
-        old, new = next(iter(moved.items()))
-        raise UserError(f"{old} in the config has moved to {new} (the `study` config group, configs/study/): "
-                        f"rename it in your config file{f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''}")
+    return [f"{old} in the config has moved to {new} (the `study` config group, configs/study/): rename it in your "
+            "config file" for old, new in moved.items()]
+
+
+#: the keys of the ``study`` group (configs/study/common.yaml), each a field of StudySpec (STUDY_CONFIG_KEYS)
+STUDY_KEYS = {k.split(".")[1] for k in STUDY_CONFIG_KEYS.values() if k.startswith("study.")}
+SELECTION_KEYS = {k.split(".")[2] for k in STUDY_CONFIG_KEYS.values() if k.startswith("study.selection.")}
+
+
+def _study_values(cfg: DictConfig) -> dict:
+    """The StudySpec fields a config sets, as plain values (unconverted: :func:`spec_problems` reads them)."""
+    out = {}
+    for name, key in STUDY_CONFIG_KEYS.items():
+        value = OmegaConf.select(cfg, key, default="???missing")
+        if isinstance(value, str) and value == "???missing":
+            continue
+        out[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if isinstance(out.get("methods"), str):
+        out["methods"] = [out["methods"]]
+    if out.get("options") is None:
+        out.pop("options", None)
+    return out
+
+
+def study_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of the config's study settings, one clause each with its fix: moved keys, keys the study does
+    not read, and the values :class:`StudySpec`'s annotations and checks refuse (read by the pre-run check)."""
+    problems = moved_key_problems(cfg)
+    st = cfg.get("study")
+    if st is None:
+        return [*problems, "no study settings in the config: add 'study: wise_ft' to its defaults (configs/study/)"]
+    problems += unknown_keys(set(st), STUDY_KEYS, "study", "a study setting")
+    if isinstance(st.get("selection"), DictConfig):
+        problems += unknown_keys(set(st.selection), SELECTION_KEYS, "study.selection", "a study setting")
+    return problems + spec_problems(_study_values(cfg))[1]
 
 
 def study_spec(cfg: DictConfig) -> StudySpec:
-    """``cfg.study`` + ``cfg.bootstrap`` as a checked :class:`StudySpec` (every bad value one line)."""
-    check_moved_keys(cfg)
-    st = cfg.get("study")
-    if st is None:
-        raise UserError("no study settings in the config: add 'study: wise_ft' to its defaults (configs/study/)")
-    sel = st.get("selection") or {}
-    boot = cfg.get("bootstrap") or {}
-    options = OmegaConf.to_container(st.get("options") or {}, resolve=True)
-    methods = st.get("methods")
-    methods = [methods] if isinstance(methods, str) else list(methods or [])
-    try:
-        return StudySpec(
-            alphas=study_alphas(OmegaConf.to_container(st.alphas) if not isinstance(st.alphas, str | int | float)
-                                else st.alphas, bool(st.get("extrapolate", False))),
-            towers=str(st.get("towers", "both")), keep_target_gain=float(sel.get("keep_target_gain", 0.8)),
-            n_resamples=int(boot.get("n_resamples", 9999)), methods=tuple(str(m) for m in methods), options=options,
-            selection=str(sel.get("rule", "keep_gain")), trade_off_weight=float(sel.get("trade_off_weight", 2.0)),
-            extrapolate=bool(st.get("extrapolate", False)), confidence=float(boot.get("confidence", 0.95)),
-            seed=int(boot.get("seed", 0)), result_cache=st.get("result_cache"),
-            feature_probe=bool(st.get("feature_probe", False)))
-    except UserError:
-        raise
-    except (TypeError, ValueError) as err:  # e.g. study.selection.keep_target_gain=abc
-        raise UserError(f"study settings: {err}") from None
+    """``cfg.study`` + ``cfg.bootstrap`` as a checked :class:`StudySpec` (every problem at once, one line)."""
+    problems = study_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    return StudySpec(**spec_problems(_study_values(cfg))[0])
 
 
 # --- the study after a fit (the fine-tune's and the localization fit's) -------------------------------------------

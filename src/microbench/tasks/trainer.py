@@ -143,16 +143,21 @@ def close_loggers(loggers, status: str = "success") -> None:
                 wandb.run.finish(exit_code=0 if status == "success" else 1)
 
 
-def run_task(task, cfg: DictConfig):
-    """Run one task function, as lightning-hydra-template's task wrapper: whatever happens, the loggers it opened
-    are closed (a failed run's W&B run is marked failed and its CSV flushed, so a multirun's next job starts its
-    own); a task that raises leaves ``failed.json`` in its run folder (what went wrong and where), then re-raises."""
+def run_task(task, cfg: DictConfig, settings=None, first: list[str] | tuple = (), find=None):
+    """Run one task function, as lightning-hydra-template's task wrapper: the config is checked first (every
+    problem at once: ``first``, the entry's ``settings`` schema, every node; :func:`~microbench.tasks.validate.
+    check_config`); whatever happens, the loggers it opened are closed (a failed run's W&B run is marked failed
+    and its CSV flushed, so a multirun's next job starts its own); a task that raises leaves ``failed.json`` in
+    its run folder (what went wrong and where), then re-raises. ``find`` (the entry's dispatch, run after the
+    check when ``task`` is None) returns the task function."""
     from microbench.tasks.validate import check_config
 
     already_open = list(OPEN_LOGGERS)
     status = "failed"
     try:
-        check_config(cfg)  # every key of every node it builds, all problems at once, before any work
+        check_config(cfg, settings, first)  # every key of every node it builds, all problems at once, before any work
+        if task is None:
+            task = find()
         result = task(cfg)
         status = "success"
         return result

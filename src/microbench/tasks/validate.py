@@ -7,10 +7,14 @@ declares its options per node with an ``options(node)`` attribute (``build_backb
 ``kind``; ``build_generative_backend``: the backend of ``backend``), or is not checked. The value of an option whose
 annotation bounds it (``batch_size: PositiveInt``, :mod:`microbench.options`) must lie in its range; a dispatching
 target names what a node builds with a ``builds(node)`` attribute, whose annotations are read.
+
+The entry's root settings and its groups that build no target (``bootstrap``, ``cognition``, the ``study`` group)
+have a dataclass schema each (:mod:`microbench.tasks.settings`), read the same way by :func:`settings_problems`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterator
 
@@ -18,7 +22,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from microbench.errors import UserError
-from microbench.options import signature_options, value_problems
+from microbench.options import check_value, options_annotations, settable, signature_options, value_problems
 
 #: keys of a node that Hydra's instantiate reads itself
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
@@ -46,6 +50,17 @@ def _targets(node, path: str) -> Iterator[tuple[str, DictConfig]]:
                 yield from _targets(node[i], f"{path}[{i}]")
 
 
+def unknown_keys(keys, known: set[str], path: str, what: str, their: str = "settings") -> list[str]:
+    """One clause per key of ``keys`` not in ``known``: ``{path}.{key} is not {what} (did you mean {path}.{the
+    closest}?)``, or the known keys when none is close."""
+    problems = []
+    for key in sorted(set(map(str, keys)) - set(known)):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {path}.{close[0]}?" if close else f"its {their}: {', '.join(sorted(known))}"
+        problems.append(f"{path}.{key} is not {what} ({hint})")
+    return problems
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """One line per key of a ``_target_`` node that its target does not take, with the closest option."""
     problems = []
@@ -55,11 +70,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         except Exception:  # noqa: BLE001 - an unimportable target is reported where it is built, with its fix
             continue
         options = options_of(target, node)
-        unknown = set() if options is None else set(node.keys()) - options - HYDRA_KEYS  # None: takes **kwargs
-        for key in sorted(unknown):
-            close = difflib.get_close_matches(str(key), sorted(options), n=1)
-            hint = f"did you mean {path}.{close[0]}?" if close else f"its options: {', '.join(sorted(options))}"
-            problems.append(f"{path}.{key} is not an option of {node._target_} ({hint})")
+        if options is not None:  # None: takes **kwargs
+            problems += unknown_keys(set(node.keys()) - HYDRA_KEYS, options, path, f"an option of {node._target_}",
+                                     "options")
         problems += value_problems(_built(target, node), _plain_values(node), path)
     return problems
 
@@ -77,10 +90,15 @@ def _plain_values(node: DictConfig) -> dict:
         if OmegaConf.is_missing(node, key):
             continue
         try:
-            out[str(key)] = node[key]
+            out[str(key)] = _plain(node[key])
         except Exception:  # noqa: BLE001 - an interpolation resolved only at run time is checked when built
             continue
     return out
+
+
+def _plain(value):
+    """A config's list or mapping as the plain value a target or a settings field receives."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def moved_root_keys(cfg: DictConfig) -> list[str]:
@@ -91,9 +109,43 @@ def moved_root_keys(cfg: DictConfig) -> list[str]:
             for old, new in RENAMED_IN_EVERY_JOB.items() if old in cfg]
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every problem of :func:`config_problems` (and :func:`moved_root_keys`) in one error, before anything is
-    built."""
-    problems = moved_root_keys(cfg) + config_problems(cfg)
+def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
+    """One clause per value of ``cfg`` its settings dataclass refuses (a nested dataclass is a group, whose keys must
+    be its fields: ``bootstrap.n_resample`` is named with its closest key), then the schema's ``more_problems``."""
+    hints = options_annotations(schema)
+    problems = []
+    for f in dataclasses.fields(schema):
+        if f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
+            continue
+        name, annotation = f"{prefix}{f.name}", hints[f.name]
+        try:
+            value = cfg[f.name]
+        except Exception:  # noqa: BLE001 - an interpolation resolved only at run time is checked where it is read
+            continue
+        if dataclasses.is_dataclass(annotation):
+            known = [g.name for g in dataclasses.fields(annotation)]
+            if isinstance(value, DictConfig):
+                problems += unknown_keys(set(value), set(known), name, f"a setting of {name}")
+                problems += settings_problems(value, annotation, f"{name}.")
+            elif value is not None:
+                problems.append(f"{name} must be a group of settings ({', '.join(known)}), got {value!r}")
+        elif settable(annotation):
+            try:
+                plain = _plain(value)
+            except Exception:  # noqa: BLE001 - an interpolation inside a list, resolved only at run time
+                continue
+            problem = check_value(name, annotation, plain)[1]
+            problems += [problem] if problem else []
+    more = getattr(schema, "more_problems", None)
+    return problems + (list(more(cfg)) if callable(more) and not prefix else [])
+
+
+def check_config(cfg: DictConfig, settings=None, first: list[str] | tuple = ()) -> None:
+    """Every problem in one error, before anything is built: ``first`` (the entry's: a task its table lacks), moved
+    root keys (:func:`moved_root_keys`), the root settings (:func:`settings_problems` of ``settings``, the entry's
+    schema) and every ``_target_`` node (:func:`config_problems`)."""
+    problems = [*first, *moved_root_keys(cfg), *(settings_problems(cfg, settings) if settings else []),
+                *config_problems(cfg)]
+    problems = list(dict.fromkeys(problems))  # a value read by two schemas (bootstrap.* by the study's too) once
     if problems:
         raise UserError(f"{len(problems)} config problem(s), nothing was run: " + "; ".join(problems))

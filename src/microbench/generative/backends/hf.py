@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from microbench.generative.backends.base import (
     BackendStats,
@@ -15,6 +16,7 @@ from microbench.generative.backends.base import (
     Request,
     Result,
 )
+from microbench.generative.prompts import PROMPT_STYLES
 from microbench.options import PositiveInt, checked
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class HFVisionBackend(GenerativeBackend):
     @checked("model", GenerativeBackendError)
     def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16", device: str | None = None,
                  batch_size: PositiveInt = 8, max_new_tokens: int | None = 16, cache_dir: str | Path | None = None,
-                 blind: bool = False, prompt: str = "official", trust_remote_code: bool = False,
+                 blind: bool = False, prompt: Literal[PROMPT_STYLES] = "official", trust_remote_code: bool = False,
                  hf_cache_dir: str | None = None, max_length: int | None = None,
                  fail_fast_after: PositiveInt = 8) -> None:
         import torch

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from microbench.generative.backends.base import (
     BackendStats,
@@ -21,6 +22,7 @@ from microbench.generative.backends.base import (
     Request,
     Result,
 )
+from microbench.generative.prompts import PROMPT_STYLES
 from microbench.options import NonNegativeInt, PositiveFloat, PositiveInt, checked
 
 
@@ -98,7 +100,7 @@ class OpenAICompatibleBackend(GenerativeBackend):
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 64,
                  top_p: float | None = None, seed: int | None = 0, logprobs: bool = True, top_logprobs: int = 5,
                  image_detail: str | None = "high", cache_dir: str | Path | None = None, blind: bool = False,
-                 prompt: str = "official", fail_fast_after: PositiveInt = 8) -> None:
+                 prompt: Literal[PROMPT_STYLES] = "official", fail_fast_after: PositiveInt = 8) -> None:
         super().__init__(model, cache_dir, blind, prompt)
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""

@@ -1,0 +1,118 @@
+"""The schema of each entry's root settings and of its config groups that build no target: one dataclass each, read by
+the pre-run check (:func:`microbench.tasks.validate.settings_problems`) as a target's signature is read, so every
+problem of a composed config is reported at once, before any work, each with its fix.
+
+A field states what it may hold in its annotation (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a list
+of them); a nested dataclass is a group (``bootstrap``), whose keys must be its fields. ``task`` is checked by the
+entry's dispatch table (:mod:`microbench.tasks.registry`), and the ``study`` group by
+:func:`microbench.tasks.study.study_problems` wherever a study will run (:meth:`TrainSettings.more_problems`).
+The defaults are the YAML's (``configs/<entry>.yaml``); a test holds them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from omegaconf import DictConfig
+
+from microbench.data.cognition import FORMATS
+from microbench.generative.boxes import PROMPTS
+from microbench.models.zero_shot import SOURCES
+from microbench.options import OpenShare, PositiveInt
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """``bootstrap``: every confidence interval of a run (percentile/BCa resamples, level, seed)."""
+
+    n_resamples: PositiveInt = 9999
+    confidence: OpenShare = 0.95
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CognitionSettings:
+    """``cognition`` (src/eval.py task=cognition): where the expert multiple-choice questions are."""
+
+    path: str = "sample"
+    format: Literal[FORMATS] = "auto"
+    split: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The root of ``configs/eval.yaml``."""
+
+    task: str = "perception"
+    box_format: Literal[tuple(PROMPTS)] | None = None
+    checkpoint: str | None = None
+    seed: int = 0
+    sources: tuple[Literal[SOURCES], ...] = ("captions",)
+    text_batch_size: PositiveInt = 256
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    cognition: CognitionSettings = field(default_factory=CognitionSettings)
+
+    more_problems: ClassVar = staticmethod(lambda cfg: [])
+
+
+@dataclass(frozen=True)
+class ForgettingSwitch:
+    """``forgetting`` (src/train.py): whether a fit ends with the forgetting study."""
+
+    enabled: bool = False
+
+
+def _study_problems(cfg: DictConfig) -> list[str]:
+    from microbench.tasks.study import study_problems
+
+    return study_problems(cfg)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The root of ``configs/train.yaml`` (the ``study`` group is checked when ``forgetting.enabled``)."""
+
+    task: str = "finetune"
+    seed: int = 0
+    ckpt_path: str | None = None
+    init_from: str | None = None
+    chain: bool = False
+    test_after_fit: bool = True
+    eval_in_domain: bool = True
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    forgetting: ForgettingSwitch = field(default_factory=ForgettingSwitch)
+
+    more_problems: ClassVar = staticmethod(
+        lambda cfg: _study_problems(cfg) if (cfg.get("forgetting") or {}).get("enabled") is True else [])
+
+
+@dataclass(frozen=True)
+class ForgettingSettings:
+    """The root of ``configs/forgetting.yaml`` (and its ``study`` group, always)."""
+
+    finetuned: str | None = None
+    base_checkpoint: str | None = None
+    target_datasets: tuple[str, ...] | None = None
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+
+    more_problems: ClassVar = staticmethod(_study_problems)
+
+
+@dataclass(frozen=True)
+class SpecialistsSettings:
+    """The root of ``configs/specialists.yaml``."""
+
+    data_path: str | None = None
+    checkpoint: Literal["last", "best"] = "last"
+    chain: bool = False
+    lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+
+    more_problems: ClassVar = staticmethod(lambda cfg: [])
+
+
+#: the schema of each entry point's root (``configs/<entry>.yaml``)
+ENTRY_SETTINGS = {"eval": EvalSettings, "train": TrainSettings, "forgetting": ForgettingSettings,
+                  "specialists": SpecialistsSettings}
