@@ -86,6 +86,14 @@ def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any
     assert "data.split must be one of all, train, val, test, got 'tset'" in str(err.value)
     assert "module.objective must be one of ce, contrastive, got 'mse'" in str(err.value)
     assert not (tmp_path / "ck").exists()
+    with pytest.raises(UserError) as err:  # the groups: probe, specialty (optional), inference
+        train(cfg_train(["experiment=demo", "specialty=custom", "specialty.axis=colour", "specialty.value=x",
+                         "inference.precision=fp8", "probe.shots=[full,0]", "+inference.compiled=true"]))
+    assert str(err.value) == (
+        "4 config problem(s), nothing was run: probe.shots must be a list, each one of full or an integer >= 1, got "
+        "['full', 0]; specialty.axis must be one of domain, subdomain, modality, submodality, stain, institution, got "
+        "'colour'; inference.compiled is not a setting of inference (did you mean inference.compile?); "
+        "inference.precision must be one of fp32, bf16, auto, got 'fp8'")
 
 
 def test_every_problem_of_the_study_is_reported_at_once_where_a_study_runs(tmp_path, cfg_train, cfg_forgetting):
@@ -135,6 +143,11 @@ def test_each_settings_schema_holds_the_defaults_its_yaml_ships():
         hints = options_annotations(schema)
         for f in dataclasses.fields(schema):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name not in cfg:  # a group chosen in the defaults list, none by default (specialty: null)
+                assert default is None, f"{prefix}{f.name}"
+                continue
+            if OmegaConf.is_interpolation(cfg, f.name):  # a path under the run's folders (probe.cache_dir)
+                continue
             if dataclasses.is_dataclass(hints[f.name]):
                 compare(cfg[f.name], hints[f.name], f"{prefix}{f.name}.")
                 continue

@@ -19,11 +19,13 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
 from microbench import distributed
 from microbench.errors import UserError
+from microbench.options import value_problems
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,14 @@ class InferenceSettings:
     """``precision``: fp32 | bf16 | auto; ``channels_last``: the image tower and its input in NHWC memory format
     (faster convolutions on GPUs; a ViT's patch embedding is one); ``compile``: ``torch.compile`` the image tower."""
 
-    precision: str = "fp32"
+    precision: Literal[PRECISIONS] = "fp32"
     channels_last: bool = False
     compile: bool = False
 
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"inference.precision={self.precision!r} is not one of {list(PRECISIONS)}: "
-                            "fp32 (the official numbers), bf16 (autocast), or auto (bf16 where the GPU supports it)")
+    def __post_init__(self) -> None:  # the same annotations the pre-run check reads (the `inference` group's schema)
+        problems = value_problems(InferenceSettings, {"precision": self.precision}, "inference")
+        if problems:
+            raise UserError("; ".join(problems))
 
     @classmethod
     def of(cls, cfg) -> InferenceSettings:

@@ -3,7 +3,7 @@ the pre-run check (:func:`microbench.tasks.validate.settings_problems`) as a tar
 problem of a composed config is reported at once, before any work, each with its fix.
 
 A field states what it may hold in its annotation (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a list
-of them); a nested dataclass is a group (``bootstrap``), whose keys must be its fields. ``task`` is checked by the
+of them); a nested dataclass is a group (``bootstrap``; optional: ``specialty``), whose keys must be its fields. ``task`` is checked by the
 entry's dispatch table (:mod:`microbench.tasks.registry`), and the ``study`` group by
 :func:`microbench.tasks.study.study_problems` wherever a study will run (:meth:`TrainSettings.more_problems`).
 The defaults are the YAML's (``configs/<entry>.yaml``); a test holds them equal.
@@ -17,9 +17,11 @@ from typing import ClassVar, Literal
 from omegaconf import DictConfig
 
 from microbench.data.cognition import FORMATS
+from microbench.data.specialty import AXES
 from microbench.generative.boxes import PROMPTS
+from microbench.models.inference import InferenceSettings
 from microbench.models.zero_shot import SOURCES
-from microbench.options import OpenShare, PositiveInt
+from microbench.options import OpenShare, PositiveFloat, PositiveInt
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,30 @@ class EvalSettings:
     text_batch_size: PositiveInt = 256
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     cognition: CognitionSettings = field(default_factory=CognitionSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     more_problems: ClassVar = staticmethod(lambda cfg: [])
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """``probe`` (src/train.py task=linear_probe): the shots, seeds and weight decays of every probe."""
+
+    shots: tuple[Literal["full"] | PositiveInt, ...] = ("full", 1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    weight_decays: tuple[PositiveFloat, ...] | None = None
+    zs_init: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SpecialtySettings:
+    """``specialty`` (configs/specialty/): the corner of μ-Bench a specialist is fine-tuned on."""
+
+    name: str | None = None
+    axis: Literal[AXES] | None = None
+    value: str | None = None
+    datasets: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,9 @@ class TrainSettings:
     eval_in_domain: bool = True
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     forgetting: ForgettingSwitch = field(default_factory=ForgettingSwitch)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    specialty: SpecialtySettings | None = None
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     more_problems: ClassVar = staticmethod(
         lambda cfg: _study_problems(cfg) if (cfg.get("forgetting") or {}).get("enabled") is True else [])
@@ -96,6 +123,7 @@ class ForgettingSettings:
     base_checkpoint: str | None = None
     target_datasets: tuple[str, ...] | None = None
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     more_problems: ClassVar = staticmethod(_study_problems)
 
@@ -109,6 +137,7 @@ class SpecialistsSettings:
     chain: bool = False
     lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     more_problems: ClassVar = staticmethod(lambda cfg: [])
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Iterator
 
 from hydra.utils import get_object
@@ -122,7 +124,9 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
             value = cfg[f.name]
         except Exception:  # noqa: BLE001 - an interpolation resolved only at run time is checked where it is read
             continue
-        if dataclasses.is_dataclass(annotation):
+        group = _group(annotation)
+        if group is not None:
+            annotation = group
             known = [g.name for g in dataclasses.fields(annotation)]
             if isinstance(value, DictConfig):
                 problems += unknown_keys(set(value), set(known), name, f"a setting of {name}")
@@ -138,6 +142,13 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
             problems += [problem] if problem else []
     more = getattr(schema, "more_problems", None)
     return problems + (list(more(cfg)) if callable(more) and not prefix else [])
+
+
+def _group(annotation):
+    """The settings dataclass of a group field (``BootstrapSettings``, ``SpecialtySettings | None``), else None."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return next((m for m in members if dataclasses.is_dataclass(m)), None)
 
 
 def check_config(cfg: DictConfig, settings=None, first: list[str] | tuple = ()) -> None:
