@@ -115,6 +115,7 @@ def _grit(args: argparse.Namespace) -> int:
 
     from microbench.generative.boxes import score_box_answers
     from microbench.results.io import write_json
+    from microbench.results.report import percent
 
     path = Path(args.answers)
     if not path.is_file():
@@ -127,11 +128,11 @@ def _grit(args: argparse.Namespace) -> int:
     if frame["gt_boxes"].map(lambda v: isinstance(v, str)).any():
         frame["gt_boxes"] = frame["gt_boxes"].map(lambda v: json.loads(v) if isinstance(v, str) else v)
     _, metrics = score_box_answers(frame, args.format)
-    print(f"GRIT macro {100 * metrics['grit/macro']:.2f}, pooled {100 * metrics['grit/pooled']:.2f} "
+    print(f"GRIT macro {percent(metrics['grit/macro'])}, pooled {percent(metrics['grit/pooled'])} "
           f"({len(frame)} questions, {metrics['unparsed_answers']} without a parseable box)")
     for k, v in metrics.items():
         if k.count("/") >= 2:
-            print(f"  {k.removeprefix('grit/')}: {100 * v:.2f}")
+            print(f"  {k.removeprefix('grit/')}: {percent(v)}")
     if args.out:
         write_json(args.out, metrics)
     return 0

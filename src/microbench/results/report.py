@@ -17,6 +17,12 @@ def percent(x: float | None, signed: bool = False) -> str:
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
+def points(x: float, signed: bool = False, digits: int = 1) -> str:
+    """The one percent formatter of prose (reports' sentences, log lines): a fraction as percentage points with one
+    decimal, ``25.0`` (``+25.0`` signed)."""
+    return f"{100 * x:+.{digits}f}" if signed else f"{100 * x:.{digits}f}"
+
+
 def pct(m: dict | None) -> str:
     """``47.57 ± 0.34`` (percent, official half-width CI) or an em dash."""
     if not m or m.get("value") is None or m["value"] != m["value"]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from microbench.results.io import write_figure, write_json, write_text
-from microbench.results.report import percent
+from microbench.results.report import percent, points
 from microbench.studies.forgetting import LOCALIZATION_KEYS, is_extrapolation
 from microbench.studies.sweep import alpha_name
 
@@ -62,7 +62,8 @@ def _delta(d: dict | None) -> str:
 
 
 def _points(d: dict) -> str:
-    return f"{100 * d['value']:+.1f} points (95 % CI {100 * d['low']:+.1f} to {100 * d['high']:+.1f})"
+    return (f"{points(d['value'], signed=True)} points (95 % CI {points(d['low'], signed=True)} to "
+            f"{points(d['high'], signed=True)})")
 
 
 def _change(delta: dict, up: str, down: str, same: str) -> str:
@@ -96,15 +97,15 @@ def findings(study: dict) -> list[str]:
         pass  # random-init, said above
     elif chance is not None and chance == chance and base_sup.get("low") is not None and base_sup["low"] <= chance:
         lines.append(f"> **Warning: the base model is at chance on the supported datasets** "
-                     f"({100 * base_sup['value']:.1f} %, chance {100 * chance:.1f} %): there is little to forget, so "
+                     f"({points(base_sup['value'])} %, chance {points(chance)} %): there is little to forget, so "
                      "a loss there cannot show up; use a stronger base.")
     tgt = _change(t["delta"], f"gained {{}} of {what} on its target datasets",
                   f"lost {{}} of {what} on its own target datasets",
                   f"did not change its target datasets' {what} significantly ({{}})")
-    tgt += f" ({100 * test['base'][target]['acc']['value']:.1f} → {100 * t['acc']['value']:.1f} %)"
+    tgt += f" ({points(test['base'][target]['acc']['value'])} → {points(t['acc']['value'])} %)"
     sup = _change(s["delta"], "and improved the supported datasets by {}", "and forgot {} on the supported datasets",
                   "and did not change the supported datasets significantly ({})")
-    sup += f" ({100 * base_sup['value']:.1f} → {100 * s['acc']['value']:.1f} %)"
+    sup += f" ({points(base_sup['value'])} → {points(s['acc']['value'])} %)"
     lines.append(f"**What happened.** On the test split, the fine-tune {tgt}, {sup}.")
     a = study["selection"]["alpha"]
     kept = ch[target]["delta"]["value"]
@@ -114,14 +115,15 @@ def findings(study: dict) -> list[str]:
     rec = (f"Interpolating with the base at **α = {a:.2f}** (chosen on val) " if primary == "wise_ft" else
            f"Merging with **{primary}** at **α = {a:.2f}** (chosen on val) ")
     if gain > 0:
-        rec += f"keeps {100 * kept:+.1f} of the {100 * gain:+.1f}-point target gain ({100 * kept / gain:.0f} %)"
+        rec += (f"keeps {points(kept, signed=True)} of the {points(gain, signed=True)}-point target gain "
+                f"({100 * kept / gain:.0f} %)")
     else:
-        rec += f"changes the target by {100 * kept:+.1f} points"
+        rec += f"changes the target by {points(kept, signed=True)} points"
     if lost < 0:
-        rec += (f" and wins back {100 * back:.1f} of the {-100 * lost:.1f} points lost elsewhere (supported "
-                f"{100 * ch['supported/all']['acc']['value']:.1f} %).")
+        rec += (f" and wins back {points(back)} of the {points(-lost)} points lost elsewhere (supported "
+                f"{points(ch['supported/all']['acc']['value'])} %).")
     else:
-        rec += f" with supported accuracy {100 * ch['supported/all']['acc']['value']:.1f} %."
+        rec += f" with supported accuracy {points(ch['supported/all']['acc']['value'])} %."
     lines.append(rec)
     verdict = ((study.get("feature_probe") or {}).get("verdicts") or {}).get("finetuned")
     if verdict and verdict.get("probe_delta"):
@@ -257,12 +259,13 @@ def methods_markdown(study: dict) -> list[str]:
            "norm. control | area |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         (name, a, tacc, td, tl, th, kept, sacc, wb, wl, wh, wbp, tn, cn, ar, al, ah, spread) = r
-        label = name + (f" (mean of {len(methods[name]['paths'])} seeds, supported SD {100 * spread:.1f})"
+        label = name + (f" (mean of {len(methods[name]['paths'])} seeds, supported SD {points(spread)})"
                         if spread is not None else "")
         out.append(f"| {label} | {a:.2f} | {percent(tacc)} | {_ci({'value': td, 'low': tl, 'high': th})} | "
-                   f"{'—' if kept is None else f'{100 * kept:.0f} %'} | {percent(sacc)} | "
+                   f"{'—' if kept is None else f'{points(kept, digits=0)} %'} | {percent(sacc)} | "
                    f"{_ci({'value': wb, 'low': wl, 'high': wh, 'significant': wb is not None and (wl > 0 or wh < 0)})} "
-                   f"| {'—' if wbp is None else f'{100 * wbp:.0f} %'} | {'—' if tn is None else f'{tn:.3f}'} | "
+                   f"| {'—' if wbp is None else f'{points(wbp, digits=0)} %'} | "
+                   f"{'—' if tn is None else f'{tn:.3f}'} | "
                    f"{'—' if cn is None else f'{cn:.3f}'} | "
                    f"{'—' if ar is None else f'{ar:.3f} [{al:.3f}, {ah:.3f}]'} |")
     out += ["", "Every method across α (test): normalized target / normalized control accuracy (LiNeS: target ÷ "
@@ -327,7 +330,7 @@ def axes_markdown(study: dict) -> list[str]:
             if lost:
                 lost.sort(key=lambda x: x[1]["value"])
                 sentences.append(f"by {axis}, the fine-tune cost " + ", ".join(
-                    f"{-100 * d['value']:.1f} points on {v}" for v, d in lost[:3]))
+                    f"{points(-d['value'])} points on {v}" for v, d in lost[:3]))
     if sentences:
         out[4:4] = ["**In words:** " + "; ".join(sentences) + ".", ""]
     return out

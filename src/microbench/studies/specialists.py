@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap
+from microbench.results.report import points
 from microbench.studies.forgetting import (
     BASE_POINT,
     ResultCache,
@@ -248,8 +249,8 @@ def _negated(d: dict | None) -> dict | None:
 def _pp(d: dict | None) -> str:
     if not d or d.get("value") is None:
         return "—"
-    return (f"{100 * d['value']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-            + ("*" if d.get("significant") else ""))
+    low, high = points(d["low"], signed=True), points(d["high"], signed=True)
+    return f"{points(d['value'], signed=True)} [{low}, {high}]" + ("*" if d.get("significant") else "")
 
 
 def report_markdown(study: dict) -> str:
@@ -280,15 +281,16 @@ def report_markdown(study: dict) -> str:
     fine = cont.get("fine") or {}
     if cont.get("kind") == "chain" and fine.get("backward_transfer") is not None:
         lines.append(f"- As one chain ({' → '.join(cont['order'])}), fine-grained: backward transfer "
-                     f"{100 * fine['backward_transfer']:+.1f}, average forgetting {100 * fine['average_forgetting']:.1f}"
-                     f" points (mammoth); ZSCL transfer {100 * fine['transfer']:.1f}, avg {100 * fine['avg']:.1f}, "
-                     f"last {100 * fine['last']:.1f} %.")
+                     f"{points(fine['backward_transfer'], signed=True)}, average forgetting "
+                     f"{points(fine['average_forgetting'])}"
+                     f" points (mammoth); ZSCL transfer {points(fine['transfer'])}, avg {points(fine['avg'])}, "
+                     f"last {points(fine['last'])} %.")
     elif cont.get("kind") == "merges":
         for m, v in fine.items():
             if isinstance(v, dict) and "backward_transfer" in v:
                 lines.append(f"- **{m}** read as the step after every specialist, fine-grained: backward transfer "
-                             f"{100 * v['backward_transfer']:+.1f}, average forgetting "
-                             f"{100 * v['average_forgetting']:.1f} points.")
+                             f"{points(v['backward_transfer'], signed=True)}, average forgetting "
+                             f"{points(v['average_forgetting'])} points.")
     left = (study.get("left_out") or {}).get("jobs_without_a_record") or []
     if left:
         why = (study.get("left_out") or {}).get("why") or {}
@@ -305,7 +307,7 @@ def report_markdown(study: dict) -> str:
             row = []
             for c in cols:
                 cell = cells.get(f"{c}/{grain}")
-                row.append("—" if cell is None else f"{100 * cell['acc']['value']:.1f} ({_pp(cell['delta'])})")
+                row.append("—" if cell is None else f"{points(cell['acc']['value'])} ({_pp(cell['delta'])})")
             lines.append(f"| {model} | " + " | ".join(row) + " |")
         lines.append("")
     lines += ["## Groups", "", *[f"- {g}: {', '.join(d)}" for g, d in study["groups"].items()], ""]

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from microbench.errors import UserError
 from microbench.results.io import read_json, write_json, write_text
 from microbench.results.record import run_name_of
+from microbench.results.report import points
 
 HOW = "pass a .ckpt written by python src/train.py (task=finetune)"
 
@@ -99,8 +100,9 @@ def model_card(name: str, record: dict, base: dict, fit: dict | None, study: dic
              f"Load it: {exported['load']}", ""]
     if study:
         ft = study["splits"]["test"]["models"]["finetuned"]
-        lines += [f"Forgetting study (test split): target fine-grained Δ {100 * ft['target/fine']['delta']['value']:+.1f}"
-                  f" points, rest of μ-Bench Δ {100 * ft['supported/all']['delta']['value']:+.1f} points vs the base "
+        target, rest = ft["target/fine"]["delta"]["value"], ft["supported/all"]["delta"]["value"]
+        lines += [f"Forgetting study (test split): target fine-grained Δ {points(target, signed=True)}"
+                  f" points, rest of μ-Bench Δ {points(rest, signed=True)} points vs the base "
                   "(paired image-clustered 95 % CIs in the front matter).", ""]
     return "\n".join(lines)
 

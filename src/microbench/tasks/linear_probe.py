@@ -18,7 +18,7 @@ from microbench.models.features import FeatureCache
 from microbench.models.finetune import class_text_embeddings
 from microbench.models.linear_probe import WEIGHT_DECAYS, dataset_probe_data, row_to_image_index, sweep
 from microbench.results.record import RunRecord
-from microbench.results.report import probe_markdown
+from microbench.results.report import points, probe_markdown
 from microbench.tasks.records import new_record, run_context, write_run
 from microbench.tasks.trainer import build_model, start_run
 
@@ -59,8 +59,8 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
             results[name][str(k)] = r
             if k == shots[-1]:
                 log.info("linear probe %d/%d %s: %s (%.1f s)", i, len(names), name, ", ".join(
-                    f"{s}-shot {100 * results[name][str(s)]['acc']['mean']:.1f}" if s != "full" else
-                    f"full {100 * results[name]['full']['acc']['mean']:.1f}" for s in shots),
+                    f"{s}-shot {points(results[name][str(s)]['acc']['mean'])}" if s != "full" else
+                    f"full {points(results[name]['full']['acc']['mean'])}" for s in shots),
                     time.perf_counter() - t_ds)
             table.append({"dataset": name, "shots": str(k), "n_train": r["n_train"], "n_test": r["n_test"],
                           **{f"{m}_mean": r[m]["mean"] for m in ("acc", "balanced_acc", "macro_f1")},

@@ -32,7 +32,7 @@ from microbench.metrics.localization import grit_intervals
 from microbench.models.localization import LocalizationModule, detector_from_checkpoint
 from microbench.results.io import this_runs_record
 from microbench.results.record import RunRecord, metric_entry
-from microbench.results.report import clustered_cell, fmt_value
+from microbench.results.report import clustered_cell, fmt_value, percent
 from microbench.studies.sweep import LocalizationSweeper
 from microbench.tasks.records import (
     LocalizationRecordWriter,
@@ -221,7 +221,7 @@ def evaluate_generative(cfg: DictConfig) -> tuple[RunRecord, dict]:
              f"({clustered_cell(metrics.get('loc/grit/pooled'))})", "", "| dataset | class | GRIT | questions | unparsed |",
              "|---|---|---|---|---|"]
     for (d, c), g in table.groupby(["dataset", "class"]):
-        lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {len(g)} | {int((~g['parsed']).sum())} |")
+        lines.append(f"| {d} | {c} | {percent(g['grit'].mean())} | {len(g)} | {int((~g['parsed']).sum())} |")
     write_run(out_dir, record, tables={"predictions.parquet": table.assign(
         gt_boxes=table["gt_boxes"].map(json.dumps), pred_boxes=table["pred_boxes"].map(json.dumps))},
         texts={"results.md": "\n".join(lines) + "\n"})
