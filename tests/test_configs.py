@@ -9,6 +9,8 @@ import pytest
 from hydra.utils import instantiate
 
 from microbench.options import (
+    Density,
+    DropProbability,
     NonNegativeInt,
     OpenShare,
     PositiveFloat,
@@ -175,13 +177,14 @@ def test_a_choice_a_list_of_choices_and_a_share_are_pydantics_reading(value):
     import pydantic
 
     def target(a: Literal["both", "image"] = "both", b: tuple[Literal["captions", "questions"], ...] = (),
-               c: Share = 0.5, d: OpenShare = 0.5, e: Literal["last", "best"] | None = None):
-        return a, b, c, d, e
+               c: Share = 0.5, d: OpenShare = 0.5, e: Literal["last", "best"] | None = None, f: Density = 1.0,
+               g: DropProbability = 0.0):
+        return a, b, c, d, e, f, g
 
     specs = constrained_options(target)
-    assert set(specs) == set("abcde")
+    assert set(specs) == set("abcdefg")
     reference = pydantic.validate_call(target)
-    for i, name in enumerate("abcde"):
+    for i, name in enumerate("abcdefg"):
         got, problem = check_value(name, specs[name], value)
         try:
             want = reference(**{name: value})[i]
@@ -189,7 +192,7 @@ def test_a_choice_a_list_of_choices_and_a_share_are_pydantics_reading(value):
             want = problem_expected = True
         else:
             problem_expected = False
-        if isinstance(value, bool) and name in "cd":
+        if isinstance(value, bool) and name in "cdfg":
             problem_expected = True  # a bool is not a number here (as for the ranges)
         assert (problem is not None) == problem_expected, (name, value, problem)
         if problem is None:
@@ -362,3 +365,42 @@ def test_a_fit_started_from_another_is_named_after_that_runs_name(tmp_path):
         got = chain_start(OmegaConf.create({"init_from": str(run)}))
         assert got == {"job": None, "init_from": str(run / "last.ckpt"),
                        "after": [config.get("run_name") or config["task_name"]]}
+
+
+def test_every_merge_option_problem_is_reported_at_once_from_the_methods_signatures(tmp_path):
+    """A merge method's option ranges were four hand-written check functions, each raising its first problem after
+    the last; now the method's signature states them (`p: DropProbability`, `density: Density`, `seeds: Seeds`) and
+    every problem of the study's methods, and of the specialists study's merges with the rest of its config, is
+    one clause of one error before any work."""
+    from conftest import compose_config
+    from microbench.errors import UserError
+    from microbench.options import Seeds, options_annotations
+    from microbench.studies.methods import METHODS, SPECIALIST_MERGES, methods_problems
+    from microbench.tasks.registry import specialists
+
+    assert constrained_options(METHODS["dare"].paths) == {"p": DropProbability}
+    assert constrained_options(METHODS["ties_trim"].paths) == {"density": Density}
+    assert options_annotations(METHODS["dare"].paths)["seeds"] == Seeds
+    assert METHODS["dare"].check is None and SPECIALIST_MERGES["ties"].check is None  # no hand-written range check
+    names, problems = methods_problems(["dare", "ties_trim", "dare", "nope"],
+                                       {"dare": {"p": 1, "seeds": []}, "ties_trim": {"density": 2, "per_tensor": "x"},
+                                        "lines": {"depth": 3}})
+    assert names == ["dare", "ties_trim", "dare", "nope"]
+    assert problems == [
+        "study.methods: unknown merge method 'nope'; known: wise_ft, lines, ties_trim, dare, model_stock (a new one "
+        "is a function registered with microbench.studies.methods.merge_method)",
+        "study.methods=['dare', 'ties_trim', 'dare', 'nope'] names a method twice",
+        "study.options.dare.p must be a number in [0, 1), got 1",
+        "study.options.dare.seeds must be an integer or a non-empty list, each an integer, got []",
+        "study.options.ties_trim.density must be a number in (0, 1], got 2",
+        "study.options.ties_trim.per_tensor must be true or false, got 'x'",
+        "study.options.lines.depth is not an option of lines; its options: none"]
+    out = tmp_path / "s"
+    with pytest.raises(UserError) as err:
+        specialists(compose_config("specialists", [
+            f"runs={tmp_path / 'none'}", "merges=[ties,dare]", "merge_options.ties.densities=[0]",
+            "merge_options.dare.p=1", "checkpoint=first", "lambdas=0.5", f"paths.output_dir={out}"]))
+    assert str(err.value) == (
+        "4 config problem(s), nothing was run: checkpoint must be one of last, best, got 'first'; lambdas must be a "
+        "list, each a number, got 0.5; merge_options.ties.densities must be a number in (0, 1] or a non-empty list, "
+        "each a number in (0, 1], got [0]; merge_options.dare.p must be a number in [0, 1), got 1")

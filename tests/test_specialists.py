@@ -462,7 +462,8 @@ def test_specialists_merges_are_plugins_pinned_to_the_merging_functions(tmp_path
             merges_of(OmegaConf.create({"merges": ["nope"]}))
         with pytest.raises(UserError, match=r"merge_options.ties.k is not an option of ties; its options: densities"):
             merges_of(OmegaConf.create({"merges": ["ties"], "merge_options": {"ties": {"k": 0.2}}}))
-        with pytest.raises(UserError, match=r"merge_options.ties.densities must be one or more shares"):
+        with pytest.raises(UserError, match=r"merge_options.ties.densities must be a number in \(0, 1\] or a "
+                                            r"non-empty list, each a number in \(0, 1\], got \[2\]"):
             merges_of(OmegaConf.create({"merges": ["ties"], "merge_options": {"ties": {"densities": [2]}}}))
         with pytest.raises(UserError, match="plugins: cannot import not_a_module"):
             merges_of(OmegaConf.create({"plugins": ["not_a_module"], "merges": ["ties"]}))

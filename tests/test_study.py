@@ -510,9 +510,10 @@ def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_pa
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"dare": {"p": 1.5}}, "study.options.dare.p must be a drop probability in \\[0, 1\\), got 1.5"),
-    ({"dare": {"seeds": []}}, "study.options.dare.seeds must be one or more integer seeds"),
-    ({"ties_trim": {"density": 0}}, "study.options.ties_trim.density must be a share in \\(0, 1\\]"),
+    ({"dare": {"p": 1.5}}, "study.options.dare.p must be a number in \\[0, 1\\), got 1.5"),
+    ({"dare": {"seeds": []}}, "study.options.dare.seeds must be an integer or a non-empty list, each an integer, "
+                              "got \\[\\]"),
+    ({"ties_trim": {"density": 0}}, "study.options.ties_trim.density must be a number in \\(0, 1\\], got 0"),
     ({}, "model_stock needs a second fine-tune"),
     ({"model_stock": {"finetuned": ["no/such.ckpt"]}}, "finetuned: no/such.ckpt is not a file"),
 ])

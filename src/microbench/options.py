@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
-from annotated_types import Ge, Gt, Le, Lt
+from annotated_types import Ge, Gt, Le, Lt, MinLen
 
 #: an integer >= 1 (a batch size, a number of epochs, a concurrency)
 PositiveInt = Annotated[int, Ge(1)]
@@ -32,6 +32,12 @@ NonNegativeFloat = Annotated[float, Ge(0)]
 Share = Annotated[float, Ge(0), Le(1)]
 #: a probability strictly inside (0, 1) (a confidence level)
 OpenShare = Annotated[float, Gt(0), Lt(1)]
+#: a share in (0, 1] (a density: the share of a task vector kept)
+Density = Annotated[float, Gt(0), Le(1)]
+#: a probability in [0, 1) (a drop probability)
+DropProbability = Annotated[float, Ge(0), Lt(1)]
+#: one integer seed or a non-empty list of them
+Seeds = int | Annotated[tuple[int, ...], MinLen(1)]
 
 _BOUNDS = (Ge, Gt, Le, Lt)
 
@@ -63,6 +69,11 @@ def _bounds(annotation) -> tuple[type, list] | None:
     return None
 
 
+def _unwrap(annotation):
+    """An ``Annotated`` annotation's base type (``Annotated[tuple[int, ...], MinLen(1)]`` → ``tuple[int, ...]``)."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+
+
 def _is_list(annotation) -> bool:
     """``list[X]``, ``Sequence[X]`` or ``tuple[X, ...]``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -79,7 +90,8 @@ def checkable(annotation) -> bool:
             continue
         if _bounds(member) or typing.get_origin(member) is Literal:
             return True
-        if _is_list(member) and checkable(typing.get_args(member)[0]):
+        base = _unwrap(member)
+        if _is_list(base) and checkable(typing.get_args(base)[0]):
             return True
     return False
 
@@ -91,8 +103,9 @@ def settable(annotation) -> bool:
     if checkable(annotation):
         return True
     members = [m for m in _members(annotation) if m is not type(None)]
-    return bool(members) and all(m in (bool, int, float) or (_is_list(m) and settable(typing.get_args(m)[0]))
-                                 for m in members)
+    return bool(members) and all(
+        m in (bool, int, float) or (_is_list(_unwrap(m)) and settable(typing.get_args(_unwrap(m))[0]))
+        for m in members)
 
 
 def describe(annotation) -> str:
@@ -118,7 +131,9 @@ def describe(annotation) -> str:
     if _is_list(member):
         return f"a list, each {describe(typing.get_args(member)[0])}"
     if typing.get_origin(member) is Annotated:
-        return describe(typing.get_args(member)[0])
+        base, *meta = typing.get_args(member)
+        non_empty = any(isinstance(m, MinLen) and m.min_length >= 1 for m in meta)
+        return ("a non-empty " if non_empty else "") + describe(base).removeprefix("a ")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         member, getattr(member, "__name__", str(member)))
 

@@ -387,9 +387,9 @@ def spec_problems(values: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """``values`` (fields of :class:`StudySpec`) converted as their annotations read them (ranges, choices,
     pydantic's lax reading: ``"0.5"`` is 0.5), and every problem, one clause each naming the config key
     (:data:`STUDY_CONFIG_KEYS`); then the α values (:func:`study_alphas`) and the methods with their options
-    (:func:`~microbench.studies.methods.check_methods`)."""
+    (:func:`~microbench.studies.methods.methods_problems`)."""
     from microbench.errors import UserError
-    from microbench.studies.methods import check_methods
+    from microbench.studies.methods import methods_problems
 
     hints = options_annotations(StudySpec)
     out, problems = dict(values), []
@@ -397,13 +397,11 @@ def spec_problems(values: Mapping[str, Any]) -> tuple[dict, list[str]]:
         if name != "alphas" and settable(hints[name]):  # the α values: study_alphas, whose lines say more
             out[name], problem = check_value(STUDY_CONFIG_KEYS[name], hints[name], value)
             problems += [problem] if problem else []
-    for check in (lambda: study_alphas(out.get("alphas", DEFAULT_ALPHAS), out.get("extrapolate") is True),
-                  lambda: check_methods(out.get("methods", ("wise_ft",)), out.get("options") or {})):
-        try:
-            check()
-        except UserError as err:
-            problems.append(str(err))
-    return out, problems
+    try:
+        study_alphas(out.get("alphas", DEFAULT_ALPHAS), out.get("extrapolate") is True)
+    except UserError as err:
+        problems.append(str(err))
+    return out, problems + methods_problems(out.get("methods", ("wise_ft",)), out.get("options") or {})[1]
 
 
 @checked("study", MergeError)

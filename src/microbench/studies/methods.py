@@ -30,8 +30,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from annotated_types import MinLen
 
 from microbench.errors import UserError
+from microbench.options import Density, DropProbability, Seeds, check_value, options_annotations, settable
 from microbench.studies.merging import (
     StateDict,
     add_vector,
@@ -124,25 +128,59 @@ def specialists_merge(name: str, summary: str, check: Callable[..., None] | None
     return register
 
 
-def check_specialists_merges(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
-    """The specialists study's merges, checked in one line each (unknown names, repeats, unknown options)."""
+def option_problems(method: MergeMethod, given: Mapping | None, prefix: str, values: bool = True) -> list[str]:
+    """One clause per option of ``given`` that ``method`` does not take, then (``values``) per value its function's
+    annotation refuses (``density: Density``, :mod:`microbench.options`), then what its ``check`` says of the whole
+    (a file that must exist): the option's range is stated once, in the method's signature."""
+    given = dict(given or {})
+    problems = [f"{prefix}.{k} is not an option of {method.name}; its options: "
+                f"{', '.join(method.defaults) or 'none'}" for k in sorted(set(given) - set(method.defaults))]
+    if not values or problems:
+        return problems
+    hints = options_annotations(method.paths)
+    problems += [p for k, v in given.items() if k in hints and settable(hints[k])
+                 for p in [check_value(f"{prefix}.{k}", hints[k], v)[1]] if p]
+    if not problems and method.check is not None:
+        try:
+            method.check(**{**method.defaults, **given})
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _registry_problems(registry: Mapping[str, MergeMethod], names, options, key: str, options_key: str,
+                       unknown_hint: str, noun: str = "merge") -> tuple[list[str], list[str]]:
+    """(names, every problem) of a list of registered merges and their options: unknown names, repeats, unknown
+    options and refused values (those of the named merges)."""
     names = [names] if isinstance(names, str) else [str(n) for n in names or []]
-    known = ", ".join(SPECIALIST_MERGES)
-    for n in [*names, *(options or {})]:
-        if n not in SPECIALIST_MERGES:
-            raise UserError(f"merges: unknown merge {n!r}; known: {known} (a new one is a function registered with "
-                            "microbench.studies.methods.specialists_merge, imported with plugins=[<module>])")
+    options = dict(options or {})
+    known = ", ".join(registry)
+    problems = [f"{key}: unknown {noun} {n!r}; known: {known} ({unknown_hint})" for n in names if n not in registry]
+    problems += [f"{options_key}.{n}: no {noun} {n!r}; known: {known}" for n in options if n not in registry]
     if len(set(names)) != len(names):
-        raise UserError(f"merges={names} names a merge twice")
-    for n, opts in (options or {}).items():
-        unknown = sorted(set(opts or {}) - set(SPECIALIST_MERGES[n].defaults))
-        if unknown:
-            raise UserError(f"merge_options.{n}.{unknown[0]} is not an option of {n}; its options: "
-                            f"{', '.join(SPECIALIST_MERGES[n].defaults) or 'none'}")
-    for n in names:
-        m = SPECIALIST_MERGES[n]
-        if m.check is not None:
-            m.check(**{**m.defaults, **dict((options or {}).get(n) or {})})
+        problems.append(f"{key}={names} names a {noun.split()[-1]} twice")
+    for n, opts in options.items():
+        if n in registry:
+            problems += option_problems(registry[n], opts, f"{options_key}.{n}", values=n in names)
+    for n in dict.fromkeys(names):
+        if n in registry and n not in options:
+            problems += option_problems(registry[n], {}, f"{options_key}.{n}")
+    return names, problems
+
+
+def specialists_merges_problems(names: Sequence[str], options: Mapping[str, Mapping] | None = None
+                                ) -> tuple[list[str], list[str]]:
+    """(names, every problem) of the specialists study's merges and ``merge_options``."""
+    return _registry_problems(SPECIALIST_MERGES, names, options, "merges", "merge_options",
+                              "a new one is a function registered with microbench.studies.methods.specialists_merge, "
+                              "imported with plugins=[<module>]")
+
+
+def check_specialists_merges(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The specialists study's merges, checked: every problem in one line."""
+    names, problems = specialists_merges_problems(names, options)
+    if problems:
+        raise UserError("; ".join(problems))
     return names
 
 
@@ -152,30 +190,23 @@ def specialists_merge_paths(name: str, inputs: SpecialistsInputs, options: Mappi
     return method.paths(inputs, **{**method.defaults, **dict(options or {})})
 
 
-def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
-    """The study's methods, checked: known names (one line listing them otherwise), no repeats, options each
-    method accepts."""
-    if isinstance(names, str):
-        names = [names]
-    names = [str(n) for n in names]
+def methods_problems(names: Sequence[str], options: Mapping[str, Mapping] | None = None
+                     ) -> tuple[list[str], list[str]]:
+    """(names, every problem) of the study's methods and ``study.options``: none named, unknown names, repeats,
+    unknown options, refused values."""
+    names, problems = _registry_problems(METHODS, names, options, "study.methods", "study.options",
+                                         "a new one is a function registered with "
+                                         "microbench.studies.methods.merge_method", noun="merge method")
     if not names:
-        raise UserError(f"study.methods=[] studies nothing: name one or more of {', '.join(METHODS)}")
-    for n in names:
-        if n not in METHODS:
-            raise UserError(f"study.methods: unknown merge method {n!r}; known: {', '.join(METHODS)} (a new one is "
-                            "a function registered with microbench.studies.methods.merge_method)")
-    if len(set(names)) != len(names):
-        raise UserError(f"study.methods={names} names a method twice")
-    for n, opts in (options or {}).items():
-        if n not in METHODS:
-            raise UserError(f"study.options.{n}: no merge method {n!r}; known: {', '.join(METHODS)}")
-        unknown = sorted(set(opts or {}) - set(METHODS[n].defaults))
-        if unknown:
-            raise UserError(f"study.options.{n}.{unknown[0]} is not an option of {n}; its options: "
-                            f"{', '.join(METHODS[n].defaults) or 'none'}")
-    for n in names:
-        if METHODS[n].check is not None:
-            METHODS[n].check(**{**METHODS[n].defaults, **dict((options or {}).get(n) or {})})
+        problems.insert(0, f"study.methods=[] studies nothing: name one or more of {', '.join(METHODS)}")
+    return names, problems
+
+
+def check_methods(names: Sequence[str], options: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The study's methods, checked: every problem in one line."""
+    names, problems = methods_problems(names, options)
+    if problems:
+        raise UserError("; ".join(problems))
     return names
 
 
@@ -201,20 +232,6 @@ def _lines(inputs: MergeInputs) -> list[MergePath]:
     return [MergePath("lines", "lines", start, inputs.finetuned, starts_at_base=False, ends_at_finetuned=True)]
 
 
-def _check_ties(density: float = 0.2, per_tensor: bool = False) -> None:
-    if not isinstance(density, int | float) or not 0 < float(density) <= 1:
-        raise UserError(f"study.options.ties_trim.density must be a share in (0, 1] of the task vector kept, got "
-                        f"{density!r}")
-
-
-def _check_dare(p: float = 0.5, seeds: Sequence[int] = (0, 1, 2)) -> None:
-    if not isinstance(p, int | float) or not 0 <= float(p) < 1:
-        raise UserError(f"study.options.dare.p must be a drop probability in [0, 1), got {p!r}")
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds or [])
-    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-        raise UserError(f"study.options.dare.seeds must be one or more integer seeds, e.g. [0,1,2]; got {seeds!r}")
-
-
 def _check_model_stock(finetuned: Sequence[str] = ()) -> None:
     from pathlib import Path
 
@@ -228,17 +245,15 @@ def _check_model_stock(finetuned: Sequence[str] = ()) -> None:
                         "fine-tune of the same base")
 
 
-@merge_method("ties_trim", "TIES trim: the top-k share of the task vector's magnitudes, × α (Yadav et al., 2023)",
-              check=_check_ties)
-def _ties_trim(inputs: MergeInputs, density: float = 0.2, per_tensor: bool = False) -> list[MergePath]:
+@merge_method("ties_trim", "TIES trim: the top-k share of the task vector's magnitudes, × α (Yadav et al., 2023)")
+def _ties_trim(inputs: MergeInputs, density: Density = 0.2, per_tensor: bool = False) -> list[MergePath]:
     end = ties_merge(inputs.base, [inputs.finetuned], density=float(density), keys=inputs.keys,
                      per_tensor=bool(per_tensor))
     return [MergePath("ties_trim", "ties_trim", inputs.base, end)]
 
 
-@merge_method("dare", "DARE: drop delta entries with probability p, rescale by 1/(1 − p), × α (Yu et al., 2024)",
-              check=_check_dare)
-def _dare(inputs: MergeInputs, p: float = 0.5, seeds: Sequence[int] = (0, 1, 2)) -> list[MergePath]:
+@merge_method("dare", "DARE: drop delta entries with probability p, rescale by 1/(1 − p), × α (Yu et al., 2024)")
+def _dare(inputs: MergeInputs, p: DropProbability = 0.5, seeds: Seeds = (0, 1, 2)) -> list[MergePath]:
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
     vector = task_vector(inputs.base, inputs.finetuned, inputs.keys)
     return [MergePath("dare", f"dare[seed={s}]", inputs.base, add_vector(inputs.base, dare(vector, float(p), s)),
@@ -261,18 +276,8 @@ def _as_list(x) -> list:
     return [x] if isinstance(x, int | float | str) else list(x or [])
 
 
-def _check_densities(densities: Sequence[float] = (0.1, 0.2)) -> None:
-    ks = _as_list(densities)
-    if not ks or not all(isinstance(k, int | float) and 0 < float(k) <= 1 for k in ks):
-        raise UserError(f"merge_options.ties.densities must be one or more shares in (0, 1], e.g. [0.1,0.2]; got "
-                        f"{densities!r}")
-
-
-def _check_dare_merge(p: float = 0.5, seeds: Sequence[int] = (0,)) -> None:
-    if not isinstance(p, int | float) or not 0 <= float(p) < 1:
-        raise UserError(f"merge_options.dare.p must be a drop probability in [0, 1), got {p!r}")
-    if not _as_list(seeds) or not all(isinstance(x, int) and not isinstance(x, bool) for x in _as_list(seeds)):
-        raise UserError(f"merge_options.dare.seeds must be one or more integer seeds, e.g. [0]; got {seeds!r}")
+#: one density or a non-empty list of them (one path each)
+Densities = Density | Annotated[tuple[Density, ...], MinLen(1)]
 
 
 @specialists_merge("uniform_soup", "uniform soup: the specialists' mean (Wortsman et al., 2022)", scaled=False)
@@ -287,17 +292,15 @@ def _task_arithmetic(inputs: SpecialistsInputs) -> list[MergePath]:
                       task_arithmetic(inputs.base, inputs.finetuned, 1.0, inputs.keys))]
 
 
-@specialists_merge("ties", "TIES: base + λ·TIES(τ_1..τ_n; k), k and λ on val (Yadav et al., 2023)",
-                   check=_check_densities)
-def _ties(inputs: SpecialistsInputs, densities: Sequence[float] = (0.1, 0.2)) -> list[MergePath]:
+@specialists_merge("ties", "TIES: base + λ·TIES(τ_1..τ_n; k), k and λ on val (Yadav et al., 2023)")
+def _ties(inputs: SpecialistsInputs, densities: Densities = (0.1, 0.2)) -> list[MergePath]:
     return [MergePath("ties", f"ties[k={float(k):g}]", inputs.base,
                       ties_merge(inputs.base, inputs.finetuned, float(k), 1.0, inputs.keys))
             for k in _as_list(densities)]
 
 
-@specialists_merge("dare", "DARE + task arithmetic: base + λ·Σ DARE_p(τ_i), λ on val (Yu et al., 2024)",
-                   check=_check_dare_merge)
-def _dare_merge(inputs: SpecialistsInputs, p: float = 0.5, seeds: Sequence[int] = (0,)) -> list[MergePath]:
+@specialists_merge("dare", "DARE + task arithmetic: base + λ·Σ DARE_p(τ_i), λ on val (Yu et al., 2024)")
+def _dare_merge(inputs: SpecialistsInputs, p: DropProbability = 0.5, seeds: Seeds = (0,)) -> list[MergePath]:
     out = []
     for s in (int(x) for x in _as_list(seeds)):  # specialist i's mask: seed 1000·s + i (independent per model)
         vector: dict = {}

@@ -128,9 +128,16 @@ class ForgettingSettings:
     more_problems: ClassVar = staticmethod(_study_problems)
 
 
+def _merges_problems(cfg: DictConfig) -> list[str]:
+    from microbench.tasks.specialists import merges_problems
+
+    return merges_problems(cfg)[2]
+
+
 @dataclass(frozen=True)
 class SpecialistsSettings:
-    """The root of ``configs/specialists.yaml``."""
+    """The root of ``configs/specialists.yaml`` (and its ``merges`` with their ``merge_options``, after ``plugins``
+    are imported)."""
 
     data_path: str | None = None
     checkpoint: Literal["last", "best"] = "last"
@@ -139,7 +146,7 @@ class SpecialistsSettings:
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 
-    more_problems: ClassVar = staticmethod(lambda cfg: [])
+    more_problems: ClassVar = staticmethod(lambda cfg: _merges_problems(cfg))
 
 
 #: the schema of each entry point's root (``configs/<entry>.yaml``)

@@ -134,23 +134,36 @@ def order_chain(found: list[tuple[dict, str]], chain: bool) -> list[tuple[dict, 
     return ordered
 
 
-def merges_of(cfg: DictConfig) -> tuple[list[str], dict]:
-    """``merges`` and ``merge_options``, checked after importing ``plugins`` (modules that register merges)."""
+def merges_problems(cfg: DictConfig) -> tuple[list[str], dict, list[str]]:
+    """(``merges``, ``merge_options`` of those merges, every problem): after importing ``plugins`` (modules that
+    register merges), unknown merges, repeats, unknown options and refused values, one clause each."""
     import importlib
 
+    problems = []
     for module in list(cfg.get("plugins") or []):
         try:
             importlib.import_module(str(module))
         except ImportError as err:
-            raise UserError(f"plugins: cannot import {module} ({err}); is its folder on PYTHONPATH?") from None
-    from microbench.studies.methods import check_specialists_merges
+            problems.append(f"plugins: cannot import {module} ({err}); is its folder on PYTHONPATH?")
+    from microbench.studies.methods import specialists_merges_problems
 
     given = cfg.get("merge_options")
     options = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given or {})
     merges = cfg.get("merges")
     merges = [merges] if isinstance(merges, str) else list(merges or [])
     options = {k: v for k, v in options.items() if k in merges}  # the options of merges not run are not read
-    return check_specialists_merges(merges, options), options
+    if problems:  # a plug-in's merges are unknown until it imports
+        return merges, options, problems
+    merges, problems = specialists_merges_problems(merges, options)
+    return merges, options, problems
+
+
+def merges_of(cfg: DictConfig) -> tuple[list[str], dict]:
+    """``merges`` and ``merge_options``, checked (:func:`merges_problems`): every problem in one line."""
+    merges, options, problems = merges_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    return merges, options
 
 
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
