@@ -5,6 +5,7 @@ task from ``tasks.registry``, its summary lines). Above ``tasks/``: read only by
 from __future__ import annotations
 
 from microbench.entry import setup_console, start
+from microbench.errors import exit_on_user_error
 from microbench.resources import CONFIG_DIR
 
 #: job -> the ``microbench.tasks.registry`` function that runs it (its config is ``configs/<job>.yaml``)
@@ -20,7 +21,6 @@ def run_job(job: str) -> None:
 
     def app(cfg: DictConfig) -> None:
         setup_console()
-        from microbench.errors import exit_on_user_error
         from microbench.results.report import summary
         from microbench.tasks import registry
 

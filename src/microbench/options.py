@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Union
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
 
+from microbench.errors import UserError
+
 #: an integer >= 1 (a batch size, a number of epochs, a concurrency)
 PositiveInt = Annotated[int, Ge(1)]
 #: an integer >= 0 (workers, retries)
@@ -215,8 +217,6 @@ def checked(prefix: str, error: type[Exception] | None = None) -> Callable:
                     if problem:
                         problems.append(problem)
             if problems:
-                from microbench.errors import UserError
-
                 raise (error or UserError)("; ".join(problems))
             return fn(*bound.args, **bound.kwargs)
         return inner

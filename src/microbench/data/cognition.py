@@ -42,7 +42,7 @@ from microbench.data.datamodule import (
     default_transform,
     unique_images,
 )
-from microbench.data.loading import DataSource, MicroBenchDataError, is_hub_id
+from microbench.data.loading import SAMPLE_DIR, DataSource, MicroBenchDataError, is_hub_id
 from microbench.options import NonNegativeInt, PositiveInt, checked
 
 log = logging.getLogger(__name__)
@@ -326,8 +326,6 @@ def load_cognition(path: str, format: Literal[FORMATS] = "auto", revision: str |
     """Dispatch on ``format`` (``auto``: MicroVQA for its Hub id, the official layout for folders holding
     ``cognition/`` or split folders of JSON, a table otherwise)."""
     if path == "sample":
-        from microbench.data.loading import SAMPLE_DIR
-
         path = str(SAMPLE_DIR / "cognition")
     p = Path(path)
     if format == "auto":

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from microbench import distributed
-from microbench.data.datamodule import ExactDistributedSampler, PerceptionDataModule
+from microbench.data.datamodule import ExactDistributedSampler, PerceptionDataModule, empty_split_message
+from microbench.data.loading import MicroBenchDataError
 from microbench.data.splits import SPLITS
 
 
@@ -168,9 +169,6 @@ class LabelledDataModule(PerceptionDataModule):
     def _labelled_loader(self, split: str, train: bool) -> DataLoader:
         d = self.labelled(split)
         if len(d["rows"]) == 0:
-            from microbench.data.datamodule import empty_split_message
-            from microbench.data.loading import MicroBenchDataError
-
             raise MicroBenchDataError(empty_split_message(split, self))
         ds = LabelledRowDataset(self.hf, d["rows"], d["classes"], d["dataset_ids"], d["texts"],
                                 self.train_transform if train else self.transform, seed=self.seed)

@@ -131,8 +131,6 @@ def localization_intervals(ground_truth: dict, detections: list[dict] | None, pe
     """The image-clustered interval of every localization headline (names without ``loc/``): COCO AP, AP50 and AP75
     of each IoU type (:func:`~microbench.metrics.coco.image_bootstrap`, at most :data:`AP_RESAMPLES` resamples) and
     the GRIT numbers (:func:`grit_intervals`)."""
-    from microbench.metrics.coco import coco_evaluate
-
     out = grit_intervals(per_image, boot)
     n_ap = min(int(boot["n_resamples"]), AP_RESAMPLES)
     for iou_type in iou_types if detections is not None else ():

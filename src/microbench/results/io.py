@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from microbench.errors import UserError
+
 
 def _json_default(obj: Any):
     if isinstance(obj, np.integer):
@@ -94,8 +96,6 @@ def this_runs_record(path: Path, run_id: str, trainer=None) -> dict:
     / SLURM), read back only when its ``run_id`` is this run's: a results file of an earlier run in the same folder
     is never presented as this run's. With a ``trainer``, the other ranks take rank 0's run id and wait for it to
     finish writing (no-ops without a process group)."""
-    from microbench.errors import UserError
-
     if trainer is not None:
         run_id = trainer.strategy.broadcast(run_id, src=0)
         trainer.strategy.barrier("microbench-record-written")
@@ -107,8 +107,6 @@ def this_runs_record(path: Path, run_id: str, trainer=None) -> dict:
 
 def check_output_dir(path: str | Path) -> Path:
     """Create ``paths.output_dir`` and make sure this run can write there, before any work (one line if not)."""
-    from microbench.errors import UserError
-
     out_dir = Path(path)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"paths.output_dir={out_dir} is a file, not a folder: pass a folder path")

@@ -17,7 +17,7 @@ import pandas as pd
 from microbench.errors import UserError
 from microbench.metrics.bootstrap import DEFAULT_BOOTSTRAP
 from microbench.results.compare import holm, mean_ranks, paired_deltas, read_predictions
-from microbench.results.io import read_json, write_text
+from microbench.results.io import read_json, write_figure, write_text
 from microbench.results.paper import SOURCE as PAPER_SOURCE
 from microbench.results.paper import TABLE1, paper_name
 from microbench.results.report import pct
@@ -416,6 +416,4 @@ def _bar_chart(frame: pd.DataFrame, path: Path, source: str) -> None:
     ax.set_title(f"μ-Bench headline ({source}), image-clustered 95 % CI", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from microbench.results.io import write_figure
-
     write_figure(path, fig)

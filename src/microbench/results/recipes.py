@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from microbench.errors import UserError
-from microbench.results.io import read_json, write_json, write_text
+from microbench.results.io import read_json, write_figure, write_json, write_text
 
 KEYS = (("target/fine", "target"), ("supported/all", "supported"))
 
@@ -146,7 +146,5 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title("Recipes vs the base (95 % CIs; filled: α = 1, open: chosen α)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    from microbench.results.io import write_figure
-
     write_figure(path, fig)
     return path

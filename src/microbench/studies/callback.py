@@ -10,7 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from microbench.errors import UserError
 from microbench.models.backbones.base import state_fingerprint
+from microbench.results.io import read_json
 from microbench.studies.forgetting import StudySpec, run_study
 from microbench.studies.report import write_report
 
@@ -46,8 +48,6 @@ class ForgettingCallback(L.Callback):
         when this run wrote it; None when no study ran (e.g. ``fast_dev_run``)."""
         if self.study is not None or trainer.fast_dev_run:
             return self.study
-        from microbench.results.io import read_json
-
         path = self.out_dir / "forgetting.json"
         record = read_json(path) if path.is_file() else {}
         return record if record.get("run_id") == self.run_id else None
@@ -74,8 +74,6 @@ class ForgettingCallback(L.Callback):
                  "recorded in the checkpoint)", trainer.ckpt_path, self.base_fingerprint)
 
     def _rebuilt_base(self, ckpt_path: str) -> dict:
-        from microbench.errors import UserError
-
         how = ("run the study on its own: python src/forgetting.py base=<the model preset you fine-tuned> "
                f"finetuned={ckpt_path}, or set forgetting.enabled=false")
         if not self.base_fingerprint:

@@ -26,6 +26,7 @@ import torch
 
 from microbench import distributed
 from microbench.data.datamodule import PerceptionDataModule
+from microbench.errors import UserError
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap, Estimate
 from microbench.metrics.closed_vqa import closed_vqa_metrics, headline_table
 from microbench.models.backbones.base import Backbone
@@ -41,8 +42,9 @@ from microbench.options import (
 )
 from microbench.results.io import cache_key, write_parquet
 from microbench.studies.merging import MergeError, check_compatible
+from microbench.studies.methods import METHODS, MergeInputs, method_paths, methods_problems
 from microbench.studies.sweep import InterpolationScorer, WeightInterpolator, alpha_name
-from microbench.studies.tradeoff import SELECTION_RULES
+from microbench.studies.tradeoff import SELECTION_RULES, curve_areas, normalized, select_trade_off
 
 log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
@@ -287,8 +289,6 @@ def study_alphas(alphas, extrapolate: bool = False) -> list[float]:
     """The α values of a study, checked: a non-empty list of numbers in [0, 1] (0 and 1 are always added);
     values outside [0, 1] (extrapolation beyond the base or the fine-tuned weights) only with ``extrapolate=true``,
     and the report labels them."""
-    from microbench.errors import UserError
-
     if isinstance(alphas, str | int | float) or alphas is None:
         raise UserError(f"study.alphas must be a list of numbers, e.g. 'study.alphas=[0,0.5,1]'; got {alphas!r}")
     values = []
@@ -362,15 +362,11 @@ class StudySpec:
     feature_probe: bool = False  # re-fit linear probes on base / fine-tuned / chosen features (features vs alignment)
 
     def __post_init__(self) -> None:
-        from microbench.errors import UserError
-
         problems = spec_problems({f: getattr(self, f) for f in STUDY_CONFIG_KEYS})[1]
         if problems:
             raise UserError("; ".join(problems))
 
     def method_options(self, name: str) -> dict:
-        from microbench.studies.methods import METHODS
-
         return {**METHODS[name].defaults, **dict(self.options.get(name) or {})}
 
 
@@ -388,9 +384,6 @@ def spec_problems(values: Mapping[str, Any]) -> tuple[dict, list[str]]:
     pydantic's lax reading: ``"0.5"`` is 0.5), and every problem, one clause each naming the config key
     (:data:`STUDY_CONFIG_KEYS`); then the α values (:func:`study_alphas`) and the methods with their options
     (:func:`~microbench.studies.methods.methods_problems`)."""
-    from microbench.errors import UserError
-    from microbench.studies.methods import methods_problems
-
     hints = options_annotations(StudySpec)
     out, problems = dict(values), []
     for name, value in values.items():
@@ -422,8 +415,6 @@ def check_study_model(spec: StudySpec, backbone: Backbone, localization: bool = 
                       ) -> Callable[[str], bool] | None:
     """What a study needs of the model, checked before any work (in a fit: before fitting): the tower selection
     (:func:`tower_keys`, returned), residual blocks for LiNeS, WiSE-FT only for a localization head; one line each."""
-    from microbench.errors import UserError
-
     if localization and list(spec.methods) != ["wise_ft"]:
         raise UserError(f"study.methods={list(spec.methods)}: a localization head's study sweeps WiSE-FT only; use "
                         "study=wise_ft")
@@ -437,8 +428,6 @@ def check_study_model(spec: StudySpec, backbone: Backbone, localization: bool = 
 
 def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -> tuple[dict, dict, list]:
     """The paths of every method, their points and which study name each point answers for."""
-    from microbench.studies.methods import MergeInputs, method_paths
-
     depths = backbone.residual_block_depths() if "lines" in spec.methods else {}
     if keys is not None:
         depths = {k: v for k, v in depths.items() if keys(k)}
@@ -447,8 +436,6 @@ def _sweep_plan(backbone, base_state, ft_state, spec: StudySpec, keys, alphas) -
         for path in spec.method_options("model_stock").get("finetuned") or []:
             state = load_finetuned_state(path, backbone, key="study.options.model_stock.finetuned")[0]
             if all(torch.equal(state[k], ft_state[k]) for k in ft_state):
-                from microbench.errors import UserError
-
                 raise UserError(f"study.options.model_stock.finetuned: {path} holds the same weights as the "
                                 "fine-tune studied; Model Stock needs a *different* fine-tune of the same base "
                                 "(another seed)")
@@ -528,9 +515,6 @@ def run_study(backbone: Backbone, base_state: dict, ft_state: dict, *,
     :class:`~microbench.studies.sweep.LocalizationSweeper`); the α selection then keeps ≥ ``keep_target_gain``
     of the fine-tune's GRIT gain, and the report gets a localization table.
     """
-    from microbench.studies.methods import METHODS
-    from microbench.studies.tradeoff import normalized, select_trade_off
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -722,8 +706,6 @@ def _vs_finetuned(preds: dict, plan_entry: dict, alpha: float, targets: set[str]
 
 def _areas(study: dict, plan: dict, preds: dict, targets: set[str], spec: StudySpec, alphas) -> dict:
     """Each method's curve area on test with its paired bootstrap CI, and the paired test of every pair."""
-    from microbench.studies.tradeoff import curve_areas
-
     base = preds[BASE_POINT]
     cap = base[base["source"] == "captions"]
     is_target = cap["dataset"].astype(str).isin(targets).to_numpy()

@@ -34,7 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from microbench import distributed
 from microbench.metrics.bootstrap import CLUSTERED, ClusterBootstrap
+from microbench.results.io import write_figure, write_json, write_text
 from microbench.results.report import points
 from microbench.studies.forgetting import (
     BASE_POINT,
@@ -44,6 +46,7 @@ from microbench.studies.forgetting import (
     caption_resampler,
     sweep_split,
 )
+from microbench.studies.methods import SPECIALIST_MERGES, SpecialistsInputs, specialists_merge_paths
 
 #: the task-arithmetic / TIES scales chosen among on val
 LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -69,8 +72,6 @@ def plan_models(base: dict, specialists: Sequence[Specialist], keys: Callable[[s
     """The sweep's paths (name → (start, end)), its points, and each model family's candidate points: the base,
     every specialist, and each merge of :data:`~microbench.studies.methods.SPECIALIST_MERGES` named in ``merges``
     (none with one specialist, or ``merges=()`` for a chain, whose steps are not independent fine-tunes)."""
-    from microbench.studies.methods import SPECIALIST_MERGES, SpecialistsInputs, specialists_merge_paths
-
     states = [s.state for s in specialists]
     paths: dict = {"wise_ft": (base, states[0])}
     families: dict[str, list[tuple[str, float]]] = {"base": [BASE_POINT]}
@@ -133,8 +134,6 @@ def run_specialists(backbone, base_state: dict, specialists: Sequence[Specialist
     summarise test as the accuracy matrix with its scalars; returns the study (rank 0; other ranks None).
     ``chain``: the specialists are one sequence (each fine-tuned from the one before, in this order): no merges,
     and the chain's continual-learning scalars (:func:`microbench.studies.continual.chain_scalars`)."""
-    from microbench import distributed
-
     if not specialists:
         raise ValueError("a specialists study needs at least one specialist")
     t0 = time.perf_counter()
@@ -344,8 +343,6 @@ def plot_matrix(study: dict, path: Path, grain: str = "all") -> Path | None:
     ax.set_title(f"Δ accuracy vs base ({grain}, points; * = 95 % CI excludes 0)", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    from microbench.results.io import write_figure
-
     write_figure(path, fig)
     return path
 
@@ -420,7 +417,6 @@ def log_specialists(logger, study: dict, plot: Path | None) -> None:
 
 def write_specialists_report(study: dict, out_dir: str | Path, logger=None) -> dict:
     """``specialists.json``, ``specialists.md`` and ``specialists_matrix.png`` (each atomic); then the logger's."""
-    from microbench.results.io import write_json, write_text
     from microbench.studies.report import undefined_numbers
 
     out_dir = Path(out_dir)

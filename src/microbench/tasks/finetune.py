@@ -22,7 +22,9 @@ from microbench.data.config import LABELLED_DM, ROW_FILTERS, perception_view
 from microbench.distributed import local_only
 from microbench.errors import UserError
 from microbench.models.zero_shot import ZeroShotScorer
+from microbench.results.io import read_json
 from microbench.results.record import RunRecord, run_name_of
+from microbench.studies.forgetting import load_finetuned_state
 from microbench.tasks.records import PerceptionRecordWriter, new_record, run_context, write_fit
 from microbench.tasks.study import forgetting_callback, forgetting_summary
 from microbench.tasks.trainer import (
@@ -83,8 +85,6 @@ def run_checkpoint(run: str | Path, key: str) -> tuple[str, dict]:
     """The checkpoint of a fit (its folder, its ``train_metrics.json`` or the ``.ckpt`` itself; a folder or record
     gives the last checkpoint, the weights the fit ended with, as a chain continues training) and the fit's record
     ({} for a bare checkpoint)."""
-    from microbench.results.io import read_json
-
     path = Path(run)
     if path.is_dir():
         path = path / "train_metrics.json"
@@ -118,8 +118,6 @@ def chain_start(cfg: DictConfig) -> dict | None:
         if job == 0:
             return {"job": 0, "init_from": None, "after": []}
         sweep = Path(hc.sweep.dir)
-        from microbench.results.io import read_json
-
         prev = [f for f in sorted(sweep.rglob("train_metrics.json"))
                 if (read_json(f).get("chain") or {}).get("job") == job - 1]
         if not prev:
@@ -144,8 +142,6 @@ def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
     backbone = build_model(cfg.model, cfg.get("inference"))
     base_state = None
     if chain and chain["init_from"]:  # the study's base stays the model preset; the fit starts from the run's weights
-        from microbench.studies.forgetting import load_finetuned_state
-
         base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
         state, _ = load_finetuned_state(chain["init_from"], backbone, key="init_from")
         backbone.load_state_dict(state)

@@ -17,6 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from microbench.errors import UserError
 from microbench.resources import CHECKOUT
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ class RecipesTableAtEnd(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("compare_recipes"):
             return
-        from microbench.errors import UserError
         from microbench.results.recipes import compare
 
         sweep = Path(str(config.hydra.sweep.dir))

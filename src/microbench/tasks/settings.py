@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from omegaconf import DictConfig
-
 from microbench.data.cognition import FORMATS
 from microbench.data.specialty import AXES
 from microbench.generative.boxes import PROMPTS
 from microbench.models.inference import InferenceSettings
 from microbench.models.zero_shot import SOURCES
 from microbench.options import OpenShare, PositiveFloat, PositiveInt
+from microbench.tasks.specialists import merges_problems
+from microbench.tasks.study import study_problems
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,6 @@ class ForgettingSwitch:
     enabled: bool = False
 
 
-def _study_problems(cfg: DictConfig) -> list[str]:
-    from microbench.tasks.study import study_problems
-
-    return study_problems(cfg)
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     """The root of ``configs/train.yaml`` (the ``study`` group is checked when ``forgetting.enabled``)."""
@@ -112,7 +106,7 @@ class TrainSettings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     more_problems: ClassVar = staticmethod(
-        lambda cfg: _study_problems(cfg) if (cfg.get("forgetting") or {}).get("enabled") is True else [])
+        lambda cfg: study_problems(cfg) if (cfg.get("forgetting") or {}).get("enabled") is True else [])
 
 
 @dataclass(frozen=True)
@@ -125,13 +119,7 @@ class ForgettingSettings:
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 
-    more_problems: ClassVar = staticmethod(_study_problems)
-
-
-def _merges_problems(cfg: DictConfig) -> list[str]:
-    from microbench.tasks.specialists import merges_problems
-
-    return merges_problems(cfg)[2]
+    more_problems: ClassVar = staticmethod(study_problems)
 
 
 @dataclass(frozen=True)
@@ -146,7 +134,7 @@ class SpecialistsSettings:
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 
-    more_problems: ClassVar = staticmethod(lambda cfg: _merges_problems(cfg))
+    more_problems: ClassVar = staticmethod(lambda cfg: merges_problems(cfg)[2])
 
 
 #: the schema of each entry point's root (``configs/<entry>.yaml``)

@@ -18,6 +18,7 @@ from microbench.options import checked
 from microbench.results.io import read_json
 from microbench.results.record import RunRecord
 from microbench.studies.forgetting import load_finetuned_state
+from microbench.studies.methods import specialists_merges_problems
 from microbench.studies.specialists import Specialist, run_specialists, write_specialists_report
 from microbench.tasks.forgetting import study_on_every_rank
 from microbench.tasks.records import new_record, run_context
@@ -145,8 +146,6 @@ def merges_problems(cfg: DictConfig) -> tuple[list[str], dict, list[str]]:
             importlib.import_module(str(module))
         except ImportError as err:
             problems.append(f"plugins: cannot import {module} ({err}); is its folder on PYTHONPATH?")
-    from microbench.studies.methods import specialists_merges_problems
-
     given = cfg.get("merge_options")
     options = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given or {})
     merges = cfg.get("merges")

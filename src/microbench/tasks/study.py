@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from microbench.data.config import make_eval_dm, whole_benchmark_cfg
+from microbench.entry import RENAMED
 from microbench.errors import UserError
 from microbench.studies.callback import ForgettingCallback
 from microbench.studies.forgetting import STUDY_CONFIG_KEYS, StudySpec, check_study_model, spec_problems
@@ -22,8 +23,6 @@ def moved_key_problems(cfg: DictConfig) -> list[str]:
     """A config file (an experiment, a user's YAML) that still sets a study setting under its old name would be
     silently ignored: one line naming the new key instead (command-line overrides are rewritten by
     :func:`microbench.entry.rename_overrides`)."""
-    from microbench.entry import RENAMED
-
     fg = cfg.get("forgetting") or {}
     moved = {**{f"forgetting.{k}": v for k, v in ((k, RENAMED["train"].get(f"forgetting.{k}")) for k in fg) if v},
              **{k: v for k, v in RENAMED["forgetting"].items() if "." not in k and k in cfg},

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from microbench.errors import UserError, user_error_of
 from microbench.models.inference import InferenceSettings
-from microbench.results.io import check_output_dir, clean_stale_temporaries
+from microbench.results.io import check_output_dir, clean_stale_temporaries, write_json
+from microbench.tasks.validate import check_config
 
 #: what a model config can build; a task function serves one (task, family) pair (tasks/registry.py)
 FAMILIES = ("contrastive", "generative", "random")
@@ -150,8 +151,6 @@ def run_task(task, cfg: DictConfig, settings=None, first: list[str] | tuple = ()
     and its CSV flushed, so a multirun's next job starts its own); a task that raises leaves ``failed.json`` in
     its run folder (what went wrong and where), then re-raises. ``find`` (the entry's dispatch, run after the
     check when ``task`` is None) returns the task function."""
-    from microbench.tasks.validate import check_config
-
     already_open = list(OPEN_LOGGERS)
     status = "failed"
     try:
@@ -171,8 +170,6 @@ def run_task(task, cfg: DictConfig, settings=None, first: list[str] | tuple = ()
 def leave_failure(cfg: DictConfig, err: BaseException) -> Path | None:
     """``<paths.output_dir>/failed.json`` (rank 0 only): the error, whether it is the user's to fix, and when."""
     import datetime
-
-    from microbench.results.io import write_json
 
     if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
         return None

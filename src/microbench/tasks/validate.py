@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from microbench.entry import RENAMED_IN_EVERY_JOB, WHY_RENAMED
 from microbench.errors import UserError
 from microbench.options import check_value, options_annotations, settable, signature_options, value_problems
 
@@ -105,8 +106,6 @@ def _plain(value):
 
 def moved_root_keys(cfg: DictConfig) -> list[str]:
     """A config file that still sets a renamed root key (``task_name:``) would have it silently ignored."""
-    from microbench.entry import RENAMED_IN_EVERY_JOB, WHY_RENAMED
-
     return [f"{old} in the config is now {new} ({WHY_RENAMED[new]}): rename it in your config file"
             for old, new in RENAMED_IN_EVERY_JOB.items() if old in cfg]
 
