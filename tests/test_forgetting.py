@@ -162,7 +162,7 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
     study = write_report(run_study(bb, trained_base, ft, make_dm=make_dm, out_dir=tmp_path / "study",
                                    target_datasets=targets, spec=StudySpec(alphas=[0, 0.5, 1], n_resamples=999),
                                    cache_dir=tmp_path / "cache", finetuned_path="destroyed"), tmp_path / "study")
-    bars = capsys.readouterr().err  # issue 13 §5: the sweep has a progress bar per split (images × models)
+    bars = capsys.readouterr().err  # the sweep has a progress bar per split (images × models)
     assert "forgetting study, val split: 3 models" in bars and "forgetting study, test split: 3 models" in bars
     test = study["splits"]["test"]["models"]
     d = test["finetuned"]["supported/all"]["delta"]
@@ -191,7 +191,7 @@ def test_destructive_finetune_shows_significant_forgetting(trained_base, tmp_pat
 
 @pytest.mark.slow
 def test_merge_methods_in_one_study_match_wise_ft_alone_and_separate_evaluations(trained_base, tmp_path):
-    """Issue 20 §2-3: five methods in one study, every image decoded once; WiSE-FT's numbers are the same as in a
+    """Five methods in one study, every image decoded once; WiSE-FT's numbers are the same as in a
     study of WiSE-FT alone; a LiNeS point equals the separately evaluated LiNeS model; every method gets its
     normalized accuracies, selection, curve area with a CI, and the change by metadata axis."""
     import pandas as pd
@@ -284,7 +284,7 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
     rec = json.loads((tmp_path / "study" / "forgetting.json").read_text())
     assert set(rec["splits"]) == {"val", "test"} and rec["finetuned_record"]["objective"] == "contrastive"
     assert "target/fine" in rec["chosen_test"] and (tmp_path / "study" / "alpha_sweep.png").exists()
-    # study.feature_probe=true (issue 23 §2): the probes of base, fine-tune and chosen model, with the verdicts
+    # study.feature_probe=true: the probes of base, fine-tune and chosen model, with the verdicts
     fp = rec["feature_probe"]
     assert fp["models"][0] == "base" and "finetuned" in fp["verdicts"] and set(fp["pooled"]) == {"target", "supported"}
     assert "## Features or alignment?" in (tmp_path / "study" / "forgetting.md").read_text()

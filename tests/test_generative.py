@@ -171,7 +171,7 @@ def test_malformed_replies_count_as_wrong_and_never_crash(tmp_path):
 
 
 def test_a_server_answering_200_with_a_non_json_body_is_a_failure_not_a_score_of_zero(tmp_path):
-    """Issue 13 §1.3: twelve HTTP 200 replies with an HTML body scored 0.00 ± 0.00 with exit 0."""
+    """Twelve HTTP 200 replies with an HTML body scored 0.00 ± 0.00 with exit 0."""
     from microbench.generative.backends import GenerativeBackendError
     from microbench.generative.harness import run_generative
 
@@ -190,7 +190,7 @@ def test_a_server_answering_200_with_a_non_json_body_is_a_failure_not_a_score_of
 
 @pytest.mark.parametrize("outcome", [500, "hang", "non_json"])
 def test_a_server_failing_every_request_stops_the_run_early(outcome):
-    """Issue 13 §3: a server answering 500 (or hanging) made a run retry every question for about a minute each
+    """A server answering 500 (or hanging) made a run retry every question for about a minute each
     (2.5 h for 1,952 questions). Before the first answer a request is retried at most once (a timeout not at all),
     and after fail_fast_after failures with no answer the run stops with one line."""
     import time

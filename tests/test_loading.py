@@ -220,7 +220,7 @@ def test_dataset_info_features_are_applied_without_writing(sample_rows, tmp_path
 
 def test_changing_only_the_pixels_changes_the_fingerprint_and_misses_the_feature_cache(sample_rows, tmp_path):
     """Caches key on the data fingerprint: a copy whose every image changed under the same ids must be a miss
-    (issue 13: the linear probe and the forgetting study used to reuse the old copy's embeddings and results)."""
+    (the linear probe and the forgetting study used to reuse the old copy's embeddings and results)."""
     import copy
 
     from microbench.data.datamodule import PerceptionDataModule

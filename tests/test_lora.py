@@ -155,7 +155,7 @@ def test_lora_on_transformers_and_timm_towers_trains_every_adapter_and_merges_ex
 
 @pytest.mark.slow
 def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base(tmp_path):
-    """Issue 23 §3: `-m experiment=compare_recipes recipe=...` fine-tunes each recipe from the same base on the same
+    """`-m experiment=compare_recipes recipe=...` fine-tunes each recipe from the same base on the same
     target, studies each, and tabulates target gain vs supported loss with each study's paired CIs, trainable
     parameters and checkpoint sizes; `python -m microbench recipes <sweep>` rebuilds the same table."""
     import os
@@ -185,7 +185,7 @@ def test_one_command_compares_full_lora_and_lp_ft_fine_tuning_from_the_same_base
         assert r["finetuned"]["target"]["value"] == ft["target/fine"]["delta"]["value"]
         assert r["finetuned"]["supported"]["low"] == ft["supported/all"]["delta"]["low"]
         assert r["chosen_alpha"] == study["selection"]["alpha"]
-        probe = study["feature_probe"]["verdicts"]["finetuned"]  # the experiment re-fits probes (issue 23 §2)
+        probe = study["feature_probe"]["verdicts"]["finetuned"]  # the experiment re-fits probes
         assert r["features"]["value"] == probe["probe_delta"]["value"] and r["features"]["verdict"] == probe["verdict"]
     md = (sweep / "recipes" / "recipes.md").read_text()
     assert "features Δ, probe (α=1) | verdict |" in md

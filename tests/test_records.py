@@ -1,5 +1,5 @@
-"""One run-record type for every task, built in one place, written by one writer, printed by one summary printer
-(issue 14)."""
+"""One run-record type for every task, built in one place, written by one writer, printed by one summary
+printer."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_towers_image_moves_exactly_the_image_keys_of_open_clip():
 
 
 def test_towers_image_on_a_transformers_clip_selects_its_vision_keys(tmp_path):
-    """The bug of issue 20: the image tower was found by module identity, which the HF adapter builds anew on every
+    """The image tower was found by module identity, which the HF adapter builds anew on every
     call, so 0 of its keys were selected and every θ(α) was the base."""
     from test_backbones import _tiny_hf_clip
 
@@ -458,7 +458,7 @@ def test_the_area_p_value_agrees_with_the_interval():
 
 
 def test_the_study_intervals_are_image_clustered_and_paired_across_models(tmp_path):
-    """Issue 21 §1 in the forgetting study: every group and dataset interval resamples images with all their
+    """Image-clustered intervals in the forgetting study: every group and dataset interval resamples images with all their
     questions (named in the record), shared by all models; wider than the i.i.d. interval where an image has
     several questions; the base against itself exactly 0."""
     import pandas as pd

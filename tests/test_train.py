@@ -243,7 +243,7 @@ def test_freezing_blocks_and_text_tower():
 
 @pytest.mark.slow
 def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(tmp_path):
-    """Issue 13 §5: experiment=demo trainer=ddp_sim stopped with "parameters that were not used in producing the
+    """experiment=demo trainer=ddp_sim stopped with "parameters that were not used in producing the
     loss" (CE: the logit scale and text tower take no gradient)."""
     module, *_ = _fit(tmp_path / "one", epochs=1)
     image = {id(p) for p in module.backbone.image_tower().parameters()}
@@ -256,7 +256,7 @@ def test_ce_fine_tuning_trains_only_the_image_tower_and_head_and_runs_under_ddp(
 
 @pytest.mark.slow
 def test_finetune_pathology_with_the_tiny_model_learns(tmp_path, cfg_train):
-    """Issue 13 §5: experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
+    """experiment=finetune_pathology model=tiny used ViT-B/32's lr (1e-5): test accuracy 0.25, best
     epoch 0. configs/tuning/finetune_pathology/tiny.yaml gives the tiny model its own step size."""
     cfg = cfg_train(["experiment=finetune_pathology", "model=tiny", "trainer=cpu", f"checkpoint_dir={tmp_path / 'ckpt'}", "forgetting.enabled=false", "eval_in_domain=false",
                 "+trainer.enable_progress_bar=false"])
@@ -269,7 +269,7 @@ def test_finetune_pathology_with_the_tiny_model_learns(tmp_path, cfg_train):
 
 
 def test_small_probe_fits_run_on_one_thread_and_restore_the_setting(monkeypatch):
-    """Issue 13 §5: on a loaded 2-core machine the probe experiment ran 15 min with every torch thread on tiny
+    """On a loaded 2-core machine the probe experiment ran 15 min with every torch thread on tiny
     L-BFGS fits (2:39 with OMP_NUM_THREADS=1)."""
     import microbench.models.linear_probe as lp
 
@@ -291,7 +291,7 @@ def test_small_probe_fits_run_on_one_thread_and_restore_the_setting(monkeypatch)
 
 
 def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
-    """Issue 13 §5: the probe experiment ran for 15 minutes without a word."""
+    """The probe experiment ran for 15 minutes without a word."""
     import logging
 
     cfg = cfg_train(["experiment=linear_probe", "model=tiny", "trainer=cpu", f"probe.cache_dir={tmp_path}/c", "probe.seeds=[0]", "probe.shots=[full,1]",
@@ -305,7 +305,7 @@ def test_linear_probes_report_progress_per_dataset(tmp_path, cfg_train, caplog):
 
 
 def test_the_probe_reaches_the_optimum_of_its_objective_against_scipy():
-    """Issue 23 §2: the 200-iteration L-BFGS stopped above the optimum (measured here: 6e-5 relative at wd = 1e-6).
+    """The 200-iteration L-BFGS stopped above the optimum (measured here: 6e-5 relative at wd = 1e-6).
     Along the weight-decay path the probe now reaches scipy's L-BFGS-B optimum of the same objective (mean cross
     entropy + wd/2·‖W‖², bias free, float64, gtol 1e-12) within 1e-6 relative, converged on the gradient."""
     import numpy as np

@@ -34,7 +34,7 @@ FAST_EVAL = ["bootstrap.n_resamples=99", "data.datasets=[kather_et_al_2016]", "+
 # --- no silent wrong result ----------------------------------------------------------------------------------------
 
 def test_an_empty_split_is_an_error_and_never_shows_an_earlier_runs_numbers(tmp_path, capsys):
-    """§1.2: an empty test split into the folder of an earlier run printed that run's headline (exit 0)."""
+    """An empty test split into the folder of an earlier run printed that run's headline (exit 0)."""
     out = tmp_path / "run"
     code, _, (record, _) = run_entry("eval", [f"paths.output_dir={out}", *FAST_EVAL], capsys)
     assert code == 0 and record["run_id"]
@@ -58,7 +58,7 @@ def test_a_record_left_by_another_run_is_never_read_back_as_this_runs(tmp_path):
 
 
 def test_the_leaderboard_keeps_a_subset_run_beside_the_full_run(tmp_path, capsys):
-    """§1.4: a later subset run of the same model replaced its full-benchmark row (only a WARNING)."""
+    """A later subset run of the same model replaced its full-benchmark row (only a WARNING)."""
     from microbench.results.leaderboard import build_leaderboard
 
     code, _, (full, _) = run_entry("eval", [f"paths.output_dir={tmp_path / 'a_full'}", "bootstrap.n_resamples=99",
@@ -89,7 +89,7 @@ def _demo(tmp_path: Path, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_resumed_fine_tune_studies_forgetting_against_the_true_base(tmp_path, capsys):
-    """§1.5: resuming a finished demo run wrote a report with base = fine-tuned (every Δ +0.00)."""
+    """Resuming a finished demo run wrote a report with base = fine-tuned (every Δ +0.00)."""
     code, _, (metrics, _) = run_entry("train", _demo(tmp_path, "first"), capsys)
     assert code == 0
     first = json.loads((tmp_path / "first" / "forgetting" / "forgetting.json").read_text())
@@ -130,7 +130,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_cognition_options_given_as_a_string_are_refused(tmp_path, capsys):
-    """§1.6: options "A;B" were split into the characters A, ;, B and scored."""
+    """Options "A;B" were split into the characters A, ;, B and scored."""
     root = _cognition_copy(tmp_path)
     rows = _jsonl(root / "questions.jsonl")
     rows[0]["options"] = "lymphocyte;basophil"
@@ -145,7 +145,7 @@ def test_cognition_options_given_as_a_string_are_refused(tmp_path, capsys):
 
 
 def test_a_corrupt_cognition_image_is_a_counted_reported_skip(tmp_path, capsys):
-    """§1.7: a corrupt image dropped its questions silently (n 11 of 12, skipped empty, "12 questions")."""
+    """A corrupt image dropped its questions silently (n 11 of 12, skipped empty, "12 questions")."""
     root = _cognition_copy(tmp_path)
     (root / "cognition" / "test" / "opencell_238.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     code, _, (record, _) = run_entry("eval", ["task=cognition", f"cognition.path={root}", "bootstrap.n_resamples=99",

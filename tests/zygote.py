@@ -1,4 +1,4 @@
-"""A Python with the heavy libraries already imported that forks one child per command-line run (issue 24 §3).
+"""A Python with the heavy libraries already imported that forks one child per command-line run.
 
 Every CLI the tests run (``src/*.py``, ``python -m microbench``, the README's commands) would otherwise pay ~7 s of
 imports (torch, Lightning with torchmetrics, open_clip, timm) before it does anything: half of a typical CLI test.

@@ -1,4 +1,4 @@
-"""Fine-tuning recipes side by side (issue 23 §3): full fine-tuning, LoRA, cross-entropy, LP-FT from the same base on
+"""Fine-tuning recipes side by side: full fine-tuning, LoRA, cross-entropy, LP-FT from the same base on
 the same target, each read from its own fit record and forgetting study.
 
 ``python -m microbench recipes <multirun folder> [--out DIR]`` (and at the end of ``python src/train.py -m

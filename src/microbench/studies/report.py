@@ -48,7 +48,7 @@ def undefined_numbers(obj, path: str = "") -> dict[str, str]:
 
 
 def _interval_name(study: dict) -> str:
-    """How the study's intervals were drawn (image-clustered since issue 21; older studies: bootstrap)."""
+    """How the study's intervals were drawn (image-clustered; studies written before clustering: bootstrap)."""
     ft = ((study.get("splits") or {}).get("test") or {}).get("models", {}).get("finetuned", {})
     d = (ft.get("supported/all") or ft.get("all/all") or {}).get("delta") or {}
     return "image-clustered" if "clustered" in str(d.get("interval", "")) else "bootstrap"
