@@ -53,8 +53,9 @@ def test_every_shipped_preset_and_experiment_passes_the_pre_run_check(tmp_path):
                  for s in sorted((REPO / "configs" / "study").glob("*.yaml")) if s.stem != "common"
                  for job in ("forgetting", "train")]
     (tmp_path / "seed1.ckpt").touch()  # Model Stock's second fine-tune (the check reads that it is a file)
+    required = {"forgetting": ["finetuned=ft.ckpt"], "specialists": ["runs=multirun"]}  # given on every command line
     problems = {f"{job} {' '.join(o)}": (settings_problems(cfg, ENTRY_SETTINGS[job]) + config_problems(cfg))
-                for job, o in composed for cfg in [compose_config(job, o)]}
+                for job, o in composed for cfg in [compose_config(job, [*required.get(job, []), *o])]}
     assert len(problems) > 50 and not {k: v for k, v in problems.items() if v}
 
 
@@ -120,6 +121,11 @@ def test_every_problem_of_the_study_is_reported_at_once_where_a_study_runs(tmp_p
     assert not (tmp_path / "ck").exists()
     with pytest.raises(UserError, match=r"^5 config problem\(s\).*study.towers must be one of both, image"):
         forgetting(cfg_forgetting(["finetuned=missing.ckpt", *bad[:-1]]))
+    with pytest.raises(UserError) as err:  # a required key is one of the problems, not a first error of its own
+        forgetting(cfg_forgetting(["study.towers=text"]))
+    assert str(err.value) == ("2 config problem(s), nothing was run: finetuned is required: pass finetuned=<a .ckpt "
+                              "written by src/train.py (train_metrics.json names it)>; study.towers must be one of "
+                              "both, image, got 'text'")
     # no study after this fit: its settings are not read, so not checked
     assert study_problems(cfg_train(["experiment=demo", "study.towers=text"])) == [
         "study.towers must be one of both, image, got 'text'"]
@@ -396,6 +402,8 @@ def test_every_merge_option_problem_is_reported_at_once_from_the_methods_signatu
         "study.options.ties_trim.per_tensor must be true or false, got 'x'",
         "study.options.lines.depth is not an option of lines; its options: none"]
     out = tmp_path / "s"
+    with pytest.raises(UserError, match=r"^1 config problem\(s\), nothing was run: runs is required: pass runs="):
+        specialists(compose_config("specialists", [f"paths.output_dir={out}"]))
     with pytest.raises(UserError) as err:
         specialists(compose_config("specialists", [
             f"runs={tmp_path / 'none'}", "merges=[ties,dare]", "merge_options.ties.densities=[0]",

@@ -292,7 +292,8 @@ def test_forgetting_cli_on_a_trained_checkpoint(tmp_path, cfg_train, cfg_forgett
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), [
-    ([], "error: no fine-tuned checkpoint: pass finetuned="),
+    ([], "error: 1 config problem(s), nothing was run: finetuned is required: pass finetuned=<a .ckpt written by "
+         "src/train.py"),
     (["finetuned=/no/such.ckpt"], "error: finetuned=/no/such.ckpt does not exist"),
 ])
 def test_forgetting_cli_bad_input_is_one_line(tmp_path, overrides, message):

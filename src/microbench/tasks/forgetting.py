@@ -72,8 +72,6 @@ def study_group(cfg: DictConfig, fit_task: str | None) -> dict:
 
 
 def run(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    if not cfg.get("finetuned"):
-        raise MergeError("no fine-tuned checkpoint: pass finetuned=<path to a .ckpt from src/train.py>")
     spec = study_spec(cfg)
     t0, out_dir = start_run(cfg)  # output folder writable, data path there, before the model is built
     if isinstance(cfg.base, str):  # base=<preset> as a string: the preset, its interpolations (${data.path}...)

@@ -2,7 +2,7 @@
 the pre-run check (:func:`microbench.tasks.validate.settings_problems`) as a target's signature is read, so every
 problem of a composed config is reported at once, before any work, each with its fix.
 
-A field states what it may hold in its annotation (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a list
+A field states what it may hold in its annotation (a required one says how to give it in its ``required`` metadata) (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a list
 of them); a nested dataclass is a group (``bootstrap``; optional: ``specialty``), whose keys must be its fields. ``task`` is checked by the
 entry's dispatch table (:mod:`microbench.tasks.registry`), and the ``study`` group by
 :func:`microbench.tasks.study.study_problems` wherever a study will run (:meth:`TrainSettings.more_problems`).
@@ -113,7 +113,8 @@ class TrainSettings:
 class ForgettingSettings:
     """The root of ``configs/forgetting.yaml`` (and its ``study`` group, always)."""
 
-    finetuned: str | None = None
+    finetuned: str | None = field(default=None, metadata={
+        "required": "pass finetuned=<a .ckpt written by src/train.py (train_metrics.json names it)>"})
     base_checkpoint: str | None = None
     target_datasets: tuple[str, ...] | None = None
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
@@ -127,6 +128,8 @@ class SpecialistsSettings:
     """The root of ``configs/specialists.yaml`` (and its ``merges`` with their ``merge_options``, after ``plugins``
     are imported)."""
 
+    runs: str | tuple[str, ...] | None = field(default=None, metadata={
+        "required": "pass runs=<the multirun folder of experiment=specialist> (or runs=[<run>,<run>,...])"})
     data_path: str | None = None
     checkpoint: Literal["last", "best"] = "last"
     chain: bool = False

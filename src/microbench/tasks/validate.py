@@ -116,7 +116,12 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
     hints = options_annotations(schema)
     problems = []
     for f in dataclasses.fields(schema):
-        if f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
+        required = f.metadata.get("required")
+        absent = f.name not in cfg or OmegaConf.is_missing(cfg, f.name)
+        if required and (absent or cfg.get(f.name) in (None, "", [])):
+            problems.append(f"{prefix}{f.name} is required: {required}")
+            continue
+        if absent:
             continue
         name, annotation = f"{prefix}{f.name}", hints[f.name]
         try:
