@@ -14,6 +14,7 @@ from pathlib import Path
 
 from microbench.errors import UserError
 from microbench.results.io import read_json, write_figure, write_json, write_text
+from microbench.results.report import points
 
 KEYS = (("target/fine", "target"), ("supported/all", "supported"))
 
@@ -86,7 +87,8 @@ def compare(runs: str | Path, out: str | Path) -> dict:
 
 
 def _pp(c: dict) -> str:
-    return f"{100 * c['value']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+    low, high = points(c["low"], signed=True), points(c["high"], signed=True)
+    return f"{points(c['value'], signed=True)} [{low}, {high}]"
 
 
 def markdown(result: dict) -> str:

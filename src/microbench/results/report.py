@@ -4,23 +4,23 @@ breakdown), cognition, localization and linear probes, and the few lines every e
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pandas as pd
 
 
-def percent(x: float | None, signed: bool = False) -> str:
-    """The one percent formatter of tables: a fraction as ``47.57`` (``+1.25`` signed), or an em dash when there is
-    no value (None or NaN)."""
+def percent(x: float | None, signed: bool = False, digits: int = 2) -> str:
+    """The one percent formatter: a fraction as ``47.57`` (``+1.25`` signed; tables use two decimals), or an em dash
+    when there is no value (None or NaN). Prose (a report's sentences, log lines) says percentage points with one
+    decimal: :func:`points`."""
     if x is None or x != x:
         return "—"
-    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
-
-
-def points(x: float, signed: bool = False, digits: int = 1) -> str:
-    """The one percent formatter of prose (reports' sentences, log lines): a fraction as percentage points with one
-    decimal, ``25.0`` (``+25.0`` signed)."""
     return f"{100 * x:+.{digits}f}" if signed else f"{100 * x:.{digits}f}"
+
+
+#: the percent formatter of prose: percentage points with one decimal (``25.0``, ``+25.0`` signed)
+points = functools.partial(percent, digits=1)
 
 
 def pct(m: dict | None) -> str:
@@ -36,12 +36,12 @@ def pct(m: dict | None) -> str:
 def clustered_cell(m: dict | None) -> str:
     """``[45.10, 50.02]``: the image-clustered 95 % interval of a metric entry in %, or an em dash."""
     c = (m or {}).get("clustered")
-    return "—" if not c or c.get("low") is None else f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}]"
+    return "—" if not c or c.get("low") is None else f"[{percent(c['low'])}, {percent(c['high'])}]"
 
 
 def fmt_value(entry: dict | None) -> str:
     """``47.57`` (percent, no CI) or an em dash."""
-    return "—" if not entry or entry.get("value") is None else f"{100 * entry['value']:.2f}"
+    return "—" if not entry or entry.get("value") is None else percent(entry["value"])
 
 
 def _with_n(m: dict | None) -> str:
@@ -100,8 +100,8 @@ def results_markdown(record: dict[str, Any]) -> str:
                     "`metrics.json` → `clustered`) is the one to compare models by:", "",
                     _table(["headline", "accuracy", "official 95 % (basic, questions)",
                             "image-clustered 95 % (percentile, images)"],
-                           [[g, f"{100 * e['value']:.2f}", f"[{100 * e['low']:.2f}, {100 * e['high']:.2f}]",
-                             f"[{100 * e['clustered']['low']:.2f}, {100 * e['clustered']['high']:.2f}]"]
+                           [[g, percent(e['value']), f"[{percent(e['low'])}, {percent(e['high'])}]",
+                             f"[{percent(e['clustered']['low'])}, {percent(e['clustered']['high'])}]"]
                             for g, e in clustered if "clustered" in e]), ""]
         notes = [g["note"] for g in (record.get("headline_coverage") or {}).get(source, {}).values() if g["note"]]
         if notes:
@@ -227,7 +227,7 @@ def localization_markdown(record: dict, per_image) -> str:
               "|---|---|---|---|---|---|---|"]
     if len(per_image):
         for (d, c), g in per_image.groupby(["dataset", "class"]):
-            lines.append(f"| {d} | {c} | {100 * g['grit'].mean():.2f} | {clustered_cell(m.get(f'loc/grit/{d}/{c}'))} "
+            lines.append(f"| {d} | {c} | {percent(g['grit'].mean())} | {clustered_cell(m.get(f'loc/grit/{d}/{c}'))} "
                          f"| {len(g)} | {g['n_pred'].mean():.1f} | {g['n_gt'].mean():.1f} |")
     sk = record["skipped"]
     lines += ["", "## Not scored", "", f"- images that failed to decode: {len(sk.get('failed_images', []))}",
@@ -239,7 +239,7 @@ def probe_markdown(frame: pd.DataFrame, model: str) -> str:
     lines = [f"# Linear probes: {model}", "", "Accuracy % (mean ± std over seeds); weight decay chosen on val.", ""]
     if frame.empty:
         return "\n".join(lines + ["(no dataset could be probed)", ""])
-    pivot = frame.assign(cell=[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(frame.acc_mean, frame.acc_std,
+    pivot = frame.assign(cell=[f"{points(m)} ± {points(s)}" for m, s in zip(frame.acc_mean, frame.acc_std,
                                                                                strict=True)])
     shots = list(dict.fromkeys(frame["shots"]))
     lines.append("| dataset | " + " | ".join(f"{s}-shot" if s != "full" else "full" for s in shots) + " |")

@@ -27,6 +27,7 @@ import pandas as pd
 
 from microbench.errors import UserError
 from microbench.results.io import plain, read_json, write_json, write_text
+from microbench.results.report import percent
 
 #: values closer than this count as equal (a record read on a machine with other float kernels)
 TOLERANCE = 1e-12
@@ -367,7 +368,7 @@ def _markdown(result: Rescored) -> str:
         if not isinstance(e, dict) or e.get("value") is None:
             continue
         c = e.get("clustered") or {}
-        official = "—" if e.get("low") is None else f"[{100 * e['low']:.2f}, {100 * e['high']:.2f}]"
-        clus = "—" if c.get("low") is None else f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}]"
-        lines.append(f"| {name} | {100 * e['value']:.2f} | {official} | {clus} | {e.get('n', '')} |")
+        official = "—" if e.get("low") is None else f"[{percent(e['low'])}, {percent(e['high'])}]"
+        clus = "—" if c.get("low") is None else f"[{percent(c['low'])}, {percent(c['high'])}]"
+        lines.append(f"| {name} | {percent(e['value'])} | {official} | {clus} | {e.get('n', '')} |")
     return "\n".join(lines) + "\n"
