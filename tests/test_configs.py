@@ -175,34 +175,38 @@ def test_each_settings_schema_holds_the_defaults_its_yaml_ships():
             assert value == ([float(a) for a in default] if name == "alphas" else default), key
 
 
+def assert_read_as_pydantic_reads(target, value, numbers: str) -> None:
+    """Each option of ``target`` (one letter each) takes ``value`` exactly when pydantic's ``validate_call`` does,
+    as the value pydantic makes of it; a bool is refused where the option is a number (``numbers``)."""
+    import pydantic
+
+    specs = constrained_options(target)
+    reference = pydantic.validate_call(target)
+    for i, name in enumerate(sorted(specs)):
+        got, problem = check_value(name, specs[name], value)
+        try:
+            want, refused = reference(**{name: value})[i], False
+        except pydantic.ValidationError:
+            want, refused = None, True
+        refused = refused or (isinstance(value, bool) and name in numbers)
+        assert (problem is not None) == refused, (name, value, problem)
+        if problem is None:
+            assert got == want and type(got) is type(want)
+
+
 @pytest.mark.parametrize("value", ["both", "image", "text", None, 1, ["captions"], ["captions", "questions"],
                                    ["caption"], "captions", (), 0.5, "0.5", 1.5, 0, True])
 def test_a_choice_a_list_of_choices_and_a_share_are_pydantics_reading(value):
     """Pinned to pydantic as the ranges are: a value passes exactly when `validate_call` accepts it for the same
     annotation, and comes out as pydantic makes it."""
-    import pydantic
 
     def target(a: Literal["both", "image"] = "both", b: tuple[Literal["captions", "questions"], ...] = (),
                c: Share = 0.5, d: OpenShare = 0.5, e: Literal["last", "best"] | None = None, f: Density = 1.0,
                g: DropProbability = 0.0):
         return a, b, c, d, e, f, g
 
-    specs = constrained_options(target)
-    assert set(specs) == set("abcdefg")
-    reference = pydantic.validate_call(target)
-    for i, name in enumerate("abcdefg"):
-        got, problem = check_value(name, specs[name], value)
-        try:
-            want = reference(**{name: value})[i]
-        except pydantic.ValidationError:
-            want = problem_expected = True
-        else:
-            problem_expected = False
-        if isinstance(value, bool) and name in "cdfg":
-            problem_expected = True  # a bool is not a number here (as for the ranges)
-        assert (problem is not None) == problem_expected, (name, value, problem)
-        if problem is None:
-            assert got == want and type(got) is type(want)
+    assert set(constrained_options(target)) == set("abcdefg")
+    assert_read_as_pydantic_reads(target, value, numbers="cdfg")
 
 
 def test_a_choice_is_checked_when_built_from_python_too():
@@ -309,22 +313,12 @@ def test_a_bounded_option_is_checked_and_converted_when_built_from_python():
 def test_the_range_check_is_pydantics_reading_of_the_annotation(value):
     """Pinned to pydantic: a value passes exactly when pydantic's own `validate_call` accepts it for the same
     annotation (lax mode), and comes out as the number pydantic makes of it; a bool is refused (not a count)."""
-    import pydantic
 
     def target(a: PositiveInt = 1, b: NonNegativeInt = 0, c: PositiveFloat = 1.0):
         return a, b, c
 
     specs = constrained_options(target)
-    reference = pydantic.validate_call(target)
-    for i, name in enumerate("abc"):
-        got, problem = check_value(name, specs[name], value)
-        try:
-            want = reference(**{name: value})[i]
-        except pydantic.ValidationError:
-            want = None
-        assert (problem is None) == (want is not None), (name, value, problem)
-        if problem is None:
-            assert got == want and type(got) is type(want)
+    assert_read_as_pydantic_reads(target, value, numbers="abc")
     assert check_value("a", specs["a"], True)[1] == "a must be an integer >= 1, got True"
 
 
