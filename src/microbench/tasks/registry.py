@@ -61,8 +61,9 @@ def task_problem(table: dict[tuple[str, str], Task], task: str) -> list[str]:
 def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[], str], entry: str) -> Task:
     """The function for (task, family), or one line saying what exists (the task is checked first, before the
     model's family is read)."""
-    if task_problem(table, task):
-        raise UserError(task_problem(table, task)[0])
+    problem = task_problem(table, task)
+    if problem:
+        raise UserError(problem[0])
     family = family_of()
     if (task, family) in table:
         return table[(task, family)]

@@ -39,10 +39,10 @@ SELECTION_KEYS = {k.split(".")[2] for k in STUDY_CONFIG_KEYS.values() if k.start
 
 def _study_values(cfg: DictConfig) -> dict:
     """The StudySpec fields a config sets, as plain values (unconverted: :func:`spec_problems` reads them)."""
-    out = {}
+    out, unset = {}, object()
     for name, key in STUDY_CONFIG_KEYS.items():
-        value = OmegaConf.select(cfg, key, default="???missing")
-        if isinstance(value, str) and value == "???missing":
+        value = OmegaConf.select(cfg, key, default=unset)
+        if value is unset:
             continue
         out[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     if isinstance(out.get("methods"), str):
@@ -52,25 +52,31 @@ def _study_values(cfg: DictConfig) -> dict:
     return out
 
 
-def study_problems(cfg: DictConfig) -> list[str]:
-    """Every problem of the config's study settings, one clause each with its fix: moved keys, keys the study does
-    not read, and the values :class:`StudySpec`'s annotations and checks refuse (read by the pre-run check)."""
+def _checked_study(cfg: DictConfig) -> tuple[dict, list[str]]:
+    """The StudySpec fields the config sets, converted, and every problem of its study settings."""
     problems = moved_key_problems(cfg)
     st = cfg.get("study")
     if st is None:
-        return [*problems, "no study settings in the config: add 'study: wise_ft' to its defaults (configs/study/)"]
+        return {}, [*problems, "no study settings in the config: add 'study: wise_ft' to its defaults (configs/study/)"]
     problems += unknown_keys(set(st), STUDY_KEYS, "study", "a study setting")
     if isinstance(st.get("selection"), DictConfig):
         problems += unknown_keys(set(st.selection), SELECTION_KEYS, "study.selection", "a study setting")
-    return problems + spec_problems(_study_values(cfg))[1]
+    values, refused = spec_problems(_study_values(cfg))
+    return values, problems + refused
+
+
+def study_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of the config's study settings, one clause each with its fix: moved keys, keys the study does
+    not read, and the values :class:`StudySpec`'s annotations and checks refuse (read by the pre-run check)."""
+    return _checked_study(cfg)[1]
 
 
 def study_spec(cfg: DictConfig) -> StudySpec:
     """``cfg.study`` + ``cfg.bootstrap`` as a checked :class:`StudySpec` (every problem at once, one line)."""
-    problems = study_problems(cfg)
+    values, problems = _checked_study(cfg)
     if problems:
         raise UserError("; ".join(problems))
-    return StudySpec(**spec_problems(_study_values(cfg))[0])
+    return StudySpec(**values)
 
 
 # --- the study after a fit (the fine-tune's and the localization fit's) -------------------------------------------
