@@ -63,8 +63,8 @@ def test_every_shipped_preset_and_experiment_passes_the_pre_run_check(tmp_path):
 
 def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any_work(tmp_path, cfg_eval, cfg_train):
     """`sources`, `box_format`, `task`, `text_batch_size`, `bootstrap.*`, `cognition.format` were checked one at a
-    time where each was read (the bootstrap's after every image was scored, `box_format` after the model was
-    built); now a dataclass per entry (`microbench.tasks.settings`) states them and the pre-run check reports all
+    time where each was read (the bootstrap's after every image was scored, as a traceback: `confidence=1.5` a
+    ValueError from numpy's percentile, `n_resamples=0` an IndexError; `box_format` after the model was built); now a dataclass per entry (`microbench.tasks.settings`) states them and the pre-run check reports all
     of them at once, beside the nodes' problems, before anything is built."""
     from microbench.errors import UserError
     from microbench.tasks.registry import evaluate, train
@@ -81,6 +81,10 @@ def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any
         "bootstrap.confidence must be a number in (0, 1), got 1.5; cognition.format must be one of auto, official, "
         "table, microvqa, got 'csv'; model.max_concurrency must be an integer >= 1, got 0")
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["failed.json"]
+    # the old code scored every image first, then stopped with a traceback (IndexError from an empty resample)
+    with pytest.raises(UserError, match=r"^1 config problem\(s\), nothing was run: bootstrap.n_resamples must be an "
+                                        r"integer >= 1, got 0$"):
+        evaluate(cfg_eval(["bootstrap.n_resamples=0", f"paths.output_dir={tmp_path / 'b'}"]))
     with pytest.raises(UserError) as err:
         train(cfg_train(["experiment=demo", "chain=maybe", "data.split=tset", "module.objective=mse",
                          "test_after_fit=2", f"checkpoint_dir={tmp_path / 'ck'}"]))

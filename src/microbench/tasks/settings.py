@@ -19,7 +19,7 @@ from microbench.data.specialty import AXES
 from microbench.generative.boxes import PROMPTS
 from microbench.models.inference import InferenceSettings
 from microbench.models.zero_shot import SOURCES
-from microbench.options import OpenShare, PositiveFloat, PositiveInt
+from microbench.options import NonNegativeFloat, OpenShare, PositiveInt
 from microbench.tasks.specialists import merges_problems
 from microbench.tasks.study import study_problems
 
@@ -66,7 +66,7 @@ class ProbeSettings:
 
     shots: tuple[Literal["full"] | PositiveInt, ...] = ("full", 1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (0, 1, 2)
-    weight_decays: tuple[PositiveFloat, ...] | None = None
+    weight_decays: tuple[NonNegativeFloat, ...] | None = None  # 0: no penalty (a user may ask for it)
     zs_init: bool = False
     cache_dir: str | None = None
 
