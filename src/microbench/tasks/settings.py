@@ -47,6 +47,7 @@ class CognitionSettings:
 class EvalSettings:
     """The root of ``configs/eval.yaml``."""
 
+    run_name: str = "eval"
     task: str = "perception"
     box_format: Literal[tuple(PROMPTS)] | None = None
     checkpoint: str | None = None
@@ -92,13 +93,19 @@ class ForgettingSwitch:
 class TrainSettings:
     """The root of ``configs/train.yaml`` (the ``study`` group is checked when ``forgetting.enabled``)."""
 
+    run_name: str = "train"
     task: str = "finetune"
     seed: int = 0
+    checkpoint_dir: str | None = None
     ckpt_path: str | None = None
     init_from: str | None = None
     chain: bool = False
     test_after_fit: bool = True
     eval_in_domain: bool = True
+    recipe_name: str | None = None  # a recipe names itself (configs/recipe/); experiment=compare_recipes reads it
+    compare_recipes: bool = False  # -m: the recipes table when every job is done (tasks/hydra_callbacks.py)
+    study_specialists: bool = False  # -m: the specialists study when every job is done
+    specialists_overrides: tuple[str, ...] = ()
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     forgetting: ForgettingSwitch = field(default_factory=ForgettingSwitch)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
@@ -113,6 +120,8 @@ class TrainSettings:
 class ForgettingSettings:
     """The root of ``configs/forgetting.yaml`` (and its ``study`` group, always)."""
 
+    run_name: str = "forgetting"
+    base: dict | None = None  # the base model's node (model@base: a preset of configs/model/), checked as a target
     finetuned: str | None = field(default=None, metadata={
         "required": "pass finetuned=<a .ckpt written by src/train.py (train_metrics.json names it)>"})
     base_checkpoint: str | None = None
@@ -128,12 +137,16 @@ class SpecialistsSettings:
     """The root of ``configs/specialists.yaml`` (and its ``merges`` with their ``merge_options``, after ``plugins``
     are imported)."""
 
+    run_name: str = "specialists"
     runs: str | tuple[str, ...] | None = field(default=None, metadata={
         "required": "pass runs=<the multirun folder of experiment=specialist> (or runs=[<run>,<run>,...])"})
     data_path: str | None = None
     checkpoint: Literal["last", "best"] = "last"
     chain: bool = False
     lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    merges: tuple[str, ...] = ("uniform_soup", "task_arithmetic", "ties")
+    merge_options: dict | None = None  # {merge: {option: value}}: checked with the merges (studies.methods)
+    plugins: tuple[str, ...] = ()
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 

@@ -26,7 +26,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from microbench.entry import RENAMED_IN_EVERY_JOB, WHY_RENAMED
 from microbench.errors import UserError
 from microbench.options import check_value, options_annotations, settable, signature_options, value_problems
+from microbench.resources import CONFIG_DIR
 
+#: how an error names the root of each entry's config
+ENTRY_OF = {"EvalSettings": "src/eval.py", "TrainSettings": "src/train.py", "ForgettingSettings": "src/forgetting.py",
+            "SpecialistsSettings": "src/specialists.py"}
 #: keys of a node that Hydra's instantiate reads itself
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
 
@@ -59,8 +63,9 @@ def unknown_keys(keys, known: set[str], path: str, what: str, their: str = "sett
     problems = []
     for key in sorted(set(map(str, keys)) - set(known)):
         close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"did you mean {path}.{close[0]}?" if close else f"its {their}: {', '.join(sorted(known))}"
-        problems.append(f"{path}.{key} is not {what} ({hint})")
+        where = f"{path}." if path else ""
+        hint = f"did you mean {where}{close[0]}?" if close else f"its {their}: {', '.join(sorted(known))}"
+        problems.append(f"{where}{key} is not {what} ({hint})")
     return problems
 
 
@@ -144,6 +149,13 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
                 continue
             problem = check_value(name, annotation, plain)[1]
             problems += [problem] if problem else []
+    if not prefix:  # a root key that is no setting and no config group (a typo in an experiment file, a +key=)
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        fields = {f.name for f in dataclasses.fields(schema)}
+        groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"hydra"}
+        stray = [k for k, v in raw.items() if k not in fields and v is not None and v != "???"
+                 and not (isinstance(v, dict) and k in groups)]
+        problems += unknown_keys(stray, fields, "", f"a setting of {ENTRY_OF.get(schema.__name__, schema.__name__)}")
     more = getattr(schema, "more_problems", None)
     return problems + (list(more(cfg)) if callable(more) and not prefix else [])
 
