@@ -61,13 +61,16 @@ def test_every_shipped_preset_and_experiment_passes_the_pre_run_check(tmp_path):
 
 # --- the pre-run check: the root settings and the groups that build no target have a schema too ------------------
 
-def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any_work(tmp_path, cfg_eval, cfg_train):
+def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any_work(tmp_path, cfg_eval, cfg_train,
+                                                                                       cfg_forgetting):
     """`sources`, `box_format`, `task`, `text_batch_size`, `bootstrap.*`, `cognition.format` were checked one at a
     time where each was read (the bootstrap's after every image was scored, as a traceback: `confidence=1.5` a
     ValueError from numpy's percentile, `n_resamples=0` an IndexError; `box_format` after the model was built); now a dataclass per entry (`microbench.tasks.settings`) states them and the pre-run check reports all
     of them at once, beside the nodes' problems, before anything is built."""
     from microbench.errors import UserError
     from microbench.tasks.registry import evaluate, train
+    from microbench.tasks.settings import ForgettingSettings
+    from microbench.tasks.validate import check_config
 
     with pytest.raises(UserError) as err:
         evaluate(cfg_eval(["task=nonsense", "sources=[caption]", "text_batch_size=0", "box_format=qwn",
@@ -89,6 +92,10 @@ def test_every_problem_of_the_root_settings_is_reported_with_the_rest_before_any
     assert str(err.value) == (
         "2 config problem(s), nothing was run: bootsrap is not a setting of src/train.py (did you mean bootstrap?); "
         "eval_in_domian is not a setting of src/train.py (did you mean eval_in_domain?)")
+    # a key of an older layout is reported once, with its new name (not also as a stray key)
+    with pytest.raises(UserError, match=r"^1 config problem\(s\), nothing was run: towers in the config has moved to "
+                                        r"study.towers"):
+        check_config(cfg_forgetting(["finetuned=x.ckpt", "+towers=image"]), ForgettingSettings)
     # the old code scored every image first, then stopped with a traceback (IndexError from an empty resample)
     with pytest.raises(UserError, match=r"^1 config problem\(s\), nothing was run: bootstrap.n_resamples must be an "
                                         r"integer >= 1, got 0$"):

@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from microbench.entry import RENAMED_IN_EVERY_JOB, WHY_RENAMED
+from microbench.entry import RENAMED, RENAMED_IN_EVERY_JOB, WHY_RENAMED
 from microbench.errors import UserError
 from microbench.options import check_value, options_annotations, settable, signature_options, value_problems
 from microbench.resources import CONFIG_DIR
 
+#: root keys of an older layout, each reported with its new name instead (moved_root_keys, the study's moved keys)
+MOVED_ROOT_KEYS = set(RENAMED_IN_EVERY_JOB) | {k.split(".")[0] for k in RENAMED["forgetting"]}
 #: how an error names the root of each entry's config
 ENTRY_OF = {"EvalSettings": "src/eval.py", "TrainSettings": "src/train.py", "ForgettingSettings": "src/forgetting.py",
             "SpecialistsSettings": "src/specialists.py"}
@@ -153,8 +155,8 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
         raw = OmegaConf.to_container(cfg, resolve=False)
         fields = {f.name for f in dataclasses.fields(schema)}
         groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"hydra"}
-        stray = [k for k, v in raw.items() if k not in fields and v is not None and v != "???"
-                 and not (isinstance(v, dict) and k in groups)]
+        stray = [k for k, v in raw.items() if k not in fields and k not in MOVED_ROOT_KEYS and v is not None
+                 and v != "???" and not (isinstance(v, dict) and k in groups)]
         problems += unknown_keys(stray, fields, "", f"a setting of {ENTRY_OF.get(schema.__name__, schema.__name__)}")
     more = getattr(schema, "more_problems", None)
     return problems + (list(more(cfg)) if callable(more) and not prefix else [])
