@@ -1,12 +1,14 @@
-"""The schema of each entry's root settings and of its config groups that build no target: one dataclass each, read by
-the pre-run check (:func:`microbench.tasks.validate.settings_problems`) as a target's signature is read, so every
-problem of a composed config is reported at once, before any work, each with its fix.
+"""The schema of each entry's root settings and of its config groups that build no target: one dataclass each,
+read by the pre-run check (:func:`microbench.tasks.validate.settings_problems`) as a target's signature is read, so
+every problem of a composed config is reported at once, before any work, each with its fix.
 
-A field states what it may hold in its annotation (a required one says how to give it in its ``required`` metadata) (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a list
-of them); a nested dataclass is a group (``bootstrap``; optional: ``specialty``), whose keys must be its fields. ``task`` is checked by the
-entry's dispatch table (:mod:`microbench.tasks.registry`), and the ``study`` group by
-:func:`microbench.tasks.study.study_problems` wherever a study will run (:meth:`TrainSettings.more_problems`).
-The defaults are the YAML's (``configs/<entry>.yaml``); a test holds them equal.
+A field states what it may hold in its annotation (:mod:`microbench.options`: ``PositiveInt``, a ``Literal``, a
+list of them), and a required one how to give it (its ``required`` metadata). A nested dataclass is a group
+(``bootstrap``; optional: ``specialty``) whose keys must be its fields; a root key that is neither a field nor a
+config group is named with the closest field. ``task`` is checked by the entry's dispatch table
+(:mod:`microbench.tasks.registry`), the ``study`` group by :func:`microbench.tasks.study.study_problems` wherever
+a study will run, the specialists' merges by :func:`microbench.tasks.specialists.merges_problems`
+(``more_problems``). The defaults are the YAML's (``configs/<entry>.yaml``); a test holds them equal.
 """
 
 from __future__ import annotations
