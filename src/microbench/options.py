@@ -62,6 +62,12 @@ def _members(annotation) -> tuple:
     return (annotation,)
 
 
+def settings_group(annotation):
+    """The settings dataclass a group field holds (``BootstrapSettings``, ``SpecialtySettings | None``), else
+    None."""
+    return next((m for m in _members(annotation) if dataclasses.is_dataclass(m)), None)
+
+
 def _bounds(annotation) -> tuple[type, list] | None:
     if typing.get_origin(annotation) is Annotated:
         base, *meta = typing.get_args(annotation)

@@ -18,7 +18,7 @@ from microbench.results.record import RunRecord
 from microbench.tasks import cognition, finetune, linear_probe, localization, perception
 from microbench.tasks import forgetting as forgetting_task
 from microbench.tasks import specialists as specialists_task
-from microbench.tasks.settings import ENTRY_SETTINGS
+from microbench.tasks.settings import EvalSettings, ForgettingSettings, SpecialistsSettings, TrainSettings
 from microbench.tasks.trainer import model_family, run_task
 
 Task = Callable[[DictConfig], tuple[RunRecord, dict]]
@@ -73,26 +73,26 @@ def lookup(table: dict[tuple[str, str], Task], task: str, family_of: Callable[[]
 
 
 def dispatch(table: dict[tuple[str, str], Task], cfg: DictConfig, task: str, family_of: Callable[[], str],
-             entry: str) -> tuple[RunRecord, dict]:
-    """Check the config (a task the table lacks among every other problem, :data:`ENTRY_SETTINGS` of the entry),
-    then look the task function up and run it (:func:`~microbench.tasks.trainer.run_task`)."""
-    name = entry.removeprefix("src/").removesuffix(".py")
-    return run_task(None, cfg, ENTRY_SETTINGS[name], task_problem(table, task),
-                    find=lambda: lookup(table, task, family_of, entry))
+             settings) -> tuple[RunRecord, dict]:
+    """Check the config against the entry's ``settings`` schema (:mod:`microbench.tasks.settings`), a task the table
+    lacks among every other problem, then look the task function up and run it
+    (:func:`~microbench.tasks.trainer.run_task`)."""
+    return run_task(None, cfg, settings, task_problem(table, task),
+                    find=lambda: lookup(table, task, family_of, settings.entry))
 
 
 def evaluate(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return dispatch(EVALUATE, cfg, str(cfg.get("task", "perception")), lambda: model_family(cfg.model), "src/eval.py")
+    return dispatch(EVALUATE, cfg, str(cfg.get("task", "perception")), lambda: model_family(cfg.model), EvalSettings)
 
 
 def train(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return dispatch(TRAIN, cfg, str(cfg.get("task", "finetune")), lambda: model_family(cfg.model), "src/train.py")
+    return dispatch(TRAIN, cfg, str(cfg.get("task", "finetune")), lambda: model_family(cfg.model), TrainSettings)
 
 
 def forgetting(cfg: DictConfig) -> tuple[RunRecord, dict]:
     return dispatch(FORGETTING, cfg, "forgetting", lambda: model_family(forgetting_task.base_model_config(cfg.base)),
-                    "src/forgetting.py")
+                    ForgettingSettings)
 
 
 def specialists(cfg: DictConfig) -> tuple[RunRecord, dict]:
-    return dispatch(SPECIALISTS, cfg, "specialists", lambda: "contrastive", "src/specialists.py")
+    return dispatch(SPECIALISTS, cfg, "specialists", lambda: "contrastive", SpecialistsSettings)

@@ -49,6 +49,7 @@ class CognitionSettings:
 class EvalSettings:
     """The root of ``configs/eval.yaml``."""
 
+    entry: ClassVar[str] = "src/eval.py"
     run_name: str = "eval"
     task: str = "perception"
     box_format: Literal[tuple(PROMPTS)] | None = None
@@ -59,8 +60,6 @@ class EvalSettings:
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     cognition: CognitionSettings = field(default_factory=CognitionSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
-
-    more_problems: ClassVar = staticmethod(lambda cfg: [])
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,7 @@ class ForgettingSwitch:
 class TrainSettings:
     """The root of ``configs/train.yaml`` (the ``study`` group is checked when ``forgetting.enabled``)."""
 
+    entry: ClassVar[str] = "src/train.py"
     run_name: str = "train"
     task: str = "finetune"
     seed: int = 0
@@ -122,6 +122,7 @@ class TrainSettings:
 class ForgettingSettings:
     """The root of ``configs/forgetting.yaml`` (and its ``study`` group, always)."""
 
+    entry: ClassVar[str] = "src/forgetting.py"
     run_name: str = "forgetting"
     base: dict | None = None  # the base model's node (model@base: a preset of configs/model/), checked as a target
     finetuned: str | None = field(default=None, metadata={
@@ -139,6 +140,7 @@ class SpecialistsSettings:
     """The root of ``configs/specialists.yaml`` (and its ``merges`` with their ``merge_options``, after ``plugins``
     are imported)."""
 
+    entry: ClassVar[str] = "src/specialists.py"
     run_name: str = "specialists"
     runs: str | tuple[str, ...] | None = field(default=None, metadata={
         "required": "pass runs=<the multirun folder of experiment=specialist> (or runs=[<run>,<run>,...])"})

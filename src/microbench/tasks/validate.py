@@ -4,20 +4,20 @@ fix (a typo in an experiment file otherwise reaches the target as a key it ignor
 
 A target's options are its signature's parameters; a target that takes ``**kwargs`` and dispatches on them
 declares its options per node with an ``options(node)`` attribute (``build_backbone``: the adapter of
-``kind``; ``build_generative_backend``: the backend of ``backend``), or is not checked. The value of an option whose
-annotation bounds it (``batch_size: PositiveInt``, :mod:`microbench.options`) must lie in its range; a dispatching
-target names what a node builds with a ``builds(node)`` attribute, whose annotations are read.
+``kind``; ``build_generative_backend``: the backend of ``backend``), or is not checked. The value of an option
+whose annotation says what it may be (``batch_size: PositiveInt``, ``split: Literal[...]``,
+:mod:`microbench.options`) must be one of those; a dispatching target names what a node builds with a
+``builds(node)`` attribute, whose annotations are read.
 
-The entry's root settings and its groups that build no target (``bootstrap``, ``cognition``, the ``study`` group)
-have a dataclass schema each (:mod:`microbench.tasks.settings`), read the same way by :func:`settings_problems`.
+The entry's root settings and its groups that build no target (``bootstrap``, ``cognition``, ``probe``,
+``inference``, ...) have a dataclass schema each (:mod:`microbench.tasks.settings`), read the same way by
+:func:`settings_problems`; a root key that is neither a setting nor a config group is named with the closest one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Iterator
 
 from hydra.utils import get_object
@@ -25,14 +25,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from microbench.entry import RENAMED, RENAMED_IN_EVERY_JOB, WHY_RENAMED
 from microbench.errors import UserError
-from microbench.options import check_value, options_annotations, settable, signature_options, value_problems
+from microbench.options import (
+    check_value,
+    options_annotations,
+    settable,
+    settings_group,
+    signature_options,
+    value_problems,
+)
 from microbench.resources import CONFIG_DIR
 
 #: root keys of an older layout, each reported with its new name instead (moved_root_keys, the study's moved keys)
 MOVED_ROOT_KEYS = set(RENAMED_IN_EVERY_JOB) | {k.split(".")[0] for k in RENAMED["forgetting"]}
-#: how an error names the root of each entry's config
-ENTRY_OF = {"EvalSettings": "src/eval.py", "TrainSettings": "src/train.py", "ForgettingSettings": "src/forgetting.py",
-            "SpecialistsSettings": "src/specialists.py"}
 #: keys of a node that Hydra's instantiate reads itself
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
 
@@ -135,7 +139,7 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
             value = cfg[f.name]
         except Exception:  # noqa: BLE001 - an interpolation resolved only at run time is checked where it is read
             continue
-        group = _group(annotation)
+        group = settings_group(annotation)
         if group is not None:
             annotation = group
             known = [g.name for g in dataclasses.fields(annotation)]
@@ -157,16 +161,9 @@ def settings_problems(cfg: DictConfig, schema, prefix: str = "") -> list[str]:
         groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()} | {"hydra"}
         stray = [k for k, v in raw.items() if k not in fields and k not in MOVED_ROOT_KEYS and v is not None
                  and v != "???" and not (isinstance(v, dict) and k in groups)]
-        problems += unknown_keys(stray, fields, "", f"a setting of {ENTRY_OF.get(schema.__name__, schema.__name__)}")
+        problems += unknown_keys(stray, fields, "", f"a setting of {getattr(schema, 'entry', schema.__name__)}")
     more = getattr(schema, "more_problems", None)
     return problems + (list(more(cfg)) if callable(more) and not prefix else [])
-
-
-def _group(annotation):
-    """The settings dataclass of a group field (``BootstrapSettings``, ``SpecialtySettings | None``), else None."""
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    return next((m for m in members if dataclasses.is_dataclass(m)), None)
 
 
 def check_config(cfg: DictConfig, settings=None, first: list[str] | tuple = ()) -> None:
